@@ -1,0 +1,222 @@
+"""Finding, loading and saving safetensors checkpoints (HeartMuLa and HeartCodec share this code).
+
+Weights are loaded into a model built on the meta device, tensor by tensor, so host memory never holds a
+second full copy; key/shape mismatches are reported all at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def resolve_folder(name_or_path: str | os.PathLike, subfolder: str | None = None,
+                   allow_patterns: list[str] | None = None) -> Path:
+    """A local folder, or a Hugging Face repo id fetched with snapshot_download (only the files needed)."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is a file; expected a checkpoint folder")
+        return p / subfolder if subfolder else p
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"checkpoint folder {name_or_path} does not exist (and is not a repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    patterns = allow_patterns or ["*.json", "*.safetensors"]
+    if subfolder:
+        patterns = [f"{subfolder}/{x}" for x in patterns]
+    try:
+        root = Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
+    except Exception as e:  # offline, missing repo, no auth...
+        raise FileNotFoundError(f"could not fetch {name_or_path} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                                f"Download it with `huggingface-cli download {name_or_path} --local-dir DIR` "
+                                f"and pass DIR instead.") from e
+    return root / subfolder if subfolder else root
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: sharded (index json) or a single file."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / s for s in shards]
+    elif (folder / SINGLE_NAME).exists():
+        files = [folder / SINGLE_NAME]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    missing = [str(f) for f in files if not f.exists()]
+    if not files or missing:
+        raise FileNotFoundError(f"no safetensors weights in {folder}" + (f" (missing shards {missing})" if missing else ""))
+    return files
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time from every weight file of the checkpoint."""
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                yield key, sf.get_tensor(key)
+
+
+def checkpoint_keys(folder: Path) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                out[key] = tuple(sf.get_slice(key).get_shape())
+    return out
+
+
+def _set_tensor(module: nn.Module, key: str, value: torch.Tensor):
+    *path, name = key.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    old = getattr(owner, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[name] = value
+
+
+def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype | None = None, device="cpu",
+                 rename: Callable[[str], str | None] | None = None,
+                 transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                 ignore: Callable[[str], bool] | None = None, what: str = "checkpoint") -> nn.Module:
+    """Assign the checkpoint's tensors to `module` (typically built on the meta device), one at a time.
+
+    rename: map a stored key to the module's key (None drops it). transform: rewrite a tensor before casting
+    (e.g. fold weight norm). ignore: stored keys that may be present but unused. Floating tensors are cast to
+    `dtype`; integer/bool buffers keep theirs. Every missing, unexpected or mis-shaped key is listed in one error.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    seen, unexpected, bad_shape = set(), [], []
+    for key, tensor in iter_tensors(folder):
+        if ignore and ignore(key):
+            continue
+        name = rename(key) if rename else key
+        if name is None:
+            continue
+        if transform:
+            tensor = transform(name, tensor)
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != expected[name]:
+            bad_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {expected[name]}")
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _set_tensor(module, name, tensor.to(device))
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or bad_shape:
+        lines = [f"{what} at {folder} does not match the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if bad_shape:
+            lines.append(f"  shape mismatches ({len(bad_shape)}): {bad_shape[:20]}")
+        raise ValueError("\n".join(lines))
+    return module
+
+
+def materialize_buffers(module: nn.Module, device):
+    """Non-persistent buffers (rope tables, offsets) are computed, not loaded: rebuild any left on meta."""
+    for name, buf in list(module.named_buffers()):
+        if buf.is_meta:
+            raise RuntimeError(f"buffer {name} is still on the meta device")
+    return module.to(device)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]):
+    """Write through a temporary file in the same folder, then rename: readers never see a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None = None,
+                 metadata: dict[str, str] | None = None):
+    """Save a state dict as model.safetensors, or as shards + model.safetensors.index.json when larger than
+    max_shard_bytes. Each file is written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        atomic_write(folder / SINGLE_NAME, lambda p: save_file(shards[0], str(p), metadata=meta))
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(folder / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write(folder / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2)))
+
+
+def save_json(obj, path: Path):
+    atomic_write(Path(path), lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+# ---------------------------------------------------------------- HeartMuLa model files
+MODEL_SUBFOLDERS = ("HeartMuLa-oss-3B", "HeartMuLa-RL-oss-3B-20260123", "HeartMuLa-oss-3B-happy-new-year")
+CODEC_SUBFOLDERS = ("HeartCodec-oss", "HeartCodec-oss-20260123")
+
+
+def find_model_folder(root: Path, subfolders=MODEL_SUBFOLDERS) -> Path:
+    """A folder holding config.json + weights, or heartlib's ckpt/ layout with the model in a subfolder."""
+    root = Path(root)
+    if (root / "config.json").exists():
+        return root
+    for name in subfolders:
+        if (root / name / "config.json").exists():
+            return root / name
+    raise FileNotFoundError(f"no config.json in {root} nor in any of its subfolders {list(subfolders)}")
+
+
+def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Build HeartMuLa on the meta device and assign the checkpoint's tensors (no second full copy)."""
+    from .config import ModelConfig
+    from .model import HeartMuLa
+    folder = find_model_folder(resolve_folder(name_or_path))
+    cfg = ModelConfig.from_file(folder / "config.json")
+    with torch.device("meta"):
+        model = HeartMuLa(cfg)
+    load_weights(model, folder, dtype=dtype, device=device, what="HeartMuLa checkpoint")
+    model.init_buffers(device)
+    return model.eval()
+
+
+def save_heartmula(model, folder: Path, max_shard_bytes: int | None = None):
+    folder = Path(folder)
+    save_weights(model.state_dict(), folder, max_shard_bytes=max_shard_bytes)
+    save_json(model.cfg.to_dict(), folder / "config.json")
