@@ -88,6 +88,12 @@ class ModelConfig:
     def dim(self) -> int:
         return self.backbone.embed_dim
 
+    @property
+    def codebook_size(self) -> int:
+        """Ids the codec can decode: 0..codebook_size-1 (8192 for the real model; the vocab adds 5 specials,
+        of which audio_eos_id = codebook_size + 1)."""
+        return self.audio_vocab_size - 5
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Read HeartMuLa's config.json (a PretrainedConfig dump: extra metadata keys are ignored)."""
