@@ -291,3 +291,29 @@ class HeartMuLa(nn.Module):
     def audio_logits(self, codebook: int, h: torch.Tensor) -> torch.Tensor:
         """Logits of `codebook` (1..K-1) from a depth-decoder state h [B,D]."""
         return h @ self.audio_head[codebook - 1].to(h.dtype)
+
+
+def init_random_(model: HeartMuLa, seed: int = 0) -> HeartMuLa:
+    """Random weights in place (benchmarks and the tiny default): linears N(0, 1/fan_in), norms 1, embeddings
+    N(0, 1). Works for a model moved off the meta device with `to_empty`."""
+    gen = torch.Generator(device=model.audio_head.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.scale"):
+                p.fill_(1.0)
+            elif name == "muq_linear.bias":
+                p.zero_()
+            elif p.dim() >= 2 and "embedding" not in name:
+                p.normal_(0.0, p.shape[-2 if name == "audio_head" else -1] ** -0.5, generator=gen)
+            else:
+                p.normal_(0.0, 1.0, generator=gen)
+    return model
+
+
+def build_random(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> HeartMuLa:
+    """A randomly initialised HeartMuLa built directly on `device` (no CPU copy of a 3B model)."""
+    with torch.device("meta"):
+        model = HeartMuLa(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_buffers(device)
+    return init_random_(model, seed).eval()
