@@ -313,7 +313,7 @@ def init_random_(model: HeartMuLa, seed: int = 0) -> HeartMuLa:
 def build_random(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> HeartMuLa:
     """A randomly initialised HeartMuLa built directly on `device` (no CPU copy of a 3B model)."""
     with torch.device("meta"):
-        model = HeartMuLa(cfg)
-    model = model.to_empty(device=device).to(dtype)
+        model = HeartMuLa(cfg).to(dtype)  # cast on meta: free
+    model = model.to_empty(device=device)
     model.init_buffers(device)
     return init_random_(model, seed).eval()
