@@ -1,0 +1,381 @@
+"""LoRA: low-rank adapters on chosen linear layers, saved as PEFT-style safetensors.
+
+y = base(x) + (alpha / r) * B(A(dropout(x))), A [r, in] kaiming-uniform, B [out, r] zero (so a fresh adapter
+changes nothing). The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
+hmtiny.quant.Int8Linear). A wrapped layer keeps its module path, so file keys are
+`<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
+
+Files written by SimpleTuner (diffusers-packed PEFT state: `transformer.backbone.layers.0.self_attn.q_proj...`,
+Hugging Face Llama names) load too: the prefix is dropped and the names mapped to ours.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_write
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
+# SimpleTuner's HeartMuLa port uses Hugging Face Llama module names; these are the same layers.
+HF_NAMES = {"o_proj": "output_proj", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+FILE_PREFIXES = ("transformer.", "base_model.model.", "model.")
+
+
+class LoRALinear(nn.Module):
+    """A base linear layer plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha = rank, float(alpha)
+        self.scaling = self.alpha / rank
+        device = _module_device(base)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora()
+
+    def reset_lora(self):
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update scaling * B @ A [out, in], float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        # without autocast, run the adapter in its own (float32) dtype; under autocast F.linear picks the dtype
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.weight.dtype)
+        update = F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight)
+        return y + (update * self.scaling).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}"
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    for t in list(m.parameters()) + list(m.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- choosing and wrapping layers
+def normalize_targets(targets) -> list[str]:
+    """Config value (list or comma-separated string) -> our layer names; HF Llama names are accepted."""
+    if targets is None:
+        return list(DEFAULT_TARGETS)
+    if isinstance(targets, str):
+        targets = [t for t in targets.replace(" ", "").split(",") if t]
+    out = []
+    for t in targets:
+        parts = str(t).split(".")
+        parts[-1] = HF_NAMES.get(parts[-1], parts[-1])
+        parts = ["attn" if p == "self_attn" else p for p in parts]
+        out.append(".".join(parts))
+    if not out:
+        raise ValueError("lora_target_modules is empty")
+    return out
+
+
+def _matches(path: str, target: str) -> bool:
+    return path == target or path.endswith("." + target)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module LoRA can wrap (anything linear-shaped), by path; LoRA internals excluded."""
+    found, skip = {}, set()
+    for path, m in model.named_modules():
+        if any(path.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, LoRALinear):
+            skip.add(path)
+            continue
+        if path and hasattr(m, "in_features") and hasattr(m, "out_features"):
+            found[path] = m
+    return found
+
+
+def target_paths(model: nn.Module, targets) -> list[str]:
+    """The module paths selected by `targets`; an entry that selects nothing is an error."""
+    targets = normalize_targets(targets)
+    layers = linear_layers(model)
+    chosen = []
+    for t in targets:
+        hits = [p for p in layers if _matches(p, t)]
+        if not hits:
+            names = sorted({p.rsplit(".", 1)[-1] for p in layers})
+            raise ValueError(f"lora_target_modules entry {t!r} matches no linear layer of the model; "
+                             f"layer names are {names} (or dotted paths such as 'decoder.layers.0.attn.q_proj')")
+        chosen += [p for p in hits if p not in chosen]
+    return sorted(chosen, key=list(layers).index)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module):
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                targets=None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Wrap the target layers in place (alpha None = rank). Returns the wrapped paths. Seed torch first for a
+    reproducible A init."""
+    if lora_layers(model):
+        raise ValueError("the model already carries LoRA layers")
+    alpha = float(rank if alpha is None else alpha)
+    paths = target_paths(model, targets)
+    for p in paths:
+        _set_module(model, p, LoRALinear(model.get_submodule(p), rank, alpha, dropout, dtype))
+    return paths
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_layers(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze every base weight; the LoRA matrices are the only parameters that get gradients."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, m in lora_layers(model).items():
+        out[f"{path}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{path}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the base layers back, dropping the adapters."""
+    for path, m in lora_layers(model).items():
+        _set_module(model, path, m.base)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its dense base weight (W += scaling * B @ A) and unwrap: the plain model
+    runs at full speed. An int8 base cannot absorb a float update exactly: keep those unmerged."""
+    for path, m in lora_layers(model).items():
+        w = getattr(m.base, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise ValueError(f"cannot merge LoRA into {path}: its base ({type(m.base).__name__}) has no float "
+                             f"weight (an int8 base keeps adapters unmerged; see apply_loras)")
+        with torch.no_grad():
+            w.copy_((w.float() + m.delta_weight().to(w.device)).to(w.dtype))
+        _set_module(model, path, m.base)
+    return model
+
+
+# ---------------------------------------------------------------- files
+def _metadata(rank: int, alpha: float, targets: list[str], extra: dict | None) -> dict[str, str]:
+    meta = {"format": "pt", "lora_rank": str(rank), "lora_alpha": repr(float(alpha)),
+            "lora_target_modules": json.dumps(targets), "model_family": "heartmula",
+            # the PEFT config as diffusers stores it, so other tools read rank/alpha too
+            "lora_adapter_metadata": json.dumps({"r": rank, "lora_alpha": alpha, "target_modules": targets})}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def save_lora(model: nn.Module, path: str | Path, targets=None, metadata: dict | None = None) -> Path:
+    """Write the adapters (float32) atomically. `path` may be a folder: then pytorch_lora_weights.safetensors."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / LORA_WEIGHTS_NAME
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    ranks = {m.rank for m in layers.values()}
+    alphas = {m.alpha for m in layers.values()}
+    rank, alpha = max(ranks), alphas.pop() if len(alphas) == 1 else None
+    if len(ranks) != 1 or alpha is None:
+        raise ValueError("save_lora expects one rank and alpha for every layer")
+    state = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    if targets is None:  # the layer names actually adapted (the keys list every module exactly)
+        leaves = {p.rsplit(".", 1)[-1] for p in layers}
+        targets = [t for t in DEFAULT_TARGETS if t in leaves] + sorted(leaves - set(DEFAULT_TARGETS))
+    meta = _metadata(rank, alpha, normalize_targets(targets), metadata)
+    atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
+    return path
+
+
+@dataclass
+class LoRAWeights:
+    """A LoRA file read into memory: per module path (our names) A [r,in], B [out,r] and scaling alpha/r."""
+    path: str
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    rank: int
+    alpha: float
+    targets: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _our_module_path(key_module: str) -> str:
+    stripped = True
+    while stripped:  # e.g. 'transformer.base_model.model.backbone...': none of our paths starts with these
+        stripped = False
+        for prefix in FILE_PREFIXES:
+            if key_module.startswith(prefix):
+                key_module, stripped = key_module[len(prefix):], True
+    parts = key_module.split(".")
+    parts = ["attn" if p == "self_attn" else HF_NAMES.get(p, p) for p in parts]
+    return ".".join(parts)
+
+
+def _meta_number(meta: dict, name: str) -> float | None:
+    if name in meta:
+        return float(meta[name])
+    packed = meta.get("lora_adapter_metadata")
+    if packed:
+        try:
+            d = json.loads(packed)
+        except json.JSONDecodeError:
+            return None
+        for k, v in d.items():  # diffusers packs the PEFT config under 'transformer.' keys
+            if (k == name or k.endswith("." + name)) and isinstance(v, (int, float)):
+                return float(v)
+    return None
+
+
+def read_lora(path: str | Path) -> LoRAWeights:
+    """Load a LoRA safetensors file (ours, PEFT or SimpleTuner's) without touching any model."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"LoRA file {path} is not a readable safetensors file: {e}") from e
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        for tag, slot in ((".lora_A.", "A"), (".lora_B.", "B"), (".lora_down.", "A"), (".lora_up.", "B")):
+            if tag in key:
+                module = key.split(tag)[0]
+                pairs.setdefault(_our_module_path(module), {})[slot] = t
+                break
+        else:
+            if key.endswith(".alpha"):
+                pairs.setdefault(_our_module_path(key[: -len(".alpha")]), {})["alpha"] = t
+            else:
+                raise ValueError(f"LoRA file {path}: unexpected tensor {key!r} (expected '<module>.lora_A.weight' "
+                                 f"/ '<module>.lora_B.weight')")
+    if not pairs:
+        raise ValueError(f"LoRA file {path} holds no LoRA tensors")
+    file_alpha = _meta_number(meta, "lora_alpha")
+    modules, ranks = {}, set()
+    for module, d in pairs.items():
+        if "A" not in d or "B" not in d:
+            raise ValueError(f"LoRA file {path}: module {module} lacks lora_{'A' if 'A' not in d else 'B'}")
+        a, b = d["A"], d["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"LoRA file {path}: module {module} has inconsistent shapes A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}")
+        r = a.shape[0]
+        ranks.add(r)
+        # alpha: per-module tensor (kohya style), else the file's metadata, else alpha = rank (SimpleTuner's default)
+        alpha = float(d["alpha"]) if "alpha" in d else (file_alpha if file_alpha is not None else float(r))
+        modules[module] = (a, b, alpha / r)
+    rank = max(ranks)
+    targets = json.loads(meta["lora_target_modules"]) if "lora_target_modules" in meta else []
+    return LoRAWeights(str(path), modules, rank, file_alpha if file_alpha is not None else float(rank), targets, meta)
+
+
+def load_lora_into(model: nn.Module, lora: LoRAWeights | str | Path):
+    """Copy a file's adapters into a model that already carries LoRA layers (init_lora, resume). The file must
+    cover exactly the model's adapted layers with the same rank; a different alpha is folded into B."""
+    if not isinstance(lora, LoRAWeights):
+        lora = read_lora(lora)
+    layers = lora_layers(model)
+    missing = sorted(set(layers) - set(lora.modules))
+    extra = sorted(set(lora.modules) - set(layers))
+    if missing or extra:
+        lines = [f"LoRA file {lora.path} does not match this run's LoRA layers "
+                 f"(lora_target_modules / model size):"]
+        if missing:
+            lines.append(f"  layers without weights in the file ({len(missing)}): {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+        if extra:
+            lines.append(f"  file weights for layers this run does not adapt ({len(extra)}): {extra[:8]}"
+                         f"{' ...' if len(extra) > 8 else ''}")
+        raise ValueError("\n".join(lines))
+    for path, m in layers.items():
+        a, b, scaling = lora.modules[path]
+        if a.shape != m.lora_A.weight.shape or b.shape != m.lora_B.weight.shape:
+            raise ValueError(f"LoRA file {lora.path}: {path} has rank {a.shape[0]} and shapes A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}, but this run uses lora_rank {m.rank} "
+                             f"(A {tuple(m.lora_A.weight.shape)}, B {tuple(m.lora_B.weight.shape)})")
+        with torch.no_grad():
+            m.lora_A.weight.copy_(a)
+            m.lora_B.weight.copy_(b.float() * (scaling / m.scaling))
+
+
+def apply_loras(model: nn.Module, loras, merge: bool | None = None,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Apply several LoRA files to a plain model, each with a strength: `loras` = [(path or LoRAWeights, scale)].
+
+    merge True: fold into dense base weights (fastest inference). merge False: keep one adapter per layer whose
+    rank is the sum of the files' ranks (A stacked, B scaled and concatenated): exactly the sum of the scaled
+    updates, and the only option for an int8 base. None: merge when every adapted layer has a float weight.
+    dtype: of the unmerged adapters."""
+    if lora_layers(model):
+        raise ValueError("apply_loras expects a model without LoRA layers (merge or remove them first)")
+    loaded = [(l if isinstance(l, LoRAWeights) else read_lora(l), float(s)) for l, s in loras]
+    layers = linear_layers(model)
+    per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for lw, scale in loaded:
+        unknown = sorted(set(lw.modules) - set(layers))
+        if unknown:
+            raise ValueError(f"LoRA file {lw.path} adapts layers this model does not have: {unknown[:8]}")
+        for path, (a, b, scaling) in lw.modules.items():
+            base = layers[path]
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise ValueError(f"LoRA file {lw.path}: {path} is {b.shape[0]}x{a.shape[1]} but the model's layer "
+                                 f"is {base.out_features}x{base.in_features} (a LoRA for another model size?)")
+            per_layer.setdefault(path, []).append((a.float(), b.float() * (scaling * scale)))
+    if merge is None:
+        merge = all(isinstance(getattr(layers[p], "weight", None), torch.Tensor)
+                    and layers[p].weight.is_floating_point() for p in per_layer)
+    for path, parts in per_layer.items():
+        base = layers[path]
+        a = torch.cat([p[0] for p in parts], 0)
+        b = torch.cat([p[1] for p in parts], 1)
+        if merge:
+            w = base.weight
+            with torch.no_grad():
+                w.copy_((w.float() + (b @ a).to(w.device)).to(w.dtype))
+        else:
+            wrapped = LoRALinear(base, a.shape[0], float(a.shape[0]), dtype=dtype)  # scaling 1: folded into B
+            with torch.no_grad():
+                wrapped.lora_A.weight.copy_(a)
+                wrapped.lora_B.weight.copy_(b)
+            wrapped.requires_grad_(False)
+            _set_module(model, path, wrapped)
+    return model

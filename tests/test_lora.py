@@ -1,0 +1,267 @@
+"""LoRA layers: targets, zero init, save/load round trip, merge equivalence, several files, SimpleTuner keys."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hmtiny.config import ModelConfig
+from hmtiny.lora import (DEFAULT_TARGETS, LoRALinear, apply_loras, inject_lora, load_lora_into, lora_layers,
+                         lora_parameters, mark_only_lora_trainable, merge_lora, read_lora, remove_lora, save_lora)
+from hmtiny.model import HeartMuLa
+
+TINY = {"backbone_flavor": "t-b", "decoder_flavor": "t-d", "text_vocab_size": 64, "audio_vocab_size": 37,
+        "audio_num_codebooks": 8, "muq_dim": 4,
+        "backbone": {"num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 16, "intermediate_dim": 24,
+                     "max_seq_len": 64},
+        "decoder": {"num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 16, "intermediate_dim": 20,
+                    "max_seq_len": 16}}
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    m = HeartMuLa(ModelConfig.from_dict(TINY))
+    for p in m.parameters():  # O(1) random weights everywhere (RMSNorm gains too)
+        nn.init.normal_(p, std=0.3)
+    return m.eval()
+
+
+def batch(seed=0, B=2, S=12):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 32, (B, S, 9), generator=g)
+    mask = torch.zeros(B, S, 9, dtype=torch.bool)
+    mask[:, :4, 8] = True
+    mask[:, 4:, :8] = True
+    frames = torch.zeros(B, S, dtype=torch.bool)
+    frames[:, 4:] = True
+    return tokens, mask, frames, torch.tensor([1] * B)
+
+
+def randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def outputs(model):
+    tokens, mask, frames, muq = batch()
+    with torch.no_grad():
+        h, c0, dec = model(tokens, mask, muq)
+        loss, _ = model.loss(tokens, mask, frames, muq)
+    return h, c0, dec, loss
+
+
+def close(a, b, tol=1e-5):
+    return all(torch.allclose(x, y, atol=tol, rtol=tol) for x, y in zip(a, b))
+
+
+def test_default_targets_wrap_both_stacks():
+    m = tiny_model()
+    paths = inject_lora(m, rank=4)
+    n_layers = TINY["backbone"]["num_layers"] + TINY["decoder"]["num_layers"]
+    assert len(paths) == n_layers * len(DEFAULT_TARGETS)
+    assert {p.split(".")[0] for p in paths} == {"backbone", "decoder"}
+    assert all(isinstance(m.get_submodule(p), LoRALinear) for p in paths)
+    # the module paths are unchanged, so base weights keep their checkpoint names under .base
+    assert "backbone.layers.0.attn.q_proj.lora_A.weight" in dict(m.named_parameters())
+
+
+def test_hf_names_and_dotted_paths_select_layers():
+    m = tiny_model()
+    paths = inject_lora(m, rank=2, targets=["o_proj", "decoder.layers.0.mlp.gate_proj", "projection"])
+    assert set(paths) == {"backbone.layers.0.attn.output_proj", "backbone.layers.1.attn.output_proj",
+                          "decoder.layers.0.attn.output_proj", "decoder.layers.0.mlp.w1", "projection"}
+
+
+def test_unknown_target_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="qproj"):
+        inject_lora(tiny_model(), rank=2, targets=["qproj"])
+
+
+def test_zero_init_leaves_outputs_unchanged_and_only_lora_trains():
+    ref = tiny_model()
+    m = tiny_model()
+    inject_lora(m, rank=4, alpha=8)
+    assert close(outputs(ref), outputs(m), 0)
+    params = mark_only_lora_trainable(m)
+    assert {id(p) for p in params} == {id(p) for p in m.parameters() if p.requires_grad}
+    m.train()
+    tokens, mask, frames, muq = batch()
+    loss, _ = m.loss(tokens, mask, frames, muq)
+    loss.backward()
+    assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
+    # B = 0 so A gets no gradient at first, but every B does
+    assert all(lay.lora_B.weight.grad.abs().sum() > 0 for lay in lora_layers(m).values())
+
+
+def test_lora_changes_outputs_by_the_low_rank_update():
+    m = tiny_model()
+    inject_lora(m, rank=3, alpha=6, targets=["q_proj"])
+    randomize_lora(m)
+    lay = m.backbone.layers[0].attn.q_proj
+    x = torch.randn(5, 16)
+    expected = x @ (lay.base.weight + 2.0 * lay.lora_B.weight @ lay.lora_A.weight).T
+    assert torch.allclose(lay(x), expected, atol=1e-5)
+
+
+def test_save_load_round_trip_and_metadata(tmp_path):
+    m = tiny_model()
+    inject_lora(m, rank=4, alpha=2)
+    randomize_lora(m)
+    path = save_lora(m, tmp_path)
+    assert path.name == "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["lora_rank"] == "4" and float(meta["lora_alpha"]) == 2.0
+    assert json.loads(meta["lora_target_modules"]) == list(DEFAULT_TARGETS)
+    assert "decoder.layers.0.mlp.w2.lora_B.weight" in keys
+    assert not any(".base." in k for k in keys)
+    m2 = tiny_model()
+    inject_lora(m2, rank=4, alpha=2)
+    load_lora_into(m2, path)
+    assert close(outputs(m), outputs(m2), 0)
+
+
+def test_load_rank_or_target_mismatch_is_clear(tmp_path):
+    m = tiny_model()
+    inject_lora(m, rank=4)
+    path = save_lora(m, tmp_path / "a.safetensors")
+    other_rank = tiny_model()
+    inject_lora(other_rank, rank=8)
+    with pytest.raises(ValueError, match="lora_rank 8"):
+        load_lora_into(other_rank, path)
+    other_targets = tiny_model()
+    inject_lora(other_targets, rank=4, targets=["q_proj"])
+    with pytest.raises(ValueError, match="does not adapt"):
+        load_lora_into(other_targets, path)
+
+
+def test_alpha_difference_is_folded_into_b(tmp_path):
+    m = tiny_model()
+    inject_lora(m, rank=4, alpha=16)
+    randomize_lora(m)
+    path = save_lora(m, tmp_path / "a.safetensors")
+    m2 = tiny_model()
+    inject_lora(m2, rank=4, alpha=4)
+    load_lora_into(m2, path)
+    assert close(outputs(m), outputs(m2), 1e-5)
+
+
+def test_merge_equals_unmerged(tmp_path):
+    m = tiny_model()
+    inject_lora(m, rank=4, alpha=8)
+    randomize_lora(m)
+    unmerged = outputs(m)
+    merge_lora(m)
+    assert not lora_layers(m)
+    assert "backbone.layers.0.attn.q_proj.weight" in m.state_dict()
+    assert close(unmerged, outputs(m), 1e-4)
+
+
+def test_apply_several_files_merged_and_unmerged_agree(tmp_path):
+    files = []
+    for seed, (rank, alpha) in enumerate([(4, 8), (2, 2)]):
+        m = tiny_model()
+        inject_lora(m, rank=rank, alpha=alpha, targets=["q_proj", "w2"] if seed else None)
+        randomize_lora(m, seed=seed + 10)
+        files.append(save_lora(m, tmp_path / f"l{seed}.safetensors"))
+    loras = [(files[0], 0.7), (files[1], -1.3)]
+    merged = apply_loras(tiny_model(), loras, merge=True)
+    assert not lora_layers(merged)
+    unmerged = apply_loras(tiny_model(), loras, merge=False)
+    q = unmerged.backbone.layers[0].attn.q_proj
+    assert isinstance(q, LoRALinear) and q.rank == 6  # ranks concatenated
+    assert close(outputs(merged), outputs(unmerged), 1e-4)
+    # and both equal applying the files one at a time through the training wrapper
+    ref = tiny_model()
+    for f, s in loras:
+        inject_lora(ref, rank=read_lora(f).rank, targets=read_lora(f).targets)
+        load_lora_into(ref, f)
+        for lay in lora_layers(ref).values():
+            lay.lora_B.weight.data *= s
+        merge_lora(ref)
+    assert close(outputs(merged), outputs(ref), 1e-4)
+
+
+def test_unmerged_on_a_base_without_float_weight(tmp_path):
+    """apply_loras keeps adapters unmerged when the base has no float weight (the int8 case)."""
+
+    class OpaqueLinear(nn.Module):  # stands in for an int8 layer: in/out features and forward only
+        def __init__(self, lin):
+            super().__init__()
+            self.in_features, self.out_features = lin.in_features, lin.out_features
+            self.register_buffer("w", lin.weight.detach().clone())
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    def opaque(model):
+        for name in ("q_proj", "k_proj", "v_proj", "output_proj"):
+            for stack in (model.backbone, model.decoder):
+                for layer in stack.layers:
+                    setattr(layer.attn, name, OpaqueLinear(getattr(layer.attn, name)))
+        return model
+
+    src = tiny_model()
+    inject_lora(src, rank=3, targets=["attn.q_proj", "attn.v_proj"])
+    randomize_lora(src)
+    ref = outputs(src)
+    f = save_lora(src, tmp_path)
+    m = apply_loras(opaque(tiny_model()), [(f, 1.0)])
+    assert isinstance(m.backbone.layers[0].attn.q_proj, LoRALinear)
+    assert close(ref, outputs(m), 1e-4)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_lora(m)
+
+
+def test_reads_simpletuner_peft_keys(tmp_path):
+    """SimpleTuner saves the PEFT state of its HF-Llama port packed under 'transformer.' (self_attn.o_proj,
+    mlp.gate_proj...) with the PEFT config in 'lora_adapter_metadata'."""
+    m = tiny_model()
+    inject_lora(m, rank=2, alpha=4, targets=["output_proj", "w1", "w3", "w2"])
+    randomize_lora(m)
+    ours = {k: v.clone() for k, v in save_and_read(m, tmp_path).items()}
+    rename = {".attn.output_proj.": ".self_attn.o_proj.", ".mlp.w1.": ".mlp.gate_proj.",
+              ".mlp.w3.": ".mlp.up_proj.", ".mlp.w2.": ".mlp.down_proj."}
+    st = {}
+    for k, v in ours.items():
+        for a, b in rename.items():
+            k = k.replace(a, b)
+        st["transformer." + k] = v
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 4})}
+    save_file(st, str(tmp_path / "st.safetensors"), metadata=meta)
+    lw = read_lora(tmp_path / "st.safetensors")
+    assert lw.alpha == 4 and "backbone.layers.1.mlp.w3" in lw.modules
+    m2 = tiny_model()
+    inject_lora(m2, rank=2, alpha=4, targets=["o_proj", "gate_proj", "up_proj", "down_proj"])
+    load_lora_into(m2, lw)
+    assert close(outputs(m), outputs(m2), 0)
+
+
+def save_and_read(model, tmp_path):
+    p = save_lora(model, tmp_path / "ours.safetensors")
+    with safe_open(str(p), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_remove_lora_restores_base():
+    ref = tiny_model()
+    m = tiny_model()
+    inject_lora(m, rank=2)
+    randomize_lora(m)
+    remove_lora(m)
+    assert m.state_dict().keys() == ref.state_dict().keys()
+    assert close(outputs(ref), outputs(m), 0)
+
+
+def test_bad_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        read_lora(bad)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_lora(tmp_path / "nope.safetensors")
