@@ -1,0 +1,540 @@
+"""Training data: precomputed audio tokens + tags + lyrics -> padded [B, S, 9] batches.
+
+Sources are listed in a SimpleTuner `multidatabackend.json` (a list of backends; `disabled` ones are skipped,
+`dataset_type: text_embeds` ones too: HeartMuLa has no text encoder):
+
+- `type: local`, `dataset_type: audio`, `instance_data_dir`, `caption_strategy: textfile`,
+  `metadata_backend: discovery`. Every audio file under the folder (wav/flac/aiff/alac/mp3/ogg/m4a/aac/wma/opus;
+  the audio itself is never read) is a sample: tags from NAME.txt, lyrics from NAME.lyrics (absent = instrumental),
+  tokens from NAME.tokens.npy or NAME.tokens.npz, or else from a `metadata.jsonl` / `metadata.csv` in the folder
+  whose rows name the audio file (`file_name`) and give `audio_tokens_path` (relative to the folder) or
+  `audio_tokens` (a nested list; in csv a JSON string). Such rows may also carry `tags` / `lyrics`.
+- `type: huggingface`, `dataset_name` (a local folder or a hub dataset repo id), `config.audio_caption_fields`
+  (columns joined with ", " into the tags; default ["tags"]), `config.lyrics_column` (default "lyrics"; missing
+  or null = instrumental): rows of the *.parquet (needs pyarrow) or *.jsonl files (only those whose path mentions
+  "train" when some do) with `audio_tokens` or `audio_tokens_path` (relative to the dataset folder).
+
+Relative paths in a backend are looked up beside the multidatabackend.json first, then in the working directory.
+
+Token arrays are [frames, K] or [K, frames] integers in 0..codebook_size-1 (K = 8 codebooks). Every sample is
+checked when the data is loaded and every problem (missing file, ambiguous [8, 8] shape, other codebook count,
+ids out of range, non-integer or empty array, unreadable file) is reported in one error naming the file and
+sample, before training starts. Files are read with np.load(allow_pickle=False): never pickle, never torch.load.
+
+Prompts are tokenised once at load time. A clip whose prompt + frames exceed the backbone context is cropped to
+a random window (seeded by (seed, epoch, sample), so a resumed run crops identically), with a warning at load.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .text import PromptTokenizer
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".aiff", ".aif", ".alac", ".mp3", ".ogg", ".m4a", ".aac", ".wma", ".opus")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+TOKEN_SUFFIXES = (".tokens.npy", ".tokens.npz")
+NPZ_KEYS = ("tokens", "audio_tokens")  # preferred array names inside an .npz
+
+
+class DatasetError(ValueError):
+    """Every problem found in the training data, reported together."""
+
+    def __init__(self, problems: list[str], max_shown: int = 50):
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:max_shown])
+        more = f"\n  ... and {len(problems) - max_shown} more" if len(problems) > max_shown else ""
+        super().__init__(f"{len(problems)} problem(s) in the training data:\n{shown}{more}")
+
+
+# ---------------------------------------------------------------- token arrays
+def check_audio_tokens(arr, num_codebooks: int = 8, codebook_size: int = 8192) -> np.ndarray:
+    """Validate a token array and return it as [frames, num_codebooks] int16/int32. Raises ValueError."""
+    try:
+        arr = np.asarray(arr)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"audio tokens are not a rectangular array ({e})") from None
+    if arr.dtype == object:
+        raise ValueError("audio tokens are not a rectangular integer array")
+    if arr.size == 0:
+        raise ValueError(f"audio tokens are empty (shape {list(arr.shape)})")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"audio tokens have dtype {arr.dtype}; they must be integers "
+                         f"(codec ids 0..{codebook_size - 1})")
+    if arr.ndim != 2:
+        raise ValueError(f"audio tokens have shape {list(arr.shape)}; expected [frames, {num_codebooks}] "
+                         f"or [{num_codebooks}, frames]")
+    K = num_codebooks
+    if arr.shape == (K, K):
+        raise ValueError(f"audio tokens have the ambiguous shape {list(arr.shape)}: both axes have {K} entries, so "
+                         f"frames and codebooks cannot be told apart (give at least {K + 1} frames or drop it)")
+    if arr.shape[1] != K:
+        if arr.shape[0] != K:
+            raise ValueError(f"audio tokens have shape {list(arr.shape)}: neither axis has {K} codebooks")
+        arr = arr.T
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= codebook_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"audio token id {bad} is out of range: codec ids are 0..{codebook_size - 1}")
+    dtype = np.int16 if codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+    return np.ascontiguousarray(arr.astype(dtype))
+
+
+def read_token_file(path: Path) -> np.ndarray:
+    """An .npy array, or an .npz archive's `tokens` / `audio_tokens` / only array. Never unpickles."""
+    if not path.is_file():
+        raise ValueError(f"token file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise ValueError(f"token file {path} is not .npy or .npz (other formats, e.g. torch .pt, are not read: "
+                         f"they can run code when loaded)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"cannot read {path} without unpickling Python objects ({e}); save a plain integer "
+                         f"array with np.save") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            keys = list(data.files)
+            key = next((k for k in NPZ_KEYS if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path} holds arrays {keys}: name the token array 'tokens'")
+            try:
+                return data[key]
+            except ValueError as e:
+                raise ValueError(f"cannot read array {key!r} of {path} without unpickling ({e})") from None
+    return data
+
+
+# ---------------------------------------------------------------- samples and examples
+@dataclass
+class Sample:
+    """One training clip as found on disk: `source` names it in messages (a file, or file:row)."""
+    source: str
+    tags: str
+    lyrics: str
+    audio_tokens: np.ndarray  # [frames, K], validated
+
+
+def build_example(prompt_tokens: torch.Tensor, prompt_mask: torch.Tensor, muq_idx: int,
+                  audio_tokens, empty_id: int = 0) -> dict:
+    """Prompt rows followed by one row per audio frame (SPEC §3): audio rows have codebook columns 0..K-1 live
+    and the text column = empty_id, not live."""
+    audio = torch.as_tensor(np.asarray(audio_tokens), dtype=torch.long)
+    T, K = audio.shape
+    P, C = prompt_tokens.shape
+    if C != K + 1:
+        raise ValueError(f"prompt has {C} columns but audio has {K} codebooks (+1 text column expected)")
+    audio_rows = torch.cat([audio, torch.full((T, 1), empty_id, dtype=torch.long)], dim=1)
+    audio_mask = torch.ones(T, C, dtype=torch.bool)
+    audio_mask[:, -1] = False
+    frame_mask = torch.zeros(P + T, dtype=torch.bool)
+    frame_mask[P:] = True
+    return {"tokens": torch.cat([prompt_tokens.long(), audio_rows]),
+            "tokens_mask": torch.cat([prompt_mask.bool(), audio_mask]),
+            "audio_frame_mask": frame_mask, "muq_idx": int(muq_idx)}
+
+
+def collate(examples: Sequence[dict], pad_to: int | None = None, empty_id: int = 0) -> dict:
+    """Right-pad to the longest example (or pad_to): padding rows hold empty_id with nothing live.
+    -> tokens [B,S,9] long, tokens_mask [B,S,9] bool, audio_frame_mask [B,S] bool, muq_idx [B], lengths [B]."""
+    lengths = [e["tokens"].shape[0] for e in examples]
+    S = max(lengths)
+    if pad_to is not None:
+        if pad_to < S:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({S} rows)")
+        S = pad_to
+    B, C = len(examples), examples[0]["tokens"].shape[1]
+    tokens = torch.full((B, S, C), empty_id, dtype=torch.long)
+    mask = torch.zeros(B, S, C, dtype=torch.bool)
+    frames = torch.zeros(B, S, dtype=torch.bool)
+    for b, (e, n) in enumerate(zip(examples, lengths)):
+        tokens[b, :n], mask[b, :n], frames[b, :n] = e["tokens"], e["tokens_mask"], e["audio_frame_mask"]
+    return {"tokens": tokens, "tokens_mask": mask, "audio_frame_mask": frames,
+            "muq_idx": torch.tensor([e["muq_idx"] for e in examples], dtype=torch.long),
+            "lengths": torch.tensor(lengths, dtype=torch.long)}
+
+
+# ---------------------------------------------------------------- multidatabackend.json
+def _resolve(path: str, base: Path) -> Path:
+    """A backend's relative path: beside the multidatabackend.json first, then the working directory."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return base / p if (base / p).exists() or not p.exists() else p
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _read_metadata(folder: Path, problems: list[str]) -> dict[str, dict]:
+    """metadata.jsonl / metadata.csv rows keyed by the audio file's path relative to the folder."""
+    rows: dict[str, dict] = {}
+    for name in METADATA_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".jsonl"):
+            items = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        items.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        problems.append(f"{path}:{n}: not valid JSON ({e})")
+        else:
+            with path.open(newline="", encoding="utf-8") as f:
+                items = [(n, r) for n, r in enumerate(csv.DictReader(f), 2)]
+        for n, row in items:
+            key = row.get("file_name") if isinstance(row, dict) else None
+            if not key:
+                problems.append(f"{path}:{n}: row has no 'file_name' naming its audio file")
+                continue
+            if isinstance(row.get("audio_tokens"), str):  # csv cell: a JSON list
+                try:
+                    row["audio_tokens"] = json.loads(row["audio_tokens"])
+                except json.JSONDecodeError:
+                    problems.append(f"{path}:{n}: audio_tokens is not a JSON list")
+                    continue
+            row["_where"] = f"{path}:{n}"
+            rows[Path(key).as_posix()] = row
+    return rows
+
+
+def _tokens_from_row(row: dict, base: Path, where: str) -> np.ndarray:
+    if row.get("audio_tokens") is not None:
+        return row["audio_tokens"]
+    if row.get("audio_tokens_path"):
+        p = Path(row["audio_tokens_path"]).expanduser()
+        return read_token_file(p if p.is_absolute() else base / p)
+    raise ValueError(f"{where} has neither audio_tokens nor audio_tokens_path")
+
+
+def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[str]) -> list[Sample]:
+    bid = backend.get("id", "?")
+    if "instance_data_dir" not in backend:
+        problems.append(f"backend {bid!r}: 'instance_data_dir' is required for type local")
+        return []
+    folder = _resolve(backend["instance_data_dir"], base)
+    if not folder.is_dir():
+        problems.append(f"backend {bid!r}: instance_data_dir {folder} is not a folder")
+        return []
+    for key, allowed in (("caption_strategy", ("textfile",)), ("metadata_backend", ("discovery",))):
+        if backend.get(key, allowed[0]) not in allowed:
+            problems.append(f"backend {bid!r}: {key} {backend[key]!r} is not supported for local audio "
+                            f"(use {allowed[0]!r})")
+            return []
+    metadata = _read_metadata(folder, problems)
+    audio_files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+                         and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not audio_files:
+        problems.append(f"backend {bid!r}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in {folder}")
+    samples = []
+    for audio in audio_files:
+        stem = audio.with_suffix("")
+        row = metadata.get(audio.relative_to(folder).as_posix(), {})
+        tags = _read_text(stem.with_suffix(".txt"))
+        if tags is None:
+            tags = row.get("tags")
+        lyrics = _read_text(stem.with_suffix(".lyrics"))
+        if lyrics is None:
+            lyrics = row.get("lyrics") or ""
+        if tags is None:
+            problems.append(f"{audio}: no tags ({stem.name}.txt is missing)")
+            continue
+        token_files = [p for p in (Path(f"{stem}{s}") for s in TOKEN_SUFFIXES) if p.is_file()]
+        where = str(audio)
+        try:
+            if token_files:
+                where = f"{audio} (tokens {token_files[0].name})"
+                raw = read_token_file(token_files[0])
+            elif row:
+                where = f"{audio} (tokens from {row['_where']})"
+                raw = _tokens_from_row(row, folder, row["_where"])
+            else:
+                raise ValueError(f"no tokens: expected {stem.name}.tokens.npy, {stem.name}.tokens.npz or a "
+                                 f"{' / '.join(METADATA_FILES)} row with audio_tokens_path or audio_tokens")
+            tokens = check_audio_tokens(raw, cfg.audio_num_codebooks, cfg.codebook_size)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        samples.append(Sample(str(audio), str(tags), str(lyrics), tokens))
+    return samples
+
+
+def _dataset_files(root: Path) -> list[Path]:
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    train = [p for p in files if "train" in p.relative_to(root).as_posix()]
+    return train or files
+
+
+def _dataset_rows(path: Path, problems: list[str]):
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append(f"{path}:{n}: not valid JSON ({e})")
+        return
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow (`pip install pyarrow`), or provide the dataset as "
+                          f".jsonl files") from None
+    for n, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}:row {n}", row
+
+
+def _fetch_dataset(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, repo_type="dataset",
+                                      allow_patterns=["*.parquet", "*.jsonl", "*.npy", "*.npz"]))
+    except Exception as e:  # offline, missing repo, no auth...
+        raise FileNotFoundError(f"dataset {name!r} is neither a local folder nor reachable on the Hugging Face hub "
+                                f"({type(e).__name__}: {e})") from e
+
+
+def load_hf_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[str]) -> list[Sample]:
+    bid = backend.get("id", "?")
+    name = backend.get("dataset_name")
+    if not name:
+        problems.append(f"backend {bid!r}: 'dataset_name' is required for type huggingface")
+        return []
+    local = _resolve(name, base)
+    root = local if local.is_dir() else _fetch_dataset(name)
+    options = backend.get("config") or {}
+    caption_fields = options.get("audio_caption_fields") or ["tags"]
+    if isinstance(caption_fields, str):
+        caption_fields = [caption_fields]
+    lyrics_column = options.get("lyrics_column") or "lyrics"
+    files = _dataset_files(root)
+    if not files:
+        problems.append(f"backend {bid!r}: no .parquet or .jsonl files in {root}")
+        return []
+    samples = []
+    for path in files:
+        for where, row in _dataset_rows(path, problems):
+            missing = [c for c in caption_fields if row.get(c) is None]
+            if len(missing) == len(caption_fields):
+                problems.append(f"{where}: no tags (column(s) {caption_fields} missing or empty)")
+                continue
+            parts = [row[c] for c in caption_fields if row.get(c) is not None]
+            tags = ", ".join(", ".join(map(str, p)) if isinstance(p, list) else str(p) for p in parts)
+            lyrics = row.get(lyrics_column) or ""
+            try:
+                tokens = check_audio_tokens(_tokens_from_row(row, root, where),
+                                            cfg.audio_num_codebooks, cfg.codebook_size)
+            except ValueError as e:
+                problems.append(f"{where}: {e}")
+                continue
+            samples.append(Sample(where, tags, str(lyrics), tokens))
+    return samples
+
+
+BACKEND_LOADERS: dict[str, Callable] = {"local": load_local_backend, "huggingface": load_hf_backend}
+
+
+def read_backends(config: str | os.PathLike | list, cfg: ModelConfig, log: Callable[[str], None] = print,
+                  problems: list[str] | None = None) -> list[Sample]:
+    """All samples of the enabled audio backends of a multidatabackend.json (path or already-parsed list).
+    Raises DatasetError listing every problem, or appends them to `problems` when given."""
+    raise_now = problems is None
+    problems = [] if problems is None else problems
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"data backend config {path} does not exist")
+        try:
+            backends = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DatasetError([f"{path}: not valid JSON ({e})"]) from None
+        base, where = path.parent, str(path)
+    else:
+        backends, base, where = config, Path.cwd(), "data backend config"
+    if isinstance(backends, dict):
+        backends = [backends]
+    if not isinstance(backends, list) or not all(isinstance(b, dict) for b in backends):
+        raise DatasetError([f"{where}: expected a JSON list of backend objects"])
+    samples: list[Sample] = []
+    for i, backend in enumerate(backends):
+        bid = backend.get("id", f"#{i}")
+        if backend.get("disabled", False):
+            continue
+        kind = str(backend.get("dataset_type", "audio")).lower()
+        if kind == "text_embeds":
+            log(f"note: skipping backend {bid!r} (dataset_type text_embeds): HeartMuLa has no text encoder")
+            continue
+        if kind != "audio":
+            problems.append(f"backend {bid!r}: dataset_type {kind!r} is not supported: HeartMuLa trains on "
+                            f"dataset_type 'audio' (precomputed audio tokens)")
+            continue
+        btype = backend.get("type")
+        if btype not in BACKEND_LOADERS:
+            problems.append(f"backend {bid!r}: type {btype!r} is not supported (use one of {list(BACKEND_LOADERS)})")
+            continue
+        samples += BACKEND_LOADERS[btype](backend, base, cfg, problems)
+    if not problems and not samples:
+        problems.append(f"{where}: no enabled audio backend with samples")
+    if problems and raise_now:
+        raise DatasetError(problems)
+    return samples
+
+
+# ---------------------------------------------------------------- dataset
+class AudioTokenDataset:
+    """Samples with their prompts tokenised once; example(i, epoch) crops over-long clips deterministically."""
+
+    def __init__(self, samples: list[Sample], tokenizer: PromptTokenizer, cfg: ModelConfig, seed: int = 0,
+                 log: Callable[[str], None] = print, problems: list[str] | None = None):
+        self.samples, self.seed, self.empty_id = samples, seed, tokenizer.gen.empty_id
+        self.max_len = cfg.backbone.max_seq_len
+        self.prompts, cropped = [], []
+        problems = list(problems or [])  # earlier ones (files) are reported together with the prompt checks
+        for s in samples:
+            tokens, mask, muq_idx = tokenizer.prompt(s.tags, s.lyrics)
+            top = int(tokens[:, -1].max())
+            if top >= cfg.text_vocab_size:
+                problems.append(f"{s.source}: text id {top} >= the model's text_vocab_size {cfg.text_vocab_size} "
+                                f"(tokenizer and model do not match)")
+            if len(tokens) + 1 > self.max_len:
+                problems.append(f"{s.source}: the prompt alone has {len(tokens)} rows; the model's context is "
+                                f"{self.max_len} rows, which leaves no room for audio (shorten tags/lyrics)")
+            elif len(tokens) + len(s.audio_tokens) > self.max_len:
+                cropped.append(s)
+            self.prompts.append((tokens, mask, muq_idx))
+        if problems:
+            raise DatasetError(problems)
+        if cropped:
+            log(f"warning: {len(cropped)} of {len(samples)} clip(s) exceed the model's context of {self.max_len} "
+                f"rows (prompt + frames), e.g. {cropped[0].source} ({len(cropped[0].audio_tokens)} frames): "
+                f"each epoch trains on a random window of them")
+        # Row counts (after cropping) for length bucketing.
+        self.lengths = [min(len(p[0]) + len(s.audio_tokens), self.max_len) for p, s in zip(self.prompts, samples)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def frames(self, i: int) -> int:
+        return self.lengths[i] - len(self.prompts[i][0])
+
+    def example(self, i: int, epoch: int = 0) -> dict:
+        tokens, mask, muq_idx = self.prompts[i]
+        audio = self.samples[i].audio_tokens
+        keep = self.max_len - len(tokens)
+        if len(audio) > keep:  # random window, a pure function of (seed, epoch, i): resumes crop the same way
+            start = int(np.random.default_rng([self.seed, epoch, i]).integers(0, len(audio) - keep + 1))
+            audio = audio[start:start + keep]
+        return build_example(tokens, mask, muq_idx, audio, self.empty_id)
+
+    def batch(self, indices: Sequence[int], epoch: int = 0, pad_to: int | None = None) -> dict:
+        return collate([self.example(i, epoch) for i in indices], pad_to=pad_to, empty_id=self.empty_id)
+
+    def summary(self) -> str:
+        frames = sum(self.frames(i) for i in range(len(self)))
+        instrumental = sum(1 for s in self.samples if not s.lyrics.strip())
+        return (f"{len(self)} clips, {frames} audio frames ({frames / 12.5 / 60:.1f} min), "
+                f"{instrumental} instrumental, longest {max(self.lengths)} rows")
+
+
+def load_dataset(config: str | os.PathLike | list, tokenizer: PromptTokenizer, cfg: ModelConfig, seed: int = 0,
+                 log: Callable[[str], None] = print) -> AudioTokenDataset:
+    """multidatabackend.json -> validated, pre-tokenised dataset (DatasetError lists every problem)."""
+    problems: list[str] = []
+    samples = read_backends(config, cfg, log, problems)
+    return AudioTokenDataset(samples, tokenizer, cfg, seed=seed, log=log, problems=problems)
+
+
+# ---------------------------------------------------------------- batches
+class BucketBatchSampler:
+    """Seeded shuffling per epoch, batches of similar lengths, and a resumable position.
+
+    Epoch e's batches are a pure function of (seed, e): shuffle, cut into chunks of `bucket_batches` batches,
+    sort each chunk by length, split it into batches, shuffle the batch order. The state is (epoch, index of the
+    next batch), so load_state_dict() of a saved state replays exactly the batches an uninterrupted run sees.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 bucket_batches: int = 16, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not lengths:
+            raise ValueError("no samples to batch")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.bucket_batches, self.drop_last = bucket_batches, drop_last
+        self.epoch, self.index = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        n, bs = len(self.lengths), self.batch_size
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        chunk = bs * max(1, self.bucket_batches)
+        out = []
+        for c in range(0, n, chunk):
+            part = order[c:c + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            out += [part[i:i + bs].tolist() for i in range(0, len(part), bs)]
+        if self.drop_last:
+            out = [b for b in out if len(b) == bs]
+        if self.shuffle:
+            out = [out[i] for i in rng.permutation(len(out))]
+        self._cache = (epoch, out)
+        return out
+
+    def next_batch(self) -> tuple[int, list[int]]:
+        """(epoch, indices) of the next batch; rolls over to the next epoch."""
+        batches = self.batches(self.epoch)
+        if self.index >= len(batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            batches = self.batches(self.epoch)
+        b = batches[self.index]
+        self.index += 1
+        return self.epoch, b
+
+    def __iter__(self):
+        """The remaining batches of the current epoch, then the position moves to the next epoch."""
+        batches = self.batches(self.epoch)
+        while self.index < len(batches):
+            self.index += 1
+            yield batches[self.index - 1]
+        self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "batch_size": self.batch_size,
+                "num_samples": len(self.lengths)}
+
+    def load_state_dict(self, state: dict, log: Callable[[str], None] = print):
+        same = (state.get("seed"), state.get("batch_size"), state.get("num_samples")) == \
+            (self.seed, self.batch_size, len(self.lengths))
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if not same:
+            # Different data, seed or batch size: the old order cannot be replayed; keep the epoch and skip the
+            # same share of it.
+            old = state.get("batch_size") or self.batch_size
+            self.index = min(self.index * old // self.batch_size, len(self))
+            log(f"warning: the data position was saved with seed {state.get('seed')}, batch size "
+                f"{state.get('batch_size')}, {state.get('num_samples')} samples; now {self.seed}, "
+                f"{self.batch_size}, {len(self.lengths)}: resuming at epoch {self.epoch}, batch {self.index} of a "
+                f"new order")
