@@ -1,0 +1,457 @@
+"""Fast HeartMuLa generation: prompt prefill, then one frame per step over a static KV cache.
+
+A frame is: one backbone step on the previous frame's row -> codebook 0 from `codebook0_head`, then 7 depth-decoder
+steps -> codebooks 1..7, each sampled with top-k + temperature (exponential race) after classifier-free guidance.
+
+What makes it fast (SPEC §5, §10), and how it differs from the official loop:
+- the KV cache is sized to the request (prompt + frames), not to 8192 positions;
+- q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two);
+- the whole frame step is captured once in a CUDA graph (optionally after torch.compile fuses the elementwise
+  work) and replayed; the host only checks for EOS every `eos_check_every` frames;
+- ids the codec cannot decode (codebook_size, codebook_size+2..) are never sampled, EOS frames are never returned.
+
+Stop rule (as the official pipeline): a song ends at the first frame in which any codebook is EOS; that frame is
+dropped. Several songs run as one batch (left-padded prompts, per-song positions) and stop independently.
+On CPU/MPS the same step runs eagerly: same code, same results.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import HeartMuLa, Transformer
+
+Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
+
+
+# ---------------------------------------------------------------- sampling
+def sample_tokens(logits: torch.Tensor, topk: int, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """logits [B,V] float32 (disallowed ids already -inf) -> ids [B]. Top-k keeps ties; the draw is an exponential
+    race argmax(p / q), q ~ Exp(1), which samples from p without a host sync. topk 1 is the argmax."""
+    if topk == 1 or noise is None:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if 0 < topk < logits.shape[-1]:
+        kth = torch.topk(logits, topk, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return (probs / noise).argmax(-1)
+
+
+# ---------------------------------------------------------------- fused inference weights
+class Fused(nn.Module):
+    """Several linear layers applied to the same input, outputs concatenated. Plain nn.Linear layers become one
+    matrix (one GEMV at decode instead of several small ones); anything else (LoRA wrappers, int8 layers with
+    their own kernels) is called part by part, which is slower but always current."""
+
+    def __init__(self, parts: list[nn.Module], fuse: bool):
+        super().__init__()
+        self.sizes = [p.out_features if hasattr(p, "out_features") else p.weight.shape[0] for p in parts]
+        plain = fuse and all(type(p) is nn.Linear and p.bias is None for p in parts)
+        if plain:
+            self.parts = None
+            self.register_buffer("weight", torch.cat([p.weight.detach() for p in parts]), persistent=False)
+            self._sources = parts  # plain list: not registered, only read by refresh()
+        else:
+            self.parts = nn.ModuleList(parts)
+            self.weight = None
+
+    @torch.no_grad()
+    def refresh(self):
+        """Copy the source weights again (in place: a captured graph keeps pointing at the same memory)."""
+        if self.weight is not None:
+            torch.cat([p.weight for p in self._sources], out=self.weight)
+
+    def forward(self, x):
+        if self.weight is not None:
+            return F.linear(x, self.weight)
+        outs = [p(x) for p in self.parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+class FastLayer(nn.Module):
+    """One transformer block for inference: fused projections, per-sample RoPE positions, masked cache attention."""
+
+    def __init__(self, block: nn.Module, fuse: bool):
+        super().__init__()
+        a, m = block.attn, block.mlp
+        self.block = block  # norms and KV cache live in the model
+        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
+        self.qkv = Fused([a.q_proj, a.k_proj, a.v_proj], fuse)
+        self.wo = a.output_proj
+        self.w13 = Fused([m.w1, m.w3], fuse)
+        self.w2 = m.w2
+        self.hidden = m.w1.out_features if hasattr(m.w1, "out_features") else m.w1.weight.shape[0]
+
+    def forward(self, x, cos, sin, slots, mask):
+        """x [B,S,D]; cos/sin [B,S,1,hd/2] for the rows' positions; slots [S] cache indices written;
+        mask [B,1,S,L] bool (True = may attend)."""
+        b, s, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv(self.block.sa_norm(x))
+        # rotate q and k together: they are adjacent in the fused output
+        qk = qkv[..., : (H + KV) * hd].float().unflatten(-1, (H + KV, hd // 2, 2))
+        x0, x1 = qk[..., 0], qk[..., 1]
+        qk = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-3).to(x.dtype)
+        q, k = qk.split([H * hd, KV * hd], -1)
+        v = qkv[..., (H + KV) * hd:]
+        cache = self.block.attn.kv_cache
+        cache.k.index_copy_(2, slots, k.view(b, s, KV, hd).transpose(1, 2))
+        cache.v.index_copy_(2, slots, v.reshape(b, s, KV, hd).transpose(1, 2))
+        # GQA without repeating k/v: the G query heads of one kv head become G*S query rows of that head
+        G = H // KV
+        q = q.view(b, s, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(b, KV, G * s, hd)
+        m = mask.unsqueeze(2).expand(b, 1, G, s, mask.shape[-1]).reshape(b, 1, G * s, mask.shape[-1])
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=m)
+        y = y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
+        h = x + self.wo(y)
+        g, u = self.w13(self.block.mlp_norm(h)).split([self.hidden, self.hidden], -1)
+        return h + self.w2(F.silu(g) * u)
+
+
+class FastStack(nn.Module):
+    def __init__(self, stack: Transformer, fuse: bool):
+        super().__init__()
+        self.stack = stack
+        self.layers = nn.ModuleList(FastLayer(b, fuse) for b in stack.layers)
+
+    def rope(self, pos: torch.Tensor):
+        """pos [B,S] -> cos, sin [B,S,1,hd/2] (float32, from the model's own table)."""
+        t = self.stack.rope[pos]
+        return t[..., 0].unsqueeze(2), t[..., 1].unsqueeze(2)
+
+    def forward(self, x, pos, slots, mask):
+        cos, sin = self.rope(pos)
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, mask)
+        return self.stack.norm(x)
+
+
+# ---------------------------------------------------------------- the engine
+class Engine:
+    """Holds the fused weights and, on CUDA, the captured frame step for one request shape.
+
+    mode: "eager" (any device), "graph" (CUDA graph of the eager step), "compile" (torch.compile fuses the
+    elementwise work, then the compiled step is captured in a CUDA graph). fuse: concatenate q/k/v and gate/up
+    weights (a copy: about the size of the stacks' weights; share=True makes the model's own weights views of the
+    fused ones instead, for callers that own the model and will not replace its parameters, e.g. sample.py).
+    """
+
+    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False):
+        if mode not in ("eager", "graph", "compile"):
+            raise ValueError(f"mode must be eager, graph or compile, not {mode!r}")
+        self.model, self.mode = model, mode
+        self.device = model.text_embeddings.weight.device
+        self.dtype = model.text_embeddings.weight.dtype
+        if mode != "eager" and self.device.type != "cuda":
+            raise ValueError(f"mode {mode!r} needs a CUDA device (model is on {self.device})")
+        cfg = model.cfg
+        self.K, self.V = cfg.audio_num_codebooks, cfg.audio_vocab_size
+        self.eos = cfg.gen.audio_eos_id
+        if not cfg.codebook_size <= self.eos < self.V:
+            raise ValueError(f"audio_eos_id {self.eos} must lie in [{cfg.codebook_size}, {self.V})")
+        self.backbone = FastStack(model.backbone, fuse)
+        self.decoder = FastStack(model.decoder, fuse)
+        self.sources = self._sources()
+        if share and fuse:
+            self._share_weights()
+        # output heads padded to a multiple of 64 rows, [V, D] layout: aligned GEMVs (8197 columns are not)
+        self.heads_fused = fuse and type(model.codebook0_head) is nn.Linear and isinstance(model.audio_head, nn.Parameter)
+        self.Vout = -(-self.V // 64) * 64 if self.heads_fused else self.V
+        if self.heads_fused:
+            D = model.codebook0_head.in_features
+            self.c0_w = torch.zeros(self.Vout, D, dtype=model.codebook0_head.weight.dtype, device=self.device)
+            self.head_w = torch.zeros(self.K - 1, self.Vout, D, dtype=model.audio_head.dtype, device=self.device)
+        # only codec ids and EOS may be sampled
+        bias = torch.full((self.Vout,), -math.inf, device=self.device)
+        bias[: cfg.codebook_size] = 0.0
+        bias[self.eos] = 0.0
+        self.bias = bias
+        self._graph_key = None
+        self._graph = None
+        self._compiled = None
+
+    def _sources(self):
+        """The module objects the engine was built from (to notice LoRA wrapping, quantisation, merging)."""
+        out = []
+        for stack in (self.model.backbone, self.model.decoder):
+            for b in stack.layers:
+                out += [b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.output_proj, b.mlp.w1, b.mlp.w2,
+                        b.mlp.w3]
+        return out
+
+    def matches(self, model: HeartMuLa) -> bool:
+        if model is not self.model:
+            return False
+        now = self._sources()
+        return len(now) == len(self.sources) and all(a is b for a, b in zip(now, self.sources))
+
+    def _fused(self):
+        for st in (self.backbone, self.decoder):
+            for layer in st.layers:
+                yield layer.qkv
+                yield layer.w13
+
+    @torch.no_grad()
+    def refresh(self):
+        """Re-read the model's weights into the fused copies (weights may have changed since: training)."""
+        for f in self._fused():
+            if not getattr(f, "shared", False):
+                f.refresh()
+        if self.heads_fused:
+            self.c0_w[: self.V].copy_(self.model.codebook0_head.weight)
+            self.head_w[:, : self.V].copy_(self.model.audio_head.transpose(1, 2))
+
+    def _head(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Logits of codebook i from h [B,D] (0: backbone state; 1..K-1: depth-decoder state)."""
+        if self.heads_fused:
+            return F.linear(h, self.c0_w if i == 0 else self.head_w[i - 1])
+        return self.model.codebook0_head(h) if i == 0 else self.model.audio_logits(i, h)
+
+    @torch.no_grad()
+    def _share_weights(self):
+        for f in self._fused():
+            if f.weight is None:
+                continue
+            start = 0
+            for p, n in zip(f._sources, f.sizes):
+                p.weight = nn.Parameter(f.weight[start: start + n], requires_grad=False)
+                start += n
+            f.shared = True
+
+    # ------------------------------------------------------------ one frame
+    def _mix(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits [B2,V] -> the distribution to sample [Bs,V] (CFG: uncond + (cond - uncond) * cfg)."""
+        logits = logits.float()
+        if self.cfg_on:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (cond - uncond) * self.cfg_scale
+        return logits + self.bias
+
+    def _frame_from_hidden(self, h: torch.Tensor, noise) -> torch.Tensor:
+        """Backbone state at the last position h [B2,D] -> frame [Bs,K]: codebook 0, then the depth decoder
+        (positions 0 and 1 first, then one position per codebook; its cache is simply overwritten each frame)."""
+        m, K = self.model, self.K
+        pick = lambda i, logits: sample_tokens(self._mix(logits), self.topk, self.temperature,
+                                               None if noise is None else noise[i])
+        c = pick(0, self._head(0, h))
+        codes = [c]
+        dec_in = torch.stack([h, m.embed_audio(0, self._both(c)).to(h.dtype)], 1)
+        for i in range(1, K):
+            pos, slots, mask = self.dec_steps[i - 1]
+            out = self.decoder(m.projection(dec_in), pos, slots, mask)
+            c = pick(i, self._head(i, out[:, -1]))
+            codes.append(c)
+            if i < K - 1:
+                dec_in = m.embed_audio(i, self._both(c)).to(h.dtype)[:, None]
+        return torch.stack(codes, -1)
+
+    def _both(self, c):
+        return torch.cat([c, c]) if self.cfg_on else c
+
+    def _draw_noise(self):
+        if self.topk == 1:
+            return None
+        return torch.empty(self.K, self.Bs, self.Vout, device=self.device).exponential_(generator=self.generator)
+
+    def _step_core(self, noise):
+        """Feed the previous frame at the next cache slot, produce the next frame; all state on the device."""
+        s = self.state
+        x = self.model.audio_embeddings(self._both(s["prev"]) + self.model.audio_offsets).sum(1, keepdim=True)
+        slot = s["slot"]
+        pos = (slot - self.pad)[:, None]  # [B2,1] each song's own position
+        mask = ((self.cols >= self.pad[:, None]) & (self.cols <= slot))[:, None, None, :]
+        h = self.backbone(x.to(self.dtype), pos, slot, mask)[:, -1]
+        frame = self._frame_from_hidden(h, noise)
+        self._record(frame)
+        slot.add_(1)
+
+    def _record(self, frame):
+        s = self.state
+        s["out"].index_copy_(1, s["idx"], frame[:, None])
+        eos = (frame == self.eos).any(-1)
+        s["length"].copy_(torch.where(eos & ~s["done"], s["idx"], s["length"]))
+        s["done"].logical_or_(eos)
+        s["prev"].copy_(frame)
+        s["idx"].add_(1)
+
+    def _step(self):
+        noise = self._draw_noise()
+        (self._compiled or self._step_core)(noise)
+
+    # ------------------------------------------------------------ a request
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
+                 temperature: float = 1.0, generator: torch.Generator | None = None, eos_check_every: int = 32,
+                 progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+        m = self.model
+        if not prompts:
+            raise ValueError("no prompt given")
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        if cfg_scale < 1.0:
+            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0 (0 = no top-k), got {topk}")
+        self.refresh()
+        self.cfg_on, self.cfg_scale = cfg_scale != 1.0, float(cfg_scale)
+        self.topk, self.temperature, self.generator = int(topk), float(temperature), generator
+        dev, Bs = self.device, len(prompts)
+        lens = [int(p[0].shape[0]) for p in prompts]
+        P = max(lens)
+        need = P + max_frames + 1  # frame rows up to P+max_frames-2, plus the 2 warm-up steps before capture
+        limit = m.cfg.backbone.max_seq_len
+        if need > limit:
+            raise ValueError(f"prompt ({P} rows) + {max_frames} frames exceeds the backbone context {limit}")
+        L = min(-(-need // 8) * 8, limit)  # a multiple of 8 keeps the attention mask aligned
+
+        # left-pad the prompts so every song's last prompt row sits at slot P-1
+        tokens = torch.zeros(Bs, P, self.K + 1, dtype=torch.long)
+        tmask = torch.zeros(Bs, P, self.K + 1, dtype=torch.bool)
+        pad = torch.tensor([P - n for n in lens])
+        muq = torch.tensor([int(p[2]) for p in prompts]) + pad
+        for b, (t, mk, _) in enumerate(prompts):
+            tokens[b, P - lens[b]:] = t.cpu()
+            tmask[b, P - lens[b]:] = mk.cpu()
+        uncond = torch.zeros(Bs, dtype=torch.bool)
+        if self.cfg_on:
+            tokens, tmask, pad, muq = (torch.cat([t, t]) for t in (tokens, tmask, pad, muq))
+            uncond = torch.cat([uncond, ~uncond])
+        B2 = tokens.shape[0]
+        tokens, tmask, uncond, muq = tokens.to(dev), tmask.to(dev), uncond.to(dev), muq.to(dev)
+        self.Bs, self.pad = Bs, pad.to(dev)
+        self.cols = torch.arange(L, device=dev)
+
+        key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, id(generator), max_frames)
+        if key != self._graph_key:
+            self._graph = None
+            m.setup_caches(B2, L, dtype=self.dtype, device=dev)
+            # depth decoder: (positions [B2,S], cache slots [S], mask [1,1,S,K]) of its 7 calls, fixed
+            causal = torch.ones(self.K, self.K, dtype=torch.bool, device=dev).tril()
+            self.dec_steps = []
+            for i in range(1, self.K):
+                slots = torch.arange(0 if i == 1 else i, i + 1, device=dev)
+                self.dec_steps.append((slots[None].expand(B2, -1), slots, causal[slots][None, None]))
+            self.state = {"prev": torch.zeros(Bs, self.K, dtype=torch.long, device=dev),
+                          "slot": torch.zeros(1, dtype=torch.long, device=dev),
+                          "idx": torch.zeros(1, dtype=torch.long, device=dev),
+                          # 2 spare frames: the warm-up steps before graph capture write there
+                          "out": torch.zeros(Bs, max_frames + 2, self.K, dtype=torch.long, device=dev),
+                          "length": torch.zeros(Bs, dtype=torch.long, device=dev),
+                          "done": torch.zeros(Bs, dtype=torch.bool, device=dev)}
+        s = self.state
+
+        # prefill: the whole prompt at slots 0..P-1, each song at its own positions 0..n-1
+        x = m.embed_rows(tokens, tmask, muq, uncond).to(self.dtype)
+        rows = torch.arange(P, device=dev)
+        pos = (rows[None] - self.pad[:, None]).clamp(min=0)
+        causal = self.cols[None, :] <= rows[:, None]
+        # pad rows attend only to themselves (their output is never used) so no softmax row is empty
+        mask = causal[None] & ((self.cols[None, None, :] >= self.pad[:, None, None]) | (self.cols == rows[:, None]))
+        h = self.backbone(x, pos, rows, mask[:, None])[:, -1]
+        s["slot"].fill_(P)
+        s["idx"].zero_()
+        s["length"].fill_(max_frames)
+        s["done"].zero_()
+        self._record(self._frame_from_hidden(h, self._draw_noise()))
+
+        if max_frames > 1 and self.mode != "eager" and self._graph is None:
+            self._capture()
+            self._graph_key = key
+        for k in range(1, max_frames):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step()
+            if k % eos_check_every == 0:
+                if progress:
+                    progress(k + 1, max_frames)
+                if bool(s["done"].all()):  # the only host sync of the loop
+                    break
+        if progress:
+            progress(int(s["idx"].item()), max_frames)
+        lengths = s["length"].tolist()
+        out = s["out"].cpu()
+        return [out[b, : lengths[b]].clone() for b in range(Bs)]
+
+    def _capture(self):
+        """Warm up (compiles, cuBLAS handles), then record one frame step; the state is restored around both."""
+        s = self.state
+        saved = {k: v.clone() for k, v in s.items()}
+        gen_state = self.generator.get_state() if self.generator is not None else None
+        cuda_state = torch.cuda.get_rng_state(self.device)
+
+        def restore():
+            for k, v in saved.items():
+                s[k].copy_(v)
+            if gen_state is not None:
+                self.generator.set_state(gen_state)
+            torch.cuda.set_rng_state(cuda_state, self.device)
+
+        if self.mode == "compile" and self._compiled is None:
+            self._compiled = torch.compile(self._step_core, fullgraph=True, dynamic=False)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None and self.topk != 1:
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            self._step()
+        torch.cuda.synchronize(self.device)
+        restore()
+        self._graph = graph
+
+
+# ---------------------------------------------------------------- the function most callers use
+def default_mode(device: torch.device) -> str:
+    return "compile" if device.type == "cuda" else "eager"
+
+
+def engine_for(model: HeartMuLa, fast=None) -> Engine:
+    """The model's cached engine (rebuilt when the model's layers were replaced: LoRA, quantisation, merge).
+    fast: None/True = the best mode for the device, False = eager, or a mode name."""
+    device = model.text_embeddings.weight.device
+    if fast is None or fast is True:
+        mode = default_mode(device)
+    elif fast is False:
+        mode = "eager"
+    else:
+        mode = str(fast)
+    eng = getattr(model, "_hmtiny_engine", None)
+    if eng is None or eng.mode != mode or not eng.matches(model):
+        eng = Engine(model, mode)
+        object.__setattr__(model, "_hmtiny_engine", eng)  # not a submodule: keep it out of state_dict
+    return eng
+
+
+def generate(model: HeartMuLa, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
+             temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
+             fast=None, eos_check_every: int = 32,
+             progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+    """Generate audio frames for each prompt (tokens [P,9], tokens_mask [P,9], muq_idx).
+
+    Returns one LongTensor [n_i, 8] (CPU) per prompt: n_i <= max_frames frames, the EOS frame excluded, every id
+    < codebook_size. seed / generator make sampling reproducible (same device, same mode). topk 1 = greedy;
+    topk 0 = no top-k. cfg_scale 1 = no guidance (no doubled batch)."""
+    device = model.text_embeddings.weight.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    eng = engine_for(model, fast)
+    was_training = model.training
+    model.eval()
+    try:
+        return eng.generate(prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature,
+                            generator=generator, eos_check_every=eos_check_every, progress=progress)
+    finally:
+        model.train(was_training)
