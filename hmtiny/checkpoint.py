@@ -203,15 +203,20 @@ def find_model_folder(root: Path, subfolders=MODEL_SUBFOLDERS) -> Path:
     raise FileNotFoundError(f"no config.json in {root} nor in any of its subfolders {list(subfolders)}")
 
 
-def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Build HeartMuLa on the meta device and assign the checkpoint's tensors (no second full copy)."""
+def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False):
+    """Build HeartMuLa on the meta device and assign the checkpoint's tensors (no second full copy).
+    quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read."""
     from .config import ModelConfig
     from .model import HeartMuLa
     folder = find_model_folder(resolve_folder(name_or_path))
     cfg = ModelConfig.from_file(folder / "config.json")
     with torch.device("meta"):
         model = HeartMuLa(cfg)
-    load_weights(model, folder, dtype=dtype, device=device, what="HeartMuLa checkpoint")
+    transform = None
+    if quantize:
+        from .quant import quantize_on_load
+        transform = quantize_on_load(model, device)
+    load_weights(model, folder, dtype=dtype, device=device, transform=transform, what="HeartMuLa checkpoint")
     model.init_buffers(device)
     return model.eval()
 

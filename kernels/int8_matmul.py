@@ -1,0 +1,231 @@
+"""W8A16 matmuls: int8 weights with one fp32 scale per output channel, bf16/fp16 activations.
+
+    forward   y  = x  @ (Wq * s[:, None]).T      x [M, K], Wq [N, K] int8, s [N]   -> y  [M, N]
+    backward  dx = dy @ (Wq * s[:, None])        dy [M, N]                          -> dx [M, K]
+
+Both are one Triton GEMM, C[M, P] = A[M, R] @ B[R, P], where B is the int8 weight read through strides (Wq.T for
+the forward, Wq itself for the backward) and converted to bf16 in registers, so the weight crosses memory once, as
+int8. The scale sits on the output column in the forward (applied once, in the epilogue) and on the reduction row
+in the backward (applied to each weight tile before the dot).
+
+Two regimes, two config lists: decode (M <= 16: memory-bound, narrow weight tiles streamed with deep pipelining so
+that many programs read the weight at once, optionally split along R with fp32 atomics) and train/prefill (large M:
+tensor-core tiles). Every launcher has a plain-torch reference beside it (`*_ref`), which is also the CPU/MPS path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU/MPS installs without triton use the *_ref functions
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)  # the interpreter cannot autotune (no CUDA timers)
+DECODE_MAX_M = 16
+
+
+# ----------------------------------------------------------------------------- references (also the CPU path)
+def dequantize_ref(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Dense weight Wq * s. scale [N] (per channel) or [N, K // G] (groups of G along K)."""
+    n, k = wq.shape
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    s = scale.to(compute).reshape(n, -1)
+    w = wq.to(compute).view(n, s.shape[1], k // s.shape[1]) * s[:, :, None]
+    return w.view(n, k).to(dtype)
+
+
+def int8_matmul_ref(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ (Wq * s).T in x's dtype. Dequantises first: an int8 product in fp16 before scaling could overflow."""
+    return torch.nn.functional.linear(x, dequantize_ref(wq, scale, x.dtype))
+
+
+def int8_matmul_dx_ref(dy: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dx = dy @ (Wq * s) in dy's dtype."""
+    return dy @ dequantize_ref(wq, scale, dy.dtype)
+
+
+# ----------------------------------------------------------------------------- the Triton kernel
+if triton is not None:
+
+    @triton.jit
+    def _w8_gemm_kernel(
+        a_ptr, b_ptr, s_ptr, c_ptr,
+        M, P, R, m_bucket,  # m_bucket: only an autotuning key (configs are tuned per power-of-two M, not per M)
+        stride_am, stride_ar, stride_br, stride_bp, stride_cm, stride_cp,
+        SCALE_ON_R: tl.constexpr,  # False: s[p] scales output columns (forward); True: s[r] scales B's rows (backward)
+        B_AS_LHS: tl.constexpr,  # compute C.T = B.T @ A.T: the weight becomes the dot's first operand
+        UPCAST: tl.constexpr,  # fp32 dot: Triton's interpreter gets bf16 dots wrong, so tests run it in fp32
+        EVEN_R: tl.constexpr,  # R is a multiple of BLOCK_R: no masks in the main loop
+        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr, SPLIT_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_p = tl.cdiv(P, BLOCK_P)
+        # grouped order: GROUP_M row tiles walk the same weight column tiles while those sit in L2
+        width = GROUP_M * num_p
+        first_m = (pid // width) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group_rows
+        pid_p = (pid % width) // group_rows
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        # rows/columns past the edge re-read valid ones instead of being masked (loads stay wide); never stored
+        safe_m = offs_m % M
+        safe_p = offs_p % P
+        a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_r[None, :] * stride_ar
+        b_ptrs = b_ptr + offs_r[:, None] * stride_br + safe_p[None, :] * stride_bp
+        s_ptrs = s_ptr + offs_r
+
+        if B_AS_LHS:
+            acc = tl.zeros((BLOCK_P, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        step = BLOCK_R * SPLIT_R
+        for r0 in range(pid_r * BLOCK_R, R, step):
+            in_r = (r0 + tl.arange(0, BLOCK_R)) < R
+            if EVEN_R:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=in_r[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=in_r[:, None], other=0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if SCALE_ON_R:
+                if EVEN_R:
+                    s = tl.load(s_ptrs)
+                else:
+                    s = tl.load(s_ptrs, mask=in_r, other=0.0)
+                b = (b.to(tl.float32) * s.to(tl.float32)[:, None]).to(a.dtype)
+            else:
+                b = b.to(a.dtype)  # int8 -> bf16 is exact (|q| <= 127)
+            if B_AS_LHS:
+                acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, b, acc)
+            a_ptrs += step * stride_ar
+            b_ptrs += step * stride_br
+            s_ptrs += step
+
+        if B_AS_LHS:
+            acc = tl.trans(acc)
+        if not SCALE_ON_R:
+            s_out = tl.load(s_ptr + safe_p).to(tl.float32)
+            acc = acc * s_out[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_p[None, :] * stride_cp
+        c_mask = (offs_m[:, None] < M) & (offs_p[None, :] < P)
+        if SPLIT_R == 1:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        else:  # several programs share this tile: add fp32 partial sums into a zeroed buffer
+            tl.atomic_add(c_ptrs, acc, mask=c_mask)
+
+    _even_r = {"EVEN_R": lambda a: a["R"] % a["BLOCK_R"] == 0}
+    _kernel = triton.heuristics(_even_r)(_w8_gemm_kernel)
+
+    def _cfg(bm, bp, br, warps, stages, lhs=False, split=1, group=8):
+        return triton.Config(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_R=br, GROUP_M=group, SPLIT_R=split, B_AS_LHS=lhs),
+                             num_warps=warps, num_stages=stages)
+
+    # decode: 16-row tiles (the smallest tensor-core M); narrow weight tiles -> many programs stream the weight
+    DECODE_CONFIGS = [
+        _cfg(16, 16, 256, 2, 4), _cfg(16, 16, 512, 4, 3), _cfg(16, 16, 512, 4, 4), _cfg(16, 32, 256, 4, 4),
+        _cfg(16, 32, 512, 4, 3), _cfg(16, 64, 256, 4, 3), _cfg(16, 64, 128, 4, 4), _cfg(16, 16, 1024, 4, 2),
+        _cfg(16, 64, 256, 4, 3, lhs=True), _cfg(16, 128, 128, 4, 4, lhs=True), _cfg(16, 64, 128, 4, 5, lhs=True),
+    ]
+    # decode, split along R: fp32 atomics into a zeroed buffer (more programs when P is small)
+    DECODE_SPLIT_CONFIGS = [
+        _cfg(16, 16, 256, 2, 4, split=2), _cfg(16, 16, 256, 2, 4, split=4), _cfg(16, 32, 256, 4, 4, split=4),
+        _cfg(16, 32, 512, 4, 3, split=2), _cfg(16, 64, 256, 4, 3, split=4), _cfg(16, 64, 256, 4, 3, split=8),
+        _cfg(16, 64, 256, 4, 3, lhs=True, split=4), _cfg(16, 128, 128, 4, 4, lhs=True, split=4),
+    ]
+    # train/prefill: tensor-core tiles; both operand orders (weight as the dot's LHS can stay in registers)
+    TRAIN_CONFIGS = [
+        _cfg(128, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 64, 64, 4, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 128, 128, 8, 3),
+        _cfg(128, 128, 64, 4, 4, lhs=True), _cfg(128, 128, 64, 8, 4, lhs=True), _cfg(64, 256, 64, 8, 3, lhs=True),
+        _cfg(128, 256, 64, 8, 3, lhs=True), _cfg(64, 128, 64, 4, 4, lhs=True),
+    ]
+    _KEY = ["m_bucket", "P", "R", "stride_ar", "stride_br"]
+
+    def _zero_c(nargs):
+        nargs["c_ptr"].zero_()
+
+    _tuned = {
+        "decode": triton.autotune(DECODE_CONFIGS, key=_KEY)(_kernel),
+        "decode_split": triton.autotune(DECODE_SPLIT_CONFIGS, key=_KEY, reset_to_zero=["c_ptr"])(_kernel),
+        "train": triton.autotune(TRAIN_CONFIGS, key=_KEY)(_kernel),
+    }
+
+
+def _regime(m: int, p: int) -> str:
+    return "decode" if m <= DECODE_MAX_M else "train"
+
+
+def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str | None, config: dict | None, out):
+    """C[M, P] = A[M, R] @ B[R, P]; B is int8 read through `b_strides` = (stride along R, stride along P)."""
+    m, r = a2.shape
+    regime = regime or _regime(m, p)
+    if config is None and INTERPRET:
+        config = INTERPRET_CONFIG
+    split = (config or {}).get("SPLIT_R", 1) > 1 or regime == "decode_split"
+    if split:
+        c = torch.zeros((m, p), device=a2.device, dtype=torch.float32)
+    else:
+        c = out.view(m, p) if out is not None else torch.empty((m, p), device=a2.device, dtype=a2.dtype)
+    if m == 0 or p == 0:
+        return c.to(a2.dtype)
+    args = (a2, b, scale, c, m, p, r, triton.next_power_of_2(m),
+            a2.stride(0), a2.stride(1), b_strides[0], b_strides[1], c.stride(0), c.stride(1))
+    kw = dict(SCALE_ON_R=scale_on_r, UPCAST=INTERPRET)
+    if config is not None:  # explicit tiles (tests, interpreter): no autotuning
+        cfg = {"GROUP_M": 8, "SPLIT_R": 1, "B_AS_LHS": False, **config}
+        extra = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"])
+        _kernel[grid](*args, **kw, **cfg, **extra)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), meta["SPLIT_R"])
+        _tuned[regime][grid](*args, **kw)
+    if split:
+        return out.view(m, p).copy_(c) if out is not None else c.to(a2.dtype)
+    return c
+
+
+def _check(a: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor):
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the *_ref functions")
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"W8A16 kernels take bf16/fp16 activations, got {a.dtype}")
+    if wq.dtype != torch.int8 or scale.numel() != wq.shape[0]:
+        raise TypeError("expected an int8 weight [N, K] and one scale per output channel [N]")
+
+
+def int8_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: str | None = None,
+                config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (Wq * s).T with the Triton kernel. x [..., K] bf16/fp16, Wq [N, K] int8, s [N] -> y [..., N].
+    regime: "decode" / "decode_split" / "train" config list (default by M); config: fixed tiles, no autotuning;
+    out: a contiguous tensor to write into."""
+    _check(x, wq, scale)
+    n, k = wq.shape
+    x2 = x.reshape(-1, k)
+    y = _launch(x2, wq, (wq.stride(1), wq.stride(0)), scale.reshape(-1), n, False, regime, config, out)
+    return y.view(*x.shape[:-1], n)
+
+
+def int8_matmul_dx(dy: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: str | None = None,
+                   config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dx = dy @ (Wq * s) with the Triton kernel. dy [..., N] bf16/fp16 -> dx [..., K]."""
+    _check(dy, wq, scale)
+    n, k = wq.shape
+    dy2 = dy.reshape(-1, n)
+    dx = _launch(dy2, wq, (wq.stride(0), wq.stride(1)), scale.reshape(-1), k, True, regime, config, out)
+    return dx.view(*dy.shape[:-1], k)
