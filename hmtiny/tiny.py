@@ -164,9 +164,7 @@ def make_codec(folder: Path, seed: int) -> bool:
     except ImportError as e:
         print(f"note: hmtiny.codec is not available ({e}); the codec folder was not regenerated")
         return False
-    torch.manual_seed(seed)
-    codec = HeartCodec.from_config(HeartCodecConfig.tiny())
-    codec.to(torch.bfloat16).save(folder)
+    HeartCodec.from_config(HeartCodecConfig.tiny(), seed=seed, dtype=torch.bfloat16).save(folder)
     return True
 
 

@@ -373,12 +373,18 @@ def test_tiny_assets_load_and_train_step():
     assert size < 2 * 1024 * 1024, f"built-in assets are {size / 1024:.0f} KiB"
 
 
+def test_tiny_codec_loads():
+    from hmtiny.codec import HeartCodec
+    codec = HeartCodec.load(TINY / "codec")
+    assert codec.cfg.codebook_size == load_heartmula(TINY / "model").cfg.codebook_size == 64
+    assert codec.cfg.num_quantizers == K
+
+
 def test_tiny_assets_are_what_the_script_makes(tmp_path):
     from hmtiny import tiny
-    tiny.main(tmp_path, codec=False)
+    tiny.main(tmp_path)
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert made, "nothing written"
+    assert Path("codec/model.safetensors") in made and Path("model/model.safetensors") in made
     for rel in made:
         assert (TINY / rel).read_bytes() == (tmp_path / rel).read_bytes(), f"{rel} differs: run python -m hmtiny.tiny"
-    shipped = sorted(p.relative_to(TINY) for p in TINY.rglob("*") if p.is_file() and "codec" not in p.parts)
-    assert shipped == made
+    assert sorted(p.relative_to(TINY) for p in TINY.rglob("*") if p.is_file()) == made
