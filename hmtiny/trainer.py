@@ -1,0 +1,430 @@
+"""The pieces of the training loop that train.py strings together: model/tokenizer/codec set-up, the learning-rate
+schedule, checkpoints (written atomically, resumable exactly), metrics and validation clips.
+
+Nothing here unpickles: optimizer moments and RNG states go to safetensors, everything else to JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder, save_json
+from .config import ModelConfig
+from .lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
+from .train_config import ConfigError, TrainConfig
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_NAME = "training_state.json"
+EARLIER_RUN_MARKERS = (LORA_WEIGHTS_NAME, "metrics.jsonl", "validation")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, ...): reported without a traceback."""
+
+
+# ---------------------------------------------------------------- schedule
+def lr_factor(name: str, step: int, warmup: int, total: int) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0-based), as diffusers' get_scheduler
+    defines them (which SimpleTuner uses): linear warm-up from 0, then constant / cosine / linear decay to 0."""
+    if name == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    if name == "constant_with_warmup":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if name == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if name == "linear":
+        return max(0.0, 1.0 - progress)
+    raise ValueError(f"unknown lr_scheduler {name!r}")
+
+
+# ---------------------------------------------------------------- set-up
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device != "auto":
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+
+
+def base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The frozen base weights: bf16 when asked, else the autocast dtype, else float32."""
+    if cfg.base_model_precision == "bf16":
+        return torch.bfloat16
+    return autocast_dtype(cfg) or torch.float32
+
+
+def model_folder(cfg: TrainConfig) -> Path:
+    try:
+        return find_model_folder(resolve_folder(cfg.pretrained_model_name_or_path))
+    except FileNotFoundError as e:
+        raise ConfigError(f"pretrained_model_name_or_path: {e}") from None
+
+
+def read_model_config(cfg: TrainConfig) -> ModelConfig:
+    folder = model_folder(cfg)
+    try:
+        return ModelConfig.from_file(folder / "config.json")
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(f"pretrained_model_name_or_path: {folder / 'config.json'}: {e}") from None
+
+
+def check_int8_available(cfg: TrainConfig):
+    if not cfg.int8_base:
+        return
+    import inspect
+    try:
+        from . import quant  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"base_model_precision {cfg.base_model_precision!r} needs the int8 base (hmtiny.quant), "
+                          f"which is not available ({e}); use 'no_change' or 'bf16'") from None
+    if "quantize" not in inspect.signature(load_heartmula).parameters:
+        raise ConfigError(f"base_model_precision {cfg.base_model_precision!r}: this build cannot load an int8 base")
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from .text import PromptTokenizer, find_text_assets
+    try:
+        if cfg.tokenizer_path and cfg.gen_config_path:
+            return PromptTokenizer.load(cfg.tokenizer_path, cfg.gen_config_path)
+        tok, gen = find_text_assets(cfg.tokenizer_path or cfg.pretrained_model_name_or_path)
+        return PromptTokenizer.load(tok, cfg.gen_config_path or gen)
+    except (FileNotFoundError, ValueError) as e:
+        key = "tokenizer_path" if cfg.tokenizer_path else "pretrained_model_name_or_path"
+        raise ConfigError(f"{key}: no usable tokenizer.json + gen_config.json ({e}); set tokenizer_path "
+                          f"(and gen_config_path) to HeartMuLaGen's files") from None
+
+
+def build_model(cfg: TrainConfig, device: torch.device, log=print):
+    """Frozen base (bf16/fp16/fp32 or int8) + fresh LoRA layers (float32) on the target layers."""
+    kwargs = {"quantize": True} if cfg.int8_base else {}
+    t0 = time.time()
+    model = load_heartmula(model_folder(cfg), dtype=base_dtype(cfg), device=device, **kwargs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        inject_lora(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model.backbone.gradient_checkpointing = cfg.gradient_checkpointing
+    model.decoder.gradient_checkpointing = cfg.gradient_checkpointing
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log(f"model: {n_base / 1e6:.1f}M frozen base parameters ({cfg.base_model_precision}, {base_dtype(cfg)}), "
+        f"{n_lora / 1e6:.2f}M LoRA parameters in {len(lora_layers(model))} layers "
+        f"(rank {cfg.lora_rank}, alpha {cfg.alpha:g}), loaded in {time.time() - t0:.1f}s on {device}")
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": False}
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay, **extra)
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- output folder
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            suffix = p.name[len(CHECKPOINT_PREFIX):]
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (p / STATE_NAME).is_file():
+                out.append((int(suffix), p))
+    return sorted(out)
+
+
+def check_output_dir(cfg: TrainConfig) -> Path | None:
+    """Decide where the run starts, before anything heavy: the checkpoint to resume (or None). Refuses to start
+    a fresh run over an earlier run's results."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    ckpts = list_checkpoints(out)
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        if ckpts:
+            return ckpts[-1][1]
+        resume = None
+    if resume is not None:
+        for cand in (Path(resume), out / resume, out / Path(resume).name):
+            if (cand / STATE_NAME).is_file():
+                return cand
+        raise ConfigError(f"resume_from_checkpoint: {resume} is not a checkpoint folder (no {STATE_NAME})")
+    earlier = [p.name for p in sorted(out.glob(f"{CHECKPOINT_PREFIX}*"))] if out.is_dir() else []
+    earlier += [m for m in EARLIER_RUN_MARKERS if (out / m).exists()]
+    if earlier:
+        raise ConfigError(f"output_dir {out} already holds an earlier run ({', '.join(earlier[:4])}) and there is "
+                          f"no checkpoint to resume (resume_from_checkpoint={cfg.resume_from_checkpoint!r}): choose "
+                          f"another output_dir, or remove those files; nothing was overwritten")
+    return None
+
+
+# ---------------------------------------------------------------- RNG states
+def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, pystate, pygauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(pystate), pygauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device):
+    torch.set_rng_state(tensors["torch_cpu"])
+    if device.type == "cuda":
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, pystate, pygauss = meta["python"]
+    random.setstate((version, tuple(pystate), pygauss))
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state: dict, cfg: TrainConfig,
+                    device: torch.device) -> Path:
+    """output_dir/checkpoint-STEP/: LoRA, optimizer moments, RNG states, data position and step. Built in a
+    hidden temporary folder and renamed into place, so a crash never leaves a half checkpoint behind."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
+    try:
+        save_lora(model, tmp / LORA_WEIGHTS_NAME, cfg.lora_target_modules, {"step": step})
+        names = dict(zip((id(p) for p in model.parameters()), (n for n, _ in model.named_parameters())))
+        moments, groups = {}, []
+        for g in optimizer.param_groups:
+            groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]})
+            for p in g["params"]:
+                for k, v in optimizer.state.get(p, {}).items():
+                    moments[f"{names[id(p)]}::{k}"] = v.detach().float().reshape(-1).cpu() if k == "step" \
+                        else v.detach().contiguous().cpu()
+        save_file(moments, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+        rng_tensors, rng_meta = rng_state(device)
+        save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+        full = dict(state, step=step, rng=rng_meta, optimizer_groups=groups,
+                    scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                    lora={"rank": cfg.lora_rank, "alpha": cfg.alpha,
+                          "targets": normalize_targets(cfg.lora_target_modules)},
+                    config=cfg.to_dict())
+        (tmp / STATE_NAME).write_text(json.dumps(full, indent=1))  # last: marks the folder complete
+        if final.exists():  # a re-run of the same step (resumed run): replace our own earlier checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
+    if limit is None:
+        return
+    ckpts = list_checkpoints(output_dir)
+    for _, p in ckpts[: max(0, len(ckpts) - limit)]:
+        shutil.rmtree(p)
+        log(f"removed {p.name} (checkpoints_total_limit {limit})")
+
+
+def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, device: torch.device) -> dict:
+    """Restore LoRA weights, optimizer moments, grad scaler and RNG states; return the saved state (step, data
+    position). The run's LoRA shape must equal the checkpoint's."""
+    state = json.loads((folder / STATE_NAME).read_text())
+    saved = state.get("lora", {})
+    want = {"rank": cfg.lora_rank, "alpha": cfg.alpha, "targets": normalize_targets(cfg.lora_target_modules)}
+    for key, name in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("targets", "lora_target_modules")):
+        if saved.get(key) != want[key]:
+            raise ConfigError(f"{name}: checkpoint {folder} was trained with {saved.get(key)!r}, this run asks for "
+                              f"{want[key]!r}; use the same value to resume, or a new output_dir")
+    load_lora_into(model, folder / LORA_WEIGHTS_NAME)
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    sd = optimizer.state_dict()
+    opt_state = {}
+    for g, saved_g in zip(sd["param_groups"], state["optimizer_groups"]):
+        for pid, name in zip(g["params"], saved_g["params"]):
+            p = params[name]
+            entry = {}
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                t = moments.get(f"{name}::{k}")
+                if t is not None:
+                    entry[k] = t.reshape(()) if k == "step" else t.to(p.device)
+            if entry:
+                opt_state[pid] = entry
+        g.update({k: v for k, v in saved_g.items() if k != "params"})
+    optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"], device)
+    return state
+
+
+# ---------------------------------------------------------------- metrics
+class Metrics:
+    """output_dir/metrics.jsonl (one JSON object per optimizer step) and a loss curve, loss.svg."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / "metrics.jsonl"
+
+    def truncate_after(self, step: int):
+        """On resume, drop lines of the interrupted run past the checkpoint (they will be trained again)."""
+        if not self.path.is_file():
+            return
+        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        atomic_write(self.path, lambda p: p.write_text("".join(l + "\n" for l in keep)))
+
+    def append(self, record: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+
+    def write_curve(self):
+        points = [(r["step"], r["loss"]) for r in self.read() if "loss" in r]
+        if points:
+            atomic_write(self.path.parent / "loss.svg", lambda p: p.write_text(loss_svg(points)))
+
+
+def loss_svg(points: list[tuple[int, float]], width: int = 640, height: int = 320) -> str:
+    """A dependency-free line chart of loss against step."""
+    pad = 48
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def sx(x):
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y):
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    text = 'font-family="sans-serif" font-size="12"'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">\n'
+            f'<rect width="100%" height="100%" fill="white"/>\n'
+            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>\n'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>\n'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>\n'
+            f'<text x="{pad}" y="{height - pad + 16}" {text}>{x0}</text>\n'
+            f'<text x="{width - pad}" y="{height - pad + 16}" {text} text-anchor="end">step {x1}</text>\n'
+            f'<text x="{pad - 4}" y="{height - pad}" {text} text-anchor="end">{y0:.3g}</text>\n'
+            f'<text x="{pad - 4}" y="{pad + 4}" {text} text-anchor="end">{y1:.3g}</text>\n'
+            f'<text x="{width / 2}" y="{pad / 2}" {text} text-anchor="middle">training loss</text>\n'
+            f'</svg>\n')
+
+
+# ---------------------------------------------------------------- validation
+def save_npy(path: Path, array: np.ndarray):
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
+        np.save(f, array)
+
+
+def find_codec_folder(cfg: TrainConfig) -> Path | str | None:
+    """codec_path, else a codec folder beside the model (heartlib ckpt/ layout: HeartCodec-oss/; the tiny
+    default: codec/), else the official repo id when the model itself came from the hub."""
+    from .checkpoint import CODEC_SUBFOLDERS
+    if cfg.codec_path:
+        return cfg.codec_path
+    given = Path(cfg.pretrained_model_name_or_path).expanduser()
+    if given.exists():
+        for root in (given, given.parent):
+            for name in CODEC_SUBFOLDERS + ("codec", "HeartCodec"):
+                if (root / name / "config.json").is_file():
+                    return root / name
+        return None
+    return "HeartMuLa/HeartCodec-oss"
+
+
+class Validator:
+    """Generates validation clips with the LoRA-applied model and writes output_dir/validation/step-STEP-N.wav
+    (or .npy tokens when no codec weights can be found: said once)."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, log=print):
+        self.cfg, self.tokenizer, self.device, self.log = cfg, tokenizer, device, log
+        self.folder = Path(cfg.output_dir) / "validation"
+        self._codec, self._codec_tried = None, False
+        self.prompt = tokenizer.prompt(cfg.validation_prompt, cfg.validation_lyrics)
+
+    def codec(self):
+        if not self._codec_tried:
+            self._codec_tried = True
+            where = find_codec_folder(self.cfg)
+            reason = "no codec folder found (set codec_path)"
+            if where is not None:
+                try:
+                    from .codec import HeartCodec
+                    self._codec = HeartCodec.load(where, device=self.device, dtype=torch.float32)
+                except Exception as e:  # missing package piece, offline hub, bad weights: tokens still get saved
+                    reason = f"could not load HeartCodec from {where} ({type(e).__name__}: {e})"
+            if self._codec is None:
+                self.log(f"note: {reason}; validation clips are saved as audio tokens (.npy, [frames, 8]) "
+                         f"instead of wav")
+        return self._codec
+
+    @torch.no_grad()
+    def run(self, model, step: int) -> list[Path]:
+        from .generate import generate
+        cfg = self.cfg
+        t0 = time.time()
+        max_frames = max(1, round(cfg.validation_audio_duration * 12.5))
+        seed = cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0)
+        prompts = [tuple(x.to(self.device) if torch.is_tensor(x) else x for x in self.prompt)] \
+            * cfg.num_validation_images
+        amp = autocast_dtype(cfg)
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None and self.device.type != "cpu"):
+            clips = generate(model, prompts, max_frames, cfg_scale=max(1.0, cfg.validation_guidance),
+                             topk=cfg.validation_topk, temperature=cfg.validation_temperature, seed=seed)
+        model.drop_caches()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        codec, written = self.codec(), []
+        for i, frames in enumerate(clips):
+            stem = self.folder / f"step-{step}-{i}"
+            if len(frames) == 0:
+                self.log(f"validation clip {i} at step {step}: the model stopped at once (EOS), nothing to decode")
+                continue
+            if codec is None:
+                path = stem.with_suffix(".npy")
+                atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
+            else:
+                from .codec import write_audio
+                wav = codec.decode(frames.T.contiguous().to(self.device), steps=cfg.validation_codec_steps,
+                                   guidance=cfg.validation_codec_guidance, seed=seed + i)
+                path = stem.with_suffix(".wav")
+                tmp = self.folder / f".{stem.name}.tmp.wav"
+                write_audio(tmp, wav.float().cpu(), 48000)
+                os.replace(tmp, path)
+            written.append(path)
+        self.log(f"validation at step {step}: {len(written)} clip(s), "
+                 f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
+        return written

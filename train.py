@@ -1,0 +1,193 @@
+"""LoRA fine-tuning of HeartMuLa from a SimpleTuner-style config.json.
+
+    python train.py                                        # built-in tiny default: CPU, well under 2 minutes
+    python train.py config/heartmula-training-demo/config.json
+    python train.py env=heartmula-training-demo            # SimpleTuner's shorthand for config/NAME/config.json
+    python train.py my.json --learning_rate=5e-5 --init_lora=old/pytorch_lora_weights.safetensors
+
+Writes output_dir/pytorch_lora_weights.safetensors, checkpoint-STEP/ folders, metrics.jsonl, loss.svg and
+validation/step-STEP-N.wav. Rerunning the same command resumes from the latest checkpoint
+(resume_from_checkpoint defaults to "latest", as in SimpleTuner).
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
+from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
+from hmtiny.model import HeartMuLa
+from hmtiny.train_config import ConfigError, load_config, parse_cli
+from hmtiny.trainer import (Metrics, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
+                            check_output_dir, load_checkpoint, load_tokenizer, lr_factor, make_optimizer,
+                            pick_device, prune_checkpoints, read_model_config, save_checkpoint)
+
+
+def log(msg: str):
+    print(msg, flush=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def check_lora_plan(cfg, model_cfg):
+    """Target layers and init_lora checked on a weightless (meta) model: errors come before the real load."""
+    with torch.device("meta"):
+        skeleton = HeartMuLa(model_cfg)
+        try:
+            inject_lora(skeleton, cfg.lora_rank, cfg.alpha, 0.0, cfg.lora_target_modules)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.init_lora:
+        try:
+            load_lora_into(skeleton, read_lora(cfg.init_lora))
+        except ValueError as e:
+            raise ConfigError(f"init_lora: {e}") from None
+
+
+def train(argv: list[str]) -> Path:
+    config_path, overrides = parse_cli(argv)
+    cfg = load_config(config_path, overrides)
+    log(f"config: {cfg.config_path}" + (f" with overrides {sorted(overrides)}" if overrides else ""))
+
+    # ---- everything that can fail cheaply happens before the model is loaded
+    if cfg.seed is None:
+        cfg.seed = random.SystemRandom().randrange(2**31)
+        log(f"seed: {cfg.seed} (random; pass --seed={cfg.seed} to repeat this run)")
+    device = pick_device(cfg)
+    check_int8_available(cfg)
+    resume_from = check_output_dir(cfg)
+    if resume_from is not None and cfg.init_lora:
+        log(f"note: resuming from {resume_from}: init_lora is not used")
+        cfg.init_lora = None
+    model_cfg = read_model_config(cfg)
+    check_lora_plan(cfg, model_cfg)
+    tokenizer = load_tokenizer(cfg)
+    dataset = load_dataset(cfg.data_backend_config, tokenizer, model_cfg, seed=cfg.seed, log=log)
+    log(f"data: {dataset.summary()}")
+    sampler = BucketBatchSampler(dataset.lengths, cfg.train_batch_size, seed=cfg.seed)
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(sampler) / accum)
+    total = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    validate = cfg.validation_prompt is not None and not cfg.validation_disable
+    validator = Validator(cfg, tokenizer, device, log) if validate else None
+    out = Path(cfg.output_dir)
+    metrics = Metrics(out)
+
+    # ---- model, optimizer, state
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    model = build_model(cfg, device, log)
+    params = lora_parameters(model)
+    optimizer = make_optimizer(cfg, params, device)
+    amp = autocast_dtype(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    step, last_ckpt = 0, None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scaler, cfg, device)
+        step, last_ckpt = int(state["step"]), resume_from
+        sampler.load_state_dict(state["sampler"], log=log)
+        metrics.truncate_after(step)
+        log(f"resumed from {resume_from} at step {step} (epoch {sampler.epoch}, batch {sampler.index})")
+    elif cfg.init_lora:
+        load_lora_into(model, cfg.init_lora)
+        log(f"LoRA initialised from {cfg.init_lora}")
+    model.train()
+
+    def checkpoint():
+        nonlocal last_ckpt
+        last_ckpt = save_checkpoint(out, step, model, optimizer, scaler, {"sampler": sampler.state_dict()},
+                                    cfg, device)
+        prune_checkpoints(out, cfg.checkpoints_total_limit, log)
+        metrics.write_curve()
+        log(f"saved {last_ckpt}")
+
+    def validation():
+        # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            validator.run(model, step)
+
+    log(f"training {total} steps ({steps_per_epoch} per epoch) of {cfg.train_batch_size} clip(s) x {accum} "
+        f"accumulation, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
+        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, on {device}")
+    if validator and cfg.validation_on_startup and step == 0:
+        validation()
+
+    start_step, t_start = step, time.time()
+    while step < total:
+        lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler, step, cfg.lr_warmup_steps, total)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.time()
+        losses, frames = torch.zeros(3, device=device), 0
+        for _ in range(accum):
+            epoch, indices = sampler.next_batch()
+            batch = {k: v.to(device, non_blocking=True) for k, v in dataset.batch(indices, epoch).items()}
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
+                                        batch["muq_idx"], decoder_fraction=cfg.decoder_fraction)
+            scaler.scale(loss / accum).backward()
+            losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() / accum
+            frames += info["frames"]
+        loss_val, loss_c0, loss_rest = losses.tolist()  # the step's one host sync
+        if not math.isfinite(loss_val):
+            raise TrainingError(f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good "
+                                f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; try a lower "
+                                f"learning_rate, mixed_precision bf16 instead of fp16, or check the data")
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            raise TrainingError(f"gradient norm is {grad_norm} at step {step + 1}: stopping before the update. The "
+                                f"last good checkpoint is {last_ckpt or 'none'}; try a lower learning_rate")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        dt = time.time() - t0
+        elapsed = time.time() - t_start
+        eta = elapsed / (step - start_step) * (total - step)
+        metrics.append({"step": step, "epoch": epoch, "loss": loss_val, "loss_c0": loss_c0, "loss_rest": loss_rest,
+                        "lr": lr, "grad_norm": grad_norm, "frames": frames, "frames_per_s": frames / dt,
+                        "step_s": dt, "elapsed_s": elapsed})
+        log(f"step {step}/{total} | epoch {epoch} | loss {loss_val:.4f} | lr {lr:.2e} | "
+            f"{frames / dt:,.0f} audio frames/s | ETA {fmt_time(eta)}")
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            checkpoint()
+        if validator and cfg.validation_step_interval and step % cfg.validation_step_interval == 0 and step < total:
+            validation()
+
+    # ---- the end: final checkpoint, the LoRA, a last validation
+    if step == start_step:
+        log(f"training already finished at step {step}")
+    if cfg.checkpointing_steps and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
+        checkpoint()
+    lora_path = save_lora(model, out / LORA_WEIGHTS_NAME, cfg.lora_target_modules, {"step": step})
+    metrics.write_curve()
+    log(f"saved {lora_path}")
+    if validator and not any((out / "validation").glob(f"step-{step}-*")):
+        validation()
+    return lora_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        train(argv)
+    except (ConfigError, DatasetError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
