@@ -233,26 +233,12 @@ def test_quantize_model_rejects_unknown_targets():
     assert isinstance(model.projection, Int8Linear)
 
 
-class LowRank(nn.Module):
-    """A minimal LoRA-style adapter, for this test only (the real one is hmtiny/lora.py)."""
-
-    def __init__(self, base: nn.Module, rank: int = 2):
-        super().__init__()
-        self.base = base
-        self.down = nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
-        self.up = nn.Parameter(torch.zeros(base.out_features, rank))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.down.T) @ self.up.T
-
-
 def _train_adapters(model, steps=20, seed=0):
+    from hmtiny.lora import inject_lora
     torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in [n for n, m in model.named_modules() if n.endswith(("attn.q_proj", "attn.v_proj"))]:
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, LowRank(model.get_submodule(name)))
+    inject_lora(model, rank=2, alpha=4, targets=["q_proj", "v_proj", "w2"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=2e-2)
     tokens, mask, frames, muq_idx = _fixture_batch()
@@ -272,9 +258,10 @@ def test_lora_like_training_on_int8_base_tracks_dense_base():
     from hmtiny.checkpoint import load_heartmula
     dense = _train_adapters(load_heartmula(FIXTURES))
     quant = _train_adapters(quantize_model(load_heartmula(FIXTURES)))
-    assert quant[-1] < 0.9 * quant[0], quant  # it learns (measured: 19.6 -> 16.3 in 20 steps)...
+    assert quant[-1] < 0.9 * quant[0], quant  # it learns (measured: 19.57 -> 13.86 in 20 steps)...
+    # (measured: the two curves differ by at most 0.018)
     assert abs(quant[0] - dense[0]) < 0.01 * dense[0]  # ...from the same start...
-    assert max(abs(q - d) for q, d in zip(quant, dense)) < 0.02 * dense[0], (dense, quant)  # ...along the same curve
+    assert max(abs(q - d) for q, d in zip(quant, dense)) < 0.005 * dense[0], (dense, quant)  # ...along the same curve
 
 
 if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_interpreter
