@@ -45,32 +45,48 @@ def sample_tokens(logits: torch.Tensor, topk: int, temperature: float, noise: to
 # ---------------------------------------------------------------- fused inference weights
 class Fused(nn.Module):
     """Several linear layers applied to the same input, outputs concatenated. Plain nn.Linear layers become one
-    matrix (one GEMV at decode instead of several small ones); anything else (LoRA wrappers, int8 layers with
-    their own kernels) is called part by part, which is slower but always current."""
+    matrix, int8 layers one Int8Linear (scales are per output row, so rows concatenate): one GEMV at decode instead
+    of several small ones. Anything else (LoRA wrappers) is called part by part: slower, always current."""
 
     def __init__(self, parts: list[nn.Module], fuse: bool):
         super().__init__()
-        self.sizes = [p.out_features if hasattr(p, "out_features") else p.weight.shape[0] for p in parts]
-        plain = fuse and all(type(p) is nn.Linear and p.bias is None for p in parts)
-        if plain:
-            self.parts = None
-            self.register_buffer("weight", torch.cat([p.weight.detach() for p in parts]), persistent=False)
-            self._sources = parts  # plain list: not registered, only read by refresh()
+        self.sizes = [p.out_features for p in parts]
+        self._sources = parts  # a plain list: not registered, only read by refresh()
+        self.int8, self.parts = None, None
+        self.register_buffer("weight", None, persistent=False)
+        if fuse and all(type(p) is nn.Linear and p.bias is None for p in parts):
+            self.weight = torch.cat([p.weight.detach() for p in parts])
+        elif fuse and _all_int8(parts):
+            from .quant import Int8Linear
+            self.int8 = Int8Linear(parts[0].in_features, sum(self.sizes), group_size=parts[0].group_size,
+                                   device=parts[0].weight.device)
+            self.int8.weight, self.int8.scale = (torch.cat([p.weight for p in parts]),
+                                                 torch.cat([p.scale for p in parts]))
         else:
             self.parts = nn.ModuleList(parts)
-            self.weight = None
 
     @torch.no_grad()
     def refresh(self):
         """Copy the source weights again (in place: a captured graph keeps pointing at the same memory)."""
         if self.weight is not None:
             torch.cat([p.weight for p in self._sources], out=self.weight)
+        elif self.int8 is not None:
+            torch.cat([p.weight for p in self._sources], out=self.int8.weight)
+            torch.cat([p.scale for p in self._sources], out=self.int8.scale)
 
     def forward(self, x):
         if self.weight is not None:
             return F.linear(x, self.weight)
+        if self.int8 is not None:
+            return self.int8(x)
         outs = [p(x) for p in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+def _all_int8(parts) -> bool:
+    if type(parts[0]).__name__ != "Int8Linear":
+        return False
+    return all(type(p) is type(parts[0]) and p.bias is None and p.group_size == parts[0].group_size for p in parts)
 
 
 class FastLayer(nn.Module):
@@ -85,7 +101,7 @@ class FastLayer(nn.Module):
         self.wo = a.output_proj
         self.w13 = Fused([m.w1, m.w3], fuse)
         self.w2 = m.w2
-        self.hidden = m.w1.out_features if hasattr(m.w1, "out_features") else m.w1.weight.shape[0]
+        self.hidden = m.w1.out_features
 
     def forward(self, x, cos, sin, slots, mask):
         """x [B,S,D]; cos/sin [B,S,1,hd/2] for the rows' positions; slots [S] cache indices written;
@@ -214,12 +230,16 @@ class Engine:
 
     @torch.no_grad()
     def _share_weights(self):
+        """Make the model's own q/k/v and gate/up weights row views of the fused matrices: no second copy."""
         for f in self._fused():
-            if f.weight is None:
+            if f.weight is None and f.int8 is None:
                 continue
             start = 0
             for p, n in zip(f._sources, f.sizes):
-                p.weight = nn.Parameter(f.weight[start: start + n], requires_grad=False)
+                if f.weight is not None:
+                    p.weight = nn.Parameter(f.weight[start: start + n], requires_grad=False)
+                else:  # int8 buffers
+                    p.weight, p.scale = f.int8.weight[start: start + n], f.int8.scale[start: start + n]
                 start += n
             f.shared = True
 

@@ -1,0 +1,212 @@
+"""Generation engine: fixture parity (greedy frames of the official pipeline), sampling, batching, stop rule, LoRA."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hmtiny.checkpoint import load_heartmula
+from hmtiny.generate import Engine, engine_for, generate, sample_tokens
+from hmtiny.text import prompt_rows
+
+CASES = {"generate_nocfg": 1.0, "generate_cfg": 1.5}
+
+
+@pytest.fixture(scope="module")
+def mula(fixtures):
+    folder = fixtures / "heartmula"
+    return load_heartmula(folder, dtype=torch.float32), load_file(str(folder / "cases.safetensors"))
+
+
+def fixture_prompt(cases, name):
+    """The official preprocess output, first row (the CFG copy is made by the engine)."""
+    return cases[f"{name}.tokens"][0], cases[f"{name}.tokens_mask"][0], int(cases[f"{name}.muq_idx"][0])
+
+
+def some_prompts():
+    """Prompts of different lengths in the fixture's tiny text vocabulary (bos 500, eos 501)."""
+    return [prompt_rows([500, 272, 410, 62, 501], [500, 137, 278, 184, 501]),
+            prompt_rows([500, 17, 501], [500, 501]),
+            prompt_rows([500, 30, 31, 32, 33, 34, 35, 501], [500, 90, 91, 501])]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_greedy_frames_match_official(mula, name):
+    model, cases = mula
+    frames = generate(model, [fixture_prompt(cases, name)], max_frames=6, cfg_scale=CASES[name], topk=1)
+    assert len(frames) == 1
+    assert frames[0].dtype == torch.long
+    assert torch.equal(frames[0], cases[f"{name}.frames"])
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_batch_equals_each_prompt_alone(mula, cfg_scale):
+    model, _ = mula
+    prompts = some_prompts()
+    together = generate(model, prompts, max_frames=12, cfg_scale=cfg_scale, topk=1)
+    for p, got in zip(prompts, together):
+        alone = generate(model, [p], max_frames=12, cfg_scale=cfg_scale, topk=1)[0]
+        assert torch.equal(got, alone)
+
+
+def test_seeded_sampling_is_reproducible(mula):
+    model, cases = mula
+    prompts = some_prompts()[:2]
+    kw = dict(max_frames=20, cfg_scale=2.0, topk=50, temperature=1.3)
+    a = generate(model, prompts, seed=7, **kw)
+    b = generate(model, prompts, seed=7, **kw)
+    c = generate(model, prompts, generator=torch.Generator().manual_seed(8), **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+    greedy = generate(model, prompts, max_frames=20, cfg_scale=2.0, topk=1)
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, greedy))  # it really samples
+    for f in a + c:
+        assert f.shape[1] == 8 and int(f.max()) < model.cfg.codebook_size and int(f.min()) >= 0
+
+
+def test_sampler_topk_temperature_and_forbidden_ids(mula):
+    model, _ = mula
+    eng = Engine(model)
+    eng.cfg_on = False
+    V = eng.Vout  # the engine's heads may be padded to an aligned width
+    logits = torch.randn(4, V)
+    forbidden = [model.cfg.codebook_size] + list(range(model.cfg.gen.audio_eos_id + 1, V))
+    logits[:, forbidden] = 100.0  # the model would pick them: the engine never may
+    gen = torch.Generator().manual_seed(0)
+    mixed = eng._mix(logits)
+    seen = set()
+    for _ in range(200):
+        noise = torch.empty(4, V).exponential_(generator=gen)
+        ids = sample_tokens(mixed, topk=3, temperature=1.0, noise=noise)
+        seen.update(ids.tolist())
+        top3 = mixed.topk(3).indices
+        assert bool((top3 == ids[:, None]).any(-1).all())
+    assert not seen & set(forbidden)
+    assert len(seen) > 4  # several rows x 3 candidates: it samples
+    assert torch.equal(sample_tokens(mixed, 1, 1.0, None), mixed.argmax(-1))
+    # very low temperature concentrates on the argmax
+    noise = torch.empty(4, V).exponential_(generator=gen)
+    assert torch.equal(sample_tokens(mixed, 50, 1e-4, noise), mixed.argmax(-1))
+
+
+def test_cfg_mix_is_official_formula(mula):
+    model, _ = mula
+    eng = Engine(model)
+    eng.cfg_on, eng.cfg_scale = True, 1.7
+    cond, uncond = torch.randn(2, eng.Vout), torch.randn(2, eng.Vout)
+    mixed = eng._mix(torch.cat([cond, uncond]))
+    ok = eng.bias == 0
+    torch.testing.assert_close(mixed[:, ok], (uncond + (cond - uncond) * 1.7)[:, ok])
+
+
+class ForcedStop(Engine):
+    """Writes EOS into codebook `k` of song b's frame number stop[b] (a stand-in for a model that ends songs)."""
+
+    def __init__(self, model, stop, k=0):
+        super().__init__(model)
+        self.stop, self.k, self.steps = stop, k, 0
+
+    def _frame_from_hidden(self, h, noise):
+        frame = super()._frame_from_hidden(h, noise)
+        self.steps += 1
+        at = torch.tensor(self.stop) == self.state["idx"]
+        frame[at, self.k] = self.eos
+        return frame
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_per_song_stop(mula, k):
+    model, _ = mula
+    prompts = some_prompts()
+    full = generate(model, prompts, max_frames=40, cfg_scale=1.5, topk=1)
+    eng = ForcedStop(model, stop=[3, 0, 9], k=k)
+    got = eng.generate(prompts, max_frames=40, cfg_scale=1.5, topk=1, eos_check_every=4)
+    assert [g.shape[0] for g in got] == [3, 0, 9]  # the EOS frame is dropped, any codebook stops
+    for g, f in zip(got, full):
+        assert torch.equal(g, f[: g.shape[0]])
+    assert eng.steps == 13  # frames 0..12: done at frame 9, noticed at the check after frame 12, not 40 frames
+
+
+def test_max_frames_and_progress(mula):
+    model, _ = mula
+    calls = []
+    out = generate(model, some_prompts()[:1], max_frames=10, topk=1, eos_check_every=4,
+                   progress=lambda n, total: calls.append((n, total)))
+    assert out[0].shape == (10, 8)
+    assert calls[-1] == (10, 10) and all(t == 10 for _, t in calls) and len(calls) >= 2
+
+
+def test_bad_arguments(mula):
+    model, cases = mula
+    p = [fixture_prompt(cases, "generate_cfg")]
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate(model, p, max_frames=4, cfg_scale=0.5)
+    with pytest.raises(ValueError, match="max_frames"):
+        generate(model, p, max_frames=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, p, max_frames=4, temperature=0)
+    with pytest.raises(ValueError, match="context"):
+        generate(model, p, max_frames=model.cfg.backbone.max_seq_len)
+    with pytest.raises(ValueError, match="no prompt"):
+        generate(model, [], max_frames=4)
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(model, mode="graph") if not torch.cuda.is_available() else (_ for _ in ()).throw(ValueError("CUDA"))
+
+
+def test_lora_changes_tokens_zero_lora_does_not(fixtures):
+    from hmtiny.lora import inject_lora, lora_layers, merge_lora
+    model = load_heartmula(fixtures / "heartmula", dtype=torch.float32)
+    prompts = some_prompts()
+    base = generate(model, prompts, max_frames=10, topk=1)
+    model.train()
+    inject_lora(model, rank=4)  # B = 0: no change
+    zero = generate(model, prompts, max_frames=10, topk=1)
+    assert model.training  # generate() restores the mode it found
+    assert all(torch.equal(a, b) for a, b in zip(base, zero))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.normal_(0, 0.5, generator=gen)
+    unmerged = generate(model, prompts, max_frames=10, topk=1)
+    assert not all(torch.equal(a, b) for a, b in zip(base, unmerged))
+    merge_lora(model)
+    merged = generate(model, prompts, max_frames=10, topk=1)  # engine rebuilt: layers were replaced
+    assert all(torch.equal(a, b) for a, b in zip(unmerged, merged))
+
+
+def test_engine_is_reused_and_rebuilt_when_layers_change(fixtures):
+    from hmtiny.lora import inject_lora
+    model = load_heartmula(fixtures / "heartmula", dtype=torch.float32)
+    e1 = engine_for(model)
+    assert engine_for(model) is e1
+    inject_lora(model, rank=2)
+    assert engine_for(model) is not e1
+
+
+def test_weights_changed_in_place_are_seen(fixtures):
+    """Fused copies are refreshed each call (training changes weights between validations)."""
+    model = load_heartmula(fixtures / "heartmula", dtype=torch.float32)
+    p = some_prompts()[:1]
+    before = generate(model, p, max_frames=8, topk=1)[0]
+    with torch.no_grad():
+        model.backbone.layers[0].mlp.w3.weight.mul_(-3.0)
+    after = generate(model, p, max_frames=8, topk=1)[0]
+    fresh = Engine(load_heartmula(fixtures / "heartmula", dtype=torch.float32), fuse=False)
+    with torch.no_grad():
+        fresh.model.backbone.layers[0].mlp.w3.weight.mul_(-3.0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh.generate(p, max_frames=8, topk=1)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_cuda_modes_match_eager(fixtures, mode):
+    folder = fixtures / "heartmula"
+    model = load_heartmula(folder, dtype=torch.float32, device="cuda")
+    cases = load_file(str(folder / "cases.safetensors"))
+    for name, cfg in CASES.items():
+        got = Engine(model, mode).generate([fixture_prompt(cases, name)], 6, cfg_scale=cfg, topk=1)[0]
+        assert torch.equal(got, cases[f"{name}.frames"])
+    prompts = some_prompts()
+    kw = dict(max_frames=24, cfg_scale=1.5, topk=20, temperature=1.0)
+    eager = Engine(model, "eager").generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
+    fast = Engine(model, mode).generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(eager, fast))
