@@ -437,7 +437,7 @@ class AudioTokenDataset:
         audio = self.samples[i].audio_tokens
         keep = self.max_len - len(tokens)
         if len(audio) > keep:  # random window, a pure function of (seed, epoch, i): resumes crop the same way
-            start = int(np.random.default_rng([self.seed, epoch, i]).integers(0, len(audio) - keep + 1))
+            start = int(np.random.default_rng([self.seed % 2**63, epoch, i]).integers(0, len(audio) - keep + 1))
             audio = audio[start:start + keep]
         return build_example(tokens, mask, muq_idx, audio, self.empty_id)
 
@@ -464,19 +464,22 @@ class BucketBatchSampler:
     """Seeded shuffling per epoch, batches of similar lengths, and a resumable position.
 
     Epoch e's batches are a pure function of (seed, e): shuffle, cut into chunks of `bucket_batches` batches,
-    sort each chunk by length, split it into batches, shuffle the batch order. The state is (epoch, index of the
-    next batch), so load_state_dict() of a saved state replays exactly the batches an uninterrupted run sees.
+    sort each chunk by length (jittered by up to ±length_jitter, so batch membership changes between epochs even
+    when one chunk holds the whole dataset), split it into batches, shuffle the batch order. The state is
+    (epoch, index of the next batch), so load_state_dict() of a saved state replays exactly the batches an
+    uninterrupted run sees.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 bucket_batches: int = 16, drop_last: bool = False):
+                 bucket_batches: int = 16, length_jitter: float = 0.1, drop_last: bool = False):
+        # bucket_batches 0: no length bucketing (plain shuffled batches)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not lengths:
-            raise ValueError("no samples to batch")
-        self.lengths = np.asarray(lengths)
+        if len(lengths) == 0 or (drop_last and len(lengths) < batch_size):
+            raise ValueError(f"{len(lengths)} sample(s) cannot fill a batch of {batch_size}")
+        self.lengths = np.asarray(lengths, dtype=np.float64)
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.bucket_batches, self.drop_last = bucket_batches, drop_last
+        self.bucket_batches, self.length_jitter, self.drop_last = bucket_batches, length_jitter, drop_last
         self.epoch, self.index = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
@@ -488,13 +491,16 @@ class BucketBatchSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         n, bs = len(self.lengths), self.batch_size
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([self.seed % 2**63, epoch])
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        chunk = bs * max(1, self.bucket_batches)
+        jitter = self.length_jitter if self.shuffle else 0.0
+        keys = self.lengths * rng.uniform(1 - jitter, 1 + jitter, size=n)
+        chunk = bs * self.bucket_batches if self.bucket_batches > 0 else n
         out = []
         for c in range(0, n, chunk):
             part = order[c:c + chunk]
-            part = part[np.argsort(self.lengths[part], kind="stable")]
+            if self.bucket_batches > 0:
+                part = part[np.argsort(keys[part], kind="stable")]
             out += [part[i:i + bs].tolist() for i in range(0, len(part), bs)]
         if self.drop_last:
             out = [b for b in out if len(b) == bs]
