@@ -14,7 +14,8 @@ Sources are listed in a SimpleTuner `multidatabackend.json` (a list of backends;
   or null = instrumental): rows of the *.parquet (needs pyarrow) or *.jsonl files (only those whose path mentions
   "train" when some do) with `audio_tokens` or `audio_tokens_path` (relative to the dataset folder).
 
-Relative paths in a backend are looked up beside the multidatabackend.json first, then in the working directory.
+Relative paths in a backend are looked up in the working directory (as SimpleTuner does), else beside the
+multidatabackend.json (the built-in configs under hmtiny/assets only beside it).
 
 Token arrays are [frames, K] or [K, frames] integers in 0..codebook_size-1 (K = 8 codebooks). Every sample is
 checked when the data is loaded and every problem (missing file, ambiguous [8, 8] shape, other codebook count,
@@ -167,12 +168,19 @@ def collate(examples: Sequence[dict], pad_to: int | None = None, empty_id: int =
 
 
 # ---------------------------------------------------------------- multidatabackend.json
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
 def _resolve(path: str, base: Path) -> Path:
-    """A backend's relative path: beside the multidatabackend.json first, then the working directory."""
+    """A backend's relative path: the working directory (as SimpleTuner), else beside the multidatabackend.json.
+    The built-in configs under hmtiny/assets always use their own folder."""
     p = Path(path).expanduser()
     if p.is_absolute():
         return p
-    return base / p if (base / p).exists() or not p.exists() else p
+    beside = base / p
+    if ASSETS in base.resolve().parents or base.resolve() == ASSETS:
+        return beside
+    return p if p.exists() or not beside.exists() else beside
 
 
 def _read_text(path: Path) -> str | None:

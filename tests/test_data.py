@@ -149,6 +149,21 @@ def test_local_backend_sources(tmp_path):
     assert np.array_equal(samples["b"].audio_tokens, tokens(9))
 
 
+def test_relative_paths_cwd_first_then_beside_the_config(tmp_path, monkeypatch):
+    cfg_dir, cwd, elsewhere = tmp_path / "config", tmp_path / "work", tmp_path / "elsewhere"
+    track(cfg_dir / "d", "a", toks=tokens(10))
+    track(cwd / "d", "a", toks=tokens(10))
+    track(cwd / "d", "b", toks=tokens(10))
+    elsewhere.mkdir()
+    path = write_backends(cfg_dir / "multidatabackend.json", [local_backend("d")])
+    monkeypatch.chdir(cwd)
+    assert len(read_backends(path, small_cfg())) == 2  # SimpleTuner semantics: the working directory
+    monkeypatch.chdir(elsewhere)
+    assert len(read_backends(path, small_cfg())) == 1  # not there: beside the multidatabackend.json
+    track(elsewhere / "dataset", "x", toks=tokens(10))  # the built-in config ignores the working directory
+    assert len(read_backends(TINY / "multidatabackend.json", small_cfg())) >= 8
+
+
 def test_local_backend_reports_every_problem_with_its_file(tmp_path):
     data = tmp_path / "bad"
     track(data, "ok", toks=tokens(10))
