@@ -25,8 +25,8 @@ from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_par
 from hmtiny.model import HeartMuLa
 from hmtiny.train_config import ConfigError, load_config, parse_cli
 from hmtiny.trainer import (Metrics, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
-                            check_output_dir, load_checkpoint, load_tokenizer, lr_factor, make_optimizer,
-                            pick_device, prune_checkpoints, read_model_config, save_checkpoint)
+                            check_output_dir, check_resume, load_checkpoint, load_tokenizer, lr_factor,
+                            make_optimizer, pick_device, prune_checkpoints, read_model_config, save_checkpoint)
 
 
 def log(msg: str):
@@ -65,6 +65,8 @@ def train(argv: list[str]) -> Path:
     device = pick_device(cfg)
     check_int8_available(cfg)
     resume_from = check_output_dir(cfg)
+    if resume_from is not None:
+        check_resume(resume_from, cfg)
     if resume_from is not None and cfg.init_lora:
         log(f"note: resuming from {resume_from}: init_lora is not used")
         cfg.init_lora = None

@@ -41,7 +41,7 @@ class TrainConfig:
     model_type: str = "lora"
     model_flavour: str = "3b"
     pretrained_model_name_or_path: str = "HeartMuLa/HeartMuLa-oss-3B"  # repo id, model folder or heartlib ckpt/
-    tokenizer_path: str | None = None  # tokenizer.json (gen_config.json beside it) or folder; None: found from the model
+    tokenizer_path: str | None = None  # tokenizer.json (gen_config.json beside it) or folder; None: near the model
     gen_config_path: str | None = None  # HeartMuLaGen gen_config.json when not beside tokenizer.json
     codec_path: str | None = None  # HeartCodec folder/repo; None: <ckpt>/HeartCodec-oss, else HeartMuLa/HeartCodec-oss
     mixed_precision: str = "bf16"  # bf16 | fp16 | no (autocast dtype; bf16/fp16 also store the frozen base in it)
@@ -434,7 +434,8 @@ def validate(cfg: TrainConfig):
     _choice(cfg, "lora_type", ("standard",), " (LyCORIS is not implemented)")
     if cfg.optimizer not in ADAMW_NAMES:
         raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported: AdamW only ({list(ADAMW_NAMES)})")
-    positive = {"learning_rate": cfg.learning_rate, "lora_rank": cfg.lora_rank, "train_batch_size": cfg.train_batch_size,
+    positive = {"learning_rate": cfg.learning_rate, "lora_rank": cfg.lora_rank,
+                "train_batch_size": cfg.train_batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                 "validation_audio_duration": cfg.validation_audio_duration,
                 "num_validation_images": cfg.num_validation_images, "adam_epsilon": cfg.adam_epsilon,
@@ -461,7 +462,8 @@ def validate(cfg: TrainConfig):
         if not 0 <= getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise ConfigError(f"checkpoints_total_limit must be >= 1 (or null for no limit), got {cfg.checkpoints_total_limit}")
+        raise ConfigError(f"checkpoints_total_limit must be >= 1 (or null for no limit), "
+                          f"got {cfg.checkpoints_total_limit}")
     if cfg.max_train_steps == 0 and cfg.num_train_epochs == 0:
         raise ConfigError("set max_train_steps (> 0) or num_train_epochs (> 0): both are 0")
     if cfg.data_backend_config is None:

@@ -221,7 +221,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
         names = dict(zip((id(p) for p in model.parameters()), (n for n, _ in model.named_parameters())))
         moments, groups = {}, []
         for g in optimizer.param_groups:
-            groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]})
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            groups.append(hyper | {"params": [names[id(p)] for p in g["params"]]})
             for p in g["params"]:
                 for k, v in optimizer.state.get(p, {}).items():
                     moments[f"{names[id(p)]}::{k}"] = v.detach().float().reshape(-1).cpu() if k == "step" \
@@ -253,16 +254,25 @@ def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
         log(f"removed {p.name} (checkpoints_total_limit {limit})")
 
 
-def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, device: torch.device) -> dict:
-    """Restore LoRA weights, optimizer moments, grad scaler and RNG states; return the saved state (step, data
-    position). The run's LoRA shape must equal the checkpoint's."""
-    state = json.loads((folder / STATE_NAME).read_text())
+def check_resume(folder: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint's saved state, if this run's LoRA shape equals the checkpoint's (checked before loading)."""
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"resume_from_checkpoint: cannot read {folder / STATE_NAME} ({e})") from None
     saved = state.get("lora", {})
     want = {"rank": cfg.lora_rank, "alpha": cfg.alpha, "targets": normalize_targets(cfg.lora_target_modules)}
     for key, name in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("targets", "lora_target_modules")):
         if saved.get(key) != want[key]:
             raise ConfigError(f"{name}: checkpoint {folder} was trained with {saved.get(key)!r}, this run asks for "
                               f"{want[key]!r}; use the same value to resume, or a new output_dir")
+    return state
+
+
+def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, device: torch.device) -> dict:
+    """Restore LoRA weights, optimizer moments, grad scaler and RNG states; return the saved state (step, data
+    position). The run's LoRA shape must equal the checkpoint's."""
+    state = check_resume(folder, cfg)
     load_lora_into(model, folder / LORA_WEIGHTS_NAME)
     moments = load_file(str(folder / "optimizer.safetensors"))
     params = dict(model.named_parameters())
@@ -422,7 +432,7 @@ class Validator:
                                    guidance=cfg.validation_codec_guidance, seed=seed + i)
                 path = stem.with_suffix(".wav")
                 tmp = self.folder / f".{stem.name}.tmp.wav"
-                write_audio(tmp, wav.float().cpu(), 48000)
+                write_audio(tmp, wav.float().cpu(), getattr(codec, "sample_rate", 48000))
                 os.replace(tmp, path)
             written.append(path)
         self.log(f"validation at step {step}: {len(written)} clip(s), "

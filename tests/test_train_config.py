@@ -14,8 +14,8 @@ def cfg_dir(tmp_path):
 
 
 def write(folder: Path, **keys) -> Path:
-    base = {"model_family": "heartmula", "model_type": "lora", "data_backend_config": str(folder / "multidatabackend.json"),
-            "max_train_steps": 10}
+    base = {"model_family": "heartmula", "model_type": "lora",
+            "data_backend_config": str(folder / "multidatabackend.json"), "max_train_steps": 10}
     base.update(keys)
     path = folder / "config.json"
     path.write_text(json.dumps(base))
