@@ -307,7 +307,7 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
                  temperature: float = 1.0, generator: torch.Generator | None = None, eos_check_every: int = 32,
-                 progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+                 progress: Callable[[int, int], None] | None = None, stop_on_eos: bool = True) -> list[torch.Tensor]:
         m = self.model
         if not prompts:
             raise ValueError("no prompt given")
@@ -320,6 +320,7 @@ class Engine:
         if topk < 0:
             raise ValueError(f"topk must be >= 0 (0 = no top-k), got {topk}")
         self.refresh()
+        self.bias[self.eos] = 0.0 if stop_on_eos else -math.inf  # in place: a captured graph sees it
         self.cfg_on, self.cfg_scale = cfg_scale != 1.0, float(cfg_scale)
         self.topk, self.temperature, self.generator = int(topk), float(temperature), generator
         dev, Bs = self.device, len(prompts)
@@ -457,13 +458,16 @@ def engine_for(model: HeartMuLa, fast=None) -> Engine:
 
 def generate(model: HeartMuLa, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
              temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
-             fast=None, eos_check_every: int = 32,
-             progress: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+             fast=None, eos_check_every: int = 32, progress: Callable[[int, int], None] | None = None,
+             stop_on_eos: bool = True) -> list[torch.Tensor]:
     """Generate audio frames for each prompt (tokens [P,9], tokens_mask [P,9], muq_idx).
 
     Returns one LongTensor [n_i, 8] (CPU) per prompt: n_i <= max_frames frames, the EOS frame excluded, every id
     < codebook_size. seed / generator make sampling reproducible (same device, same mode). topk 1 = greedy;
-    topk 0 = no top-k. cfg_scale 1 = no guidance (no doubled batch)."""
+    topk 0 = no top-k. cfg_scale 1 = no guidance (no doubled batch). stop_on_eos False: EOS is never sampled, every
+    song gets max_frames frames (fixed-length output, e.g. for an untrained model).
+    fast: None/True = CUDA graph of the torch.compile'd frame step on CUDA, eager elsewhere; False = eager;
+    or "eager" / "graph" / "compile". The engine is cached on the model and re-reads its weights every call."""
     device = model.text_embeddings.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -472,6 +476,7 @@ def generate(model: HeartMuLa, prompts: list[Prompt], max_frames: int, cfg_scale
     model.eval()
     try:
         return eng.generate(prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature,
-                            generator=generator, eos_check_every=eos_check_every, progress=progress)
+                            generator=generator, eos_check_every=eos_check_every, progress=progress,
+                            stop_on_eos=stop_on_eos)
     finally:
         model.train(was_training)

@@ -1,0 +1,223 @@
+"""Generation speed at full 3B size (random weights, built on the GPU), CFG on, a 200-row prompt, 30 s of audio.
+
+    python bench/bench_generate.py [--frames 375] [--modes plain,eager,graph,compile] [--int8]
+
+Rows: `plain` is a straightforward loop over the model's own modules and static KV cache (no fused weights, no
+graph, one host sync per frame for the EOS test, as the reference pipelines do); the others are hmtiny.generate's
+Engine modes. frames/s is end to end (prefill + frames + copy back) on the second call; the first call's time
+(graph capture, torch.compile) is reported apart. Random weights could emit EOS at any frame: EOS is masked out
+here so every run makes all its frames. JSON goes to $OUT/bench_generate.json when OUT is set.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hmtiny.config import ModelConfig  # noqa: E402
+from hmtiny.generate import Engine, sample_tokens  # noqa: E402
+from hmtiny.model import build_random  # noqa: E402
+from hmtiny.text import prompt_rows  # noqa: E402
+
+FRAME_RATE = 12.5
+
+
+def synthetic_prompt(cfg: ModelConfig, rows: int = 200, tag_rows: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, cfg.text_vocab_size - 1000, (rows - 1,), generator=g).tolist()
+    return prompt_rows(ids[:tag_rows], ids[tag_rows:])
+
+
+@torch.no_grad()
+def plain_generate(model, prompt, frames, cfg_scale, topk, temperature, generator):
+    """The obvious loop: model modules as they are, the model's own cache path, a host sync every frame."""
+    tokens, mask, muq = prompt
+    dev, K = model.codebook0_head.weight.device, model.cfg.audio_num_codebooks
+    P = tokens.shape[0]
+    eos = model.cfg.gen.audio_eos_id
+    model.setup_caches(2, P + frames)
+    x = model.embed_rows(tokens[None].repeat(2, 1, 1).to(dev), mask[None].repeat(2, 1, 1).to(dev),
+                         torch.full((2,), muq, device=dev), torch.tensor([False, True], device=dev))
+    h = model.backbone(x, torch.arange(P, device=dev))[:, -1]
+    allowed = torch.full((model.cfg.audio_vocab_size,), float("-inf"), device=dev)
+    allowed[: model.cfg.codebook_size] = 0  # EOS masked: random weights must not stop early
+
+    def pick(logits):
+        cond, uncond = logits.float().chunk(2)
+        mixed = uncond + (cond - uncond) * cfg_scale + allowed
+        noise = torch.empty_like(mixed).exponential_(generator=generator)
+        return sample_tokens(mixed, topk, temperature, noise)
+
+    out = []
+    for t in range(frames):
+        c = pick(model.codebook0_head(h))
+        codes = [c]
+        seq = torch.stack([h, model.embed_audio(0, c.repeat(2))], 1)
+        dpos = torch.arange(2, device=dev)
+        for i in range(1, K):
+            d = model.decoder(model.projection(seq), dpos)[:, -1]
+            c = pick(model.audio_logits(i, d))
+            codes.append(c)
+            seq = model.embed_audio(i, c.repeat(2))[:, None]
+            dpos = torch.tensor([i + 1], device=dev)
+        frame = torch.stack(codes, -1)
+        if bool((frame >= eos).any()):  # the per-frame host sync of the reference loops
+            break
+        out.append(frame)
+        row = model.audio_embeddings(frame.repeat(2, 1) + model.audio_offsets).sum(1, keepdim=True)
+        h = model.backbone(row, torch.tensor([P + t], device=dev))[:, -1]
+    model.drop_caches()
+    return torch.cat(out).cpu()
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 10
+    del a, b
+    return 2 * nbytes / dt  # read + write
+
+
+def bytes_per_frame(model) -> int:
+    """Weights a frame must read once: backbone layers, 7 decoder passes, codebook-0 head, 7 audio-head slices,
+    projection 8 times (embedding rows are negligible)."""
+    size = lambda mods: sum(t.numel() * t.element_size() for m in mods for t in list(m.parameters()) + list(m.buffers())
+                            if t.dim() == 2)
+    backbone = size(model.backbone.layers)
+    decoder = size(model.decoder.layers)
+    head = model.codebook0_head.weight
+    heads = head.numel() * head.element_size() * 8
+    proj = model.projection.weight.numel() * model.projection.weight.element_size() * 8
+    return backbone + 7 * decoder + heads + proj
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=375)
+    ap.add_argument("--plain-frames", type=int, default=40)
+    ap.add_argument("--modes", default="plain,eager,graph,compile")
+    ap.add_argument("--int8", action="store_true", help="then quantise the stacks and time the int8 engine too")
+    ap.add_argument("--int8-modes", default="graph,compile")
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--topk", type=int, default=50)
+    args = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT", "."))
+    dev = "cuda"
+    cfg = ModelConfig.official_3b()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "frames": args.frames,
+           "cfg": args.cfg, "topk": args.topk, "rows": []}
+
+    def save():
+        (out_dir / "bench_generate.json").write_text(json.dumps(res, indent=2))
+
+    res["copy_TBps"] = copy_bandwidth() / 1e12
+    model = build_random(cfg, device=dev, dtype=torch.bfloat16)
+    prompt = synthetic_prompt(cfg)
+    res["prompt_rows"] = int(prompt[0].shape[0])
+
+    def run_engine(label, mode, frames):
+        eng = Engine(model, mode)
+        call = lambda seed: eng.generate([prompt], frames, cfg_scale=args.cfg, topk=args.topk,
+                                         generator=torch.Generator(dev).manual_seed(seed), eos_check_every=64,
+                                         stop_on_eos=False)  # random weights: never stop early
+        torch.cuda.reset_peak_memory_stats()
+        first, _ = timed(lambda: call(0))
+        t, frames_out = timed(lambda: call(1))
+        n = frames_out[0].shape[0]
+        row = {"label": label, "mode": mode, "frames": n, "first_call_s": first, "s": t, "frames_per_s": n / t,
+               "ms_per_frame": 1e3 * t / n, "realtime_x": n / t / FRAME_RATE,
+               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        return frames_out[0]
+
+    res["bytes_per_frame_GB"] = bytes_per_frame(model) / 1e9
+    res["floor_ms"] = 1e3 * bytes_per_frame(model) / (res["copy_TBps"] * 1e12 / 2)  # copy moves read+write
+    print(f"weights read per frame {res['bytes_per_frame_GB']:.2f} GB; copy bandwidth {res['copy_TBps']:.2f} TB/s "
+          f"(read+write) -> floor ~{res['floor_ms']:.2f} ms/frame", flush=True)
+    save()
+
+    modes = args.modes.split(",")
+    if "plain" in modes:
+        n = args.plain_frames
+        plain_generate(model, prompt, 4, args.cfg, args.topk, 1.0, torch.Generator(dev).manual_seed(0))  # warm-up
+        t, fr = timed(lambda: plain_generate(model, prompt, n, args.cfg, args.topk, 1.0,
+                                             torch.Generator(dev).manual_seed(1)))
+        row = {"label": "plain loop (model modules, sync per frame)", "mode": "plain", "frames": fr.shape[0],
+               "s": t, "frames_per_s": fr.shape[0] / t, "ms_per_frame": 1e3 * t / fr.shape[0],
+               "realtime_x": fr.shape[0] / t / FRAME_RATE}
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    sampled = {}
+    for mode in [m for m in modes if m != "plain"]:
+        frames = args.frames if mode != "eager" else min(args.frames, 96)
+        try:
+            sampled[mode] = run_engine(f"engine {mode} bf16", mode, frames)
+        except Exception as e:  # keep the other rows
+            res["rows"].append({"label": f"engine {mode} bf16", "error": f"{type(e).__name__}: {e}"[:2000]})
+            print("FAILED", mode, e, flush=True)
+            save()
+    if "eager" in sampled:
+        # same seed, same frames? bf16 rounding differs between eager and fused/compiled kernels, so a near-tie
+        # can flip one draw and the songs diverge from there: report the length of the common prefix
+        ref = sampled["eager"]
+        res["same_seed_common_prefix_vs_eager"] = {}
+        for m, f in sampled.items():
+            n = min(len(f), len(ref))
+            diff = (f[:n] != ref[:n]).any(-1).nonzero()
+            res["same_seed_common_prefix_vs_eager"][m] = int(diff[0]) if len(diff) else n
+
+    if args.int8:
+        try:
+            from hmtiny.quant import quantize_model
+            quantize_model(model)
+            torch.cuda.empty_cache()
+            res["bytes_per_frame_GB_int8"] = bytes_per_frame(model) / 1e9
+            for mode in args.int8_modes.split(","):
+                try:
+                    run_engine(f"engine {mode} int8", mode, args.frames if mode != "eager" else 96)
+                except Exception as e:
+                    res["rows"].append({"label": f"engine {mode} int8", "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print("FAILED int8", mode, e, flush=True)
+        except Exception as e:
+            res["int8_error"] = f"{type(e).__name__}: {e}"[:2000]
+        save()
+
+    print(f"\n{res['device']}, torch {res['torch']}, prompt {res['prompt_rows']} rows, cfg {args.cfg}, "
+          f"top-k {args.topk}; floor ~{res['floor_ms']:.2f} ms/frame")
+    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} {'GiB':>6s}")
+    for r in res["rows"]:
+        if "error" in r:
+            print(f"{r['label']:44s} ERROR {r['error'][:200]}")
+            continue
+        print(f"{r['label']:44s} {r['frames']:6d} {r['frames_per_s']:9.1f} {r['ms_per_frame']:9.2f} "
+              f"{r['realtime_x']:7.1f} {r.get('first_call_s', float('nan')):10.1f} {r.get('peak_GiB', float('nan')):6.1f}")
+    if "same_seed_common_prefix_vs_eager" in res:
+        print("same seed: frames equal to the eager engine's before the first difference:",
+              res["same_seed_common_prefix_vs_eager"])
+    save()
+
+
+if __name__ == "__main__":
+    main()

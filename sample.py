@@ -1,0 +1,322 @@
+"""Make songs with HeartMuLa (plus your LoRA) and decode them to audio with HeartCodec.
+
+    python sample.py --demo                      # the built-in tiny model: hear the pipeline work, no download
+    python sample.py --model ckpt --lora out/pytorch_lora_weights.safetensors \\
+        --tags "pop, upbeat, bright synths" --lyrics lyrics.txt --duration 30 --out song.wav
+    python sample.py --config config/my-run/config.json   # model, prompt, lyrics, guidance and LoRA of a training run
+
+--model takes a Hugging Face repo id, a model folder, or heartlib's ckpt/ folder (HeartMuLa-oss-3B/,
+HeartCodec-oss/, tokenizer.json, gen_config.json side by side). --tags/--lyrics take text or a file path.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hmtiny.generate import Engine, default_mode  # noqa: E402
+
+FRAME_RATE = 12.5
+TINY = Path(__file__).resolve().parent / "hmtiny" / "assets" / "tiny"
+DEFAULT_MODEL = "HeartMuLa/HeartMuLa-oss-3B"
+DOWNLOAD_HELP = """Download the official files (heartlib's ckpt/ layout) with:
+  huggingface-cli download HeartMuLa/HeartMuLa-oss-3B --local-dir ckpt/HeartMuLa-oss-3B
+  huggingface-cli download HeartMuLa/HeartCodec-oss --local-dir ckpt/HeartCodec-oss
+  huggingface-cli download HeartMuLa/HeartMuLaGen --local-dir ckpt        # tokenizer.json + gen_config.json
+then run:  python sample.py --model ckpt --tags "pop, piano" --lyrics lyrics.txt --out song.wav
+(or try the built-in tiny model first:  python sample.py --demo)"""
+
+
+class UsageError(Exception):
+    """A problem with the command line or the files it names: printed without a traceback."""
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Generate songs with HeartMuLa (+ LoRA) and decode them with HeartCodec.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", help=f"repo id, model folder or heartlib ckpt/ folder (default {DEFAULT_MODEL})")
+    ap.add_argument("--config", help="a training config.json: model, validation prompt/lyrics/guidance/duration, "
+                                     "and output_dir's LoRA unless --lora is given")
+    ap.add_argument("--codec", help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
+    ap.add_argument("--tokenizer", help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="LoRA weights (.safetensors or a folder holding pytorch_lora_weights.safetensors); repeatable")
+    ap.add_argument("--tags", help="comma-separated tags, or a file holding them")
+    ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
+    ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
+    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 1 (default 1.5; 1 = off)")
+    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy)")
+    ap.add_argument("--temperature", type=float, help="sampling temperature > 0 (default 1.0)")
+    ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    ap.add_argument("--num", type=int, default=1, help="songs to make in one batch (default 1)")
+    ap.add_argument("--out", help="output .wav or .flac (numbered when several; never overwrites) (default song.wav)")
+    ap.add_argument("--save-tokens", nargs="?", const="", metavar="PATH.npy",
+                    help="also save the audio tokens [frames, 8] as .npy (default: beside the audio)")
+    ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model precision (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--int8", action="store_true", help="int8 weight-only stacks (less memory; LoRAs stay unmerged)")
+    ap.add_argument("--demo", action="store_true", help="use the built-in tiny random model and codec (no download)")
+    ap.add_argument("--ignore-eos", action="store_true", help="never stop early: always make --duration seconds")
+    ap.add_argument("--mode", choices=["auto", "eager", "graph", "compile"], default="auto",
+                    help="generation engine (default auto: compile + CUDA graph on CUDA, eager elsewhere)")
+    ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
+    ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
+    return ap.parse_args(argv)
+
+
+def text_or_file(value: str | None) -> str:
+    """A value naming an existing file means its content."""
+    if value is None:
+        return ""
+    p = Path(value).expanduser()
+    try:
+        if len(value) < 4096 and p.is_file():
+            return p.read_text()
+    except OSError:
+        pass
+    return value
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "pytorch_lora_weights.safetensors"
+    if not p.is_file():
+        raise UsageError(f"--lora {spec}: {p} does not exist")
+    return p, scale
+
+
+def numbered(path: Path, n: int, i: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
+
+
+def free_path(path: Path, taken: set) -> Path:
+    """`path`, or path-2, path-3 ... when a file (or an earlier output of this run) is already there."""
+    candidate, k = path, 1
+    while candidate.exists() or candidate in taken:
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
+
+
+def settings(a) -> dict:
+    """Merge defaults, --demo, --config and explicit options (explicit wins)."""
+    s = {"model": DEFAULT_MODEL, "codec": None, "tokenizer": None, "tags": None, "lyrics": "", "duration": 30.0,
+         "cfg": 1.5, "topk": 50, "temperature": 1.0, "seed": None, "loras": [], "int8": a.int8, "out": "song.wav",
+         "stop_on_eos": not a.ignore_eos, "tokenizer_obj": None}
+    if a.demo and (a.model or a.config):
+        raise UsageError("--demo uses the built-in tiny model: drop --model/--config")
+    if a.demo:
+        s.update(model=str(TINY / "model"), codec=str(TINY / "codec"), tokenizer=str(TINY / "tokenizer.json"),
+                 tags="pop, happy, piano, synth", lyrics="[verse]\nthe sun is bright\nwe sing again",
+                 duration=4.0, out="demo.wav", stop_on_eos=False)  # a random model: EOS means nothing
+    if a.config:
+        from hmtiny.train_config import ConfigError, load_config, resolve_input
+        from hmtiny.trainer import find_codec_folder, load_tokenizer
+        try:
+            cfg = load_config(a.config)
+            s["tokenizer_obj"] = None if a.tokenizer else load_tokenizer(cfg)
+        except ConfigError as e:
+            raise UsageError(f"--config {a.config}: {e}") from None
+        s.update(model=str(resolve_input(cfg, "pretrained_model_name_or_path", must_exist=False)),
+                 codec=find_codec_folder(cfg), lyrics=cfg.validation_lyrics or "", cfg=max(1.0, cfg.validation_guidance),
+                 duration=cfg.validation_audio_duration, topk=cfg.validation_topk,
+                 temperature=cfg.validation_temperature, seed=cfg.validation_seed, int8=a.int8 or cfg.int8_base)
+        if cfg.validation_prompt:
+            s["tags"] = cfg.validation_prompt
+        trained = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
+        if not a.lora and trained.is_file():
+            print(f"using the run's LoRA {trained} (pass --lora to choose another)")
+            s["loras"] = [(trained, 1.0)]
+    for key in ("model", "codec", "tokenizer", "duration", "cfg", "topk", "temperature", "seed", "out"):
+        if getattr(a, key) is not None:
+            s[key] = getattr(a, key)
+    if a.tags is not None:
+        s["tags"] = text_or_file(a.tags)
+    if a.lyrics is not None:
+        s["lyrics"] = text_or_file(a.lyrics)
+    if a.lora:
+        s["loras"] = [parse_lora(x) for x in a.lora]
+
+    if not s["tags"] or not s["tags"].strip():
+        raise UsageError("give --tags (e.g. --tags \"pop, piano, happy\"), or --config with a validation_prompt")
+    if not s["duration"] > 0:
+        raise UsageError(f"--duration must be > 0 seconds, got {s['duration']}")
+    if s["cfg"] < 1.0:
+        raise UsageError(f"--cfg must be >= 1 (1 turns guidance off), got {s['cfg']}")
+    if s["topk"] < 0:
+        raise UsageError(f"--topk must be >= 0 (0 = no top-k), got {s['topk']}")
+    if not s["temperature"] > 0:
+        raise UsageError(f"--temperature must be > 0, got {s['temperature']}")
+    if a.num < 1:
+        raise UsageError(f"--num must be >= 1, got {a.num}")
+    out = Path(s["out"]).expanduser()
+    if out.suffix.lower() not in (".wav", ".flac"):
+        raise UsageError(f"--out must end in .wav or .flac, got {out}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder: give a file name such as {out / 'song.wav'}")
+    s["out"] = out
+    return s
+
+
+def pick_device(a):
+    if a.device:
+        dev = torch.device(a.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_everything(s, a, device, dtype):
+    from hmtiny.checkpoint import load_heartmula
+    from hmtiny.text import PromptTokenizer, find_text_assets
+
+    tok = s["tokenizer_obj"]
+    try:
+        if tok is None:
+            tok = PromptTokenizer.load(*find_text_assets(s["tokenizer"] or s["model"]))
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"no tokenizer for {s['tokenizer'] or s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
+    codec_where = s["codec"] or find_codec(s["model"])
+    if codec_where is None:
+        raise UsageError(f"no HeartCodec found beside {s['model']}: pass --codec.\n\n{DOWNLOAD_HELP}")
+    t0 = time.time()
+    try:
+        model = load_heartmula(s["model"], dtype=dtype, device=device, **({"quantize": True} if s["int8"] else {}))
+    except FileNotFoundError as e:
+        raise UsageError(f"no HeartMuLa model at {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
+    print(f"model {s['model']} loaded in {time.time() - t0:.1f} s ({device}, {str(dtype).replace('torch.', '')}"
+          f"{', int8 stacks' if s['int8'] else ''})")
+    if s["loras"]:
+        from hmtiny.lora import apply_loras
+        apply_loras(model, s["loras"], merge=None if not s["int8"] else False)
+        names = ", ".join(f"{p.name}:{sc:g}" for p, sc in s["loras"])
+        print(f"LoRA {names} {'applied unmerged (int8 base)' if s['int8'] else 'merged into the weights'}")
+    return tok, model, codec_where
+
+
+def find_codec(model: str):
+    from hmtiny.checkpoint import CODEC_SUBFOLDERS
+    given = Path(model).expanduser()
+    if given.exists():
+        for root in (given, given.parent):
+            for name in CODEC_SUBFOLDERS + ("codec",):
+                if (root / name / "config.json").is_file():
+                    return root / name
+        return None
+    return "HeartMuLa/HeartCodec-oss"
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        return run(a)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(a) -> int:
+    s = settings(a)
+    device = pick_device(a)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        a.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    seed = s["seed"] if s["seed"] is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    max_frames = max(1, round(s["duration"] * FRAME_RATE))
+    # choose every output name now, so a long run never ends in a name clash
+    taken: set = set()
+    outs = []
+    for i in range(a.num):
+        want = numbered(s["out"], a.num, i)
+        got = free_path(want, taken)
+        if got != want:
+            print(f"note: {want} exists: this run writes {got}")
+        taken.add(got)
+        outs.append(got)
+    token_paths = None
+    if a.save_tokens is not None:
+        base = Path(a.save_tokens) if a.save_tokens else None
+        token_paths = [free_path(numbered(base, a.num, i) if base else o.with_suffix(".npy"), taken)
+                       for i, o in enumerate(outs)]
+        taken.update(token_paths)
+
+    tok, model, codec_where = load_everything(s, a, device, dtype)
+    prompt = tok.prompt(s["tags"], s["lyrics"])
+    print(f"prompt: {prompt[0].shape[0]} rows (tags {s['tags']!r}, {'lyrics' if s['lyrics'].strip() else 'no lyrics'});"
+          f" {a.num} song(s) up to {max_frames} frames ({max_frames / FRAME_RATE:.1f} s), cfg {s['cfg']:g}, "
+          f"top-k {s['topk']}, temperature {s['temperature']:g}, seed {seed}")
+    limit = model.cfg.backbone.max_seq_len - prompt[0].shape[0] - 1
+    if max_frames > limit:
+        raise UsageError(f"--duration {s['duration']:g} s is {max_frames} frames, more than this model's context "
+                         f"allows after the prompt ({limit} frames, {limit / FRAME_RATE:.1f} s)")
+
+    mode = default_mode(device) if a.mode == "auto" else a.mode
+    engine = Engine(model, mode, share=True)  # sample.py owns the model: fuse weights without a second copy
+    generator = torch.Generator(device=device).manual_seed(seed)
+    t0 = time.time()
+
+    def progress(n, total):
+        dt = time.time() - t0
+        print(f"\r  frame {n}/{total}  {n / dt:6.1f} frames/s  {n / dt / FRAME_RATE:5.1f}x real time", end="",
+              flush=True)
+
+    print(f"generating ({mode} engine)...")
+    songs = engine.generate([prompt] * a.num, max_frames, cfg_scale=s["cfg"], topk=s["topk"],
+                            temperature=s["temperature"], generator=generator, progress=progress,
+                            stop_on_eos=s["stop_on_eos"])
+    dt = time.time() - t0
+    made = sum(x.shape[0] for x in songs)
+    print(f"\n{made} frames ({made / FRAME_RATE:.1f} s of audio) in {dt:.1f} s: {made / dt:.1f} frames/s, "
+          f"{made / dt / FRAME_RATE:.1f}x real time (first call includes the engine's warm-up)")
+    del engine, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    if token_paths:
+        import numpy as np
+        for frames, p in zip(songs, token_paths):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "wb") as f:
+                np.save(f, frames.numpy().astype(np.int16))
+            print(f"tokens: {p}")
+
+    from hmtiny.codec import HeartCodec, write_audio
+    t0 = time.time()
+    try:
+        codec = HeartCodec.load(codec_where, device=device, dtype=torch.float32)
+    except FileNotFoundError as e:
+        raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
+    for i, (frames, out) in enumerate(zip(songs, outs)):
+        if frames.shape[0] == 0:
+            print(f"song {i + 1}: the model ended it at once (EOS at the first frame): nothing to decode, no file")
+            continue
+        if frames.shape[0] < max_frames:
+            print(f"song {i + 1}: the model ended it after {frames.shape[0] / FRAME_RATE:.1f} s (EOS)")
+        t1 = time.time()
+        wav = codec.decode(frames.T.contiguous(), steps=a.codec_steps, guidance=a.codec_guidance, seed=seed + i)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_audio(out, wav, codec.sample_rate)
+        print(f"decoded song {i + 1} in {time.time() - t1:.1f} s -> {out} ({wav.shape[1] / codec.sample_rate:.1f} s, "
+              f"{codec.sample_rate} Hz, {wav.shape[0]} channels)")
+    print(f"codec total {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
