@@ -1,4 +1,5 @@
 """HeartCodec user API: input checks, weight-norm folding, save/load, audio files, the lost-codes fix."""
+import copy
 import json
 
 import numpy as np
@@ -220,3 +221,21 @@ def test_lossy_length_decodes_every_code(tiny):
     ref = run(codes, False)
     assert ref.shape[1] < wav.shape[1]  # the reference comes out short ...
     assert torch.equal(ref, run(changed, False))  # ... and never used the last code
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_matches_cpu(tiny):
+    """Noise is drawn on the CPU generator, so a seed gives the same latents on the GPU (fp32 and bf16)."""
+    codes = random_codes(100, 64, seed=11)  # 2 windows: exercises the in-context hand-over
+    torch.manual_seed(0)
+    _, ref = tiny.detokenize(codes, window=WINDOW, steps=2, return_latents=True)
+    ref = torch.cat(ref)
+    for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 5e-2)):
+        gpu = copy.deepcopy(tiny).to("cuda", dtype)
+        torch.manual_seed(0)
+        wav, lat = gpu.detokenize(codes, window=WINDOW, steps=2, return_latents=True)
+        assert wav.device.type == "cuda" and wav.dtype == torch.float32 and torch.isfinite(wav).all()
+        assert wav.shape == (2, int(100 / 12.5 * 48000))
+        lat = torch.cat(lat).cpu()
+        assert (lat - ref).abs().max().item() <= tol * ref.abs().max().item(), dtype

@@ -201,7 +201,8 @@ class HeartCodec(nn.Module):
 
         Noise comes from `generator` (or torch's global CPU generator) in the reference's order, so after
         torch.manual_seed(s) this equals heartlib's detokenize(codes) with the same seed.
-        decode_batch: windows per ScalarModel batch (None = all at once; fewer saves memory).
+        decode_batch: windows per ScalarModel batch (None: as many as keep the largest activation under
+        2^30 elements, 5 windows at full size; fewer saves memory).
         """
         device = self.device
         plan = plan_windows(codes.shape[1], window, self.sample_rate, fix_lost_codes)
@@ -224,7 +225,11 @@ class HeartCodec(nn.Module):
         """latents [n, L, 256] -> [n, 2, window_samples]: features c*128..c*128+127 make stereo channel c."""
         n, frames, channels = latents.shape
         x = latents.view(n, frames, 2, channels // 2).permute(0, 2, 3, 1).reshape(2 * n, channels // 2, frames)
-        step = 2 * (decode_batch or n)
+        if decode_batch is None:  # keep the largest activation (last stage, 48 kHz) under 2^30 elements
+            per_window = 2 * self.scalar_model.decoder[-1].weight.shape[1] * frames * self.cfg.samples_per_latent
+            chunks = math.ceil(n / max(1, 2 ** 30 // per_window))
+            decode_batch = math.ceil(n / chunks)
+        step = 2 * decode_batch
         wav = torch.cat([self.scalar_model(x[i: i + step]) for i in range(0, 2 * n, step)])
         return wav.float().view(n, 2, -1)[:, :, : plan.window_samples]
 
