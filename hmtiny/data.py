@@ -253,10 +253,10 @@ def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: li
     for audio in audio_files:
         stem = audio.with_suffix("")
         row = metadata.get(audio.relative_to(folder).as_posix(), {})
-        tags = _read_text(stem.with_suffix(".txt"))
+        tags = _read_text(Path(f"{stem}.txt"))
         if tags is None:
             tags = row.get("tags")
-        lyrics = _read_text(stem.with_suffix(".lyrics"))
+        lyrics = _read_text(Path(f"{stem}.lyrics"))
         if lyrics is None:
             lyrics = row.get("lyrics") or ""
         if tags is None:

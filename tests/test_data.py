@@ -124,7 +124,7 @@ def test_check_audio_tokens_rejects(arr, match):
 def test_local_backend_sources(tmp_path):
     data = tmp_path / "data"
     track(data, "a", tags="Rock, Sad", lyrics="[Verse]\nHello", toks=tokens(12))
-    track(data, "b", toks=tokens(9).T, ext=".flac")                       # [8, frames], instrumental
+    track(data, "b.take2", lyrics="dots", toks=tokens(9).T, ext=".flac")  # [8, frames]; a dotted name
     track(data, "c", toks=tokens(10), npz_key="tokens", ext=".mp3")
     track(data, "d", toks=tokens(11), npz_key="codes", ext=".ogg")       # the only array of the npz
     track(data / "sub", "e", toks=tokens(13), ext=".opus")               # discovery recurses
@@ -141,10 +141,11 @@ def test_local_backend_sources(tmp_path):
         w.writerow({"file_name": "h.wma", "tags": "csv tags", "audio_tokens": json.dumps(tokens(16).tolist())})
     (data / "notes.txt").write_text("not a sample")
     cfg_path = write_backends(tmp_path / "multidatabackend.json", [local_backend("data")])  # relative path
-    samples = {Path(s.source).stem: s for s in read_backends(cfg_path, small_cfg())}
+    samples = {Path(s.source).stem[0]: s for s in read_backends(cfg_path, small_cfg())}
     assert sorted(samples) == list("abcdefgh")
     assert samples["a"].tags == "Rock, Sad\n" and samples["a"].lyrics == "[Verse]\nHello\n"
-    assert samples["b"].lyrics == "" and samples["g"].lyrics == "meta lyrics" and samples["h"].tags == "csv tags"
+    assert samples["b"].lyrics == "dots\n" and samples["c"].lyrics == ""  # no .lyrics file: instrumental
+    assert samples["g"].lyrics == "meta lyrics" and samples["h"].tags == "csv tags"
     assert [len(samples[k].audio_tokens) for k in "abcdefgh"] == [12, 9, 10, 11, 13, 14, 15, 16]
     assert np.array_equal(samples["b"].audio_tokens, tokens(9))
 
