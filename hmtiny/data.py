@@ -324,7 +324,11 @@ def load_hf_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[
         problems.append(f"backend {bid!r}: 'dataset_name' is required for type huggingface")
         return []
     local = _resolve(name, base)
-    root = local if local.is_dir() else _fetch_dataset(name)
+    try:
+        root = local if local.is_dir() else _fetch_dataset(name)
+    except FileNotFoundError as e:
+        problems.append(f"backend {bid!r}: {e}")
+        return []
     options = backend.get("config") or {}
     caption_fields = options.get("audio_caption_fields") or ["tags"]
     if isinstance(caption_fields, str):
@@ -337,6 +341,9 @@ def load_hf_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[
     samples = []
     for path in files:
         for where, row in _dataset_rows(path, problems):
+            if not isinstance(row, dict):
+                problems.append(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+                continue
             missing = [c for c in caption_fields if row.get(c) is None]
             if len(missing) == len(caption_fields):
                 problems.append(f"{where}: no tags (column(s) {caption_fields} missing or empty)")

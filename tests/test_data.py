@@ -234,13 +234,14 @@ def test_hf_backend_jsonl(tmp_path):
             {"genre": "Rock", "mood": None, "audio_tokens_path": "data/x.npy"},  # no lyrics column: instrumental
             {"genre": "Pop", "mood": "sad", "text": "x", "audio_tokens": np.zeros((8, 8), int).tolist()},
             {"genre": "Pop", "mood": "sad", "text": "x"}]
-    (root / "data" / "train-00000.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n")
+    (root / "data" / "train-00000.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n[1, 2]\n")
     (root / "data" / "test-00000.jsonl").write_text(json.dumps(rows[0]) + "\n")  # not the train split: ignored
     backend = hf_backend(root, audio_caption_fields=["genre", "mood"], lyrics_column="text")
     with pytest.raises(DatasetError) as err:
         read_backends([backend], small_cfg())
     f = root / "data" / "train-00000.jsonl"
-    assert len(err.value.problems) == 3
+    assert len(err.value.problems) == 4
+    assert any(p.startswith(f"{f}:6:") and "JSON object" in p for p in err.value.problems)
     assert any(p.startswith(f"{f}:3:") and "ambiguous" in p for p in err.value.problems)
     assert any(p.startswith(f"{f}:4:") and "audio_tokens_path" in p for p in err.value.problems)
     assert any(p.startswith(f"{f}:5:") and "JSON" in p for p in err.value.problems)
@@ -248,6 +249,17 @@ def test_hf_backend_jsonl(tmp_path):
     samples = read_backends([backend], small_cfg())
     assert [(s.tags, s.lyrics, len(s.audio_tokens)) for s in samples] == [("Jazz, calm, slow", "La la", 12),
                                                                           ("Rock", "", 20)]
+
+
+def test_hf_backend_unreachable_repo_is_reported(tmp_path, monkeypatch):
+    import hmtiny.data as data
+
+    def offline(name):
+        raise FileNotFoundError(f"dataset {name!r} is neither a local folder nor reachable")
+
+    monkeypatch.setattr(data, "_fetch_dataset", offline)
+    with pytest.raises(DatasetError, match="your-org/tokens"):
+        read_backends([hf_backend("your-org/tokens")], small_cfg())
 
 
 def test_hf_backend_parquet(tmp_path):
