@@ -60,6 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model precision (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--int8", action="store_true", help="int8 weight-only stacks (less memory; LoRAs stay unmerged)")
     ap.add_argument("--demo", action="store_true", help="use the built-in tiny random model and codec (no download)")
+    ap.add_argument("--tokens-only", action="store_true", help="skip the codec: save the tokens (.npy) only")
     ap.add_argument("--ignore-eos", action="store_true", help="never stop early: always make --duration seconds")
     ap.add_argument("--mode", choices=["auto", "eager", "graph", "compile"], default="auto",
                     help="generation engine (default auto: compile + CUDA graph on CUDA, eager elsewhere)")
@@ -183,7 +184,7 @@ def pick_device(a):
     return torch.device("cpu")
 
 
-def load_everything(s, a, device, dtype):
+def load_everything(s, a, device, dtype, need_codec=True):
     from hmtiny.checkpoint import load_heartmula
     from hmtiny.text import PromptTokenizer, find_text_assets
 
@@ -194,7 +195,7 @@ def load_everything(s, a, device, dtype):
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"no tokenizer for {s['tokenizer'] or s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
     codec_where = s["codec"] or find_codec(s["model"])
-    if codec_where is None:
+    if codec_where is None and need_codec:
         raise UsageError(f"no HeartCodec found beside {s['model']}: pass --codec.\n\n{DOWNLOAD_HELP}")
     t0 = time.time()
     try:
@@ -250,13 +251,15 @@ def run(a) -> int:
         taken.add(got)
         outs.append(got)
     token_paths = None
+    if a.tokens_only and a.save_tokens is None:
+        a.save_tokens = ""
     if a.save_tokens is not None:
         base = Path(a.save_tokens) if a.save_tokens else None
         token_paths = [free_path(numbered(base, a.num, i) if base else o.with_suffix(".npy"), taken)
                        for i, o in enumerate(outs)]
         taken.update(token_paths)
 
-    tok, model, codec_where = load_everything(s, a, device, dtype)
+    tok, model, codec_where = load_everything(s, a, device, dtype, need_codec=not a.tokens_only)
     prompt = tok.prompt(s["tags"], s["lyrics"])
     print(f"prompt: {prompt[0].shape[0]} rows (tags {s['tags']!r}, {'lyrics' if s['lyrics'].strip() else 'no lyrics'});"
           f" {a.num} song(s) up to {max_frames} frames ({max_frames / FRAME_RATE:.1f} s), cfg {s['cfg']:g}, "
@@ -295,6 +298,8 @@ def run(a) -> int:
             with open(p, "wb") as f:
                 np.save(f, frames.numpy().astype(np.int16))
             print(f"tokens: {p}")
+    if a.tokens_only:
+        return 0
 
     from hmtiny.codec import HeartCodec, write_audio
     t0 = time.time()

@@ -1,0 +1,112 @@
+"""sample.py end to end on the built-in tiny model and codec (CPU)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import sample  # noqa: E402
+
+TINY_CODEBOOK = 64
+
+
+def run(args, capsys):
+    rc = sample.main(args)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_demo_writes_48k_stereo_of_the_requested_duration(tmp_path, capsys):
+    sf = pytest.importorskip("soundfile")
+    out = tmp_path / "demo.wav"
+    rc, log = run(["--demo", "--duration", "2", "--seed", "3", "--out", str(out)], capsys)
+    assert rc == 0, log
+    data, sr = sf.read(str(out))
+    assert sr == 48000 and data.ndim == 2 and data.shape[1] == 2
+    assert data.shape[0] == int(25 / 12.5 * 48000)  # 25 frames = 2 s
+    assert np.isfinite(data).all() and np.abs(data).max() > 0
+    assert "frames/s" in log and "real time" in log and str(out) in log
+
+
+def test_several_songs_are_numbered_and_nothing_is_overwritten(tmp_path, capsys):
+    sf = pytest.importorskip("soundfile")
+    mine = tmp_path / "song-1.flac"
+    mine.write_bytes(b"my own file")
+    rc, log = run(["--demo", "--duration", "0.8", "--num", "2", "--seed", "1", "--out", str(tmp_path / "song.flac"),
+                   "--save-tokens"], capsys)
+    assert rc == 0, log
+    assert mine.read_bytes() == b"my own file"
+    written = sorted(p.name for p in tmp_path.glob("*.flac"))
+    assert written == ["song-1-2.flac", "song-1.flac", "song-2.flac"]
+    for name in ("song-1-2.flac", "song-2.flac"):
+        data, sr = sf.read(str(tmp_path / name))
+        assert sr == 48000 and data.shape == (int(10 / 12.5 * 48000), 2)
+    tokens = np.load(tmp_path / "song-2.npy")
+    assert tokens.shape == (10, 8) and tokens.max() < TINY_CODEBOOK and tokens.min() >= 0
+
+
+def tokens_of(tmp_path, capsys, name, extra=()):
+    path = tmp_path / f"{name}.npy"
+    rc, log = run(["--demo", "--duration", "1.2", "--seed", "5", "--tokens-only", "--save-tokens", str(path),
+                   *extra], capsys)
+    assert rc == 0, log
+    return np.load(path)
+
+
+def test_seed_reproducible_and_lora_changes_tokens(tmp_path, capsys):
+    from hmtiny.checkpoint import load_heartmula
+    from hmtiny.lora import inject_lora, lora_layers, save_lora
+    a = tokens_of(tmp_path, capsys, "a")
+    b = tokens_of(tmp_path, capsys, "b")
+    assert np.array_equal(a, b)
+    model = load_heartmula(sample.TINY / "model")
+    inject_lora(model, rank=2)
+    zero = save_lora(model, tmp_path / "zero.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.normal_(0, 0.3, generator=gen)
+    strong = save_lora(model, tmp_path / "strong" / "pytorch_lora_weights.safetensors")
+    assert np.array_equal(a, tokens_of(tmp_path, capsys, "zero", ["--lora", str(zero)]))
+    changed = tokens_of(tmp_path, capsys, "strong", ["--lora", f"{strong.parent}:1.0"])  # a folder, with a scale
+    assert not np.array_equal(a, changed)
+    off = tokens_of(tmp_path, capsys, "off", ["--lora", f"{strong}:0"])  # scale 0 = no change
+    assert np.array_equal(a, off)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--demo", "--duration", "-1"], "--duration must be > 0"),
+    (["--demo", "--cfg", "0.5"], "--cfg must be >= 1"),
+    (["--demo", "--temperature", "0"], "--temperature must be > 0"),
+    (["--demo", "--num", "0"], "--num must be >= 1"),
+    (["--demo", "--out", "song.mp3"], ".wav or .flac"),
+    (["--demo", "--lora", "missing/lora.safetensors"], "does not exist"),
+    (["--demo", "--duration", "60"], "context"),
+    (["--model", "/nonexistent/ckpt", "--tags", "pop"], "huggingface-cli download HeartMuLa/HeartMuLa-oss-3B "
+                                                         "--local-dir ckpt/HeartMuLa-oss-3B"),
+    (["--model", "/nonexistent/ckpt"], "give --tags"),
+    (["--demo", "--model", "x"], "--demo uses the built-in tiny model"),
+])
+def test_bad_arguments_fail_clearly(tmp_path, capsys, args, message):
+    rc, log = run(args + (["--out", str(tmp_path / "x.wav")] if "--out" not in args else []), capsys)
+    assert rc == 2
+    assert message in log
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_model_folder_says_what_to_download(tmp_path, capsys):
+    """A ckpt/ folder with the text files but no model: the download help names every piece."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("tokenizer.json", "gen_config.json"):
+        (ckpt / name).write_bytes((sample.TINY / name).read_bytes())
+    (ckpt / "HeartCodec-oss").mkdir()
+    (ckpt / "HeartCodec-oss" / "config.json").write_text("{}")
+    rc, log = run(["--model", str(ckpt), "--tags", "pop", "--out", str(tmp_path / "x.wav")], capsys)
+    assert rc == 2
+    assert "no HeartMuLa model" in log
+    for repo in ("HeartMuLa/HeartMuLa-oss-3B", "HeartMuLa/HeartCodec-oss", "HeartMuLa/HeartMuLaGen"):
+        assert f"huggingface-cli download {repo}" in log
