@@ -105,7 +105,7 @@ class FastLayer(nn.Module):
 
     def forward(self, x, cos, sin, slots, mask):
         """x [B,S,D]; cos/sin [B,S,1,hd/2] for the rows' positions; slots [S] cache indices written;
-        mask [B,1,S,L] bool (True = may attend)."""
+        mask [B,1,G*S,L] bool (True = may attend; see FastStack.forward)."""
         b, s, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(self.block.sa_norm(x))
@@ -121,8 +121,7 @@ class FastLayer(nn.Module):
         # GQA without repeating k/v: the G query heads of one kv head become G*S query rows of that head
         G = H // KV
         q = q.view(b, s, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(b, KV, G * s, hd)
-        m = mask.unsqueeze(2).expand(b, 1, G, s, mask.shape[-1]).reshape(b, 1, G * s, mask.shape[-1])
-        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=m)
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
         y = y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
         h = x + self.wo(y)
         g, u = self.w13(self.block.mlp_norm(h)).split([self.hidden, self.hidden], -1)
@@ -141,7 +140,11 @@ class FastStack(nn.Module):
         return t[..., 0].unsqueeze(2), t[..., 1].unsqueeze(2)
 
     def forward(self, x, pos, slots, mask):
+        """x [B,S,D] at positions pos [B,S], written to cache slots [S]; mask [B|1,1,S,L] -> normed output."""
         cos, sin = self.rope(pos)
+        # one mask row per query row of the GQA layout (G query heads per kv head), built once for all layers
+        G, s, L = self.stack.cfg.num_heads // self.stack.cfg.num_kv_heads, x.shape[1], mask.shape[-1]
+        mask = mask.unsqueeze(2).expand(mask.shape[0], 1, G, s, L).reshape(mask.shape[0], 1, G * s, L)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
         return self.stack.norm(x)
