@@ -210,3 +210,21 @@ def test_cuda_modes_match_eager(fixtures, mode):
     eager = Engine(model, "eager").generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
     fast = Engine(model, mode).generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
     assert all(torch.equal(a, b) for a, b in zip(eager, fast))
+
+
+def test_int8_fused_projections_equal_separate_ones(fixtures):
+    """int8 q/k/v and gate/up rows concatenate (per-row scales): fused == layer by layer; LoRA stays unmerged."""
+    from hmtiny.lora import inject_lora, lora_layers
+    from hmtiny.quant import quantize_model
+    model = quantize_model(load_heartmula(fixtures / "heartmula", dtype=torch.float32))
+    prompts = some_prompts()[:2]
+    fused = Engine(model)
+    assert fused.backbone.layers[0].qkv.int8 is not None
+    got = fused.generate(prompts, max_frames=12, topk=1)
+    assert all(torch.equal(a, b) for a, b in zip(got, Engine(model, fuse=False).generate(prompts, 12, topk=1)))
+    inject_lora(model, rank=2)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    with_lora = generate(model, prompts, max_frames=12, topk=1)
+    assert not all(torch.equal(a, b) for a, b in zip(got, with_lora))
