@@ -8,9 +8,11 @@ the forward, Wq itself for the backward) and converted to bf16 in registers, so 
 int8. The scale sits on the output column in the forward (applied once, in the epilogue) and on the reduction row
 in the backward (applied to each weight tile before the dot).
 
-Two regimes, two config lists: decode (M <= 16: memory-bound, narrow weight tiles streamed with deep pipelining so
-that many programs read the weight at once, optionally split along R with fp32 atomics) and train/prefill (large M:
-tensor-core tiles). Every launcher has a plain-torch reference beside it (`*_ref`), which is also the CPU/MPS path.
+Regimes, chosen by the number of rows M: decode (M <= 16: memory-bound, narrow weight tiles streamed with deep
+pipelining so that many programs read the weight at once; optionally split along R with fp32 atomics), train
+(tensor-core tiles) and, for large M, dequant: one memory-bound pass writes the bf16 weight, cuBLAS multiplies
+(the transient copy is one layer's weight). Every launcher has a plain-torch reference beside it (`*_ref`), which
+is also the CPU/MPS path.
 """
 from __future__ import annotations
 
@@ -156,28 +158,81 @@ if triton is not None:
         _cfg(128, 256, 64, 8, 3, lhs=True), _cfg(64, 128, 64, 4, 4, lhs=True),
     ]
     _KEY = ["m_bucket", "P", "R", "stride_ar", "stride_br"]
-
-    def _zero_c(nargs):
-        nargs["c_ptr"].zero_()
-
     _tuned = {
         "decode": triton.autotune(DECODE_CONFIGS, key=_KEY)(_kernel),
         "decode_split": triton.autotune(DECODE_SPLIT_CONFIGS, key=_KEY, reset_to_zero=["c_ptr"])(_kernel),
         "train": triton.autotune(TRAIN_CONFIGS, key=_KEY)(_kernel),
     }
 
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """w = q * s[:, None] for a contiguous int8 q [N, K], written in w's dtype."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        q = tl.load(q_ptr + rn[:, None] * K + rk[None, :], mask=mask, other=0)
+        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * s[:, None]
+        tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
-def _regime(m: int, p: int) -> str:
-    return "decode" if m <= DECODE_MAX_M else "train"
+
+# Above this many rows, dequantise the weight with one memory-bound pass and let cuBLAS do the product: Triton's
+# fused kernel (the int8 -> bf16 conversion sits inside the tensor-core loop) runs below cuBLAS at large M.
+DEQUANT_MIN_M = 1024
+# Remember each compiled kernel by everything Triton specialises on and launch it directly: Triton's own launch
+# path (argument binding, specialisation key, autotuner lookup) costs tens of µs of host time per call.
+FAST_LAUNCH = os.environ.get("HMTINY_INT8_FAST_LAUNCH", "1") == "1" and not INTERPRET
+_compiled: dict = {}
 
 
-def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str | None, config: dict | None, out):
+def _cached_launch(key, args, slow):
+    """Launch `args` with the kernel remembered under `key`; on a miss run slow() -> (kernel, grid, constexprs),
+    Triton's normal launch (it compiles and autotunes), and remember what it launched."""
+    global FAST_LAUNCH
+    hit = _compiled.get(key) if FAST_LAUNCH else None
+    if hit is not None:
+        kernel, grid, consts = hit
+        try:
+            kernel[grid](*args, *consts)
+            return
+        except TypeError:  # a Triton whose launcher takes other arguments: use its normal path from now on
+            FAST_LAUNCH = False
+    kernel, grid, consts = slow()
+    if FAST_LAUNCH and hasattr(kernel, "function"):
+        _compiled[key] = (kernel, grid, consts)
+
+
+def _align_key(*tensors):
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """Dense weight Wq * s in `dtype`, one pass over the int8 weight (Triton on CUDA, torch elsewhere)."""
+    if triton is None or not (wq.is_cuda or INTERPRET) or scale.numel() != wq.shape[0] or not wq.is_contiguous():
+        return dequantize_ref(wq, scale, dtype)
+    n, k = wq.shape
+    w = torch.empty((n, k), device=wq.device, dtype=dtype)
+    args = (wq, scale, w, n, k)
+    consts = (16, 512) if not INTERPRET else (16, 32)
+    grid = (triton.cdiv(n, consts[0]), triton.cdiv(k, consts[1]), 1)
+
+    def slow():
+        return _dequant_kernel[grid](*args, BLOCK_N=consts[0], BLOCK_K=consts[1]), grid, consts
+
+    _cached_launch(("dequant", wq.device, scale.dtype, dtype, n, k, *_align_key(wq, scale, w)), args, slow)
+    return w
+
+
+def _regime(m: int) -> str:
+    return "decode" if m <= DECODE_MAX_M else "train" if m < DEQUANT_MIN_M else "dequant"
+
+
+def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str, config: dict | None, out):
     """C[M, P] = A[M, R] @ B[R, P]; B is int8 read through `b_strides` = (stride along R, stride along P)."""
     m, r = a2.shape
-    regime = regime or _regime(m, p)
     if config is None and INTERPRET:
         config = INTERPRET_CONFIG
-    split = (config or {}).get("SPLIT_R", 1) > 1 or regime == "decode_split"
+    split = (config or {}).get("SPLIT_R", 1) > 1 or (config is None and regime == "decode_split")
     if split:
         c = torch.zeros((m, p), device=a2.device, dtype=torch.float32)
     else:
@@ -186,15 +241,25 @@ def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str | None, co
         return c.to(a2.dtype)
     args = (a2, b, scale, c, m, p, r, triton.next_power_of_2(m),
             a2.stride(0), a2.stride(1), b_strides[0], b_strides[1], c.stride(0), c.stride(1))
-    kw = dict(SCALE_ON_R=scale_on_r, UPCAST=INTERPRET)
     if config is not None:  # explicit tiles (tests, interpreter): no autotuning
         cfg = {"GROUP_M": 8, "SPLIT_R": 1, "B_AS_LHS": False, **config}
         extra = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"])
-        _kernel[grid](*args, **kw, **cfg, **extra)
+        _kernel[grid](*args, SCALE_ON_R=scale_on_r, UPCAST=INTERPRET, **cfg, **extra)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), meta["SPLIT_R"])
-        _tuned[regime][grid](*args, **kw)
+        tuner = _tuned[regime]
+
+        def slow():
+            grid_fn = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), meta["SPLIT_R"])
+            kernel = tuner[grid_fn](*args, SCALE_ON_R=scale_on_r, UPCAST=False)
+            cfg = tuner.best_config.kwargs
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"], 1)
+            consts = (scale_on_r, cfg["B_AS_LHS"], False, r % cfg["BLOCK_R"] == 0, cfg["BLOCK_M"], cfg["BLOCK_P"],
+                      cfg["BLOCK_R"], cfg["GROUP_M"], cfg["SPLIT_R"])  # the constexprs, in signature order
+            return kernel, grid, consts
+
+        key = (regime, scale_on_r, a2.device, a2.dtype, scale.dtype, c.dtype, *_align_key(a2, b, scale, c), *args[4:])
+        _cached_launch(key, args, slow)
     if split:
         return out.view(m, p).copy_(c) if out is not None else c.to(a2.dtype)
     return c
@@ -211,21 +276,29 @@ def _check(a: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor):
 
 def int8_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: str | None = None,
                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ (Wq * s).T with the Triton kernel. x [..., K] bf16/fp16, Wq [N, K] int8, s [N] -> y [..., N].
-    regime: "decode" / "decode_split" / "train" config list (default by M); config: fixed tiles, no autotuning;
-    out: a contiguous tensor to write into."""
+    """y = x @ (Wq * s).T. x [..., K] bf16/fp16, Wq [N, K] int8, s [N] -> y [..., N] in x's dtype.
+    regime: "decode" / "decode_split" / "train" (fused Triton kernel, by config list) or "dequant" (dequantise,
+    then cuBLAS); default by the number of rows. config: fixed tiles, no autotuning. out: a tensor to write into."""
     _check(x, wq, scale)
     n, k = wq.shape
     x2 = x.reshape(-1, k)
-    y = _launch(x2, wq, (wq.stride(1), wq.stride(0)), scale.reshape(-1), n, False, regime, config, out)
+    regime = regime or _regime(x2.shape[0])
+    if regime == "dequant" and config is None:
+        y = torch.matmul(x2, dequantize(wq, scale, x.dtype).T, out=None if out is None else out.view(-1, n))
+    else:
+        y = _launch(x2, wq, (wq.stride(1), wq.stride(0)), scale.reshape(-1), n, False, regime, config, out)
     return y.view(*x.shape[:-1], n)
 
 
 def int8_matmul_dx(dy: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: str | None = None,
                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dx = dy @ (Wq * s) with the Triton kernel. dy [..., N] bf16/fp16 -> dx [..., K]."""
+    """dx = dy @ (Wq * s). dy [..., N] bf16/fp16 -> dx [..., K]; regime/config/out as for int8_matmul."""
     _check(dy, wq, scale)
     n, k = wq.shape
     dy2 = dy.reshape(-1, n)
-    dx = _launch(dy2, wq, (wq.stride(0), wq.stride(1)), scale.reshape(-1), k, True, regime, config, out)
+    regime = regime or _regime(dy2.shape[0])
+    if regime == "dequant" and config is None:
+        dx = torch.matmul(dy2, dequantize(wq, scale, dy.dtype), out=None if out is None else out.view(-1, k))
+    else:
+        dx = _launch(dy2, wq, (wq.stride(0), wq.stride(1)), scale.reshape(-1), k, True, regime, config, out)
     return dx.view(*dy.shape[:-1], k)

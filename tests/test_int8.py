@@ -98,17 +98,42 @@ def test_kernels_under_triton_interpreter():
     check_kernel_rows(result["kernels"])
     assert len(result["kernels"]) == len(SMALL_SHAPES) * len(SMALL_CONFIGS) * 2
     assert result["int8_linear_used_triton"] and max(result["int8_linear"]) < 1e-2, result
+    assert result["dequantize_equal"] and result["dequantize_bf16"] < 1e-2
+    assert max(result["regimes"]) < 1e-2, result["regimes"]
+
+
+def regime_errors(device: str, shape, regimes, calls=2, seed=0) -> list[float]:
+    """Each regime's forward and dx error on fresh inputs, `calls` times per regime (the second call goes
+    through the launch cache on CUDA)."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n, k = shape
+    errs = []
+    for regime in regimes:
+        for _ in range(calls):
+            wq, s = random_int8_weight(n, k, device, gen)
+            x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+            dy = torch.randn(m, n, generator=gen).to(device, torch.bfloat16)
+            errs.append(rel_err(K.int8_matmul(x, wq, s, regime=regime), K.int8_matmul_ref(x.double(), wq, s.double())))
+            errs.append(rel_err(K.int8_matmul_dx(dy, wq, s, regime=regime),
+                                K.int8_matmul_dx_ref(dy.double(), wq, s.double())))
+    return errs
 
 
 @cuda
 def test_kernels_cuda_autotuned():
     shapes = SMALL_SHAPES + [(1, 1000, 3000), (16, 3072, 1000), (300, 1500, 3072), (2100, 1030, 770)]
     check_kernel_rows(kernel_errors("cuda", shapes, [None]))
-    check_kernel_rows(kernel_errors("cuda", [(1, 1000, 3000), (5, 520, 1030)], [None], (torch.bfloat16,)))
-    for regime in ("decode", "decode_split"):  # both decode lists, explicitly
-        wq, s = random_int8_weight(1030, 3000, "cuda")
-        x = torch.randn(3, 3000, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(K.int8_matmul(x, wq, s, regime=regime), K.int8_matmul_ref(x.double(), wq, s.double())) < 1e-2
+    check_kernel_rows(kernel_errors("cuda", shapes, [None], (torch.bfloat16,), seed=1))  # again: cached launches
+    for shape in [(3, 1030, 3000), (17, 520, 1030), (1100, 1030, 770)]:
+        errs = regime_errors("cuda", shape, ["decode", "decode_split", "train", "dequant"])
+        assert max(errs) < 1e-2, (shape, errs)
+
+
+def test_dequantize_kernel_matches_reference_in_interpreter_or_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("covered by test_kernels_under_triton_interpreter")
+    wq, s = random_int8_weight(1030, 770, "cuda")
+    assert torch.equal(K.dequantize(wq, s, torch.bfloat16), K.dequantize_ref(wq, s, torch.bfloat16))
 
 
 @cuda
@@ -267,5 +292,10 @@ def test_lora_like_training_on_int8_base_tracks_dense_base():
 if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_interpreter
     rows = kernel_errors("cpu", SMALL_SHAPES, SMALL_CONFIGS)
     from hmtiny.quant import use_triton
+    wq, s = random_int8_weight(37, 70)
     print(json.dumps(dict(interpret=K.INTERPRET, kernels=rows, int8_linear=int8_linear_triton_vs_torch("cpu"),
-                          int8_linear_used_triton=use_triton(torch.zeros(1, dtype=torch.bfloat16), None))))
+                          int8_linear_used_triton=use_triton(torch.zeros(1, dtype=torch.bfloat16), None),
+                          # fp32 exactly; (the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest)
+                          dequantize_equal=torch.equal(K.dequantize(wq, s, torch.float32), K.dequantize_ref(wq, s)),
+                          dequantize_bf16=rel_err(K.dequantize(wq, s), K.dequantize_ref(wq, s)),
+                          regimes=regime_errors("cpu", (20, 37, 70), ["train", "dequant"], calls=1))))
