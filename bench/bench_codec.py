@@ -6,12 +6,14 @@
 Variants (10 Euler steps, CFG 1.25, 29.76 s windows):
   bf16            bf16 weights; float32 norms / ODE state / cross-fade; ScalarModel batched over windows
                   (default: up to 5 windows per batch at full size)
+  bf16 eager      same without the CUDA graph (kernels launched one by one from Python)
   bf16 batch=1    same, ScalarModel one window at a time (least memory)
   bf16 batch=all  same, every window in one ScalarModel batch
   bf16 autocast   float32 weights under torch.autocast(bfloat16)
   fp32            float32 weights, torch's default math flags (matmul fp32, cuDNN convs may use TF32)
-  reference-like  the reference's way: fp32, weight norm recomputed from (g, v) at every conv call,
-                  ScalarModel one window at a time, each window copied to the host
+  fp32 eager      same without the CUDA graph
+  reference-like  the reference's way: fp32, eager, weight norm recomputed from (g, v) at every conv
+                  call, ScalarModel one window at a time, each window copied to the host
 Every variant decodes the same codes with the same seed. Timings: wall clock around decode() (which
 returns a host tensor), after one warm-up decode, median of --repeat runs.
 """
@@ -75,6 +77,7 @@ class ReferenceLike:
 
     def __init__(self, codec: HeartCodec):
         self.codec = copy.deepcopy(codec)
+        self.codec.cuda_graphs = False
         for name in weight_normed_names(self.codec):
             nn.utils.parametrizations.weight_norm(self.codec.get_submodule(name[: -len(".weight")]))
 
@@ -116,7 +119,8 @@ def main():
     ap.add_argument("--guidance", type=float, default=1.25)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--variants", nargs="+",
-                    default=["bf16", "bf16 batch=1", "bf16 batch=all", "bf16 autocast", "fp32", "reference-like"])
+                    default=["bf16", "bf16 eager", "bf16 batch=1", "bf16 batch=all", "bf16 autocast",
+                             "fp32", "fp32 eager", "reference-like"])
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test of this script)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_codec.json")
     args = ap.parse_args()
@@ -139,6 +143,14 @@ def main():
     def variant(name):
         if name == "bf16":
             return lambda c: bf16.decode(c, args.steps, args.guidance, seed=0)
+        if name == "bf16 eager":
+            def run(c):
+                bf16.cuda_graphs = False
+                try:
+                    return bf16.decode(c, args.steps, args.guidance, seed=0)
+                finally:
+                    bf16.cuda_graphs = True
+            return run
         if name == "bf16 batch=1":
             return lambda c: bf16.decode(c, args.steps, args.guidance, seed=0, decode_batch=1)
         if name == "bf16 batch=all":
@@ -150,6 +162,14 @@ def main():
             return run
         if name == "fp32":
             return lambda c: fp32.decode(c, args.steps, args.guidance, seed=0)
+        if name == "fp32 eager":
+            def run(c):
+                fp32.cuda_graphs = False
+                try:
+                    return fp32.decode(c, args.steps, args.guidance, seed=0)
+                finally:
+                    fp32.cuda_graphs = True
+            return run
         if name == "reference-like":
             ref = ReferenceLike(fp32)
             return lambda c: ref.decode(c, args.steps, args.guidance, seed=0)
@@ -165,11 +185,13 @@ def main():
         windows = len(plan_windows(t, 372).starts)
         for name, fn in fns.items():
             try:
-                fn(codes)  # warm-up: cuDNN/cuBLAS heuristics, allocator
+                fn(codes)  # warm-up: cuDNN/cuBLAS heuristics, allocator, graph capture
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()  # every variant's weights + captured graphs
                 med, times, wav = timed(lambda: fn(codes), device, args.repeat)
-                peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+                # working memory of one decode, above what was allocated before it
+                peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if device.type == "cuda" else math.nan
             except Exception as e:  # report and go on with the other variants
                 print(f"{name:>15} {seconds:6.0f}s audio: FAILED {type(e).__name__}: {e}", flush=True)
                 info["results"].append({"variant": name, "seconds": seconds, "error": f"{type(e).__name__}: {e}"})
@@ -181,7 +203,7 @@ def main():
                    "samples": wav.shape[1]}
             info["results"].append(row)
             print(f"{name:>15} {seconds:6.0f}s audio: {med:7.3f} s  ({seconds / med:6.1f}x real time, "
-                  f"{row['tflops']:6.1f} TFLOP/s, peak {peak:5.1f} GiB)", flush=True)
+                  f"{row['tflops']:6.1f} TFLOP/s, +{peak:5.1f} GiB working memory)", flush=True)
     for row in info["results"]:  # same codes and seed: how far each variant lands from fp32
         ref = outputs.get(("fp32", row["seconds"]))
         wav = outputs.get((row["variant"], row["seconds"]))
@@ -210,7 +232,7 @@ def main():
     out = Path(args.out) / "bench_codec.json"
     out.write_text(json.dumps(info, indent=2))
     print(f"# wrote {out}")
-    print("\n| variant | audio | decode s | x real time | TFLOP/s | peak GiB | rel diff vs fp32 (max / rms) |")
+    print("\n| variant | audio | decode s | x real time | TFLOP/s | working GiB | rel diff vs fp32 (max / rms) |")
     print("|---|---|---|---|---|---|---|")
     for r in info["results"]:
         if "error" in r:

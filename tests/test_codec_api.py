@@ -239,3 +239,9 @@ def test_cuda_decode_matches_cpu(tiny):
         assert wav.shape == (2, int(100 / 12.5 * 48000))
         lat = torch.cat(lat).cpu()
         assert (lat - ref).abs().max().item() <= tol * ref.abs().max().item(), dtype
+        assert gpu._graph is not None  # the estimator ran as a CUDA graph ...
+        gpu.cuda_graphs = False
+        torch.manual_seed(0)
+        _, eager = gpu.detokenize(codes, window=WINDOW, steps=2, return_latents=True)
+        eager = torch.cat(eager).cpu()  # ... computing what eager mode computes
+        assert (lat - eager).abs().max().item() <= 1e-5 * eager.abs().max().item(), dtype
