@@ -120,7 +120,8 @@ def train(argv: list[str]) -> Path:
 
     log(f"training {total} steps ({steps_per_epoch} per epoch) of {cfg.train_batch_size} clip(s) x {accum} "
         f"accumulation, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
-        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, on {device}")
+        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        f"{'' if cfg.dynamo_backend == 'no' else ', blocks compiled (' + cfg.dynamo_backend + ')'}, on {device}")
     if validator and cfg.validation_on_startup and step == 0:
         validation()
 

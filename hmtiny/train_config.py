@@ -27,6 +27,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 MIXED_PRECISION = ("bf16", "fp16", "no")
 INT8_BASES = ("int8-quanto", "int8", "int8-torchao")
 DENSE_BASES = ("no_change", "bf16")
+DYNAMO_BACKENDS = ("no", "inductor", "aot_eager", "eager")  # the last two: torch.compile's debugging backends
 ADAMW_NAMES = ("adamw", "adamw_bf16", "adamw_torch", "adamw_torch_fused", "adamw_schedulefree", "optimi-adamw")
 
 
@@ -67,6 +68,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int | None = None  # None: a random seed, printed so the run can be repeated
     decoder_fraction: float = 1.0  # < 1: depth decoder on that share of frames (CSM compute amortisation, SPEC §4)
+    dynamo_backend: str = "no"  # "inductor": torch.compile each transformer block (SimpleTuner's option name)
+    dynamo_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     # ---- LoRA
     lora_type: str = "standard"
     lora_rank: int = 16
@@ -431,6 +434,7 @@ def validate(cfg: TrainConfig):
     _choice(cfg, "mixed_precision", MIXED_PRECISION)
     _choice(cfg, "base_model_precision", DENSE_BASES + INT8_BASES)
     _choice(cfg, "lr_scheduler", SCHEDULERS)
+    _choice(cfg, "dynamo_backend", DYNAMO_BACKENDS)
     _choice(cfg, "lora_type", ("standard",), " (LyCORIS is not implemented)")
     if cfg.optimizer not in ADAMW_NAMES:
         raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported: AdamW only ({list(ADAMW_NAMES)})")

@@ -128,12 +128,25 @@ def build_model(cfg: TrainConfig, device: torch.device, log=print):
         raise ConfigError(str(e)) from None
     model.backbone.gradient_checkpointing = cfg.gradient_checkpointing
     model.decoder.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.dynamo_backend != "no":
+        compile_blocks(model, cfg.dynamo_backend, cfg.dynamo_mode)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     log(f"model: {n_base / 1e6:.1f}M frozen base parameters ({cfg.base_model_precision}, {base_dtype(cfg)}), "
         f"{n_lora / 1e6:.2f}M LoRA parameters in {len(lora_layers(model))} layers "
         f"(rank {cfg.lora_rank}, alpha {cfg.alpha:g}), loaded in {time.time() - t0:.1f}s on {device}")
     return model
+
+
+def compile_blocks(model, backend: str, mode: str | None = None):
+    """torch.compile every transformer block (SimpleTuner calls this regional compilation): the blocks share one
+    graph, fused elementwise work cuts the launch-bound overhead of the many small ops (LoRA, RoPE, RMSNorm).
+    The first steps pay the compilation; a new sequence length may recompile once (then shapes go dynamic)."""
+    from torch import _dynamo
+    _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+    for stack in (model.backbone, model.decoder):
+        for block in stack.layers:
+            block.compile(backend=backend, mode=mode)
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
@@ -383,7 +396,7 @@ class Validator:
     def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, log=print):
         self.cfg, self.tokenizer, self.device, self.log = cfg, tokenizer, device, log
         self.folder = Path(cfg.output_dir) / "validation"
-        self._codec, self._codec_tried = None, False
+        self._codec, self._codec_tried, self._said_no_wav = None, False, False
         self.prompt = tokenizer.prompt(cfg.validation_prompt, cfg.validation_lyrics)
 
     def codec(self):
@@ -401,6 +414,20 @@ class Validator:
                 self.log(f"note: {reason}; validation clips are saved as audio tokens (.npy, [frames, 8]) "
                          f"instead of wav")
         return self._codec
+
+    def write_wav(self, stem: Path, wav: torch.Tensor, sample_rate: int) -> Path | None:
+        tmp = self.folder / f".{stem.name}.tmp.wav"
+        try:
+            from .codec import write_audio
+            write_audio(tmp, wav.float().cpu(), sample_rate)
+        except ImportError as e:  # soundfile missing: keep the tokens instead
+            tmp.unlink(missing_ok=True)
+            if not self._said_no_wav:
+                self.log(f"note: cannot write wav ({e}); validation clips are saved as audio tokens (.npy)")
+                self._said_no_wav = True
+            return None
+        os.replace(tmp, stem.with_suffix(".wav"))
+        return stem.with_suffix(".wav")
 
     @torch.no_grad()
     def run(self, model, step: int) -> list[Path]:
@@ -423,17 +450,14 @@ class Validator:
             if len(frames) == 0:
                 self.log(f"validation clip {i} at step {step}: the model stopped at once (EOS), nothing to decode")
                 continue
-            if codec is None:
-                path = stem.with_suffix(".npy")
-                atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
-            else:
-                from .codec import write_audio
+            path = None
+            if codec is not None:
                 wav = codec.decode(frames.T.contiguous().to(self.device), steps=cfg.validation_codec_steps,
                                    guidance=cfg.validation_codec_guidance, seed=seed + i)
-                path = stem.with_suffix(".wav")
-                tmp = self.folder / f".{stem.name}.tmp.wav"
-                write_audio(tmp, wav.float().cpu(), getattr(codec, "sample_rate", 48000))
-                os.replace(tmp, path)
+                path = self.write_wav(stem, wav, getattr(codec, "sample_rate", 48000))
+            if path is None:
+                path = stem.with_suffix(".npy")
+                atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
             written.append(path)
         self.log(f"validation at step {step}: {len(written)} clip(s), "
                  f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")

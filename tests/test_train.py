@@ -225,6 +225,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert [m["step"] for m in metrics(out)] == list(range(1, 7))
 
 
+def test_compiled_blocks_compute_the_same_step(tmp_path):
+    """dynamo_backend (SimpleTuner's name) compiles every block; aot_eager exercises the path without codegen."""
+    runs = {}
+    for backend in ("no", "aot_eager"):
+        cfg = make_run(tmp_path / backend, max_train_steps=2, checkpointing_steps=0, lora_dropout=0.1,
+                       gradient_checkpointing=True, dynamo_backend=backend)
+        assert train.main([str(cfg)]) == 0
+        runs[backend] = metrics(tmp_path / backend / "out")
+    assert [m["loss"] for m in runs["aot_eager"]] == pytest.approx([m["loss"] for m in runs["no"]], rel=1e-5)
+
+
 def test_checkpoint_pruning_and_contents(tmp_path):
     cfg = make_run(tmp_path, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2,
                    mixed_precision="bf16", gradient_checkpointing=True)
