@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder, save_json
 from .config import ModelConfig
-from .lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
+from .lora import LORA_WEIGHTS_NAME, _umask, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
 from .train_config import ConfigError, TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -249,6 +249,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
                           "targets": normalize_targets(cfg.lora_target_modules)},
                     config=cfg.to_dict())
         (tmp / STATE_NAME).write_text(json.dumps(full, indent=1))  # last: marks the folder complete
+        usual_mode(tmp, *tmp.iterdir())
         if final.exists():  # a re-run of the same step (resumed run): replace our own earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -256,6 +257,12 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def usual_mode(*paths: Path):
+    """Temporary files and folders are created private (0600/0700); give finished outputs the umask's mode."""
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
@@ -337,6 +344,7 @@ class Metrics:
         points = [(r["step"], r["loss"]) for r in self.read() if "loss" in r]
         if points:
             atomic_write(self.path.parent / "loss.svg", lambda p: p.write_text(loss_svg(points)))
+            usual_mode(self.path.parent / "loss.svg")
 
 
 def loss_svg(points: list[tuple[int, float]], width: int = 640, height: int = 320) -> str:
@@ -427,6 +435,7 @@ class Validator:
                 self._said_no_wav = True
             return None
         os.replace(tmp, stem.with_suffix(".wav"))
+        usual_mode(stem.with_suffix(".wav"))
         return stem.with_suffix(".wav")
 
     @torch.no_grad()
@@ -458,6 +467,7 @@ class Validator:
             if path is None:
                 path = stem.with_suffix(".npy")
                 atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
+                usual_mode(path)
             written.append(path)
         self.log(f"validation at step {step}: {len(written)} clip(s), "
                  f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
