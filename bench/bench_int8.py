@@ -98,6 +98,7 @@ def matmul_table(ms=MS, shapes=SHAPES):
             row["bf16_eager_us"] = bench(lambda i: xs[i] @ sets[i][3].T, n_sets)
             row["deq_mm_eager_us"] = bench(lambda i: xs[i] @ (sets[i][0].to(torch.bfloat16) * sets[i][2][:, None]).T, n_sets)
             regimes = ["decode", "decode_split"] if m <= K.DECODE_MAX_M else ["train", "dequant"]
+            regimes += ["gemv"] if m <= K.GEMV_MAX_M else []
             for regime in regimes:
                 row[f"err_{regime}"] = rel_err(mm(regime)(0), ref)
                 row[f"{regime}_us"] = gpu_us(mm(regime), n_sets)
@@ -127,28 +128,33 @@ def matmul_table(ms=MS, shapes=SHAPES):
 
 def print_table(rows):
     print("\nGPU µs per call (CUDA graph, weights rotated through > L2, L2 flushed per replay); eager = launched "
-          "from Python (do_bench)")
-    print("| K->N | M | bf16 | int8 fused | int8 split-K / deq+cuBLAS | int8 best vs bf16 | int8 rate | "
-          "eager bf16 | eager int8 | eager deq+mm (quanto-like) | dx bf16 | dx fused | dx deq+cuBLAS | dx best vs bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        a, b = ("decode", "decode_split") if r["M"] <= K.DECODE_MAX_M else ("train", "dequant")
-        best = min(r[f"{a}_us"], r[f"{b}_us"])
-        if r["M"] <= K.DECODE_MAX_M:
-            rate = f"{(r['N'] * r['K'] + 2 * r['M'] * (r['K'] + r['N'])) / best / 1e3:.0f} GB/s"
-            dx = "- | - | - | -"
-        else:
-            rate = f"{2 * r['M'] * r['N'] * r['K'] / best / 1e6:.0f} TFLOP/s"
-            bdx = min(r["dx_train_us"], r["dx_dequant_us"])
-            dx = f"{r['bf16_dx_us']:.1f} | {r['dx_train_us']:.1f} | {r['dx_dequant_us']:.1f} | {r['bf16_dx_us'] / bdx:.2f}x"
-        print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r[f'{a}_us']:.1f} | {r[f'{b}_us']:.1f} | "
-              f"{r['bf16_us'] / best:.2f}x | {rate} | {r['bf16_eager_us']:.1f} | {r['int8_eager_us']:.1f} | "
-              f"{r['deq_mm_eager_us']:.1f} | {dx} |")
-    host = [r for r in rows if "host_us_int8" in r]
-    if host:
-        print("host µs per call (M <= 16): bf16 %.1f, int8 cached launch %.1f, int8 through Triton's launcher %.1f" % (
-            statistics.median(r["host_us_bf16"] for r in host), statistics.median(r["host_us_int8"] for r in host),
-            statistics.median(r["host_us_int8_triton_launch"] for r in host)))
+          "from Python (do_bench, the default dispatch for int8)")
+    dec = [r for r in rows if r["M"] <= K.DECODE_MAX_M]
+    if dec:
+        print("| K->N | M | bf16 | int8 gemv | int8 tensor-core | int8 split-K | best vs bf16 | int8 GB/s | "
+              "eager bf16 | eager int8 | eager deq+mm (quanto-like) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in dec:
+            best = min(r.get("gemv_us", 1e9), r["decode_us"], r["decode_split_us"])
+            gb = (r["N"] * r["K"] + 2 * r["M"] * (r["K"] + r["N"])) / best / 1e3
+            gemv = f"{r['gemv_us']:.1f}" if "gemv_us" in r else "-"
+            print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {gemv} | {r['decode_us']:.1f} | "
+                  f"{r['decode_split_us']:.1f} | {r['bf16_us'] / best:.2f}x | {gb:.0f} | {r['bf16_eager_us']:.1f} | "
+                  f"{r['int8_eager_us']:.1f} | {r['deq_mm_eager_us']:.1f} |")
+        print("host µs per call: bf16 %.1f, int8 cached launch %.1f, int8 through Triton's launcher %.1f" % (
+            statistics.median(r["host_us_bf16"] for r in dec), statistics.median(r["host_us_int8"] for r in dec),
+            statistics.median(r["host_us_int8_triton_launch"] for r in dec)))
+    big = [r for r in rows if r["M"] > K.DECODE_MAX_M]
+    if big:
+        print("| K->N | M | bf16 | int8 fused | int8 deq+cuBLAS | best vs bf16 | TFLOP/s | eager bf16 | eager int8 | "
+              "eager deq+mm (quanto-like) | dx bf16 | dx fused | dx deq+cuBLAS | dx best vs bf16 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in big:
+            best, bdx = min(r["train_us"], r["dequant_us"]), min(r["dx_train_us"], r["dx_dequant_us"])
+            print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r['train_us']:.1f} | {r['dequant_us']:.1f} | "
+                  f"{r['bf16_us'] / best:.2f}x | {2 * r['M'] * r['N'] * r['K'] / best / 1e6:.0f} | "
+                  f"{r['bf16_eager_us']:.1f} | {r['int8_eager_us']:.1f} | {r['deq_mm_eager_us']:.1f} | "
+                  f"{r['bf16_dx_us']:.1f} | {r['dx_train_us']:.1f} | {r['dx_dequant_us']:.1f} | {r['bf16_dx_us'] / bdx:.2f}x |")
 
 
 def tuned_configs():
@@ -156,6 +162,9 @@ def tuned_configs():
     for regime, tuner in K._tuned.items():
         for key, cfg in tuner.cache.items():
             out[f"{regime} {key[:5]}"] = str(cfg)
+    for key, cfg in K._gemv_tuned.cache.items():
+        out[f"gemv {key[:3]}"] = str(cfg)
+    out.update({f"decode choice {key[2:5]}": v for key, v in K._decode_choice.items()})
     return out
 
 
@@ -245,7 +254,9 @@ def main():
         result["ceilings"] = ceilings()
     elif args.what == "matmul":
         ms = [int(x) for x in args.ms.split(",")] if args.ms else MS
-        rows = matmul_table(ms)
+        # decode only: also the fused projections of the generation engine (q|k|v, w1|w3)
+        shapes = SHAPES + [(3072, 5120), (3072, 16384)] if max(ms) <= K.DECODE_MAX_M else SHAPES
+        rows = matmul_table(ms, shapes)
         result.update(rows=rows, configs=tuned_configs())
         print_table(rows)
         bad = [r for r in rows if max(v for key, v in r.items() if key.startswith("err")) > 1e-2]

@@ -139,8 +139,9 @@ if triton is not None:
                              num_warps=warps, num_stages=stages)
 
     # decode: 16-row tiles (the smallest tensor-core M); narrow weight tiles -> many programs stream the weight
-    DECODE_CONFIGS = [
-        _cfg(16, 16, 256, 2, 4), _cfg(16, 16, 512, 4, 3), _cfg(16, 16, 512, 4, 4), _cfg(16, 32, 256, 4, 4),
+    DECODE_CONFIGS = [  # the first of each list is the one used without autotuning: the most often chosen on H100
+        _cfg(16, 32, 256, 4, 4), _cfg(16, 16, 256, 2, 4), _cfg(16, 16, 512, 4, 3), _cfg(16, 16, 512, 4, 4),
+        _cfg(16, 16, 256, 1, 4), _cfg(16, 16, 512, 2, 3), _cfg(16, 32, 128, 2, 6),
         _cfg(16, 32, 512, 4, 3), _cfg(16, 64, 256, 4, 3), _cfg(16, 64, 128, 4, 4), _cfg(16, 16, 1024, 4, 2),
         _cfg(16, 64, 256, 4, 3, lhs=True), _cfg(16, 128, 128, 4, 4, lhs=True), _cfg(16, 64, 128, 4, 5, lhs=True),
     ]
@@ -152,17 +153,82 @@ if triton is not None:
     ]
     # train/prefill: tensor-core tiles; both operand orders (weight as the dot's LHS can stay in registers)
     TRAIN_CONFIGS = [
-        _cfg(128, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4),
         _cfg(128, 64, 64, 4, 4), _cfg(64, 256, 64, 8, 3), _cfg(128, 128, 128, 8, 3),
         _cfg(128, 128, 64, 4, 4, lhs=True), _cfg(128, 128, 64, 8, 4, lhs=True), _cfg(64, 256, 64, 8, 3, lhs=True),
         _cfg(128, 256, 64, 8, 3, lhs=True), _cfg(64, 128, 64, 4, 4, lhs=True),
     ]
+    @triton.jit
+    def _w8_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
+        PAIR: tl.constexpr,  # this program computes rows 2*pid_m and 2*pid_m + 1 (else only the first)
+        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[m, n] = s[n] * sum_k x[m, k] Wq[n, k] for one or two rows m: CUDA-core FMAs (M is 1 or 2, no tensor
+        cores needed), each program streaming a [BLOCK_N, K] slab of a contiguous Wq in wide loads."""
+        m0 = tl.program_id(1) * 2
+        m1 = tl.minimum(m0 + 1, M - 1)  # an odd last row is computed twice, stored once
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + (rn % N)[:, None] * K + rk[None, :]
+        x0_ptrs = x_ptr + m0 * stride_xm + rk * stride_xk
+        x1_ptrs = x_ptr + m1 * stride_xm + rk * stride_xk
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            in_k = (k0 + rk) < K
+            if EVEN_K:
+                w = tl.load(w_ptrs).to(tl.float32)
+                x0 = tl.load(x0_ptrs).to(tl.float32)
+            else:
+                w = tl.load(w_ptrs, mask=in_k[None, :], other=0).to(tl.float32)
+                x0 = tl.load(x0_ptrs, mask=in_k, other=0.0).to(tl.float32)
+            acc0 += w * x0[None, :]
+            if PAIR:
+                if EVEN_K:
+                    x1 = tl.load(x1_ptrs).to(tl.float32)
+                else:
+                    x1 = tl.load(x1_ptrs, mask=in_k, other=0.0).to(tl.float32)
+                acc1 += w * x1[None, :]
+            w_ptrs += BLOCK_K
+            x0_ptrs += BLOCK_K * stride_xk
+            x1_ptrs += BLOCK_K * stride_xk
+        s = tl.load(s_ptr + rn % N).to(tl.float32)
+        in_n = rn < N
+        tl.store(y_ptr + m0 * stride_ym + rn * stride_yn, (tl.sum(acc0, axis=1) * s).to(y_ptr.dtype.element_ty),
+                 mask=in_n)
+        if PAIR:
+            tl.store(y_ptr + m1 * stride_ym + rn * stride_yn, (tl.sum(acc1, axis=1) * s).to(y_ptr.dtype.element_ty),
+                     mask=in_n & ((rn * 0 + m0 + 1) < M))
+
+    _gemv_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w8_gemv_kernel)
+
+    def _gcfg(bn, bk, warps, stages=1):
+        return triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+
+    GEMV_CONFIGS = [_gcfg(8, 1024, 4), _gcfg(8, 1024, 8), _gcfg(4, 1024, 4), _gcfg(16, 512, 4), _gcfg(16, 1024, 8),
+                    _gcfg(4, 2048, 8), _gcfg(8, 2048, 8), _gcfg(2, 2048, 4), _gcfg(8, 512, 4, 3), _gcfg(4, 1024, 4, 3)]
     _KEY = ["m_bucket", "P", "R", "stride_ar", "stride_br"]
-    _tuned = {
-        "decode": triton.autotune(DECODE_CONFIGS, key=_KEY)(_kernel),
-        "decode_split": triton.autotune(DECODE_SPLIT_CONFIGS, key=_KEY, reset_to_zero=["c_ptr"])(_kernel),
-        "train": triton.autotune(TRAIN_CONFIGS, key=_KEY)(_kernel),
-    }
+    _CONFIGS = {"decode": DECODE_CONFIGS, "decode_split": DECODE_SPLIT_CONFIGS, "train": TRAIN_CONFIGS}
+
+    def _quick_bench(fn, quantiles):  # shorter than Triton's default (25 + 100 ms per config): tuning stays seconds
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    def _autotune(configs, key, reset_to_zero=None):
+        try:
+            return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_quick_bench)
+        except TypeError:  # a Triton without the do_bench argument
+            return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
+
+    def set_autotune(enabled: bool):
+        """Autotune over each regime's config list (default), or use its first config only (fast tests)."""
+        global _tuned, _gemv_tuned
+        pick = (lambda c: c) if enabled else (lambda c: c[:1])
+        _tuned = {name: _autotune(pick(cfgs), _KEY, ["c_ptr"] if "split" in name else None)(_kernel)
+                  for name, cfgs in _CONFIGS.items()}
+        _gemv_tuned = _autotune(pick(GEMV_CONFIGS), ["N", "K", "PAIR"])(_gemv_kernel)
+        _compiled.clear()
+        _decode_choice.clear()
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -183,6 +249,11 @@ DEQUANT_MIN_M = 1024
 # path (argument binding, specialisation key, autotuner lookup) costs tens of µs of host time per call.
 FAST_LAUNCH = os.environ.get("HMTINY_INT8_FAST_LAUNCH", "1") == "1" and not INTERPRET
 _compiled: dict = {}
+# decode (M <= 16) has three kernels; which is fastest depends on the shape: timed once per shape, remembered
+GEMV_MAX_M = 2
+_decode_choice: dict = {}
+if triton is not None:
+    set_autotune(os.environ.get("HMTINY_INT8_AUTOTUNE", "1") == "1")
 
 
 def _cached_launch(key, args, slow):
@@ -225,6 +296,48 @@ def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> t
 
 def _regime(m: int) -> str:
     return "decode" if m <= DECODE_MAX_M else "train" if m < DEQUANT_MIN_M else "dequant"
+
+
+def _gemv_launch(x2, wq, scale, out, config):
+    m, k = x2.shape
+    n = wq.shape[0]
+    y = out.view(m, n) if out is not None else torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if m == 0 or n == 0:
+        return y
+    pair = m > 1
+    args = (x2, wq, scale, y, m, n, k, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1))
+    if config is not None or INTERPRET:
+        cfg = dict(config or {"BLOCK_N": 4, "BLOCK_K": 32})
+        extra = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, 2))
+        _gemv_kernel[grid](*args, PAIR=pair, **cfg, **extra)
+        return y
+
+    def slow():
+        grid_fn = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 2))
+        kernel = _gemv_tuned[grid_fn](*args, PAIR=pair)
+        cfg = _gemv_tuned.best_config.kwargs
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, 2), 1)
+        return kernel, grid, (pair, k % cfg["BLOCK_K"] == 0, cfg["BLOCK_N"], cfg["BLOCK_K"])
+
+    key = ("gemv", x2.device, x2.dtype, scale.dtype, *_align_key(x2, wq, scale, y), *args[4:])
+    _cached_launch(key, args, slow)
+    return y
+
+
+def _decode_regime(x2, wq, scale) -> str:
+    """The fastest decode kernel for this shape, timed on first use (call it before capturing a CUDA graph)."""
+    m, (n, k) = x2.shape[0], wq.shape
+    key = (x2.device, x2.dtype, triton.next_power_of_2(m), n, k, wq.is_contiguous())
+    choice = _decode_choice.get(key)
+    if choice is None:
+        from triton.testing import do_bench
+        candidates = ["decode", "decode_split"] + (["gemv"] if m <= GEMV_MAX_M and wq.is_contiguous() else [])
+        times = {}
+        for regime in candidates:
+            times[regime] = do_bench(lambda: int8_matmul(x2, wq, scale, regime=regime), warmup=5, rep=25)
+        choice = _decode_choice[key] = min(times, key=times.get)
+    return choice
 
 
 def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str, config: dict | None, out):
@@ -277,14 +390,21 @@ def _check(a: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor):
 def int8_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: str | None = None,
                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (Wq * s).T. x [..., K] bf16/fp16, Wq [N, K] int8, s [N] -> y [..., N] in x's dtype.
-    regime: "decode" / "decode_split" / "train" (fused Triton kernel, by config list) or "dequant" (dequantise,
-    then cuBLAS); default by the number of rows. config: fixed tiles, no autotuning. out: a tensor to write into."""
+    regime: "gemv" (M <= 2), "decode" / "decode_split" / "train" (tensor-core kernel, by config list) or "dequant"
+    (dequantise, then cuBLAS); by default chosen from the number of rows (for M <= 16: the fastest of the decode
+    kernels, timed on first use of a shape). config: fixed tiles, no autotuning. out: a tensor to write into."""
     _check(x, wq, scale)
     n, k = wq.shape
     x2 = x.reshape(-1, k)
     regime = regime or _regime(x2.shape[0])
+    if regime == "decode" and config is None and not INTERPRET and torch.cuda.is_available():
+        regime = _decode_regime(x2, wq, scale)
     if regime == "dequant" and config is None:
         y = torch.matmul(x2, dequantize(wq, scale, x.dtype).T, out=None if out is None else out.view(-1, n))
+    elif regime == "gemv":
+        if x2.shape[0] > GEMV_MAX_M or not wq.is_contiguous():
+            raise ValueError(f"the gemv kernel takes at most {GEMV_MAX_M} rows and a contiguous weight")
+        y = _gemv_launch(x2, wq, scale.reshape(-1), out, config)
     else:
         y = _launch(x2, wq, (wq.stride(1), wq.stride(0)), scale.reshape(-1), n, False, regime, config, out)
     return y.view(*x.shape[:-1], n)

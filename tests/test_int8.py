@@ -100,6 +100,7 @@ def test_kernels_under_triton_interpreter():
     assert result["int8_linear_used_triton"] and max(result["int8_linear"]) < 1e-2, result
     assert result["dequantize_equal"] and result["dequantize_bf16"] < 1e-2
     assert max(result["regimes"]) < 1e-2, result["regimes"]
+    assert len(result["gemv"]) == 8 and max(result["gemv"]) < 1e-2, result["gemv"]
 
 
 def regime_errors(device: str, shape, regimes, calls=2, seed=0) -> list[float]:
@@ -119,14 +120,44 @@ def regime_errors(device: str, shape, regimes, calls=2, seed=0) -> list[float]:
     return errs
 
 
+def gemv_errors(device: str, shapes=((1, 40, 70), (2, 33, 64), (2, 20, 35), (1, 7, 300)), config=None, seed=0):
+    """The M <= 2 kernel (forward only) on fresh inputs with NaN-poisoned outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    errs = []
+    for m, n, k in shapes:
+        wq, s = random_int8_weight(n, k, device, gen)
+        x = torch.randn(m, k + 3, generator=gen).to(device, torch.bfloat16)[:, :k]
+        y = torch.full((m, n), float("nan"), device=device, dtype=torch.bfloat16)
+        K.int8_matmul(x, wq, s, regime="gemv", config=config, out=y)
+        errs.append(rel_err(y, K.int8_matmul_ref(x.double(), wq, s.double())))
+    return errs
+
+
+@pytest.fixture
+def one_config_per_regime():
+    """Awkward shapes each need their own tuning: test them with each regime's first config, then restore."""
+    K.set_autotune(False)
+    yield
+    K.set_autotune(True)
+
+
 @cuda
-def test_kernels_cuda_autotuned():
+def test_kernels_cuda(one_config_per_regime):
     shapes = SMALL_SHAPES + [(1, 1000, 3000), (16, 3072, 1000), (300, 1500, 3072), (2100, 1030, 770)]
     check_kernel_rows(kernel_errors("cuda", shapes, [None]))
     check_kernel_rows(kernel_errors("cuda", shapes, [None], (torch.bfloat16,), seed=1))  # again: cached launches
     for shape in [(3, 1030, 3000), (17, 520, 1030), (1100, 1030, 770)]:
         errs = regime_errors("cuda", shape, ["decode", "decode_split", "train", "dequant"])
         assert max(errs) < 1e-2, (shape, errs)
+    assert max(gemv_errors("cuda") + gemv_errors("cuda", [(2, 1000, 3000)])) < 1e-2
+
+
+@cuda
+def test_kernels_cuda_autotuned_and_decode_choice():
+    for m in (1, 2, 16):  # the default dispatch times the decode kernels once per shape, then remembers
+        errs = [e for seed in (0, 1) for e in regime_errors("cuda", (m, 3072, 1024), [None], calls=1, seed=seed)]
+        assert max(errs) < 1e-2, (m, errs)
+    assert {key[2] for key in K._decode_choice} >= {1, 2, 16}
 
 
 def test_dequantize_kernel_matches_reference_in_interpreter_or_cuda():
@@ -298,4 +329,5 @@ if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_
                           # fp32 exactly; (the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest)
                           dequantize_equal=torch.equal(K.dequantize(wq, s, torch.float32), K.dequantize_ref(wq, s)),
                           dequantize_bf16=rel_err(K.dequantize(wq, s), K.dequantize_ref(wq, s)),
-                          regimes=regime_errors("cpu", (20, 37, 70), ["train", "dequant"], calls=1))))
+                          regimes=regime_errors("cpu", (20, 37, 70), ["train", "dequant"], calls=1),
+                          gemv=gemv_errors("cpu") + gemv_errors("cpu", config=dict(BLOCK_N=8, BLOCK_K=16)))))
