@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import gemv
 from .model import HeartMuLa, Transformer
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
@@ -52,9 +53,11 @@ class Fused(nn.Module):
         super().__init__()
         self.sizes = [p.out_features for p in parts]
         self._sources = parts  # a plain list: not registered, only read by refresh()
-        self.int8, self.parts = None, None
+        self.int8, self.parts, self.direct = None, None, None
         self.register_buffer("weight", None, persistent=False)
-        if fuse and all(type(p) is nn.Linear and p.bias is None for p in parts):
+        if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
+            self.direct = parts[0]  # nothing to concatenate: read the model's own weight
+        elif fuse and all(type(p) is nn.Linear and p.bias is None for p in parts):
             self.weight = torch.cat([p.weight.detach() for p in parts])
         elif fuse and _all_int8(parts):
             from .quant import Int8Linear
@@ -75,8 +78,10 @@ class Fused(nn.Module):
             torch.cat([p.scale for p in self._sources], out=self.int8.scale)
 
     def forward(self, x):
+        if self.direct is not None:
+            return gemv.linear(x, self.direct.weight)
         if self.weight is not None:
-            return F.linear(x, self.weight)
+            return gemv.linear(x, self.weight)
         if self.int8 is not None:
             return self.int8(x)
         outs = [p(x) for p in self.parts]
@@ -98,9 +103,9 @@ class FastLayer(nn.Module):
         self.block = block  # norms and KV cache live in the model
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
         self.qkv = Fused([a.q_proj, a.k_proj, a.v_proj], fuse)
-        self.wo = a.output_proj
+        self.wo = Fused([a.output_proj], fuse)
         self.w13 = Fused([m.w1, m.w3], fuse)
-        self.w2 = m.w2
+        self.w2 = Fused([m.w2], fuse)
         self.hidden = m.w1.out_features
 
     def forward(self, x, cos, sin, slots, mask):
@@ -175,6 +180,7 @@ class Engine:
             raise ValueError(f"audio_eos_id {self.eos} must lie in [{cfg.codebook_size}, {self.V})")
         self.backbone = FastStack(model.backbone, fuse)
         self.decoder = FastStack(model.decoder, fuse)
+        self.projection = Fused([model.projection], fuse)
         self.sources = self._sources()
         if share and fuse:
             self._share_weights()
@@ -196,7 +202,7 @@ class Engine:
 
     def _sources(self):
         """The module objects the engine was built from (to notice LoRA wrapping, quantisation, merging)."""
-        out = []
+        out = [self.model.projection, self.model.codebook0_head]
         for stack in (self.model.backbone, self.model.decoder):
             for b in stack.layers:
                 out += [b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.output_proj, b.mlp.w1, b.mlp.w2,
@@ -228,14 +234,14 @@ class Engine:
     def _head(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Logits of codebook i from h [B,D] (0: backbone state; 1..K-1: depth-decoder state)."""
         if self.heads_fused:
-            return F.linear(h, self.c0_w if i == 0 else self.head_w[i - 1])
+            return gemv.linear(h, self.c0_w if i == 0 else self.head_w[i - 1])
         return self.model.codebook0_head(h) if i == 0 else self.model.audio_logits(i, h)
 
     @torch.no_grad()
     def _share_weights(self):
         """Make the model's own q/k/v and gate/up weights row views of the fused matrices: no second copy."""
         for f in self._fused():
-            if f.weight is None and f.int8 is None:
+            if f.weight is None and f.int8 is None:  # direct or part-by-part: nothing copied
                 continue
             start = 0
             for p, n in zip(f._sources, f.sizes):
@@ -266,7 +272,7 @@ class Engine:
         dec_in = torch.stack([h, m.embed_audio(0, self._both(c)).to(h.dtype)], 1)
         for i in range(1, K):
             pos, slots, mask = self.dec_steps[i - 1]
-            out = self.decoder(m.projection(dec_in), pos, slots, mask)
+            out = self.decoder(self.projection(dec_in), pos, slots, mask)
             c = pick(i, self._head(i, out[:, -1]))
             codes.append(c)
             if i < K - 1:
