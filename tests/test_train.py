@@ -180,7 +180,7 @@ def bad_token_file(folder: Path) -> Path:
     ("bad_tokens", ["track_99.tokens.npy", "ambiguous"]),
     ("init_lora_rank", ["init_lora", "lora_rank"]),
 ])
-def test_bad_inputs_exit_nonzero_and_touch_nothing(finished_run, tmp_path, capsys, args, expected):
+def test_bad_inputs_exit_nonzero_and_touch_nothing(finished_run, tmp_path, capsys, monkeypatch, args, expected):
     cfg, out = finished_run
     if args == "bad_tokens":
         bad_token_file(tmp_path)
@@ -192,6 +192,11 @@ def test_bad_inputs_exit_nonzero_and_touch_nothing(finished_run, tmp_path, capsy
                 "--output_dir=" + str(tmp_path / "out3")]
     before = snapshot(out)
     capsys.readouterr()
+
+    def no_model_load(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr("hmtiny.trainer.load_heartmula", no_model_load)
     assert train.main([str(cfg), *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -223,6 +228,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(HeartMuLa, "loss", real_loss)
     assert train.main([str(cfg)]) == 0
     assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("layout", ["ckpt", "ckpt_model_folder", "separate"])
+def test_model_locations(tmp_path, layout):
+    """heartlib's ckpt/ folder (HeartMuLa-oss-3B/, HeartCodec-oss/, tokenizer.json, gen_config.json), its model
+    subfolder, and separate paths for model, tokenizer, gen_config and codec all find every piece."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(TINY / "model", ckpt / "HeartMuLa-oss-3B")
+    has_codec = (TINY / "codec" / "config.json").is_file()
+    if has_codec:
+        shutil.copytree(TINY / "codec", ckpt / "HeartCodec-oss")
+    if layout == "separate":
+        for name in ("tokenizer.json", "gen_config.json"):
+            (tmp_path / "text").mkdir(exist_ok=True)
+            shutil.copy(TINY / name, tmp_path / "text" / ("gen.json" if name == "gen_config.json" else name))
+        paths = {"pretrained_model_name_or_path": str(ckpt / "HeartMuLa-oss-3B"),
+                 "tokenizer_path": str(tmp_path / "text" / "tokenizer.json"),
+                 "gen_config_path": str(tmp_path / "text" / "gen.json"),
+                 "codec_path": str(ckpt / "HeartCodec-oss") if has_codec else None}
+    else:
+        for name in ("tokenizer.json", "gen_config.json"):
+            shutil.copy(TINY / name, ckpt / name)
+        paths = {"pretrained_model_name_or_path": str(ckpt if layout == "ckpt" else ckpt / "HeartMuLa-oss-3B")}
+    cfg = make_run(tmp_path, max_train_steps=1, checkpointing_steps=0, validation_prompt="pop, piano",
+                   validation_audio_duration=0.4, validation_guidance=1.0, **paths)
+    assert train.main([str(cfg)]) == 0
+    clips = [p.suffix for p in (tmp_path / "out" / "validation").iterdir()]
+    assert clips == ([".wav"] if has_codec else [".npy"])
 
 
 def test_compiled_blocks_compute_the_same_step(tmp_path):
