@@ -59,14 +59,14 @@ def train(argv: list[str]) -> Path:
     log(f"config: {cfg.config_path}" + (f" with overrides {sorted(overrides)}" if overrides else ""))
 
     # ---- everything that can fail cheaply happens before the model is loaded
-    if cfg.seed is None:
-        cfg.seed = random.SystemRandom().randrange(2**31)
-        log(f"seed: {cfg.seed} (random; pass --seed={cfg.seed} to repeat this run)")
     device = pick_device(cfg)
     check_int8_available(cfg)
     resume_from = check_output_dir(cfg)
-    if resume_from is not None:
-        check_resume(resume_from, cfg)
+    saved_seed = check_resume(resume_from, cfg)["config"].get("seed") if resume_from is not None else None
+    if cfg.seed is None:  # a resumed run keeps its seed (data order, crops); a new one draws and prints one
+        cfg.seed = saved_seed if saved_seed is not None else random.SystemRandom().randrange(2**31)
+        log(f"seed: {cfg.seed} ({'from ' + resume_from.name if saved_seed is not None else 'random'}; "
+            f"pass --seed={cfg.seed} to repeat this run)")
     if resume_from is not None and cfg.init_lora:
         log(f"note: resuming from {resume_from}: init_lora is not used")
         cfg.init_lora = None

@@ -404,7 +404,7 @@ class Validator:
     def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, log=print):
         self.cfg, self.tokenizer, self.device, self.log = cfg, tokenizer, device, log
         self.folder = Path(cfg.output_dir) / "validation"
-        self._codec, self._codec_tried, self._said_no_wav = None, False, False
+        self._codec, self._codec_tried, self._said_no_wav, self._said_short = None, False, False, False
         self.prompt = tokenizer.prompt(cfg.validation_prompt, cfg.validation_lyrics)
 
     def codec(self):
@@ -444,6 +444,13 @@ class Validator:
         cfg = self.cfg
         t0 = time.time()
         max_frames = max(1, round(cfg.validation_audio_duration * 12.5))
+        room = model.cfg.backbone.max_seq_len - len(self.prompt[0]) - 1  # the engine needs one spare position
+        if max_frames > room:
+            if not self._said_short:
+                self.log(f"note: validation_audio_duration {cfg.validation_audio_duration}s is {max_frames} frames; "
+                         f"the prompt leaves room for {room} in the model's context: generating {room}")
+                self._said_short = True
+            max_frames = room
         seed = cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0)
         prompts = [tuple(x.to(self.device) if torch.is_tensor(x) else x for x in self.prompt)] \
             * cfg.num_validation_images

@@ -131,6 +131,31 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [m["loss"] for m in la] == pytest.approx([m["loss"] for m in lb], rel=1e-6)
 
 
+def test_resume_keeps_a_random_seed(tmp_path, monkeypatch):
+    """seed null draws a seed; the resumed run must reuse it (data order, dropout) rather than draw another."""
+    run = make_run(tmp_path / "a", seed=None, lora_dropout=0.3, max_train_steps=4, checkpointing_steps=2,
+                   tracks=("01", "02", "03", "04"))
+    real_save = train.save_checkpoint
+
+    def crash(out, step, *args, **kwargs):
+        real_save(out, step, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([str(run)])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    seed = json.loads((tmp_path / "a" / "out" / "checkpoint-2" / "training_state.json").read_text())["config"]["seed"]
+    assert isinstance(seed, int)
+    assert train.main([str(run)]) == 0
+    straight = make_run(tmp_path / "b", seed=seed, lora_dropout=0.3, max_train_steps=4, checkpointing_steps=2,
+                        tracks=("01", "02", "03", "04"))
+    assert train.main([str(straight)]) == 0
+    a = lora(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
+    b = lora(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_init_lora_starts_from_the_given_weights(tmp_path):
     src = make_run(tmp_path / "src", max_train_steps=3, checkpointing_steps=0)
     assert train.main([str(src)]) == 0
