@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder, save_json
+from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder
 from .config import ModelConfig
 from .lora import LORA_WEIGHTS_NAME, _umask, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
 from .train_config import ConfigError, TrainConfig
