@@ -396,9 +396,10 @@ def int8_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: 
     _check(x, wq, scale)
     n, k = wq.shape
     x2 = x.reshape(-1, k)
-    regime = regime or _regime(x2.shape[0])
-    if regime == "decode" and config is None and not INTERPRET and torch.cuda.is_available():
-        regime = _decode_regime(x2, wq, scale)
+    if regime is None:
+        regime = _regime(x2.shape[0])
+        if regime == "decode" and config is None and x2.is_cuda and not INTERPRET:
+            regime = _decode_regime(x2, wq, scale)
     if regime == "dequant" and config is None:
         y = torch.matmul(x2, dequantize(wq, scale, x.dtype).T, out=None if out is None else out.view(-1, n))
     elif regime == "gemv":
