@@ -138,6 +138,14 @@ def materialize_buffers(module: nn.Module, device):
     return module.to(device)
 
 
+def usual_mode(*paths: Path):
+    """Temporary files/folders are created private (0600/0700): give finished outputs the umask's usual mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, (0o777 if Path(p).is_dir() else 0o666) & ~mask)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]):
     """Write through a temporary file in the same folder, then rename: readers never see a half file."""
     path = Path(path)
@@ -146,6 +154,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]):
     os.close(fd)
     try:
         write(Path(tmp))
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,14 +222,7 @@ def save_lora(model: nn.Module, path: str | Path, targets=None, metadata: dict |
         targets = [t for t in DEFAULT_TARGETS if t in leaves] + sorted(leaves - set(DEFAULT_TARGETS))
     meta = _metadata(rank, alpha, normalize_targets(targets), metadata)
     atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
-    os.chmod(path, 0o666 & ~_umask())  # temporary files are created 0600; give the result the usual mode
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass

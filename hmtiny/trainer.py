@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder
+from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder, usual_mode
 from .config import ModelConfig
-from .lora import LORA_WEIGHTS_NAME, _umask, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
+from .lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
 from .train_config import ConfigError, TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -257,12 +257,6 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def usual_mode(*paths: Path):
-    """Temporary files and folders are created private (0600/0700); give finished outputs the umask's mode."""
-    for p in paths:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_umask())
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
