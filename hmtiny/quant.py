@@ -12,7 +12,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kernels import int8_matmul as K
 
