@@ -5,7 +5,8 @@ steps -> codebooks 1..7, each sampled with top-k + temperature (exponential race
 
 What makes it fast (SPEC §5, §10), and how it differs from the official loop:
 - the KV cache is sized to the request (prompt + frames), not to 8192 positions;
-- q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two);
+- q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), and the
+  few-row decode matmuls run through hmtiny.gemv (a Triton GEMV tuned per shape) on CUDA;
 - the whole frame step is captured once in a CUDA graph (optionally after torch.compile fuses the elementwise
   work) and replayed; the host only checks for EOS every `eos_check_every` frames;
 - ids the codec cannot decode (codebook_size, codebook_size+2..) are never sampled, EOS frames are never returned.
@@ -445,7 +446,10 @@ class Engine:
 
 # ---------------------------------------------------------------- the function most callers use
 def default_mode(device: torch.device) -> str:
-    return "compile" if device.type == "cuda" else "eager"
+    """CUDA graph of the eager step on CUDA: ~97 frames/s on an H100 after a ~1.5 s capture. "compile" runs at
+    ~151 frames/s but its first call takes ~55 s (torch.compile): worth it only past ~10 minutes of audio per
+    process (bench/NOTES.md, Generation)."""
+    return "graph" if device.type == "cuda" else "eager"
 
 
 def engine_for(model: HeartMuLa, fast=None) -> Engine:
@@ -475,8 +479,9 @@ def generate(model: HeartMuLa, prompts: list[Prompt], max_frames: int, cfg_scale
     < codebook_size. seed / generator make sampling reproducible (same device, same mode). topk 1 = greedy;
     topk 0 = no top-k. cfg_scale 1 = no guidance (no doubled batch). stop_on_eos False: EOS is never sampled, every
     song gets max_frames frames (fixed-length output, e.g. for an untrained model).
-    fast: None/True = CUDA graph of the torch.compile'd frame step on CUDA, eager elsewhere; False = eager;
-    or "eager" / "graph" / "compile". The engine is cached on the model and re-reads its weights every call."""
+    fast: None/True = default_mode (CUDA graph of the frame step on CUDA, eager elsewhere); False = eager;
+    or "eager" / "graph" / "compile" (fastest per frame, ~1 min of torch.compile on the first call).
+    The engine is cached on the model and re-reads its weights every call."""
     device = model.text_embeddings.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
