@@ -103,9 +103,9 @@ def bytes_per_frame(model) -> int:
 
 
 def gemv_table(res, dev="cuda"):
-    """Each decode shape (2 rows, CFG): cuBLAS F.linear vs hmtiny.gemv's tuned tile, timed inside a CUDA graph
+    """Each decode shape (2 rows, CFG): cuBLAS F.linear vs kernels.gemv's tuned tile, timed inside a CUDA graph
     over weights that miss L2 (as in a frame), and the kernel's relative error against float64 on random data."""
-    from hmtiny import gemv
+    from kernels import gemv
     shapes = [("backbone qkv", 5120, 3072), ("o_proj/projection", 3072, 3072), ("w1|w3", 16384, 3072),
               ("w2", 3072, 8192), ("decoder qkv", 6144, 3072), ("head (padded)", 8256, 3072)]
     rows = []
@@ -143,7 +143,7 @@ def main():
     ap.add_argument("--modes", default="plain,eager,graph,compile")
     ap.add_argument("--int8", action="store_true", help="then quantise the stacks and time the int8 engine too")
     ap.add_argument("--int8-modes", default="graph,compile")
-    ap.add_argument("--gemv", action="store_true", help="first time each decode matmul shape: cuBLAS vs hmtiny.gemv")
+    ap.add_argument("--gemv", action="store_true", help="first time each decode matmul shape: cuBLAS vs kernels.gemv")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--topk", type=int, default=50)
     args = ap.parse_args()

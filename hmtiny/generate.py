@@ -6,7 +6,7 @@ steps -> codebooks 1..7, each sampled with top-k + temperature (exponential race
 What makes it fast (SPEC §5, §10), and how it differs from the official loop:
 - the KV cache is sized to the request (prompt + frames), not to 8192 positions;
 - q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), and the
-  few-row decode matmuls run through hmtiny.gemv (a Triton GEMV tuned per shape) on CUDA;
+  few-row decode matmuls run through kernels.gemv (a Triton GEMV tuned per shape) on CUDA;
 - the whole frame step is captured once in a CUDA graph (optionally after torch.compile fuses the elementwise
   work) and replayed; the host only checks for EOS every `eos_check_every` frames;
 - ids the codec cannot decode (codebook_size, codebook_size+2..) are never sampled, EOS frames are never returned.
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import gemv
+from kernels import gemv
 from .model import HeartMuLa, Transformer
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from hmtiny.quant import DEFAULT_TARGETS, Int8Linear, quantize_model, quantize_weight, wants_int8  # noqa: E402
 from kernels import int8_matmul as K  # noqa: E402
 
-FIXTURES = Path(os.environ.get("HMTINY_FIXTURES", "/work/shared/fixtures")) / "heartmula"
+FIXTURES = Path(os.environ.get("HMTINY_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "heartmula"
 needs_fixture = pytest.mark.skipif(not (FIXTURES / "model.safetensors").exists(), reason="no HeartMuLa fixture")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

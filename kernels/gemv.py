@@ -5,8 +5,10 @@ weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (and, f
 output projections, into K slices summed afterwards in a fixed order: deterministic, no atomics) so that every SM
 keeps several loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the device.
 
-Used only on CUDA for bf16/fp16 weights, at most 16 rows, shapes the tiles divide; anything else is F.linear.
-It is a torch custom op, so torch.compile treats it as one opaque call and CUDA graphs capture it.
+Used only on CUDA for bf16/fp16 weights, at most 16 rows, shapes the tiles divide (N by the row block, K by the
+K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows are
+masked, so any row count up to 16 runs. It is a torch custom op, so torch.compile treats it as one opaque call and
+CUDA graphs capture it. `tests/test_gemv.py` checks it against `gemv_ref` (under TRITON_INTERPRET=1 on CPU).
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ if triton is not None:
             w_ptrs += BLOCK_K
         y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The plain-torch reference (and the path for every shape the kernel does not take)."""
+    return F.linear(x, w)
 
 
 def _stages(bn: int, bk: int) -> int:
@@ -124,7 +131,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 def _gemv_impl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     cfg = _pick(x2, w)
-    y = F.linear(x2, w) if cfg is None else _launch(x2, w, cfg)
+    y = gemv_ref(x2, w) if cfg is None else _launch(x2, w, cfg)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
@@ -142,4 +149,4 @@ else:  # pragma: no cover - old torch
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) without bias; the Triton GEMV when it applies."""
-    return gemv_op(x, w) if usable(x, w) else F.linear(x, w)
+    return gemv_op(x, w) if usable(x, w) else gemv_ref(x, w)
