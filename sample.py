@@ -305,7 +305,9 @@ def run(a) -> int:
     from hmtiny.codec import HeartCodec, write_audio
     t0 = time.time()
     try:
-        codec = HeartCodec.load(codec_where, device=device, dtype=torch.float32)
+        # the codec follows --dtype, except fp16 (its float32-sensitive flow is only checked in bf16 and fp32)
+        codec_dtype = torch.float32 if dtype == torch.float32 or device.type == "cpu" else torch.bfloat16
+        codec = HeartCodec.load(codec_where, device=device, dtype=codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
     for i, (frames, out) in enumerate(zip(songs, outs)):
