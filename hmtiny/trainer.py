@@ -153,10 +153,6 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
                              eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay, **extra)
 
 
-def trainable_names(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 # ---------------------------------------------------------------- output folder
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     out = []
