@@ -332,7 +332,6 @@ class Metrics:
         points = [(r["step"], r["loss"]) for r in self.read() if "loss" in r]
         if points:
             atomic_write(self.path.parent / "loss.svg", lambda p: p.write_text(loss_svg(points)))
-            usual_mode(self.path.parent / "loss.svg")
 
 
 def loss_svg(points: list[tuple[int, float]], width: int = 640, height: int = 320) -> str:
@@ -414,19 +413,14 @@ class Validator:
         return self._codec
 
     def write_wav(self, stem: Path, wav: torch.Tensor, sample_rate: int) -> Path | None:
-        tmp = self.folder / f".{stem.name}.tmp.wav"
         try:
-            from .codec import write_audio
-            write_audio(tmp, wav.float().cpu(), sample_rate)
+            from .codec import write_audio  # writes atomically (temporary file + rename)
+            return write_audio(stem.with_suffix(".wav"), wav, sample_rate)
         except ImportError as e:  # soundfile missing: keep the tokens instead
-            tmp.unlink(missing_ok=True)
             if not self._said_no_wav:
                 self.log(f"note: cannot write wav ({e}); validation clips are saved as audio tokens (.npy)")
                 self._said_no_wav = True
             return None
-        os.replace(tmp, stem.with_suffix(".wav"))
-        usual_mode(stem.with_suffix(".wav"))
-        return stem.with_suffix(".wav")
 
     @torch.no_grad()
     def run(self, model, step: int) -> list[Path]:
@@ -464,7 +458,6 @@ class Validator:
             if path is None:
                 path = stem.with_suffix(".npy")
                 atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
-                usual_mode(path)
             written.append(path)
         self.log(f"validation at step {step}: {len(written)} clip(s), "
                  f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
