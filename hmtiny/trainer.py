@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import atomic_write, find_model_folder, load_heartmula, resolve_folder, usual_mode
 from .config import ModelConfig
-from .lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, normalize_targets, save_lora
+from .lora import (LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, mark_only_lora_trainable,
+                   normalize_targets, save_lora)
 from .train_config import ConfigError, TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -118,12 +119,11 @@ def build_model(cfg: TrainConfig, device: torch.device, log=print):
     kwargs = {"quantize": True} if cfg.int8_base else {}
     t0 = time.time()
     model = load_heartmula(model_folder(cfg), dtype=base_dtype(cfg), device=device, **kwargs)
-    for p in model.parameters():
-        p.requires_grad_(False)
     try:
         inject_lora(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target_modules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    mark_only_lora_trainable(model)
     model.backbone.gradient_checkpointing = cfg.gradient_checkpointing
     model.decoder.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.dynamo_backend != "no":
