@@ -187,6 +187,16 @@ def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
+def _jsonl_rows(path: Path, problems: list[str]):
+    """(line number, parsed value) of every non-blank line; lines that are not JSON go to `problems`."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: not valid JSON ({e})")
+
+
 def _read_metadata(folder: Path, problems: list[str]) -> dict[str, dict]:
     """metadata.jsonl / metadata.csv rows keyed by the audio file's path relative to the folder."""
     rows: dict[str, dict] = {}
@@ -195,13 +205,7 @@ def _read_metadata(folder: Path, problems: list[str]) -> dict[str, dict]:
         if not path.is_file():
             continue
         if name.endswith(".jsonl"):
-            items = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        items.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        problems.append(f"{path}:{n}: not valid JSON ({e})")
+            items = list(_jsonl_rows(path, problems))
         else:
             with path.open(newline="", encoding="utf-8") as f:
                 items = [(n, r) for n, r in enumerate(csv.DictReader(f), 2)]
@@ -291,12 +295,8 @@ def _dataset_files(root: Path) -> list[Path]:
 
 def _dataset_rows(path: Path, problems: list[str]):
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    problems.append(f"{path}:{n}: not valid JSON ({e})")
+        for n, row in _jsonl_rows(path, problems):
+            yield f"{path}:{n}", row
         return
     try:
         import pyarrow.parquet as pq
