@@ -8,7 +8,6 @@ itself, never EOS). Surrounding whitespace is stripped, as SimpleTuner does (tag
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -139,7 +138,3 @@ def find_text_assets(name_or_path: str | os.PathLike) -> tuple[Path, Path]:
     if not ((root / "tokenizer.json").is_file() and (root / "gen_config.json").is_file()):
         root = resolve_folder(GEN_REPO, allow_patterns=patterns)
     return root / "tokenizer.json", root / "gen_config.json"
-
-
-def write_gen_config(gen: GenConfig, path: str | os.PathLike):
-    Path(path).write_text(json.dumps(vars(gen), indent=2) + "\n")

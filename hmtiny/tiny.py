@@ -36,7 +36,6 @@ import torch
 
 from .checkpoint import save_heartmula
 from .config import GenConfig, ModelConfig, StackConfig
-from .text import write_gen_config
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 SEED = 20260125
@@ -187,7 +186,7 @@ def main(out: Path = ASSETS, seed: int = SEED, codec: bool = True):
     texts += [cfg["validation_prompt"], cfg["validation_lyrics"]]
     tok = train_tokenizer(texts)
     tok.save(str(out / "tokenizer.json"))
-    write_gen_config(GEN, out / "gen_config.json")
+    write_json(vars(GEN), out / "gen_config.json")
 
     torch.manual_seed(seed)
     model_cfg = tiny_model_config(tok.get_vocab_size())
