@@ -116,9 +116,8 @@ def load_tokenizer(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, device: torch.device, log=print):
     """Frozen base (bf16/fp16/fp32 or int8) + fresh LoRA layers (float32) on the target layers."""
-    kwargs = {"quantize": True} if cfg.int8_base else {}
     t0 = time.time()
-    model = load_heartmula(model_folder(cfg), dtype=base_dtype(cfg), device=device, **kwargs)
+    model = load_heartmula(model_folder(cfg), dtype=base_dtype(cfg), device=device, quantize=cfg.int8_base)
     try:
         inject_lora(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target_modules)
     except ValueError as e:
