@@ -140,17 +140,20 @@ def main():
     params = sum(p.numel() for p in fp32.parameters())
     print(f"# built {params / 1e6:.0f}M params in {time.perf_counter() - t0:.1f}s", flush=True)
 
+    def eager(codec):
+        def run(c):
+            codec.cuda_graphs = False
+            try:
+                return codec.decode(c, args.steps, args.guidance, seed=0)
+            finally:
+                codec.cuda_graphs = True
+        return run
+
     def variant(name):
         if name == "bf16":
             return lambda c: bf16.decode(c, args.steps, args.guidance, seed=0)
         if name == "bf16 eager":
-            def run(c):
-                bf16.cuda_graphs = False
-                try:
-                    return bf16.decode(c, args.steps, args.guidance, seed=0)
-                finally:
-                    bf16.cuda_graphs = True
-            return run
+            return eager(bf16)
         if name == "bf16 batch=4":
             return lambda c: bf16.decode(c, args.steps, args.guidance, seed=0, decode_batch=4)
         if name == "bf16 batch=all":
@@ -163,13 +166,7 @@ def main():
         if name == "fp32":
             return lambda c: fp32.decode(c, args.steps, args.guidance, seed=0)
         if name == "fp32 eager":
-            def run(c):
-                fp32.cuda_graphs = False
-                try:
-                    return fp32.decode(c, args.steps, args.guidance, seed=0)
-                finally:
-                    fp32.cuda_graphs = True
-            return run
+            return eager(fp32)
         if name == "reference-like":
             ref = ReferenceLike(fp32)
             return lambda c: ref.decode(c, args.steps, args.guidance, seed=0)
