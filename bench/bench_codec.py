@@ -35,6 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.codec import HeartCodec, HeartCodecConfig, plan_windows  # noqa: E402
 from hmtiny.codec.estimator import mlp_hidden  # noqa: E402
+from hmtiny.codec.scalar import decoder_channels  # noqa: E402
 from hmtiny.codec.weights import weight_normed_names  # noqa: E402
 
 
@@ -52,8 +53,7 @@ def estimator_flops(cfg: HeartCodecConfig, batch: int, frames: int) -> float:
 
 
 def scalar_flops(cfg: HeartCodecConfig, sequences: int, frames: int) -> float:
-    n = len(cfg.upsample_factors)
-    ch = [cfg.init_channel * 2 ** (n - i) for i in range(n + 1)]
+    ch = decoder_channels(cfg)
     macs, rate = cfg.latent_hidden_dim * ch[0] * cfg.delay_kernel_size, 1
     for i, s in enumerate(cfg.upsample_factors):
         macs += rate * ch[i] * ch[i + 1] * 2 * s                      # transposed conv, per input step

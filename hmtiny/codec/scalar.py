@@ -90,11 +90,16 @@ def quantise(x: torch.Tensor) -> torch.Tensor:
     return torch.round(9 * x) / 9
 
 
+def decoder_channels(cfg) -> list[int]:
+    """Channels into the first up-sampling block, then out of each: 2048, 1024, ..., 64 for the release."""
+    n = len(cfg.upsample_factors)
+    return [cfg.init_channel * 2 ** (n - i) for i in range(n + 1)]
+
+
 class ScalarDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        n = len(cfg.upsample_factors)
-        ch = [cfg.init_channel * 2 ** (n - i) for i in range(n + 1)]  # 2048, 1024, ..., 64 for the release
+        ch = decoder_channels(cfg)
         k = cfg.delay_kernel_size
         layers: list[nn.Module] = [weight_normed(nn.Conv1d(cfg.latent_hidden_dim, ch[0], k, padding=(k - 1) // 2))]
         layers += [DecoderBlock(ch[i], ch[i + 1], s, cfg.res_kernel_size) for i, s in enumerate(cfg.upsample_factors)]
