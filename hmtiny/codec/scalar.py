@@ -3,7 +3,7 @@
 round(9x)/9 quantiser -> look-ahead conv (not causal) -> 5 up-sampling blocks (causal transposed conv, then
 5 dilated residual units with PReLU) -> post-processor (each step repeated num_samples times, causal conv,
 PReLU) -> final causal conv to one band. The checkpoint stores most convs weight-normed; they are folded
-into plain weights once at load time (see codec.py), so the forward pass is plain convolutions.
+into plain weights once at load time (see weights.py), so the forward pass is plain convolutions.
 Attribute names equal the checkpoint's keys (`decoder.N...`); the encoder is not built.
 """
 from __future__ import annotations
