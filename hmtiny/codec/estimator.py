@@ -173,24 +173,22 @@ class Estimator(nn.Module):
             self._rope[key] = rope_tables(length, head_dim, device)
         return self._rope[key]
 
+    def run_stack(self, h: torch.Tensor, t: torch.Tensor, blocks, adaln, table, head_dim: int) -> torch.Tensor:
+        """One DiT stack on a projected input h: time modulation, the blocks on the float32 residual stream,
+        the modulated final LayerNorm."""
+        mod, emb = adaln(t, h.dtype)
+        rope = self.rope(h.shape[1], head_dim, h.device)
+        h = h.float()
+        for block in blocks:
+            h = block(h, mod, rope)
+        return modulated_layer_norm(h, table, emb)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x [B, T, in_channels], t [B] float32 flow time -> float32 velocity [B, T, out_channels]."""
-        dtype = self.proj_in.ffn_2.weight.dtype
-        x = x.to(dtype)
-        length, device = x.shape[1], x.device
-        s = self.proj_in(x)
-        mod, emb = self.adaln_single(t, s.dtype)
-        rope = self.rope(length, self.head_dims[0], device)
-        s = s.float()
-        for block in self.transformer_blocks:
-            s = block(s, mod, rope)
-        s = modulated_layer_norm(s, self.scale_shift_table, emb)
-
+        x = x.to(self.proj_in.ffn_2.weight.dtype)
+        s = self.run_stack(self.proj_in(x), t, self.transformer_blocks, self.adaln_single, self.scale_shift_table,
+                       self.head_dims[0])
         h = self.connection_proj(torch.cat([x, s.to(x.dtype)], dim=-1))
-        mod, emb = self.adaln_single_2(t, h.dtype)
-        rope = self.rope(length, self.head_dims[1], device)
-        h = h.float()
-        for block in self.transformer_blocks_2:
-            h = block(h, mod, rope)
-        h = modulated_layer_norm(h, self.scale_shift_table_2, emb)
+        h = self.run_stack(h, t, self.transformer_blocks_2, self.adaln_single_2, self.scale_shift_table_2,
+                       self.head_dims[1])
         return self.proj_out(h.to(x.dtype)).float()
