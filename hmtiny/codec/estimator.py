@@ -187,8 +187,8 @@ class Estimator(nn.Module):
         """x [B, T, in_channels], t [B] float32 flow time -> float32 velocity [B, T, out_channels]."""
         x = x.to(self.proj_in.ffn_2.weight.dtype)
         s = self.run_stack(self.proj_in(x), t, self.transformer_blocks, self.adaln_single, self.scale_shift_table,
-                       self.head_dims[0])
+                           self.head_dims[0])
         h = self.connection_proj(torch.cat([x, s.to(x.dtype)], dim=-1))
         h = self.run_stack(h, t, self.transformer_blocks_2, self.adaln_single_2, self.scale_shift_table_2,
-                       self.head_dims[1])
+                           self.head_dims[1])
         return self.proj_out(h.to(x.dtype)).float()
