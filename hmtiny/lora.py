@@ -213,9 +213,9 @@ def save_lora(model: nn.Module, path: str | Path, targets=None, metadata: dict |
         raise ValueError("the model has no LoRA layers to save")
     ranks = {m.rank for m in layers.values()}
     alphas = {m.alpha for m in layers.values()}
-    rank, alpha = max(ranks), alphas.pop() if len(alphas) == 1 else None
-    if len(ranks) != 1 or alpha is None:
+    if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError("save_lora expects one rank and alpha for every layer")
+    rank, alpha = ranks.pop(), alphas.pop()
     state = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     if targets is None:  # the layer names actually adapted (the keys list every module exactly)
         leaves = {p.rsplit(".", 1)[-1] for p in layers}
