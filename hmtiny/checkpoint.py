@@ -68,15 +68,6 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, sf.get_tensor(key)
 
 
-def checkpoint_keys(folder: Path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for f in weight_files(folder):
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                out[key] = tuple(sf.get_slice(key).get_shape())
-    return out
-
-
 def _set_tensor(module: nn.Module, key: str, value: torch.Tensor):
     *path, name = key.split(".")
     owner = module.get_submodule(".".join(path)) if path else module
@@ -128,14 +119,6 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype | None = No
             lines.append(f"  shape mismatches ({len(bad_shape)}): {bad_shape[:20]}")
         raise ValueError("\n".join(lines))
     return module
-
-
-def materialize_buffers(module: nn.Module, device):
-    """Non-persistent buffers (rope tables, offsets) are computed, not loaded: rebuild any left on meta."""
-    for name, buf in list(module.named_buffers()):
-        if buf.is_meta:
-            raise RuntimeError(f"buffer {name} is still on the meta device")
-    return module.to(device)
 
 
 def usual_mode(*paths: Path):
