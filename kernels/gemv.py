@@ -1,9 +1,9 @@
 """y = x @ W.T for a few rows of x (decode: 2 rows with CFG), streaming W once at close to memory bandwidth.
 
 cuBLAS reaches only 1.1-1.7 TB/s on HeartMuLa's decode shapes (SPEC §10), so a frame that must read ~10.5 GB of
-weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (and, for the tall-and-narrow w2 /
-output projections, into K slices summed afterwards in a fixed order: deterministic, no atomics) so that every SM
-keeps several loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the device.
+weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (optionally also into K slices summed
+afterwards in a fixed order: deterministic, no atomics) so that every SM keeps several loads in flight. Each
+shape's tile sizes are picked once by timing a few candidates on the device.
 
 Used only on CUDA for bf16/fp16 weights, at most 16 rows, shapes the tiles divide (N by the row block, K by the
 K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows are
@@ -105,7 +105,7 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
 
 
 def _pick(x2, w):
-    """Time the candidate tiles once per (rows, N, K, dtype) and keep the fastest (outside any graph capture)."""
+    """Time the candidate tiles once per (N, K, dtype) and keep the fastest (outside any graph capture)."""
     key = (w.shape[0], w.shape[1], w.dtype)  # rows do not matter: every call computes a 16-row tile
     if key not in _best:
         fits = [c for c in CANDIDATES if _fits(c, w.shape[0], w.shape[1])]
