@@ -9,7 +9,8 @@ int8. The scale sits on the output column in the forward (applied once, in the e
 in the backward (applied to each weight tile before the dot).
 
 Regimes, chosen by the number of rows M: decode (M <= 16: memory-bound, narrow weight tiles streamed with deep
-pipelining so that many programs read the weight at once; optionally split along R with fp32 atomics), train
+pipelining so that many programs read the weight at once; optionally split along R with fp32 atomics; for M <= 2
+also a CUDA-core GEMV, forward only; the forward times these once per shape and keeps the fastest), train
 (tensor-core tiles) and, for large M, dequant: one memory-bound pass writes the bf16 weight, cuBLAS multiplies
 (the transient copy is one layer's weight). Every launcher has a plain-torch reference beside it (`*_ref`), which
 is also the CPU/MPS path.
