@@ -86,8 +86,7 @@ class Int8Linear(nn.Module):
                  device=None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        n_groups = 1 if group_size is None else in_features // group_size
-        scale_shape = (out_features,) if group_size is None else (out_features, n_groups)
+        scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -153,7 +152,7 @@ def quantize_on_load(model: nn.Module, device, targets=DEFAULT_TARGETS, group_si
 
     def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
         name = weight_keys.get(key)
-        if name is None or tensor.dim() != 2:
+        if name is None:
             return tensor
         linear = model.get_submodule(name)
         if tuple(tensor.shape) != (linear.out_features, linear.in_features):
