@@ -53,8 +53,9 @@ class Fused(nn.Module):
     def __init__(self, parts: list[nn.Module], fuse: bool):
         super().__init__()
         self.sizes = [p.out_features for p in parts]
-        self._sources = parts  # a plain list: not registered, only read by refresh()
+        self._sources = parts  # a plain list: not registered, only read by refresh() and share()
         self.int8, self.parts, self.direct = None, None, None
+        self.shared = False  # share(): the sources' weights are views of the fused copy
         self.register_buffer("weight", None, persistent=False)
         if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
@@ -72,11 +73,28 @@ class Fused(nn.Module):
     @torch.no_grad()
     def refresh(self):
         """Copy the source weights again (in place: a captured graph keeps pointing at the same memory)."""
+        if self.shared:  # the sources read the fused weights themselves: nothing to copy
+            return
         if self.weight is not None:
             torch.cat([p.weight for p in self._sources], out=self.weight)
         elif self.int8 is not None:
             torch.cat([p.weight for p in self._sources], out=self.int8.weight)
             torch.cat([p.scale for p in self._sources], out=self.int8.scale)
+
+    @torch.no_grad()
+    def share(self):
+        """Make the source layers' weights row views of the fused copy (no second copy; the caller owns the model
+        and will not replace those weights). Direct and part-by-part layers hold no copy: nothing to do."""
+        if self.weight is None and self.int8 is None:
+            return
+        start = 0
+        for p, n in zip(self._sources, self.sizes):
+            if self.weight is not None:
+                p.weight = nn.Parameter(self.weight[start: start + n], requires_grad=False)
+            else:  # int8 buffers
+                p.weight, p.scale = self.int8.weight[start: start + n], self.int8.scale[start: start + n]
+            start += n
+        self.shared = True
 
     def forward(self, x):
         if self.direct is not None:
@@ -183,8 +201,9 @@ class Engine:
         self.decoder = FastStack(model.decoder, fuse)
         self.projection = Fused([model.projection], fuse)
         self.sources = self._sources()
-        if share and fuse:
-            self._share_weights()
+        if share and fuse:  # the model's own q/k/v and gate/up weights become views of the fused matrices
+            for f in self._fused():
+                f.share()
         # output heads padded to a multiple of 64 rows, [V, D] layout: aligned GEMVs (8197 columns are not)
         self.heads_fused = fuse and type(model.codebook0_head) is nn.Linear and isinstance(model.audio_head, nn.Parameter)
         self.Vout = -(-self.V // 64) * 64 if self.heads_fused else self.V
@@ -226,8 +245,7 @@ class Engine:
     def refresh(self):
         """Re-read the model's weights into the fused copies (weights may have changed since: training)."""
         for f in self._fused():
-            if not getattr(f, "shared", False):
-                f.refresh()
+            f.refresh()
         if self.heads_fused:
             self.c0_w[: self.V].copy_(self.model.codebook0_head.weight)
             self.head_w[:, : self.V].copy_(self.model.audio_head.transpose(1, 2))
@@ -237,21 +255,6 @@ class Engine:
         if self.heads_fused:
             return gemv.linear(h, self.c0_w if i == 0 else self.head_w[i - 1])
         return self.model.codebook0_head(h) if i == 0 else self.model.audio_logits(i, h)
-
-    @torch.no_grad()
-    def _share_weights(self):
-        """Make the model's own q/k/v and gate/up weights row views of the fused matrices: no second copy."""
-        for f in self._fused():
-            if f.weight is None and f.int8 is None:  # direct or part-by-part: nothing copied
-                continue
-            start = 0
-            for p, n in zip(f._sources, f.sizes):
-                if f.weight is not None:
-                    p.weight = nn.Parameter(f.weight[start: start + n], requires_grad=False)
-                else:  # int8 buffers
-                    p.weight, p.scale = f.int8.weight[start: start + n], f.int8.scale[start: start + n]
-                start += n
-            f.shared = True
 
     # ------------------------------------------------------------ one frame
     def _mix(self, logits: torch.Tensor) -> torch.Tensor:
