@@ -47,8 +47,8 @@ def sample_tokens(logits: torch.Tensor, topk: int, temperature: float, noise: to
 # ---------------------------------------------------------------- fused inference weights
 class Fused(nn.Module):
     """Several linear layers applied to the same input, outputs concatenated. Plain nn.Linear layers become one
-    matrix, int8 layers one Int8Linear (scales are per output row, so rows concatenate): one GEMV at decode instead
-    of several small ones. Anything else (LoRA wrappers) is called part by part: slower, always current."""
+    matrix, several int8 layers one Int8Linear (scales are per output row, so rows concatenate): one GEMV at decode
+    instead of several small ones. Anything else (a single int8 layer, LoRA wrappers) is called part by part."""
 
     def __init__(self, parts: list[nn.Module], fuse: bool):
         super().__init__()
@@ -61,7 +61,7 @@ class Fused(nn.Module):
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
         elif fuse and all(type(p) is nn.Linear and p.bias is None for p in parts):
             self.weight = torch.cat([p.weight.detach() for p in parts])
-        elif fuse and _all_int8(parts):
+        elif fuse and len(parts) > 1 and _all_int8(parts):
             from .quant import Int8Linear
             self.int8 = Int8Linear(parts[0].in_features, sum(self.sizes), group_size=parts[0].group_size,
                                    device=parts[0].weight.device)
