@@ -200,14 +200,14 @@ def load_everything(s, a, device, dtype, need_codec=True):
         raise UsageError(f"no HeartCodec found beside {s['model']}: pass --codec.\n\n{DOWNLOAD_HELP}")
     t0 = time.time()
     try:
-        model = load_heartmula(s["model"], dtype=dtype, device=device, **({"quantize": True} if s["int8"] else {}))
+        model = load_heartmula(s["model"], dtype=dtype, device=device, quantize=s["int8"])
     except FileNotFoundError as e:
         raise UsageError(f"no HeartMuLa model at {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
     print(f"model {s['model']} loaded in {time.time() - t0:.1f} s ({device}, {str(dtype).replace('torch.', '')}"
           f"{', int8 stacks' if s['int8'] else ''})")
     if s["loras"]:
         from hmtiny.lora import apply_loras
-        apply_loras(model, s["loras"], merge=None if not s["int8"] else False)
+        apply_loras(model, s["loras"], merge=False if s["int8"] else None)
         names = ", ".join(f"{p.name}:{sc:g}" for p, sc in s["loras"])
         print(f"LoRA {names} {'applied unmerged (int8 base)' if s['int8'] else 'merged into the weights'}")
     return tok, model, codec_where
