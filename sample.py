@@ -294,10 +294,10 @@ def run(a) -> int:
 
     if token_paths:
         import numpy as np
+        from hmtiny.trainer import save_npy
         for frames, p in zip(songs, token_paths):
             p.parent.mkdir(parents=True, exist_ok=True)
-            with open(p, "wb") as f:
-                np.save(f, frames.numpy().astype(np.int16))
+            save_npy(p, frames.numpy().astype(np.int16))
             print(f"tokens: {p}")
     if a.tokens_only:
         return 0
