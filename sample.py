@@ -186,7 +186,7 @@ def pick_device(a):
 
 
 def load_everything(s, a, device, dtype, need_codec=True):
-    from hmtiny.checkpoint import load_heartmula
+    from hmtiny.checkpoint import find_codec_beside, load_heartmula
     from hmtiny.text import PromptTokenizer, find_text_assets
 
     tok = s["tokenizer_obj"]
@@ -195,7 +195,7 @@ def load_everything(s, a, device, dtype, need_codec=True):
             tok = PromptTokenizer.load(*find_text_assets(s["tokenizer"] or s["model"]))
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"no tokenizer for {s['tokenizer'] or s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
-    codec_where = s["codec"] or find_codec(s["model"])
+    codec_where = s["codec"] or find_codec_beside(s["model"])
     if codec_where is None and need_codec:
         raise UsageError(f"no HeartCodec found beside {s['model']}: pass --codec.\n\n{DOWNLOAD_HELP}")
     t0 = time.time()
@@ -211,18 +211,6 @@ def load_everything(s, a, device, dtype, need_codec=True):
         names = ", ".join(f"{p.name}:{sc:g}" for p, sc in s["loras"])
         print(f"LoRA {names} {'applied unmerged (int8 base)' if s['int8'] else 'merged into the weights'}")
     return tok, model, codec_where
-
-
-def find_codec(model: str):
-    from hmtiny.checkpoint import CODEC_SUBFOLDERS
-    given = Path(model).expanduser()
-    if given.exists():
-        for root in (given, given.parent):
-            for name in CODEC_SUBFOLDERS + ("codec",):
-                if (root / name / "config.json").is_file():
-                    return root / name
-        return None
-    return "HeartMuLa/HeartCodec-oss"
 
 
 def main(argv=None) -> int:

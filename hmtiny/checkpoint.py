@@ -195,6 +195,20 @@ def find_model_folder(root: Path, subfolders=MODEL_SUBFOLDERS) -> Path:
     raise FileNotFoundError(f"no config.json in {root} nor in any of its subfolders {list(subfolders)}")
 
 
+def find_codec_beside(model_name_or_path) -> Path | str | None:
+    """Where HeartCodec is, given where the model is: a codec folder inside or beside a local model folder
+    (heartlib's ckpt/ layout: HeartCodec-oss/; the built-in tiny default: codec/), the official repo id when the
+    model itself comes from the hub, None when a local model has no codec next to it."""
+    given = Path(model_name_or_path).expanduser()
+    if not given.exists():
+        return "HeartMuLa/HeartCodec-oss"
+    for root in (given, given.parent):
+        for name in CODEC_SUBFOLDERS + ("codec", "HeartCodec"):
+            if (root / name / "config.json").is_file():
+                return root / name
+    return None
+
+
 def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False):
     """Build HeartMuLa on the meta device and assign the checkpoint's tensors (no second full copy).
     quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CODEC_SUBFOLDERS, atomic_write, find_model_folder, load_heartmula, resolve_folder, usual_mode
+from .checkpoint import atomic_write, find_codec_beside, find_model_folder, load_heartmula, resolve_folder, usual_mode
 from .config import ModelConfig
 from .lora import (LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, mark_only_lora_trainable,
                    normalize_targets, save_lora)
@@ -368,18 +368,8 @@ def save_npy(path: Path, array: np.ndarray):
 
 
 def find_codec_folder(cfg: TrainConfig) -> Path | str | None:
-    """codec_path, else a codec folder beside the model (heartlib ckpt/ layout: HeartCodec-oss/; the tiny
-    default: codec/), else the official repo id when the model itself came from the hub."""
-    if cfg.codec_path:
-        return cfg.codec_path
-    given = Path(cfg.pretrained_model_name_or_path).expanduser()
-    if given.exists():
-        for root in (given, given.parent):
-            for name in CODEC_SUBFOLDERS + ("codec", "HeartCodec"):
-                if (root / name / "config.json").is_file():
-                    return root / name
-        return None
-    return "HeartMuLa/HeartCodec-oss"
+    """codec_path, else the codec found beside the model (hmtiny.checkpoint.find_codec_beside)."""
+    return cfg.codec_path or find_codec_beside(cfg.pretrained_model_name_or_path)
 
 
 class Validator:
