@@ -1,0 +1,97 @@
+"""Where a generated frame's time goes: per-kernel GPU time of one frame step at full 3B size.
+
+    python bench/profile_generate.py [--modes graph,compile] [--frames 64] [--steps 20]
+
+For each Engine mode: one short request (200-row prompt, CFG on) to build and capture the step, then
+torch.profiler over `--steps` replays of the captured CUDA graph (CUPTI reports the kernels inside a graph), and
+over the same number of un-captured calls of the step (what the graph holds, launched one by one). Prints the
+kernels grouped by name: calls per frame, GPU µs per frame, share of the frame; and the graph replay's wall time
+per frame next to the sum of its kernels' times (the difference is the gaps between kernels).
+JSON to $OUT/profile_generate.json when OUT is set.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_generate import synthetic_prompt  # noqa: E402
+from hmtiny.config import ModelConfig  # noqa: E402
+from hmtiny.generate import Engine  # noqa: E402
+from hmtiny.model import build_random  # noqa: E402
+
+
+def kernel_table(prof, steps):
+    rows = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name[:90]
+            rows[name][0] += 1
+            rows[name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    total = sum(v[1] for v in rows.values())
+    table = sorted(({"kernel": k, "calls_per_frame": v[0] / steps, "us_per_frame": v[1] / steps}
+                    for k, v in rows.items()), key=lambda r: -r["us_per_frame"])
+    return table, total / steps
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="graph,compile")
+    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "."))
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    model = build_random(ModelConfig.official_3b(), device="cuda", dtype=torch.bfloat16)
+    prompt = synthetic_prompt(model.cfg)
+    for mode in args.modes.split(","):
+        eng = Engine(model, mode)
+        eng.generate([prompt], args.frames, generator=torch.Generator("cuda").manual_seed(0), stop_on_eos=False)
+        P = int(prompt[0].shape[0])
+
+        def rewind():  # the request is over: put the frame counters back so replays stay inside the buffers
+            eng.state["idx"].zero_()
+            eng.state["slot"].fill_(P + 1)
+
+        rewind()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            eng._graph.replay()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / args.steps * 1e6
+        rewind()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+            for _ in range(args.steps):
+                eng._graph.replay()
+            torch.cuda.synchronize()
+        table_g, sum_g = kernel_table(p, args.steps)
+        rewind()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+            for _ in range(args.steps):
+                eng._step()
+            torch.cuda.synchronize()
+        table_e, sum_e = kernel_table(p, args.steps)
+        res[mode] = {"graph_wall_us_per_frame": wall, "graph_kernel_sum_us": sum_g, "graph_kernels": table_g,
+                     "ungraphed_kernel_sum_us": sum_e, "ungraphed_kernels": table_e,
+                     "kernels_per_frame": sum(r["calls_per_frame"] for r in table_e)}
+        print(f"\n== {mode}: graph replay {wall:.0f} us/frame wall; kernels inside {sum_g:.0f} us "
+              f"({len(table_g)} names); ungraphed kernels {sum_e:.0f} us, "
+              f"{res[mode]['kernels_per_frame']:.0f} launches/frame", flush=True)
+        tab = table_g if table_g else table_e
+        for r in tab[:40]:
+            print(f"{r['us_per_frame']:8.1f} us {r['calls_per_frame']:6.1f}x  {r['kernel']}")
+        (out / "profile_generate.json").write_text(json.dumps(res, indent=1))
+        del eng
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
