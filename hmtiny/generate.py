@@ -25,9 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import gemv
+from kernels.decode_attention import decode_attention
+from kernels.topk_sample import sample as sample_kernel
 from .model import HeartMuLa, Transformer
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
+DECODE_ROWS = 16  # up to this many new rows per song, attention runs as kernels.decode_attention
 
 
 # ---------------------------------------------------------------- sampling
@@ -56,6 +59,7 @@ class Fused(nn.Module):
         self._sources = parts  # a plain list: not registered, only read by refresh() and share()
         self.int8, self.parts, self.direct = None, None, None
         self.shared = False  # share(): the sources' weights are views of the fused copy
+        self.tile = None  # plan(): the GEMV tile for compiled decode steps (K slices summed in the consumer)
         self.register_buffer("weight", None, persistent=False)
         if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
@@ -96,11 +100,23 @@ class Fused(nn.Module):
             start += n
         self.shared = True
 
+    def dense_weight(self):
+        return self.direct.weight if self.direct is not None else self.weight
+
+    def plan(self, rows: int, split: bool):
+        """Pick the decode GEMV tile for `rows` input rows now (it is timed on the device), so that the compiled
+        step can use kernels.gemv.linear_split: split=True lets K be cut into slices that the next fused kernel
+        adds up. Only for plain bf16/fp16 weights; others keep their own path."""
+        w = self.dense_weight()
+        if w is not None:
+            self.tile = gemv.plan(w.new_zeros(rows, w.shape[1]), w, split=split)
+
     def forward(self, x):
-        if self.direct is not None:
-            return gemv.linear(x, self.direct.weight)
-        if self.weight is not None:
-            return gemv.linear(x, self.weight)
+        w = self.dense_weight()
+        if w is not None and self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+            return gemv.linear_split(x, w, self.tile)
+        if w is not None:
+            return gemv.linear(x, w)
         if self.int8 is not None:
             return self.int8(x)
         outs = [p(x) for p in self.parts]
@@ -127,26 +143,31 @@ class FastLayer(nn.Module):
         self.w2 = Fused([m.w2], fuse)
         self.hidden = m.w1.out_features
 
-    def forward(self, x, cos, sin, slots, mask):
-        """x [B,S,D]; cos/sin [B,S,1,hd/2] for the rows' positions; slots [S] cache indices written;
-        mask [B,1,G*S,L] bool (True = may attend; see FastStack.forward)."""
+    def forward(self, x, slots, pos, start, rope):
+        """x [B,S,D] at positions pos [B,S], written to cache slots [S] (consecutive). Row i of song b attends to
+        cache slots start[b]..slots[i]. rope: the stack's (cos, sin) table; (cos [B,S,1,hd/2], sin, mask) for the
+        multi-row prompt path (see FastStack.forward)."""
         b, s, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(self.block.sa_norm(x))
-        # rotate q and k together: they are adjacent in the fused output
-        qk = qkv[..., : (H + KV) * hd].float().unflatten(-1, (H + KV, hd // 2, 2))
-        x0, x1 = qk[..., 0], qk[..., 1]
-        qk = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-3).to(x.dtype)
-        q, k = qk.split([H * hd, KV * hd], -1)
-        v = qkv[..., (H + KV) * hd:]
         cache = self.block.attn.kv_cache
-        cache.k.index_copy_(2, slots, k.view(b, s, KV, hd).transpose(1, 2))
-        cache.v.index_copy_(2, slots, v.reshape(b, s, KV, hd).transpose(1, 2))
-        # GQA without repeating k/v: the G query heads of one kv head become G*S query rows of that head
-        G = H // KV
-        q = q.view(b, s, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(b, KV, G * s, hd)
-        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
-        y = y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
+        if isinstance(rope, torch.Tensor):  # few rows: one kernel does RoPE, the cache write and the attention
+            y = decode_attention(qkv, cache.k, cache.v, rope, pos, slots, start, H, KV)
+        else:
+            cos, sin, mask = rope
+            # rotate q and k together: they are adjacent in the fused output
+            qk = qkv[..., : (H + KV) * hd].float().unflatten(-1, (H + KV, hd // 2, 2))
+            x0, x1 = qk[..., 0], qk[..., 1]
+            qk = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-3).to(x.dtype)
+            q, k = qk.split([H * hd, KV * hd], -1)
+            v = qkv[..., (H + KV) * hd:]
+            cache.k.index_copy_(2, slots, k.view(b, s, KV, hd).transpose(1, 2))
+            cache.v.index_copy_(2, slots, v.reshape(b, s, KV, hd).transpose(1, 2))
+            # GQA without repeating k/v: the G query heads of one kv head become G*S query rows of that head
+            G = H // KV
+            q = q.view(b, s, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(b, KV, G * s, hd)
+            y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
+            y = y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
         h = x + self.wo(y)
         g, u = self.w13(self.block.mlp_norm(h)).split([self.hidden, self.hidden], -1)
         return h + self.w2(F.silu(g) * u)
@@ -158,19 +179,24 @@ class FastStack(nn.Module):
         self.stack = stack
         self.layers = nn.ModuleList(FastLayer(b, fuse) for b in stack.layers)
 
-    def rope(self, pos: torch.Tensor):
-        """pos [B,S] -> cos, sin [B,S,1,hd/2] (float32, from the model's own table)."""
-        t = self.stack.rope[pos]
-        return t[..., 0].unsqueeze(2), t[..., 1].unsqueeze(2)
-
-    def forward(self, x, pos, slots, mask):
-        """x [B,S,D] at positions pos [B,S], written to cache slots [S]; mask [B|1,1,S,L] -> normed output."""
-        cos, sin = self.rope(pos)
-        # one mask row per query row of the GQA layout (G query heads per kv head), built once for all layers
-        G, s, L = self.stack.cfg.num_heads // self.stack.cfg.num_kv_heads, x.shape[1], mask.shape[-1]
-        mask = mask.unsqueeze(2).expand(mask.shape[0], 1, G, s, L).reshape(mask.shape[0], 1, G * s, L)
+    def forward(self, x, pos, slots, start, prompt: bool = False):
+        """x [B,S,D] at positions pos [B,S], written to consecutive cache slots [S]; row i of song b sees cache
+        slots start[b]..slots[i] -> normed output. A frame step's few rows go through kernels.decode_attention;
+        a whole prompt (prompt=True) through SDPA with an explicit mask, where left-pad rows (before start) see
+        only themselves so that no softmax row is empty."""
+        if not prompt:
+            rope = self.stack.rope
+        else:
+            t = self.stack.rope[pos]  # [B,S,hd/2,2]
+            cos, sin = t[..., 0].unsqueeze(2), t[..., 1].unsqueeze(2)
+            cols = torch.arange(self.stack.layers[0].attn.kv_cache.k.shape[2], device=x.device)
+            mask = ((cols >= start[:, None, None]) | (cols == slots[None, :, None])) & (cols <= slots[None, :, None])
+            # one mask row per query row of the GQA layout (G query heads per kv head), built once for all layers
+            G, s, L = self.stack.cfg.num_heads // self.stack.cfg.num_kv_heads, x.shape[1], mask.shape[-1]
+            mask = mask[:, None, None].expand(mask.shape[0], 1, G, s, L).reshape(mask.shape[0], 1, G * s, L)
+            rope = (cos, sin, mask)
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, mask)
+            x = layer(x, slots, pos, start, rope)
         return self.stack.norm(x)
 
 
@@ -269,14 +295,15 @@ class Engine:
         """Backbone state at the last position h [B2,D] -> frame [Bs,K]: codebook 0, then the depth decoder
         (positions 0 and 1 first, then one position per codebook; its cache is simply overwritten each frame)."""
         m, K = self.model, self.K
-        pick = lambda i, logits: sample_tokens(self._mix(logits), self.topk, self.temperature,
-                                               None if noise is None else noise[i])
+        # CFG mix, allowed ids, temperature, top-k and the draw in one kernel (kernels.topk_sample)
+        pick = lambda i, logits: sample_kernel(logits, self.bias, self.cfg_scale if self.cfg_on else 1.0,
+                                               self.temperature, self.topk, None if noise is None else noise[i])
         c = pick(0, self._head(0, h))
         codes = [c]
         dec_in = torch.stack([h, m.embed_audio(0, self._both(c)).to(h.dtype)], 1)
         for i in range(1, K):
-            pos, slots, mask = self.dec_steps[i - 1]
-            out = self.decoder(self.projection(dec_in), pos, slots, mask)
+            pos, slots = self.dec_steps[i - 1]
+            out = self.decoder(self.projection(dec_in), pos, slots, self.dec_start)
             c = pick(i, self._head(i, out[:, -1]))
             codes.append(c)
             if i < K - 1:
@@ -297,8 +324,7 @@ class Engine:
         x = self.model.audio_embeddings(self._both(s["prev"]) + self.model.audio_offsets).sum(1, keepdim=True)
         slot = s["slot"]
         pos = (slot - self.pad)[:, None]  # [B2,1] each song's own position
-        mask = ((self.cols >= self.pad[:, None]) & (self.cols <= slot))[:, None, None, :]
-        h = self.backbone(x.to(self.dtype), pos, slot, mask)[:, -1]
+        h = self.backbone(x.to(self.dtype), pos, slot, self.pad)[:, -1]
         frame = self._frame_from_hidden(h, noise)
         self._record(frame)
         slot.add_(1)
@@ -360,18 +386,17 @@ class Engine:
         B2 = tokens.shape[0]
         tokens, tmask, uncond, muq = tokens.to(dev), tmask.to(dev), uncond.to(dev), muq.to(dev)
         self.Bs, self.pad = Bs, pad.to(dev)
-        self.cols = torch.arange(L, device=dev)
 
         key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, id(generator), max_frames)
         if key != self._graph_key:
             self._graph = None
             m.setup_caches(B2, L, dtype=self.dtype, device=dev)
-            # depth decoder: (positions [B2,S], cache slots [S], mask [1,1,S,K]) of its 7 calls, fixed
-            causal = torch.ones(self.K, self.K, dtype=torch.bool, device=dev).tril()
+            # depth decoder: (positions [B2,S], cache slots [S]) of its 7 calls, fixed; it sees its cache from slot 0
             self.dec_steps = []
             for i in range(1, self.K):
                 slots = torch.arange(0 if i == 1 else i, i + 1, device=dev)
-                self.dec_steps.append((slots[None].expand(B2, -1), slots, causal[slots][None, None]))
+                self.dec_steps.append((slots[None].expand(B2, -1), slots))
+            self.dec_start = torch.zeros(B2, dtype=torch.long, device=dev)
             self.state = {"prev": torch.zeros(Bs, self.K, dtype=torch.long, device=dev),
                           "slot": torch.zeros(1, dtype=torch.long, device=dev),
                           "idx": torch.zeros(1, dtype=torch.long, device=dev),
@@ -385,10 +410,7 @@ class Engine:
         x = m.embed_rows(tokens, tmask, muq, uncond).to(self.dtype)
         rows = torch.arange(P, device=dev)
         pos = (rows[None] - self.pad[:, None]).clamp(min=0)
-        causal = self.cols[None, :] <= rows[:, None]
-        # pad rows attend only to themselves (their output is never used) so no softmax row is empty
-        mask = causal[None] & ((self.cols[None, None, :] >= self.pad[:, None, None]) | (self.cols == rows[:, None]))
-        h = self.backbone(x, pos, rows, mask[:, None])[:, -1]
+        h = self.backbone(x, pos, rows, self.pad, prompt=True)[:, -1]
         s["slot"].fill_(P)
         s["idx"].zero_()
         s["length"].fill_(max_frames)
@@ -414,6 +436,17 @@ class Engine:
         out = s["out"].cpu()
         return [out[b, : lengths[b]].clone() for b in range(Bs)]
 
+    def _plan_tiles(self):
+        """Time each decode matmul's tile once (before torch.compile bakes it in). Outputs that go to a fused
+        torch op (residual add + norm, SiLU) may be split along K; q/k/v feeds attention and stays whole."""
+        rows = self.state["prev"].shape[0] * (2 if self.cfg_on else 1)
+        for st in (self.backbone, self.decoder):
+            for layer in st.layers:
+                layer.qkv.plan(rows, split=False)
+                for f in (layer.wo, layer.w13, layer.w2):
+                    f.plan(rows, split=True)
+        self.projection.plan(rows, split=True)
+
     def _capture(self):
         """Warm up (compiles, cuBLAS handles), then record one frame step; the state is restored around both."""
         s = self.state
@@ -429,6 +462,7 @@ class Engine:
             torch.cuda.set_rng_state(cuda_state, self.device)
 
         if self.mode == "compile" and self._compiled is None:
+            self._plan_tiles()
             self._compiled = torch.compile(self._step_core, fullgraph=True, dynamic=False)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -26,6 +26,11 @@ MAX_ROWS = 16
 # and 4/8 warps picked only these neighbourhoods (split-K never won), so tuning tries just them (~5 s per process).
 CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2) for nw in (4, 8)]
 DEFAULT = (32, 128, 1, 4)
+# When the caller adds the K slices up itself (inside its next fused kernel, see `plan`), splitting K costs no
+# extra pass: more programs keep all 132 SMs streaming for the shapes with few row blocks (N = 3072: 96 programs
+# of 32 rows), so those splits are worth timing too.
+PARTIAL_CANDIDATES = [(bn, bk, sk, nw) for bn in (16, 32, 64) for bk in (128, 256) for sk in (3, 4, 6, 8)
+                      for nw in (4,)]
 _best: dict[tuple, tuple] = {}
 
 if triton is not None:
@@ -61,17 +66,20 @@ def _stages(bn: int, bk: int) -> int:
     return max(1, min(4, 200_000 // per_stage))
 
 
-def _launch(x2, w, cfg):
+def _launch_partials(x2, w, cfg):
+    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype)."""
     bn, bk, sk, nw = cfg
     M, K = x2.shape
     N = w.shape[0]
-    if sk == 1:
-        y = torch.empty(1, M, N, device=x2.device, dtype=x2.dtype)
-    else:
-        y = torch.empty(sk, M, N, device=x2.device, dtype=torch.float32)
+    y = torch.empty(sk, M, N, device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
     _gemv_kernel[(N // bn, sk)](x2, w, y, M, K // sk, x2.stride(0), w.stride(0), y.stride(0), y.stride(1),
                                 BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=_stages(bn, bk))
-    return y[0] if sk == 1 else y.sum(0).to(x2.dtype)
+    return y
+
+
+def _launch(x2, w, cfg):
+    y = _launch_partials(x2, w, cfg)
+    return y[0] if cfg[2] == 1 else y.sum(0).to(x2.dtype)  # fixed summation order: deterministic
 
 
 def _fits(cfg, N, K) -> bool:
@@ -104,17 +112,19 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _pick(x2, w):
-    """Time the candidate tiles once per (N, K, dtype) and keep the fastest (outside any graph capture)."""
-    key = (w.shape[0], w.shape[1], w.dtype)  # rows do not matter: every call computes a 16-row tile
+def _pick(x2, w, partial: bool = False):
+    """Time the candidate tiles once per (N, K, dtype) and keep the fastest (outside any graph capture).
+    partial: the caller sums the K slices itself (fused into its next kernel), so a split's sum is not timed."""
+    key = (w.shape[0], w.shape[1], w.dtype) + (("partial",) if partial else ())
     if key not in _best:
-        fits = [c for c in CANDIDATES if _fits(c, w.shape[0], w.shape[1])]
+        fits = [c for c in CANDIDATES + (PARTIAL_CANDIDATES if partial else []) if _fits(c, w.shape[0], w.shape[1])]
         if torch.cuda.is_current_stream_capturing():  # cannot time now: a safe default (the engine warms up first)
             return DEFAULT if DEFAULT in fits else None
+        launch = _launch_partials if partial else _launch
         times = []
         for c in fits:
             try:
-                times.append((time_in_graph(lambda wi, c=c: _launch(x2, wi, c), w), c))
+                times.append((time_in_graph(lambda wi, c=c: launch(x2, wi, c), w), c))
             except Exception:  # a tile this card cannot run (shared memory, registers): skip it
                 continue
         _best[key] = min(times)[1] if times else None
@@ -145,6 +155,38 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
         return x.new_empty(*x.shape[:-1], w.shape[0])
 else:  # pragma: no cover - old torch
     gemv_op = _gemv_impl
+
+
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
+    def partials_op(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, sk: int, nw: int) -> torch.Tensor:
+        return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw))
+
+    @partials_op.register_fake
+    def _(x, w, bn, bk, sk, nw):
+        m = x.numel() // x.shape[-1]
+        return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
+else:  # pragma: no cover - old torch
+    def partials_op(x, w, bn, bk, sk, nw):
+        return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw))
+
+
+def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True) -> tuple | None:
+    """The tile for `linear_split` (timed now, once per shape; call it before capture/compile): None when the
+    kernel does not apply. split=False keeps K whole (for outputs whose consumer is not a fused torch op)."""
+    if not usable(x, w):
+        return None
+    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split)
+
+
+def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple | None) -> torch.Tensor:
+    """F.linear(x, w) with the K-slice sum done here in torch ops, so that under torch.compile it fuses into the
+    consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own. cfg from `plan`."""
+    if cfg is None:
+        return linear(x, w)
+    y = partials_op(x, w, *cfg)
+    y = y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

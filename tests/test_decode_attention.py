@@ -1,0 +1,218 @@
+"""kernels/decode_attention.py: fused RoPE + KV-cache write + few-row attention against its reference.
+
+On CPU the Triton kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
+triton is imported), in float32/float16 (the interpreter computes bf16 arithmetic wrongly); the reference itself is
+checked against a float64 definition. On CUDA the real kernels run in bf16 at the backbone and depth-decoder
+shapes, eagerly, inside CUDA graphs whose slot tensors advance between replays, and under torch.compile.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels import decode_attention as da  # noqa: E402
+
+# (B, S, H, KV, hd, L, slots[0], start, launch overrides): L not a multiple of the chunk, slots at the start,
+# middle and end of the cache, new rows straddling a chunk boundary, start > 0 for one batch row (up to slots[0]),
+# GQA groups 1, 2, 3, hd 64 and 384, one chunk (one launch) and many (split + combine, several key blocks a chunk)
+CASES = [
+    (2, 1, 4, 2, 64, 37, 30, (0, 5), {}),
+    (2, 3, 6, 2, 64, 70, 40, (0, 17), {}),
+    (2, 3, 6, 2, 64, 70, 15, (0, 15), {"chunk": 16}),  # new rows 15..17 straddle chunks 0 and 1
+    (2, 2, 3, 3, 64, 70, 0, (0, 0), {}),  # first rows of the cache
+    (2, 1, 6, 2, 64, 70, 69, (3, 0), {"chunk": 32, "block_n": 16}),  # last slot
+    (1, 2, 4, 4, 64, 600, 598, (100,), {"chunk": 64, "block_n": 32}),
+    (2, 1, 6, 2, 64, 600, 300, (0, 250), {}),
+    (2, 1, 4, 2, 384, 8, 5, (0, 0), {}),  # depth-decoder-like: hd not a power of two, one chunk
+    (2, 2, 4, 2, 384, 8, 0, (0, 0), {}),
+    (2, 3, 2, 1, 384, 37, 20, (0, 4), {}),
+]
+
+
+def make(B, S, H, KV, hd, L, slot0, start, dtype, device, gen):
+    qkv = torch.randn(B, S + 1, (H + 2 * KV) * hd + 8, generator=gen)[:, 1:, 8:]  # a strided view, as in a model
+    angles = torch.randn(L + 4, hd // 2, generator=gen) * 3
+    return dict(qkv=qkv.to(device, dtype),
+                k_cache=torch.randn(B, KV, L, hd, generator=gen).to(device, dtype),
+                v_cache=torch.randn(B, KV, L, hd, generator=gen).to(device, dtype),
+                rope=torch.stack([angles.cos(), angles.sin()], -1).to(device),
+                pos=torch.randint(0, L + 4, (B, S), generator=gen).to(device),
+                slots=torch.arange(slot0, slot0 + S, device=device),
+                start=torch.tensor(start, device=device), n_heads=H, n_kv=KV)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run_both(args, fn):
+    """fn(**args) and the reference on their own copies of the caches -> (out, ref, caches, ref caches)."""
+    a = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    r = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    out, ref = fn(**a), da.decode_attention_ref(**r)
+    return out, ref, (a["k_cache"], a["v_cache"]), (r["k_cache"], r["v_cache"])
+
+
+def check_caches(args, caches, ref_caches):
+    """Written rows equal the reference's bit for bit; every other slot is untouched."""
+    others = torch.ones(args["k_cache"].shape[2], dtype=torch.bool)
+    others[args["slots"].cpu()] = False
+    for c, rc, orig in zip(caches, ref_caches, (args["k_cache"], args["v_cache"])):
+        assert torch.equal(c[:, :, others], orig[:, :, others]), "a slot outside `slots` changed"
+        bad = (c != rc).sum().item()
+        assert bad == 0, f"{bad} written cache values differ from the reference"
+
+
+def interpreter_results(dtype):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for B, S, H, KV, hd, L, slot0, start, kw in CASES:
+        args = make(B, S, H, KV, hd, L, slot0, start, dtype, "cpu", gen)
+        y, ref, caches, ref_caches = run_both(args, lambda **a: da._launch(**a, **kw))
+        assert y.shape == ref.shape and y.dtype == dtype
+        check_caches(args, caches, ref_caches)
+        out.append(rel_err(y, ref))
+    return out
+
+
+@pytest.mark.skipif(da.triton is None, reason="triton not installed")
+def test_kernels_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res["float32"]) == len(CASES) and max(res["float32"]) < 1e-5, res
+    assert max(res["float16"]) < 2e-3, res  # fp16 rounding of q, k, p and the output
+    # the custom op's schema (mutated caches), fake implementation and functionalization (for torch.compile)
+    assert all(v == "SUCCESS" for v in res["opcheck"].values()), res["opcheck"]
+
+
+def naive(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
+    """The definition in float64, one query head at a time (checks the reference's GQA layout and mask)."""
+    B, S, _ = qkv.shape
+    hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
+    x = qkv.double().unflatten(-1, (n_heads + 2 * n_kv, hd // 2, 2))
+    cos, sin = rope[pos].double().unbind(-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    rot = torch.stack([x[..., 0] * cos - x[..., 1] * sin, x[..., 1] * cos + x[..., 0] * sin], -1).flatten(-2)
+    q, k, v = rot[:, :, :n_heads], rot[:, :, n_heads:n_heads + n_kv], x[:, :, n_heads + n_kv:].flatten(-2)
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    kc[:, :, slots], vc[:, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
+    j = torch.arange(kc.shape[2])
+    ok = (j >= start[:, None, None]) & (j <= slots[None, :, None])  # [B, S, L]
+    out = []
+    for h in range(n_heads):
+        kv = h // (n_heads // n_kv)
+        s = q[:, :, h] @ kc[:, kv].transpose(1, 2) / hd ** 0.5
+        out.append(s.masked_fill(~ok, float("-inf")).softmax(-1) @ vc[:, kv])
+    return torch.stack(out, 2).flatten(2), kc, vc
+
+
+def test_reference_matches_definition():
+    gen = torch.Generator().manual_seed(1)
+    for B, S, H, KV, hd, L, slot0, start, _ in CASES:
+        args = make(B, S, H, KV, hd, L, slot0, start, torch.float32, "cpu", gen)
+        want, kc, vc = naive(**args)
+        got = da.decode_attention_ref(**args)
+        assert rel_err(got, want) < 1e-5
+        assert torch.allclose(args["k_cache"].double(), kc, atol=1e-6) and torch.equal(args["v_cache"].double(), vc)
+
+
+def test_dispatch_falls_back_to_reference_on_cpu():
+    args = make(2, 2, 4, 2, 64, 37, 10, (0, 3), torch.float32, "cpu", torch.Generator().manual_seed(2))
+    assert not da.usable(**args)
+    out, ref, caches, ref_caches = run_both(args, da.decode_attention)
+    assert torch.equal(out, ref)
+    check_caches(args, caches, ref_caches)
+
+
+# ------------------------------------------------------------------ CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or da.triton is None, reason="needs CUDA and triton")
+BACKBONE = dict(B=2, H=24, KV=8, hd=128)  # CFG rows, Llama-3.2-3B attention
+DECODER = dict(B=2, H=8, KV=4, hd=384)
+
+
+@cuda
+@pytest.mark.parametrize("shape", [
+    dict(BACKBONE, S=1, L=600, slot0=599, start=(0, 37)),
+    dict(BACKBONE, S=1, L=600, slot0=40, start=(0, 40)),
+    dict(BACKBONE, S=1, L=3000, slot0=2990, start=(12, 0)),
+    dict(BACKBONE, S=3, L=584, slot0=300, start=(0, 9)),
+    dict(DECODER, S=2, L=8, slot0=0, start=(0, 0)),
+    dict(DECODER, S=1, L=8, slot0=7, start=(0, 0)),
+], ids=lambda s: f"S{s['S']}-hd{s['hd']}-L{s['L']}-slot{s['slot0']}")
+def test_kernels_on_cuda_bf16(shape):
+    s = shape
+    args = make(s["B"], s["S"], s["H"], s["KV"], s["hd"], s["L"], s["slot0"], s["start"], torch.bfloat16, "cuda",
+                torch.Generator().manual_seed(3))
+    assert da.usable(**args)
+    out, ref, caches, ref_caches = run_both(args, da.decode_attention)
+    assert rel_err(out, ref) < 1e-2
+    check_caches(args, caches, ref_caches)
+
+
+def _frame_calls(kind, B, H, KV, hd, L, gen):
+    """Static inputs of the calls one captured frame makes: the backbone's one call at a moving slot, or the depth
+    decoder's 7 calls (slots 0-1, then 2..7) over its 8-slot cache."""
+    if kind == "backbone":
+        args = make(B, 1, H, KV, hd, L, 100, (0, 37), torch.bfloat16, "cuda", gen)
+        return [args]
+    calls = [make(B, 2, H, KV, hd, L, 0, (0, 0), torch.bfloat16, "cuda", gen)]
+    calls += [make(B, 1, H, KV, hd, L, i, (0, 0), torch.bfloat16, "cuda", gen) for i in range(2, L)]
+    for c in calls[1:]:  # one cache for all calls of the frame
+        c["k_cache"], c["v_cache"], c["rope"] = calls[0]["k_cache"], calls[0]["v_cache"], calls[0]["rope"]
+    return calls
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["backbone", "decoder"])
+def test_cuda_graph_replays_with_advancing_slots(kind, compiled):
+    """Capture a frame's calls (torch.compile(fullgraph=True) first, optionally), then replay with new inputs and the
+    backbone's slot advanced on the device between replays; each replay must match the reference run eagerly."""
+    shape = BACKBONE if kind == "backbone" else DECODER
+    gen = torch.Generator().manual_seed(4)
+    calls = _frame_calls(kind, L=600 if kind == "backbone" else 8, gen=gen, **shape)
+    ref_k, ref_v = calls[0]["k_cache"].clone(), calls[0]["v_cache"].clone()
+
+    def frame():
+        return [da.decode_attention(**c) * 1.0 for c in calls]  # * 1.0: something around the op to fuse
+
+    fn = torch.compile(frame, fullgraph=True, dynamic=False) if compiled else frame
+    k0, v0 = ref_k.clone(), ref_v.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    calls[0]["k_cache"].copy_(k0)  # warm-up wrote the caches: start the replays from the saved state
+    calls[0]["v_cache"].copy_(v0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    for step in range(4):
+        for c in calls:
+            c["qkv"].copy_(torch.randn(c["qkv"].shape, generator=gen).to(c["qkv"]))
+            c["pos"].copy_(torch.randint(0, c["rope"].shape[0], c["pos"].shape, generator=gen))
+        graph.replay()
+        for c, out in zip(calls, outs):
+            ref = da.decode_attention_ref(**dict(c, k_cache=ref_k, v_cache=ref_v))
+            assert rel_err(out, ref) < 1e-2, (step, c["slots"].tolist())
+        assert torch.equal(calls[0]["k_cache"], ref_k) and torch.equal(calls[0]["v_cache"], ref_v), step
+        if kind == "backbone":
+            calls[0]["slots"].add_(1)  # in place, as the engine's slot: the graph reads the new value
+
+
+if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_interpreter
+    res = {"float32": interpreter_results(torch.float32), "float16": interpreter_results(torch.float16)}
+    a = make(2, 2, 4, 2, 64, 37, 10, (0, 3), torch.float32, "cpu", torch.Generator().manual_seed(5))
+    res["opcheck"] = torch.library.opcheck(da.decode_attention_op, tuple(a.values()))
+    print(json.dumps(res))
