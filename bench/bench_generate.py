@@ -128,6 +128,26 @@ def gemv_table(res, dev="cuda"):
     res["gemv"] = rows
 
 
+def tile_table(res, dev="cuda"):
+    """The GEMV tile each decode matmul shape got in the compiled engine (kernels.gemv._best, "partial" = K
+    slices summed by the next fused kernel), timed again inside a CUDA graph over weights that miss L2."""
+    from kernels import gemv
+    rows = []
+    for key, tile in gemv._best.items():
+        n, k = key[0], key[1]
+        w = torch.randn(n, k, device=dev, dtype=key[2])
+        x = torch.randn(2, k, device=dev, dtype=key[2])
+        if tile is None:
+            continue
+        t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, *tile), w) * 1e6
+        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x, wi), w) * 1e6
+        rows.append({"N": n, "K": k, "partial": "partial" in key, "tile": list(tile), "us": t,
+                     "TBps": n * k * 2 / t / 1e6, "cublas_us": t_cublas})
+        print(json.dumps(rows[-1]), flush=True)
+        del w
+    res["tiles"] = rows
+
+
 def timed(fn):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -215,6 +235,8 @@ def main():
                                 "traceback": traceback.format_exc()[-4000:]})
             print("FAILED", mode, e, flush=True)
             save()
+    if "compile" in sampled:
+        tile_table(res)
     if "eager" in sampled:
         # same seed, same frames? bf16 rounding differs between eager and fused/compiled kernels, so a near-tie
         # can flip one draw and the songs diverge from there: report the length of the common prefix
