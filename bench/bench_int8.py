@@ -247,6 +247,9 @@ def main():
     ap.add_argument("what", choices=["matmul", "model", "ceilings"])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ms", default=None, help="comma-separated M values (default 1,2,16,2048,8192)")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="model: instead of the dispatch variants, time bf16 then int8 (default dispatch) this many "
+                         "times in turn, so host-load drift shows up in both")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__)
     result = {"device": torch.cuda.get_device_name()}
@@ -261,6 +264,11 @@ def main():
         print_table(rows)
         bad = [r for r in rows if max(v for key, v in r.items() if key.startswith("err")) > 1e-2]
         print("correctness:", "all within 1e-2 of the fp32 reference" if not bad else f"FAILED {bad}")
+    elif args.pairs:
+        result["model"] = [model_step(int8) for _ in range(args.pairs) for int8 in (False, True)]
+        for b, q in zip(result["model"][::2], result["model"][1::2]):
+            print(f"pair: bf16 {b['step_ms']:.1f} ms {b['peak_GiB']:.2f} GiB | int8 {q['step_ms']:.1f} ms "
+                  f"{q['peak_GiB']:.2f} GiB ({q['step_ms'] / b['step_ms']:.2f}x time)")
     else:
         result["model"] = [model_step(False), model_step(True), model_step(True, dequant_min_m=17),
                            model_step(True, dequant_min_m=1 << 30)]
