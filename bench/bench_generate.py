@@ -135,14 +135,18 @@ def tile_table(res, dev="cuda"):
     rows = []
     for key, tile in gemv._best.items():
         n, k = key[0], key[1]
-        w = torch.randn(n, k, device=dev, dtype=key[2])
-        x = torch.randn(2, k, device=dev, dtype=key[2])
         if tile is None:
             continue
-        t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, *tile), w) * 1e6
-        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x, wi), w) * 1e6
-        rows.append({"N": n, "K": k, "partial": "partial" in key, "tile": list(tile), "us": t,
-                     "TBps": n * k * 2 / t / 1e6, "cublas_us": t_cublas})
+        int8 = key[2] == torch.int8
+        w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) if int8 else \
+            torch.randn(n, k, device=dev, dtype=key[2])
+        scale = torch.rand(n, device=dev) / 100 if int8 else None
+        x = torch.randn(2, k, device=dev, dtype=torch.bfloat16 if int8 else key[2])
+        t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, scale, *tile), w) * 1e6
+        wb = w.to(torch.bfloat16) if int8 else w
+        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x, wi), wb) * 1e6
+        rows.append({"N": n, "K": k, "dtype": str(key[2]), "partial": "partial" in key, "tile": list(tile),
+                     "us": t, "TBps": n * k * w.element_size() / t / 1e6, "cublas_bf16_us": t_cublas})
         print(json.dumps(rows[-1]), flush=True)
         del w
     res["tiles"] = rows

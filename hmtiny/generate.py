@@ -100,23 +100,34 @@ class Fused(nn.Module):
             start += n
         self.shared = True
 
-    def dense_weight(self):
-        return self.direct.weight if self.direct is not None else self.weight
+    def gemv_weight(self):
+        """(weight, int8 scale or None) when one decode GEMV computes this layer, else None."""
+        if self.direct is not None:
+            return self.direct.weight, None
+        if self.weight is not None:
+            return self.weight, None
+        q = self.int8 if self.int8 is not None else self.parts[0] if len(self.parts) == 1 else None
+        if type(q).__name__ == "Int8Linear" and q.group_size is None and q.bias is None:
+            return q.weight, q.scale
+        return None
 
-    def plan(self, rows: int, split: bool):
+    def plan(self, rows: int, split: bool, dtype: torch.dtype):
         """Pick the decode GEMV tile for `rows` input rows now (it is timed on the device), so that the compiled
         step can use kernels.gemv.linear_split: split=True lets K be cut into slices that the next fused kernel
-        adds up. Only for plain bf16/fp16 weights; others keep their own path."""
-        w = self.dense_weight()
-        if w is not None:
-            self.tile = gemv.plan(w.new_zeros(rows, w.shape[1]), w, split=split)
+        adds up. Plain bf16/fp16 weights and per-channel int8 ones; anything else keeps its own path."""
+        ws = self.gemv_weight()
+        if ws is not None:
+            x = torch.zeros(rows, ws[0].shape[1], device=ws[0].device, dtype=dtype)
+            self.tile = gemv.plan(x, ws[0], split=split, scale=ws[1])
 
     def forward(self, x):
-        w = self.dense_weight()
-        if w is not None and self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
-            return gemv.linear_split(x, w, self.tile)
-        if w is not None:
-            return gemv.linear(x, w)
+        if self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+            w, scale = self.gemv_weight()
+            return gemv.linear_split(x, w, self.tile, scale)
+        if self.direct is not None:
+            return gemv.linear(x, self.direct.weight)
+        if self.weight is not None:
+            return gemv.linear(x, self.weight)
         if self.int8 is not None:
             return self.int8(x)
         outs = [p(x) for p in self.parts]
@@ -442,10 +453,10 @@ class Engine:
         rows = self.state["prev"].shape[0] * (2 if self.cfg_on else 1)
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
-                layer.qkv.plan(rows, split=False)
+                layer.qkv.plan(rows, split=False, dtype=self.dtype)
                 for f in (layer.wo, layer.w13, layer.w2):
-                    f.plan(rows, split=True)
-        self.projection.plan(rows, split=True)
+                    f.plan(rows, split=True, dtype=self.dtype)
+        self.projection.plan(rows, split=True, dtype=self.dtype)
 
     def _capture(self):
         """Warm up (compiles, cuBLAS handles), then record one frame step; the state is restored around both."""

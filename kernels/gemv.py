@@ -5,7 +5,9 @@ weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (option
 afterwards in a fixed order: deterministic, no atomics) so that every SM keeps several loads in flight. Each
 shape's tile sizes are picked once by timing a few candidates on the device.
 
-Used only on CUDA for bf16/fp16 weights, at most 16 rows, shapes the tiles divide (N by the row block, K by the
+Weights may also be int8 with one float32 scale per output row (hmtiny.quant's per-channel Int8Linear): the tile
+is converted to the activation dtype in registers (exact) and the scale applied to the fp32 sums, so a decode step
+reads half the bytes. Used only on CUDA for bf16/fp16 activations, at most 16 rows, shapes the tiles divide (N by the row block, K by the
 K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows are
 masked, so any row count up to 16 runs. It is a torch custom op, so torch.compile treats it as one opaque call and
 CUDA graphs capture it. `tests/test_gemv.py` checks it against `gemv_ref` (under TRITON_INTERPRET=1 on CPU).
@@ -35,8 +37,8 @@ _best: dict[tuple, tuple] = {}
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, K_PER_SPLIT, stride_xm, stride_wn, stride_ys, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, K_PER_SPLIT, stride_xm, stride_wn, stride_ys, stride_ym,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,10 +49,12 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, K_PER_SPLIT, BLOCK_K):
             x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-            w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs).to(x_ptr.dtype.element_ty)  # a no-op for bf16 weights; exact for int8
             acc += tl.dot(x, tl.trans(w))  # tensor cores on a 16-row tile: the spare rows cost nothing here
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if SCALED:  # per-output-row scale of an int8 weight; linear, so each K slice may apply it
+            acc *= tl.load(s_ptr + rn)[None, :]
         y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -66,19 +70,20 @@ def _stages(bn: int, bk: int) -> int:
     return max(1, min(4, 200_000 // per_stage))
 
 
-def _launch_partials(x2, w, cfg):
+def _launch_partials(x2, w, cfg, scale=None):
     """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype)."""
     bn, bk, sk, nw = cfg
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty(sk, M, N, device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
-    _gemv_kernel[(N // bn, sk)](x2, w, y, M, K // sk, x2.stride(0), w.stride(0), y.stride(0), y.stride(1),
-                                BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=_stages(bn, bk))
+    _gemv_kernel[(N // bn, sk)](x2, w, w if scale is None else scale, y, M, K // sk, x2.stride(0), w.stride(0),
+                                y.stride(0), y.stride(1), BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk,
+                                SCALED=scale is not None, num_warps=nw, num_stages=_stages(bn, bk))
     return y
 
 
-def _launch(x2, w, cfg):
-    y = _launch_partials(x2, w, cfg)
+def _launch(x2, w, cfg, scale=None):
+    y = _launch_partials(x2, w, cfg, scale)
     return y[0] if cfg[2] == 1 else y.sum(0).to(x2.dtype)  # fixed summation order: deterministic
 
 
@@ -112,7 +117,7 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _pick(x2, w, partial: bool = False):
+def _pick(x2, w, partial: bool = False, scale=None):
     """Time the candidate tiles once per (N, K, dtype) and keep the fastest (outside any graph capture).
     partial: the caller sums the K slices itself (fused into its next kernel), so a split's sum is not timed."""
     key = (w.shape[0], w.shape[1], w.dtype) + (("partial",) if partial else ())
@@ -124,16 +129,21 @@ def _pick(x2, w, partial: bool = False):
         times = []
         for c in fits:
             try:
-                times.append((time_in_graph(lambda wi, c=c: launch(x2, wi, c), w), c))
+                times.append((time_in_graph(lambda wi, c=c: launch(x2, wi, c, scale), w), c))
             except Exception:  # a tile this card cannot run (shared memory, registers): skip it
                 continue
         _best[key] = min(times)[1] if times else None
     return _best[key]
 
 
-def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (triton is not None and x.is_cuda and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
-            and x.dtype == w.dtype and w.dim() == 2 and w.stride(1) == 1 and x.shape[-1] == w.shape[1]
+def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    if scale is None:
+        dtype_ok = w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
+    else:  # int8 weight, float32 scale per output row
+        dtype_ok = (w.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16) and scale.is_cuda
+                    and scale.dtype == torch.float32 and scale.shape == (w.shape[0],) and scale.is_contiguous())
+    return (triton is not None and x.is_cuda and w.is_cuda and dtype_ok
+            and w.dim() == 2 and w.stride(1) == 1 and x.shape[-1] == w.shape[1]
             and x.numel() // x.shape[-1] <= MAX_ROWS
             and any(_fits(c, w.shape[0], w.shape[1]) for c in CANDIDATES))
 
@@ -157,34 +167,38 @@ else:  # pragma: no cover - old torch
     gemv_op = _gemv_impl
 
 
+def _partials_impl(x, w, scale, bn, bk, sk, nw):
+    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
+
+
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
-    def partials_op(x: torch.Tensor, w: torch.Tensor, bn: int, bk: int, sk: int, nw: int) -> torch.Tensor:
-        return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw))
+    def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
+                    nw: int) -> torch.Tensor:
+        return _partials_impl(x, w, scale, bn, bk, sk, nw)
 
     @partials_op.register_fake
-    def _(x, w, bn, bk, sk, nw):
+    def _(x, w, scale, bn, bk, sk, nw):
         m = x.numel() // x.shape[-1]
         return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
 else:  # pragma: no cover - old torch
-    def partials_op(x, w, bn, bk, sk, nw):
-        return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw))
+    partials_op = _partials_impl
 
 
-def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True) -> tuple | None:
+def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tensor | None = None) -> tuple | None:
     """The tile for `linear_split` (timed now, once per shape; call it before capture/compile): None when the
-    kernel does not apply. split=False keeps K whole (for outputs whose consumer is not a fused torch op)."""
-    if not usable(x, w):
+    kernel does not apply. split=False keeps K whole (for outputs whose consumer is not a fused torch op).
+    scale: the float32 per-row scales of an int8 weight."""
+    if not usable(x, w, scale):
         return None
-    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split)
+    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split, scale=scale)
 
 
-def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple | None) -> torch.Tensor:
-    """F.linear(x, w) with the K-slice sum done here in torch ops, so that under torch.compile it fuses into the
-    consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own. cfg from `plan`."""
-    if cfg is None:
-        return linear(x, w)
-    y = partials_op(x, w, *cfg)
+def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple | None, scale: torch.Tensor | None = None):
+    """F.linear(x, w) (w * scale[:, None] for int8 w) with the K-slice sum done here in torch ops, so that under
+    torch.compile it fuses into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its
+    own. cfg from `plan` (not None)."""
+    y = partials_op(x, w, scale, *cfg)
     y = y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
     return y.view(*x.shape[:-1], w.shape[0])
 

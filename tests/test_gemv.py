@@ -27,6 +27,8 @@ def rel_err(out, ref):
 
 
 def kernel_errors(device, dtype=torch.bfloat16):
+    """Relative errors of every (shape, tile) for dense weights, int8 weights with row scales, and the K-slice
+    partials (summed here as the engine's consumer kernel does)."""
     gen = torch.Generator().manual_seed(0)
     errs = []
     for m, n, k in SHAPES:
@@ -38,6 +40,14 @@ def kernel_errors(device, dtype=torch.bfloat16):
             out = gemv._launch(x, w, cfg)
             ref = gemv.gemv_ref(x.float(), w.float())
             assert out.shape == (m, n) and out.dtype == dtype
+            errs.append(rel_err(out, ref))
+            parts = gemv._launch_partials(x, w, cfg)
+            assert parts.shape == (cfg[2], m, n) and parts.dtype == (dtype if cfg[2] == 1 else torch.float32)
+            errs.append(rel_err(parts.float().sum(0), ref))
+            q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
+            scale = (torch.rand(n, generator=gen) / 100 + 1e-3).to(device)
+            out = gemv._launch(x, q, cfg, scale)
+            ref = gemv.gemv_ref(x.float(), q.float() * scale.float()[:, None])
             errs.append(rel_err(out, ref))
     return errs
 
@@ -67,6 +77,16 @@ def test_kernel_on_cuda():
     w = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) / 3072 ** 0.5
     assert gemv.usable(x, w)
     assert rel_err(gemv.linear(x, w), gemv.gemv_ref(x.float(), w.float())) < 1e-2
+    # the engine's compiled path: a planned tile (K slices allowed) for a bf16 and a per-channel int8 weight
+    for split in (False, True):
+        cfg = gemv.plan(x, w, split=split)
+        assert rel_err(gemv.linear_split(x, w, cfg), gemv.gemv_ref(x.float(), w.float())) < 1e-2
+    q = torch.randint(-127, 128, (1024, 3072), device="cuda", dtype=torch.int8)
+    scale = torch.rand(1024, device="cuda") / 100
+    assert gemv.usable(x, q, scale) and not gemv.usable(x, q)
+    cfg = gemv.plan(x, q, split=True, scale=scale)
+    ref = gemv.gemv_ref(x.float(), q.float() * scale[:, None])
+    assert rel_err(gemv.linear_split(x, q, cfg, scale), ref) < 1e-2
 
 
 if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_interpreter
