@@ -1,8 +1,14 @@
 """kernels/topk_sample.py: the one-launch CFG + top-k + temperature sampler against its reference.
 
-On CPU the Triton kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
-triton is imported) on float32 logits (the interpreter computes bf16 arithmetic wrongly); on CUDA it runs for real
+On CPU the Triton kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
+triton is imported) on float32 logits (the interpreter computes bf16 arithmetic wrongly); on CUDA they run for real
 through `sample`, with bf16 logits too, inside a CUDA graph and under torch.compile(fullgraph=True).
+
+The default search ("select": group-maximum bound, compaction, all-pairs rank) has four ways through it; the
+interpreter run records which ones the cases took (the kernel's STATS output) and asserts all four ran: the
+candidates fit at once; they fit after bisection steps (small capacity); more than the capacity tie at the k-th
+value after bisection steps; they tie at the row maximum with no step possible. The old bisection kernel
+("bisect") runs on part of the cases too.
 
 Inputs are built so that no two candidates are within float rounding of each other: "distinct" rows are
 float32 normals, "tied" rows are multiples of 1/8 (exact through CFG 1.5, many exact ties at the k-th value).
@@ -78,6 +84,48 @@ def all_cases():
     noise = torch.ones(1, 5)
     noise[0, 2] = 1e-6
     yield logits, None, 1.0, 1.0, 2, noise
+    yield from extra_cases(gen)
+
+
+def extra_cases(gen):
+    """Shapes and values the generic cases miss (the select kernel: tile layout, tail, tie breaks)."""
+    # equal race scores (same value, same noise) at indices 5 and 130: the lower index wins although the kernel's
+    # candidate slots come in thread order (at V 300 index 130 is register 1 of thread 2, before thread 5)
+    for cfg in (1.0, 1.5):
+        logits = torch.randn(2 if cfg != 1.0 else 1, 300, generator=gen)
+        logits[:, [5, 130]] = 4.0
+        noise = torch.empty(1, 300).exponential_(generator=gen)
+        noise[0, [5, 130]] = 1e-3
+        yield logits, None, cfg, 1.0, 50, noise
+    # V a power of two: no tail tile
+    for V, topk in ((256, 5), (256, 50), (1024, 50), (1024, 1)):
+        logits = torch.randn(2, V, generator=gen) * 2
+        yield logits, torch.zeros(V), 1.5, 1.0, topk, torch.empty(1, V).exponential_(generator=gen)
+    # every entry equal: all kept, more than any capacity, and no bisection step possible (lo = max)
+    logits = torch.full((1, 300), 0.5)
+    noise = torch.empty(1, 300).exponential_(generator=gen)
+    yield logits, None, 1.0, 0.7, 5, noise
+    # the largest entries in the tail (V 8197 = 8192 + 5): candidates and the race winner beyond the main tile
+    logits = torch.randn(1, 8197, generator=gen)
+    logits[0, -3:] = torch.tensor([9.0, 8.0, 9.0])
+    noise = torch.ones(1, 8197)
+    noise[0, -2] = 1e-4
+    yield logits, None, 1.0, 1.0, 50, noise
+    yield logits, None, 1.0, 1.0, 1, None  # argmax: the first of the two 9.0
+    # the k-th value tied by many entries across main tile and tail, more than 128 of them
+    logits = torch.randint(-3, 4, (1, 8197), generator=gen).float()
+    yield logits, None, 1.0, 1.0, 50, torch.empty(1, 8197).exponential_(generator=gen)
+    # the largest values crowded into few of the kernel's groups (group = entries of neighbouring threads, thread
+    # t holding entries t, t + NT, ...): the k-th largest group maximum bounds the k-th value loosely, more
+    # candidates than slots, bisection steps until they fit. V 1000 (4 warps, NT 128): thread 3 holds 3, 131,
+    # ..., 899. V 8197 (8 warps, NT 256, groups of 2 threads): threads 0..4 hold 150 large values.
+    logits = torch.randn(1, 1000, generator=gen)
+    logits[0, 3::128] = torch.arange(10.0, 18.0)
+    yield logits, None, 1.0, 1.0, 5, torch.empty(1, 1000).exponential_(generator=gen)
+    logits = torch.randn(1, 8197, generator=gen)
+    crowd = (torch.arange(5)[:, None] + 256 * torch.arange(30)[None, :]).flatten()
+    logits[0, crowd] = 10 + torch.randn(150, generator=gen)
+    yield logits, None, 1.0, 1.0, 50, torch.empty(1, 8197).exponential_(generator=gen)
 
 
 def tied_boundaries(cases):
@@ -104,12 +152,16 @@ def row_near_tie(args, row, a, b, rtol=1e-5):
     return bool(torch.isclose(score[a], score[b], rtol=rtol, atol=0))
 
 
-def compare(device, fn, dtype=torch.float32):
-    """Run fn (the kernel) and the reference on every case. Returns (rows compared, mismatches that are not near
-    ties, mismatches that are: two candidates within float rounding in the reference's own scores)."""
+def compare(device, fn, dtype=torch.float32, vs=None, ks=None):
+    """Run fn (the kernel) and the reference on every case (of V in vs and topk in ks, if given). Returns
+    (rows compared, mismatches that are not near ties, mismatches that are: two candidates within float rounding
+    in the reference's own scores)."""
     rows, bad, ties = 0, [], []
     for n, (logits, bias, cfg, temp, topk, noise) in enumerate(all_cases()):
-        args = (logits.to(device, dtype), None if bias is None else bias.to(device), cfg, temp, topk, noise.to(device))
+        if (vs is not None and logits.shape[-1] not in vs) or (ks is not None and topk not in ks):
+            continue
+        noise = None if noise is None else noise.to(device)
+        args = (logits.to(device, dtype), None if bias is None else bias.to(device), cfg, temp, topk, noise)
         out, ref = fn(*args), ts.sample_ref(*args)
         assert out.dtype == torch.int64 and out.shape == ref.shape
         rows += ref.numel()
@@ -126,7 +178,11 @@ def test_kernel_under_triton_interpreter():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["rows"] > 300 and res["bad"] == [] and res["ties"] == [], res  # inputs have no near ties
+    for name, run in res["runs"].items():  # inputs have no near ties: every id equal
+        assert run["rows"] > 50 and run["bad"] == [] and run["ties"] == [], (name, run)
+    assert res["runs"]["select"]["rows"] > 300
+    # every way through the select kernel ran: (1 = candidates raced, 2 = whole tiles raced; bisection steps)
+    assert set(res["paths"]) >= {"1,0", "1,1", "2,0", "2,1"}, res["paths"]
 
 
 def test_cases_exercise_ties_and_boundaries():
@@ -183,6 +239,27 @@ def test_kernel_on_cuda_matches_reference():
 
 
 @needs_cuda
+@pytest.mark.parametrize("search,warps", [("select", 4), ("select", 8), ("select", 16), ("select", 32),
+                                          ("bisect", 16), ("bisect_safediv", 16)])
+def test_searches_and_warps_on_cuda(search, warps):
+    """Every search at the warp counts the bench compares, on the cases of V 300 and 8197 (and the extras)."""
+    rows, bad, ties = compare("cuda", lambda *a: ts._launch(*a, num_warps=warps, search=search),
+                              vs=(300, 8197, 1000, 256))
+    assert rows > 100 and bad == [] and len(ties) <= 2, (bad, ties)
+
+
+@needs_cuda
+def test_select_paths_on_cuda():
+    """The four ways through the select kernel all run on the GPU too (its layouts differ from the interpreter's)."""
+    paths = {}
+    for fn, vs, ks in ((launch_with_paths(paths), None, None),
+                       (launch_with_paths(paths, capacity=8), (300, 1000), (5, 50))):
+        rows, bad, ties = compare("cuda", fn, vs=vs, ks=ks)
+        assert bad == [] and len(ties) <= 2, (bad, ties)
+    assert set(paths) >= {"1,0", "1,1", "2,0", "2,1"}, paths
+
+
+@needs_cuda
 def test_kernel_in_cuda_graph_and_compile():
     gen = torch.Generator(device="cuda").manual_seed(1)
     logits = (torch.randn(4, 8256, device="cuda", generator=gen) * 3).bfloat16()
@@ -210,7 +287,27 @@ def test_kernel_in_cuda_graph_and_compile():
     assert torch.equal(fn(logits, bias, noise), ts.sample(logits, bias, 1.5, 1.0, 50, noise))
 
 
+def launch_with_paths(paths, **kw):
+    """ts._launch with the select kernel's STATS: counts (way through the kernel, bisection steps > 0) per row."""
+    def fn(logits, bias, cfg, temp, topk, noise):
+        B = logits.shape[0] // (2 if cfg != 1.0 else 1)
+        stats = torch.zeros(B, 4, dtype=torch.int32, device=logits.device)
+        out = ts._launch(logits, bias, cfg, temp, topk, noise, stats=stats, **kw)
+        for n0, steps, n, path in stats.tolist():
+            if path:
+                key = f"{path},{int(steps > 0)}"
+                paths[key] = paths.get(key, 0) + 1
+        return out
+    return fn
+
+
 if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_interpreter
-    t0 = time.time()
-    rows, bad, ties = compare("cpu", ts._launch)
-    print(json.dumps({"rows": rows, "bad": bad, "ties": ties, "seconds": round(time.time() - t0, 1)}))
+    t0, runs, paths = time.time(), {}, {}
+    for name, fn, only_v, only_k in (
+            ("select", launch_with_paths(paths), None, None),
+            # capacity 8: bisection steps before the candidates fit (topk 5), or more than 8 kept (topk 50)
+            ("select, capacity 8", launch_with_paths(paths, capacity=8), (300, 1000), (5, 50)),
+            ("bisect", lambda *a: ts._launch(*a, search="bisect"), (300, 9, 5), None)):
+        rows, bad, ties = compare("cpu", fn, vs=only_v, ks=only_k)
+        runs[name] = {"rows": rows, "bad": bad, "ties": ties}
+    print(json.dumps({"runs": runs, "paths": paths, "seconds": round(time.time() - t0, 1)}))
