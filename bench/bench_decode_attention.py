@@ -1,6 +1,7 @@
 """Fused decode attention (kernels/decode_attention.py) vs the torch path of FastLayer.forward, on CUDA.
 
-    python3 bench/bench_decode_attention.py [--sweep]
+    python3 bench/bench_decode_attention.py            # the table and the prefetch pairs (~1 min on an H100)
+    python3 bench/bench_decode_attention.py --sweep    # tile and prefetch settings only (~1 min)
 
 Shapes: the backbone's (B=2 CFG rows, S=1, H=24, KV=8, hd=128, L=584 and 3000, slot near the end, one row left-
 padded) and the depth decoder's (B=2, S=1 and 2, H=8, KV=4, hd=384, L=8). Paths, each timed as 50 calls captured
@@ -9,16 +10,25 @@ memory as in a real frame), replayed, divided by 50 (median of 5 replays):
   torch          RoPE + 2 index_copy_ + SDPA with a boolean mask over the whole cache, exactly as FastLayer does
                  (cos/sin and the mask are built outside, once per stack as FastStack does: not timed)
   torch+compile  the same under torch.compile(fullgraph=True)
-  triton         decode_attention (the custom op): RoPE, cache write and attention in one or two launches
+  triton         decode_attention (the custom op): RoPE, cache write and attention in one launch
   triton+compile decode_attention inside torch.compile (checks that the compiled graph adds no copy of the caches)
-Also the max relative error of triton vs torch and whether the written cache rows are bit-equal. --sweep times the
-split kernel's (chunk, warps) candidates at the backbone shapes. JSON to $OUT/bench_decode_attention.json when OUT
-is set.
+Also the max relative error of triton vs torch and whether the written cache rows are bit-equal.
+
+Prefetch: 20 (attention; kernels.gemv.linear(y, w_o)) pairs in one CUDA graph, each pair on its own caches and its
+own copy of the 3072 x 3072 bf16 output projection (so only what a prefetch brought is in L2), at the backbone and
+the depth-decoder shape: without prefetch, and with prefetch=w_o in each PREFETCH_MODE; also the attention alone
+with and without, and the GEMV alone on cold weights and on one weight that stays in L2 (the floor for a perfect
+prefetch). µs per pair.
+
+--sweep times the kernel's settings per shape (chunk, warps, head split; then the prefetch programs per mode) and
+prints lines for kernels/decode_attention.py's TABLE and PREFETCH_* settings. JSON to
+$OUT/bench_decode_attention.json (--sweep: bench_decode_attention_sweep.json) when OUT is set.
 """
 import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,14 +36,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import decode_attention as da  # noqa: E402
+from kernels import gemv  # noqa: E402
 
 CALLS = 50
+PAIRS = 20
 CASES = [  # name, B, S, H, KV, hd, L, slots[0], start
     ("backbone L=584", 2, 1, 24, 8, 128, 584, 580, (0, 37)),
     ("backbone L=3000", 2, 1, 24, 8, 128, 3000, 2995, (0, 37)),
     ("decoder S=1", 2, 1, 8, 4, 384, 8, 5, (0, 0)),
     ("decoder S=2", 2, 2, 8, 4, 384, 8, 0, (0, 0)),
 ]
+PREFETCH_CASES = [CASES[0], CASES[2]]  # backbone L=584 and decoder S=1, each followed by the 3072 x 3072 GEMV
+MODES = ["load", "line", "bulk"]
 
 
 def make_inputs(B, S, H, KV, hd, L, slot0, start, gen):
@@ -74,8 +88,8 @@ def torch_path(qkv, k_cache, v_cache, cos, sin, slots, mask, H, KV):
     return y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
 
 
-def time_graph(fn, n_inputs) -> float:
-    """µs per call: CALLS calls of fn(i) (i cycling over the input copies) captured in one CUDA graph."""
+def time_graph(fn, n_inputs, calls=CALLS) -> float:
+    """µs per call: `calls` calls of fn(i) (i cycling over the input copies) captured in one CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -84,7 +98,7 @@ def time_graph(fn, n_inputs) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(CALLS):
+        for i in range(calls):
             fn(i % n_inputs)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -94,15 +108,28 @@ def time_graph(fn, n_inputs) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
     return sorted(times)[len(times) // 2]
+
+
+def try_time(fn, n_inputs, calls=CALLS):
+    try:
+        return time_graph(fn, n_inputs, calls)
+    except Exception as exc:  # a setting this card or Triton cannot run: report it, keep going
+        torch.cuda.synchronize()
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
 def rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def run_case(name, B, S, H, KV, hd, L, slot0, start, sweep):
+def us(x) -> str:
+    return f"{x:.2f}" if isinstance(x, float) else "fail"
+
+
+def run_case(name, B, S, H, KV, hd, L, slot0, start, with_compile=True):
     gen = torch.Generator().manual_seed(0)
     sets = [make_inputs(B, S, H, KV, hd, L, slot0, start, gen) for _ in range(CALLS)]
     assert da.usable(**sets[0][0]), "the kernel does not take this shape"
@@ -112,55 +139,209 @@ def run_case(name, B, S, H, KV, hd, L, slot0, start, sweep):
     ka, va, kt, vt = (c.clone() for c in (a["k_cache"], a["v_cache"], a["k_cache"], a["v_cache"]))
     y_k = da.decode_attention(**dict(a, k_cache=ka, v_cache=va))
     y_t = torch_path(a["qkv"], kt, vt, e["cos"], e["sin"], a["slots"], e["mask"], H, KV)
-    row = dict(case=name, B=B, S=S, H=H, KV=KV, hd=hd, L=L, slot=slot0, chunk_config=da.config(B, KV, L, hd),
+    row = dict(case=name, B=B, S=S, H=H, KV=KV, hd=hd, L=L, slot=slot0,
+               config=da.config(B, KV, L, hd, H // KV, S)._asdict(),
                rel_err=rel_err(y_k, y_t), cache_equal=bool(torch.equal(ka, kt) and torch.equal(va, vt)))
-
-    compiled_torch = torch.compile(torch_path, fullgraph=True, dynamic=False)
-    compiled_kernel = torch.compile(da.decode_attention, fullgraph=True, dynamic=False)
-    torch_call = lambda f: lambda i: f(sets[i][0]["qkv"], sets[i][0]["k_cache"], sets[i][0]["v_cache"],
+    torch_call = lambda f: lambda i: f(sets[i][0]["qkv"], sets[i][0]["k_cache"], sets[i][0]["v_cache"],  # noqa
                                        sets[i][1]["cos"], sets[i][1]["sin"], sets[i][0]["slots"], sets[i][1]["mask"],
                                        H, KV)
-    row["torch_us"] = time_graph(torch_call(torch_path), CALLS)
-    row["torch_compile_us"] = time_graph(torch_call(compiled_torch), CALLS)
     row["triton_us"] = time_graph(lambda i: da.decode_attention(**sets[i][0]), CALLS)
-    row["triton_compile_us"] = time_graph(lambda i: compiled_kernel(**sets[i][0]), CALLS)
-    if sweep and L > 64:
-        cands = []
-        for chunk in (16, 32, 64, 128, 256):
-            for warps in (2, 4, 8):
-                try:
-                    us = time_graph(lambda i: da._launch(**sets[i][0], chunk=chunk, num_warps=warps), CALLS)
-                except Exception as exc:  # a config this card cannot run
-                    us = f"failed: {type(exc).__name__}"
-                cands.append(dict(chunk=chunk, warps=warps, programs=-(-L // chunk) * B * KV, us=us))
-        row["sweep"] = cands
-    return row
+    if with_compile:
+        compiled_torch = torch.compile(torch_path, fullgraph=True, dynamic=False)
+        compiled_kernel = torch.compile(da.decode_attention, fullgraph=True, dynamic=False)
+        row["torch_us"] = time_graph(torch_call(torch_path), CALLS)
+        row["torch_compile_us"] = time_graph(torch_call(compiled_torch), CALLS)
+        row["triton_compile_us"] = time_graph(lambda i: compiled_kernel(**sets[i][0]), CALLS)
+    return row, sets
+
+
+def sweep_candidates(B, S, H, KV, hd, L):
+    """(chunk, warps, head_split) settings worth timing for a shape (each one is a compile: ~1 s)."""
+    G = H // KV
+    if L <= 16:  # the depth decoder: one chunk; warps and head split
+        return [(da._pow2(L), w, h) for w, h in ((2, 1), (4, 1), (2, G), (4, G), (8, G))]
+    if L <= 1024:
+        return [(c, w, 1) for c in (16, 32, 64) for w in (4, 8)] + [(32, 2, 1), (32, 4, G), (64, 4, G), (64, 8, G)]
+    return [(32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (64, 4, G), (128, 8, G)]
+
+
+def run_sweep(name, B, S, H, KV, hd, L, slot0, start, sets):
+    cands = []
+    for chunk, warps, hs in sweep_candidates(B, S, H, KV, hd, L):
+        t0 = time.time()
+        r = try_time(lambda i: da._launch(**sets[i][0], chunk=chunk, num_warps=warps, head_split=hs), CALLS)
+        nch = -(-L // chunk)
+        cands.append(dict(chunk=chunk, warps=warps, head_split=hs, programs=B * KV * hs * nch, us=r,
+                          seconds=round(time.time() - t0, 1)))
+    return cands
+
+
+def prefetch_data(name, B, S, H, KV, hd, L, slot0, start):
+    """PAIRS calls' inputs with their own caches, PAIRS copies of a 3072 x 3072 weight, and the baseline timings."""
+    gen = torch.Generator().manual_seed(1)
+    sets = [make_inputs(B, S, H, KV, hd, L, slot0, start, gen)[0] for _ in range(PAIRS)]
+    cuda_gen = torch.Generator(device="cuda").manual_seed(1)
+    ws = [torch.randn(3072, 3072, device="cuda", generator=cuda_gen).mul_(0.02).to(torch.bfloat16)
+          for _ in range(PAIRS)]
+    y0 = da.decode_attention(**sets[0])
+    assert y0.shape[-1] == 3072
+    gemv.linear(y0, ws[0])  # picks its tile now (timed), outside the captures
+    ys = [da.decode_attention(**x) for x in sets]
+    base = dict(case=name, gemv_tile=str(gemv._best.get((3072, 3072, torch.bfloat16))))
+    base["gemv_cold_us"] = try_time(lambda i: gemv.linear(ys[i], ws[i]), PAIRS, PAIRS)
+    base["gemv_l2_us"] = try_time(lambda i: gemv.linear(ys[i], ws[0]), PAIRS, PAIRS)
+    base["attn_us"] = try_time(lambda i: da._launch(**sets[i]), PAIRS, PAIRS)
+    base["pair_us"] = try_time(lambda i: gemv.linear(da._launch(**sets[i]), ws[i]), PAIRS, PAIRS)
+    return sets, ws, base
+
+
+def prefetch_pairs(data, modes, pf_programs=None):
+    """µs per call of the attention alone and of attention + GEMV with prefetch=w_o in each mode (the baseline
+    without prefetch comes from prefetch_data)."""
+    sets, ws, base = data
+    res = dict(base)
+    for mode in modes:
+        kw = dict(pf_mode=mode, pf_programs=pf_programs)
+        res[f"attn_pf_{mode}_us"] = try_time(lambda i: da._launch(**sets[i], prefetch=ws[i], **kw), PAIRS, PAIRS)
+        res[f"pair_pf_{mode}_us"] = try_time(
+            lambda i: gemv.linear(da._launch(**sets[i], prefetch=ws[i], **kw), ws[i]), PAIRS, PAIRS)
+    return res
+
+
+def print_prefetch(rows):
+    print(f"\nprefetch of w_o (3072x3072 bf16, 18.9 MB) by the attention launch: µs per call, {PAIRS} calls in one "
+          f"CUDA graph, each on its own caches and weight copy (PREFETCH_MODE now: {da.PREFETCH_MODE!r})")
+    for r in rows:
+        print(f"{r['case']}: GEMV alone cold {us(r['gemv_cold_us'])}, L2-warm {us(r['gemv_l2_us'])} "
+              f"(tile {r['gemv_tile']}); attention alone {us(r['attn_us'])}; attention+GEMV {us(r['pair_us'])}")
+        print(f"  {'mode':<6}{'attn+pf':>10}{'(+vs attn)':>12}{'pair+pf':>10}{'saved/pair':>12}")
+        for mode in MODES:
+            a, p = r.get(f"attn_pf_{mode}_us"), r.get(f"pair_pf_{mode}_us")
+            if a is None:
+                continue
+            da_ = f"{a - r['attn_us']:+.2f}" if isinstance(a, float) and isinstance(r["attn_us"], float) else ""
+            sv = f"{r['pair_us'] - p:+.2f}" if isinstance(p, float) and isinstance(r["pair_us"], float) else ""
+            print(f"  {mode:<6}{us(a):>10}{da_:>12}{us(p):>10}{sv:>12}")
+        print(f"  custom op with prefetch (default mode): pair {us(r['pair_pf_op_us'])}")
+
+
+def write_json(name, res):
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / name
+        out.write_text(json.dumps(res, indent=1, default=str))
+        print(f"wrote {out}")
+
+
+def header(res):
+    print(f"{res['device']}, torch {res['torch']}, triton {res['triton']} (tile axis order FLIP={res['flip']})")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="also time (chunk, warps) candidates at the backbone shapes")
+    ap.add_argument("--sweep", action="store_true", help="time tile and prefetch settings instead (no torch paths)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or da.triton is None:
         sys.exit("needs CUDA and triton")
-    rows = [run_case(*c, sweep=args.sweep) for c in CASES]
-    print(f"{torch.cuda.get_device_name()}: µs per call ({CALLS} calls in one CUDA graph)")
-    print(f"{'case':<18}{'torch':>8}{'+compile':>10}{'triton':>9}{'+compile':>10}{'speedup':>9}{'rel err':>10}  cache")
+    t_start = time.time()
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=da.triton.__version__,
+               flip=da._FLIP, calls_per_graph=CALLS, table=[[list(k), v._asdict()] for k, v in da.TABLE])
+    header(res)
+    if args.sweep:
+        return sweep_main(res, t_start)
+    rows = []
+    for c in CASES:
+        row, sets = run_case(*c)
+        rows.append(row)
+        del sets
+        torch.cuda.empty_cache()
+    res["rows"] = rows
+    print(f"µs per call ({CALLS} calls in one CUDA graph)")
+    print(f"{'case':<18}{'torch':>8}{'+compile':>10}{'triton':>9}{'+compile':>10}{'speedup':>9}{'rel err':>10}  "
+          f"cache  config")
     for r in rows:
         best_torch = min(r["torch_us"], r["torch_compile_us"])
+        cfg = r["config"]
         print(f"{r['case']:<18}{r['torch_us']:>8.2f}{r['torch_compile_us']:>10.2f}{r['triton_us']:>9.2f}"
               f"{r['triton_compile_us']:>10.2f}{best_torch / r['triton_us']:>8.2f}x{r['rel_err']:>10.1e}  "
-              f"{'equal' if r['cache_equal'] else 'DIFFERS'}")
-        for c in sorted(r.get("sweep", []), key=lambda c: c["us"] if isinstance(c["us"], float) else 1e9)[:5]:
-            us = f"{c['us']:.2f} µs" if isinstance(c["us"], float) else c["us"]
-            print(f"    sweep chunk={c['chunk']:<4} warps={c['warps']} programs={c['programs']:<5} {us}")
+              f"{'equal' if r['cache_equal'] else 'DIFFERS'}  chunk {cfg['chunk']} warps {cfg['num_warps']} "
+              f"head_split {cfg['head_split']}")
     print(f"max rel err {max(r['rel_err'] for r in rows):.2e}")
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=da.triton.__version__,
-               calls_per_graph=CALLS, rows=rows)
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / "bench_decode_attention.json"
-        out.write_text(json.dumps(res, indent=1))
-        print(f"wrote {out}")
+    write_json("bench_decode_attention.json", res)  # written now too, in case a prefetch mode kills the context
+
+    # modes in the outer loop: "bulk" (inline PTX for the sm_90 TMA) runs last for every shape, so that if it ever
+    # broke the CUDA context only its own numbers would be lost
+    datas = [prefetch_data(*c) for c in PREFETCH_CASES]
+    res["prefetch"] = [dict(d[2]) for d in datas]
+    for mode in MODES:
+        for r, d in zip(res["prefetch"], datas):
+            r.update(prefetch_pairs(d, [mode]))
+        write_json("bench_decode_attention.json", res)
+    for r, d in zip(res["prefetch"], datas):  # the default mode through the custom op, as the engine would call it
+        r["pair_pf_op_us"] = try_time(lambda i: gemv.linear(da.decode_attention(**d[0][i], prefetch=d[1][i]),
+                                                            d[1][i]), PAIRS, PAIRS)
+    del datas
+    torch.cuda.empty_cache()
+    print_prefetch(res["prefetch"])
+    res["seconds"] = round(time.time() - t_start, 1)
+    print(f"({res['seconds']} s)")
+    write_json("bench_decode_attention.json", res)
+
+
+def sweep_main(res, t_start):
+    """Tile settings per shape, then the number of prefetch programs per mode at the two prefetch shapes."""
+    res["sweep"] = []
+    for c in CASES:
+        row, sets = run_case(*c, with_compile=False)
+        row["candidates"] = run_sweep(*c, sets)
+        res["sweep"].append(row)
+        del sets
+        torch.cuda.empty_cache()
+        ok = sorted((x for x in row["candidates"] if isinstance(x["us"], float)), key=lambda x: x["us"])
+        cfg = row["config"]
+        print(f"\n{row['case']}: default chunk {cfg['chunk']} warps {cfg['num_warps']} head_split "
+              f"{cfg['head_split']}: {row['triton_us']:.2f} µs; candidates, fastest first:")
+        for x in ok:
+            print(f"    chunk {x['chunk']:<4} warps {x['warps']} head_split {x['head_split']} programs "
+                  f"{x['programs']:<5} {x['us']:.2f} µs")
+        for x in row["candidates"]:
+            if not isinstance(x["us"], float):
+                print(f"    chunk {x['chunk']:<4} warps {x['warps']} head_split {x['head_split']}: {x['us']}")
+        if ok:
+            best = ok[0]
+            B, S, H, KV, hd, L = (row[k] for k in ("B", "S", "H", "KV", "hd", "L"))
+            # keyed like the TABLE entry that serves this shape now (its L bound), else by this L
+            key = next((k for k, _ in da.TABLE if k[:5] == (B, KV, H // KV, S, hd) and L <= k[5]),
+                       (B, KV, H // KV, S, hd, L))
+            key_s = "(" + ", ".join("1 << 30" if x == 1 << 30 else str(x) for x in key) + ")"
+            if best["us"] < row["triton_us"]:
+                print(f"  TABLE line: ({key_s}, Cfg({best['chunk']}, {best['warps']}, {best['head_split']})),  "
+                      f"# {best['us']:.2f} µs (default {row['triton_us']:.2f})")
+            else:
+                print(f"  TABLE: keep the default ({row['triton_us']:.2f} µs <= {best['us']:.2f})")
+        write_json("bench_decode_attention_sweep.json", res)
+    res["prefetch_sweep"] = []
+    programs = {"load": (132, 264, 528), "line": (66, 132, 264), "bulk": (8, 32, 132)}
+    datas = [prefetch_data(*c) for c in PREFETCH_CASES]
+    for mode in MODES:  # "bulk" last (see main)
+        for k, d in enumerate(datas):
+            for n in programs[mode][: 3 if k == 0 else 2]:  # the decoder: the two smaller counts only
+                r = prefetch_pairs(d, [mode], pf_programs=n)
+                r.update(mode=mode, programs=n)
+                res["prefetch_sweep"].append(r)
+        write_json("bench_decode_attention_sweep.json", res)
+    del datas
+    torch.cuda.empty_cache()
+    print(f"\nprefetch programs per mode (PREFETCH_PROGRAMS now {da.PREFETCH_PROGRAMS}): µs per call ({PAIRS} in "
+          f"one CUDA graph); pair = attention + GEMV")
+    print(f"{'case':<18}{'mode':<6}{'progs':>6}{'attn':>8}{'attn+pf':>9}{'pair':>8}{'pair+pf':>9}{'saved':>8}")
+    for r in res["prefetch_sweep"]:
+        a, ap, p, pp = r["attn_us"], r[f"attn_pf_{r['mode']}_us"], r["pair_us"], r[f"pair_pf_{r['mode']}_us"]
+        saved = f"{p - pp:+.2f}" if isinstance(p, float) and isinstance(pp, float) else ""
+        print(f"{r['case']:<18}{r['mode']:<6}{r['programs']:>6}{us(a):>8}{us(ap):>9}{us(p):>8}{us(pp):>9}"
+              f"{saved:>8}")
+    res["seconds"] = round(time.time() - t_start, 1)
+    print(f"({res['seconds']} s)")
+    write_json("bench_decode_attention_sweep.json", res)
 
 
 if __name__ == "__main__":

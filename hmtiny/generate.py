@@ -153,6 +153,7 @@ class FastLayer(nn.Module):
         self.w13 = Fused([m.w1, m.w3], fuse)
         self.w2 = Fused([m.w2], fuse)
         self.hidden = m.w1.out_features
+        self.prefetch = None  # Engine(prefetch=True): the output projection's weight, pulled into L2 during attention
 
     def forward(self, x, slots, pos, start, rope):
         """x [B,S,D] at positions pos [B,S], written to cache slots [S] (consecutive). Row i of song b attends to
@@ -163,7 +164,7 @@ class FastLayer(nn.Module):
         qkv = self.qkv(self.block.sa_norm(x))
         cache = self.block.attn.kv_cache
         if isinstance(rope, torch.Tensor):  # few rows: one kernel does RoPE, the cache write and the attention
-            y = decode_attention(qkv, cache.k, cache.v, rope, pos, slots, start, H, KV)
+            y = decode_attention(qkv, cache.k, cache.v, rope, pos, slots, start, H, KV, prefetch=self.prefetch)
         else:
             cos, sin, mask = rope
             # rotate q and k together: they are adjacent in the fused output
@@ -221,7 +222,8 @@ class Engine:
     fused ones instead, for callers that own the model and will not replace its parameters, e.g. sample.py).
     """
 
-    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False):
+    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False,
+                 prefetch: bool = False):
         if mode not in ("eager", "graph", "compile"):
             raise ValueError(f"mode must be eager, graph or compile, not {mode!r}")
         self.model, self.mode = model, mode
@@ -237,6 +239,11 @@ class Engine:
         self.backbone = FastStack(model.backbone, fuse)
         self.decoder = FastStack(model.decoder, fuse)
         self.projection = Fused([model.projection], fuse)
+        if prefetch and self.device.type == "cuda":  # HBM idles while attention runs: fetch the next weight then
+            for st in (self.backbone, self.decoder):
+                for layer in st.layers:
+                    ws = layer.wo.gemv_weight()
+                    layer.prefetch = None if ws is None else ws[0]
         self.sources = self._sources()
         if share and fuse:  # the model's own q/k/v and gate/up weights become views of the fused matrices
             for f in self._fused():

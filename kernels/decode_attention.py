@@ -1,23 +1,38 @@
-"""RoPE + KV-cache write + attention of a few new query rows over a static cache, in one or two Triton launches.
+"""RoPE + KV-cache write + attention of a few new query rows over a static cache, in ONE Triton launch.
 
 A generation step feeds S (1..16) new rows per batch row. The torch path (FastLayer.forward) spends separate kernels
-on RoPE, two index_copy cache writes and masked SDPA over the whole cache. Here, flash-decoding style:
+on RoPE, two index_copy cache writes and masked SDPA over the whole cache. This op is one flash-decoding launch. Its
+time is nearly all latency (the backbone reads 4.8 MB at L = 584, the depth decoder almost nothing), so it keeps
+the chain of dependent steps short:
 
-1. split kernel, grid (key chunks, B * KV): each program takes one (batch row, kv head, chunk of CHUNK cache slots)
-   with all G = H / KV query heads x S rows of that kv head as the rows of one tile. It rotates q itself (cheap,
-   recomputed by every program), attends over the chunk's OLDER keys (start[b] <= j < slots[0], read from the
-   cache) keeping a running max/sum in fp32, and writes unnormalised partial results. Programs whose chunk lies
-   wholly outside [start[b], slots[0]] do nothing. The program whose chunk holds slots[0] also rotates the S new
-   keys, attends to them straight from registers (causally: row i sees new keys 0..i) and is the ONLY writer of
-   the new cache rows, so no program ever reads a slot being written in the same launch.
-2. combine kernel, grid (B * KV, G * S): merges the partials of the valid chunks. When the cache fits one chunk
-   (the depth decoder, L = 8) the split kernel normalises and writes the output itself: one launch.
+* Programs: unit u = (batch row b, kv head, group of G / head_split query heads) x key chunk c. A program's rows are
+  its query heads x S (e.g. 3 for the backbone; no padding to a tensor-core tile) and its keys a tile of CHUNK slots.
+  The products run on the CUDA cores (broadcast and reduce) in a layout that the tile loads fix: the head dim within
+  each warp's lanes and registers plus across warps, keys in lanes and registers. So q.k crosses warps only for the
+  small [rows, keys] scores, and p.v does not cross warps at all (see _decode_kernel).
+* Chunks are aligned to the end E = slots[0] + S of the valid keys: chunk c holds slots E - (c+1)*CHUNK .. E - c*CHUNK.
+  So chunk 0 ends with the S new keys. Its program rotates them, attends to them from registers (causally: row i
+  sees new keys 0..i) and is the only writer of the new cache rows; no program reads a slot written in this launch.
+* Loads come in two dependent rounds, straight-line with masks (no loop bound read from memory, no branch between
+  them): first slots[0], start[b], pos and the q / new k / new v rows; then the RoPE rows and the chunk's older cache
+  keys start[b] <= j < slots[0]. Programs whose chunk holds no valid key load nothing and store nothing.
+* One chunk (the depth decoder, L = 8): the program normalises and writes the output. Several chunks: each program
+  writes its unnormalised partial (acc, max, sum), then takes a ticket from a per-unit counter (atomic, acq_rel, after
+  a CTA barrier). The program that draws the last ticket merges the unit's partials in chunk order, writes the output
+  and resets the counter to 0 for the next launch. Deterministic: the merge does not depend on which program came
+  last. CUDA-graph safe: nothing is reset from the host.
+* Optional `prefetch`: extra programs after the attention ones pull that tensor's bytes into L2 with an evict_last
+  priority while the HBM is otherwise idle; meant for the weight the next kernel reads (the output projection).
+  PREFETCH_MODE "load": plain loads, folded into a value that is stored only under a condition that does not occur
+  in practice (so the compiler cannot drop them; the store would go to a scratch word nobody reads). "line":
+  `prefetch.global.L2::evict_last`, one per 128-byte line. "bulk": `cp.async.bulk.prefetch.L2` (sm_90), one 16 KB
+  request per warp and step. "line" and "bulk" are fire-and-forget, so the launch does not wait for them. Under the
+  interpreter only "load" runs.
 
-Positions, slots and start are device tensors read by the kernels (no host sync: CUDA-graph replays may advance
-them); CHUNK depends only on the static shapes, see config() (backbone, B*KV = 16: 32 slots at L = 584, i.e.
-19 chunks x 16 = 304 programs; 128 at L = 3000, 384 programs). RoPE is computed with FMA
-contraction disabled, so the written cache rows are bit-equal to the eager reference's (fp32 multiply, subtract,
-round to the cache dtype).
+RoPE is bit-equal to the eager reference (fp32 multiply, multiply, subtract, round to the cache dtype): the products
+are `mul.rn.f32` (a multiply with an explicit rounding mode is never contracted into an FMA), so the rest of the
+kernel keeps FMA contraction. Positions, slots and start are device tensors read by the kernel (no host sync:
+CUDA-graph replays may advance them). Tile sizes depend only on the static shapes: config() and its TABLE.
 
 Kernel path: CUDA, triton importable, bf16/fp16/fp32 activations and caches of the same dtype, last dims of
 stride 1, even head_dim 16..512 (not a power of two is fine: masked), S <= 16, pow2(G * S) * pow2(head_dim) <=
@@ -28,6 +43,8 @@ whose left-pad rows attend only to themselves, is therefore not this op's job.
 from __future__ import annotations
 
 import math
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +56,265 @@ except ImportError:  # CPU-only installs: the reference everywhere
     triton = None
 
 MAX_S = 16
-MAX_TILE = 16384  # pow2(G*S) * pow2(hd): the fp32 accumulator tile of one program
-TARGET_PROGRAMS = 512  # a few per SM on an H100 (132 SMs) when the whole cache is valid
+MAX_TILE = 16384  # pow2(G*S) * pow2(hd): the q tile of one program
+TARGET_PROGRAMS = 256  # ~2 per SM on an H100 (132 SMs) when the whole cache is valid (default rule, see config)
+MERGE_REGS = 32  # fp32 partials per thread in flight in each step of the merge
+PREFETCH_MODE = "load"  # "load" | "line" | "bulk": how the prefetch programs pull `prefetch` into L2 (see above)
+PREFETCH_PROGRAMS = {"load": 264, "line": 132, "bulk": 32}  # extra programs per launch, by mode
+PREFETCH_BLOCK = 2048  # int32 words (8 KB) per load step of a "load" prefetch program
+PREFETCH_BULK = 4096  # int32 words (16 KB) per request of a "bulk" prefetch warp
 
 
-def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int):
+class Cfg(NamedTuple):
+    chunk: int  # cache slots per program (pow2, >= S): the key tile [chunk, hd] of one program
+    num_warps: int
+    head_split: int  # programs per (b, kv head, chunk): the G query heads are split into this many groups
+
+
+# Per-shape choices, first match wins: (B, KV, G, S, hd, max L) -> Cfg. Fill from `bench/bench_decode_attention.py
+# --sweep` (it prints lines for this table); shapes not listed use the rule in config().
+TABLE: list[tuple[tuple[int, int, int, int, int, int], Cfg]] = [
+    ((2, 8, 3, 1, 128, 1024), Cfg(32, 4, 1)),  # backbone, L up to ~1000: 19 chunks at L = 584, 304 programs
+    ((2, 8, 3, 1, 128, 1 << 30), Cfg(64, 8, 1)),  # backbone, long songs: 47 chunks at L = 3000, 752 programs
+    ((2, 4, 2, 1, 384, 8), Cfg(8, 4, 2)),  # depth decoder, one row: 16 programs, no merge
+    ((2, 4, 2, 2, 384, 8), Cfg(8, 4, 2)),  # depth decoder, two rows
+]
+
+
+# Triton < 3.7 orders the non-contiguous axes of a load's layout by ascending index, later ones by descending:
+# the kernel lays its tiles out accordingly (FLIP), for the same thread mapping with both (see _decode_kernel)
+_FLIP = triton is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if triton is not None:
+    @triton.jit
+    def _mul_rn(a, b, EXACT: tl.constexpr):
+        """a * b rounded to fp32, never contracted with a following add into an FMA (EXACT: inline PTX; the
+        interpreter's numpy never contracts)."""
+        if EXACT:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return a * b
+
+    @triton.jit
+    def _rotate(x, cs, EXACT: tl.constexpr):
+        """RoPE of x [..., D] (fp32, interleaved pairs (x[2i], x[2i+1])) by table rows cs [..., D] (cos, sin
+        interleaved), as the reference writes it: even x0*cos - x1*sin, odd x1*cos + x0*sin."""
+        x0, x1 = tl.split(tl.reshape(x, x.shape[:-1] + (x.shape[-1] // 2, 2)))
+        cos, sin = tl.split(tl.reshape(cs, cs.shape[:-1] + (cs.shape[-1] // 2, 2)))
+        r0 = _mul_rn(x0, cos, EXACT) - _mul_rn(x1, sin, EXACT)
+        r1 = _mul_rn(x1, cos, EXACT) + _mul_rn(x0, sin, EXACT)
+        return tl.reshape(tl.join(r0, r1), x.shape)
+
+    @triton.jit
+    def _prefetch(pf_ptr, pf_n, pf_sink, pf_magic, p, MODE: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr,
+                  THREADS: tl.constexpr):
+        """Program p of the prefetch programs: words [p*SPAN, (p+1)*SPAN) of pf_ptr (int32 words, pf_n of them)."""
+        base = p.to(tl.int64) * SPAN
+        if MODE == 1:  # loads kept in L2, folded into a value stored only if it equals pf_magic (a never-read sink)
+            acc = tl.zeros([BLOCK], tl.int32)
+            for it in tl.static_range(SPAN // BLOCK):
+                offs = base + it * BLOCK + tl.arange(0, BLOCK)
+                acc ^= tl.load(pf_ptr + offs, mask=offs < pf_n, other=0, eviction_policy="evict_last")
+            tot = tl.xor_sum(acc, 0)
+            tl.store(pf_sink, tot, mask=tot == pf_magic)
+        elif MODE == 2:  # one L2 prefetch per 128-byte line (32 words), fire and forget
+            for it in tl.static_range(SPAN // (32 * BLOCK)):
+                offs = base + (it * BLOCK + tl.arange(0, BLOCK)) * 32
+                addr = pf_ptr + tl.minimum(offs, pf_n - 1)
+                tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [addr],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+        else:  # MODE 3: bulk L2 prefetches (sm_90 TMA) of BLOCK words, one per warp per step, fire and forget
+            WARPS: tl.constexpr = THREADS // 32
+            wid = tl.arange(0, THREADS) // 32  # the same operands across a warp: one request, no per-lane loop
+            for it in tl.static_range(SPAN // (WARPS * BLOCK)):
+                offs = base + (it * WARPS + wid) * BLOCK
+                nbytes = (tl.minimum(pf_n - offs, BLOCK) // 4 * 16).to(tl.int32)  # whole 16-byte pieces only
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; .reg .b64 pol; setp.gt.s32 p, $2, 0; "
+                    "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
+                    "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
+                    "=r,l,r", [pf_ptr + tl.minimum(offs, pf_n - 1), nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _at5(x, AX: tl.constexpr):
+        """x [N] along axis AX of a 5-d tensor (size 1 elsewhere)."""
+        if AX == 0:
+            return x[:, None, None, None, None]
+        elif AX == 1:
+            return x[None, :, None, None, None]
+        elif AX == 2:
+            return x[None, None, :, None, None]
+        elif AX == 3:
+            return x[None, None, None, :, None]
+        else:
+            return x[None, None, None, None, :]
+
+    @triton.jit
+    def _at3(x, AX: tl.constexpr):
+        """x [N] along axis AX of a 3-d tensor (size 1 elsewhere)."""
+        if AX == 0:
+            return x[:, None, None]
+        elif AX == 1:
+            return x[None, :, None]
+        else:
+            return x[None, None, :]
+
+    @triton.jit
+    def _decode_kernel(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, y_ptr, part_ptr, cnt_ptr,
+                       pf_ptr, pf_n, pf_sink, pf_magic, n_attn, n_part, qk_scale,
+                       stride_qb, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                       stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
+                       S: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, HD: tl.constexpr,
+                       HD_P: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
+                       NCH_P: tl.constexpr, COMB_C: tl.constexpr, KR: tl.constexpr, DW: tl.constexpr,
+                       NK: tl.constexpr, DL: tl.constexpr, FLIP: tl.constexpr, EXACT: tl.constexpr,
+                       PF_MODE: tl.constexpr, PF_SPAN: tl.constexpr, PF_BLOCK: tl.constexpr, THREADS: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < n_attn:
+            # Tiles and their layouts. The key tile of a program is 5-d: query rows (size 1 in the loads), key
+            # repeats KR, head-dim warps DW, key lanes NK, head dim DL (key n = kr*NK + nk, dim = dw*DL + dl). Loaded
+            # as such, the coalescing pass puts DL in registers (16 bytes) and lanes, NK on the lanes left, DW on the
+            # warps and KR in registers, and the products with q keep that layout: the q.k sum crosses warps only
+            # for the small [rows, keys] scores, p.v stays within each warp. That pass orders the non-contiguous
+            # axes by index, ascending before Triton 3.7 and descending since (FLIP: the axes are laid out in
+            # reverse there, for the same hardware mapping on both).
+            # axes of the key tile: rows (size 1 in the loads) 3 or 0, KR, DW, NK, DL 4
+            AN: tl.constexpr = 0 if FLIP else 3
+            AW: tl.constexpr = 1 if FLIP else 2
+            AK: tl.constexpr = 2 if FLIP else 1
+            # axes of the [rows, KR, NK] scores and of the [rows, DW, DL] outputs
+            SR: tl.constexpr = 2 if FLIP else 0
+            SN: tl.constexpr = 0 if FLIP else 2
+            TR: tl.constexpr = 1 if FLIP else 0
+            TW: tl.constexpr = 0 if FLIP else 1
+            GP: tl.constexpr = G // HS  # query heads per program
+            u, c = pid // NCH, pid % NCH  # c = 0: the newest chunk
+            bk, hg = u // HS, u % HS
+            b, kvh = bk // KV, bk % KV
+            r = tl.arange(0, R)  # q row r: query row i, query head kvh*G + g
+            i, g = r // GP, hg * GP + r % GP
+            row_ok = i < S
+            d = tl.arange(0, HD_P)
+            d_ok = d < HD
+            mq = row_ok[:, None] & d_ok[None, :]
+            # Chunk c holds keys E - (c+1)*CHUNK + n, E = slots[0] + S: chunk 0 ends with the S new keys, taken
+            # from qkv (rotated here) instead of the cache.
+            n5 = _at5(tl.arange(0, KR), AK) * NK + _at5(tl.arange(0, NK), AN)
+            d5 = _at5(tl.arange(0, DW), AW) * DL + _at5(tl.arange(0, DL), 4)
+            dm5 = d5 < HD
+            t5 = n5 - (CHUNK - S)  # new key t at tile position n of chunk 0
+            new5 = (t5 >= 0) & ((n5 * 0 + c) == 0)  # (scalar conditions enter masks as vectors: interpreter)
+            # round trip 1: everything that depends on nothing
+            slot0 = tl.load(slots_ptr)
+            start = tl.load(start_ptr + b)
+            pos_q = tl.load(pos_ptr + b * stride_pb + i * stride_ps, mask=row_ok, other=0)
+            pos_t = tl.load(pos_ptr + b * stride_pb + t5 * stride_ps, mask=new5, other=0)
+            xq = tl.load(qkv_ptr + (b * stride_qb + i * stride_qs + (kvh * G + g) * HD)[:, None] + d[None, :],
+                         mask=mq, other=0.0)
+            new_row = qkv_ptr + b * stride_qb + t5 * stride_qs + d5
+            xk = tl.load(new_row + (KV * G + kvh) * HD, mask=new5 & dm5, other=0.0)
+            xv = tl.load(new_row + (KV * G + KV + kvh) * HD, mask=new5 & dm5, other=0.0)
+            n_valid = (slot0 + S - start + CHUNK - 1) // CHUNK  # chunks holding a valid key
+            if c < n_valid:  # (a chunk past them loads nothing, computes nothing and stores nothing)
+                # round trip 2: the RoPE rows and this chunk's older keys from the cache
+                cs_q = tl.load(rope_ptr + pos_q[:, None] * stride_rope + d[None, :], mask=mq, other=0.0)
+                cs_t = tl.load(rope_ptr + pos_t * stride_rope + d5, mask=new5 & dm5, other=0.0)
+                j0 = slot0 + S - (c + 1) * CHUNK
+                j5 = j0 + n5
+                old5 = (j5 >= start) & (j5 < slot0)
+                k_row = k_ptr + b * stride_kb + kvh * stride_kh + j5 * stride_kl + d5
+                v_row = v_ptr + b * stride_vb + kvh * stride_vh + j5 * stride_vl + d5
+                k_old = tl.load(k_row, mask=old5 & dm5, other=0.0)
+                v_old = tl.load(v_row, mask=old5 & dm5, other=0.0)
+                # arithmetic: RoPE, the new keys into the tile, one softmax over the tile
+                q = _rotate(xq.to(tl.float32), cs_q, EXACT).to(qkv_ptr.dtype.element_ty).to(tl.float32)  # as the ref's
+                q3 = tl.reshape(q, (R, DW, DL))
+                if FLIP:
+                    q5 = tl.permute(q3, (1, 0, 2))[None, :, None, :, :]
+                else:
+                    q5 = q3[:, None, :, None, :]
+                kn = _rotate(xk.to(tl.float32), cs_t, EXACT).to(k_ptr.dtype.element_ty)
+                vn = xv.to(v_ptr.dtype.element_ty)
+                k = tl.where(new5, kn, k_old).to(tl.float32)
+                v = tl.where(new5, vn, v_old).to(tl.float32)
+                s = tl.sum(tl.sum(q5 * k, 4), AW) * qk_scale  # [rows, KR, NK] in axes (SR, 1, SN), log2 units
+                j3 = j0 + _at3(tl.arange(0, KR), 1) * NK + _at3(tl.arange(0, NK), SN)
+                s = tl.where((j3 >= start) & (j3 <= slot0 + _at3(i, SR)), s, float("-inf"))
+                # (registers first, then lanes: fewer shuffles)
+                m_i = tl.maximum(tl.max(tl.max(s, 1), 1 if SN > 1 else SN), -1e30)  # finite: no valid key -> p = 0
+                p = tl.exp2(s - _at3(m_i, SR))
+                l_i = tl.sum(tl.sum(p, 1), 1 if SN > 1 else SN)
+                if FLIP:
+                    p5 = p[:, None, :, :, None]
+                else:
+                    p5 = p[:, :, None, :, None]
+                acc = tl.sum(tl.sum(p5 * v, AK), AN if AN < AK else AN - 1)  # [rows, DW, DL] in axes (TR, TW, 2)
+                mw = new5 & dm5 & ((n5 * 0 + hg) == 0)  # chunk 0 of head group 0 writes the new cache rows
+                tl.store(k_row, kn, mask=mw)
+                tl.store(v_row, vn, mask=mw)
+                d3 = _at3(tl.arange(0, DW), TW) * DL + _at3(tl.arange(0, DL), 2)
+                i3 = _at3(i, TR)
+                m3 = (i3 < S) & (d3 < HD)
+                y_row = (b * stride_yb + i * stride_ys + (kvh * G + g) * HD)
+                if NCH == 1:  # the whole cache was this chunk: finish here
+                    y = acc / _at3(l_i, TR)
+                    tl.store(y_ptr + _at3(y_row, TR) + d3, y.to(y_ptr.dtype.element_ty), mask=m3)
+                else:
+                    # partials: acc [units, NCH, R, HD] and (max, sum) [2, units, NCH, R]
+                    part = (u * NCH + c) * R + r
+                    tl.store(part_ptr + _at3(part, TR) * HD + d3, acc, mask=m3)
+                    tl.store(part_ptr + n_part * HD + part, m_i, mask=row_ok)
+                    tl.store(part_ptr + n_part * HD + n_part + part, l_i, mask=row_ok)
+                    tl.debug_barrier()  # every thread's stores before the release below (cumulative at gpu scope)
+                    ticket = tl.atomic_add(cnt_ptr + u, 1, sem="acq_rel", scope="gpu")
+                    if ticket == n_valid - 1:  # the unit's last chunk to finish: merge them all, in chunk order
+                        tl.store(cnt_ptr + u, 0)  # ready for the next launch
+                        # weights of all chunks from their (max, sum) [NCH_P, R]; then the partials [COMB_C, R, HD]
+                        # (axes (MC, MR, 2)) a few chunks at a time, chunks in registers and rows on the warps: no
+                        # cross-warp reduction. Skipped chunks: max -1e30, weight 0 (finite: no NaN in padded rows)
+                        MC: tl.constexpr = 1 if FLIP else 0
+                        MR: tl.constexpr = 0 if FLIP else 1
+                        cc = tl.arange(0, NCH_P)[:, None]
+                        pm = (u * NCH + cc) * R + r[None, :]
+                        ok = (cc < n_valid) & row_ok[None, :]
+                        m_c = tl.load(part_ptr + n_part * HD + pm, mask=ok, other=-1e30, cache_modifier=".cg")
+                        l_c = tl.load(part_ptr + n_part * HD + n_part + pm, mask=ok, other=0.0, cache_modifier=".cg")
+                        m_all = tl.max(m_c, 0)
+                        den = tl.sum(tl.exp2(m_c - m_all[None, :]) * l_c, 0)
+                        den = tl.where(row_ok, den, 1.0)
+                        y = tl.zeros([R, HD_P], tl.float32)
+                        cb = _at3(tl.arange(0, COMB_C), MC)
+                        r3 = _at3(r, MR)
+                        for c0 in tl.static_range(0, NCH_P, COMB_C):
+                            ok3 = (c0 + cb < n_valid) & (r3 // GP < S)
+                            pc = (u * NCH + c0 + cb) * R + r3
+                            o = tl.load(part_ptr + pc * HD + _at3(d, 2), mask=ok3 & _at3(d_ok, 2), other=0.0,
+                                        cache_modifier=".cg")
+                            w = tl.exp2(tl.load(part_ptr + n_part * HD + pc, mask=ok3, other=-1e30,
+                                                cache_modifier=".cg") - _at3(m_all, MR))
+                            y += tl.sum(w * o, MC)
+                        y = y / den[:, None]
+                        tl.store(y_ptr + y_row[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mq)
+        else:
+            if PF_MODE != 0:
+                _prefetch(pf_ptr, pf_n, pf_sink, pf_magic, pid - n_attn, PF_MODE, PF_SPAN, PF_BLOCK, THREADS)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int, prefetch=None):
     """Plain torch, the same operations as FastLayer.forward: interleaved RoPE of q and k in fp32 (rounded to the
     activation dtype), index_copy_ of k/v into the caches at `slots`, masked SDPA over the whole cache with the GQA
-    layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i]."""
+    layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i]. `prefetch` is only a
+    hint for the kernel: ignored here."""
     b, s, _ = qkv.shape
     H, KV = n_heads, n_kv
     hd, G, L = qkv.shape[-1] // (H + 2 * KV), H // KV, k_cache.shape[2]
@@ -67,165 +335,136 @@ def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads
     return y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
 
 
-if triton is not None:
-    @triton.jit
-    def _load_rotated(x_ptr, row_off, pos, rope_ptr, stride_rope, hd, ok, HD: tl.constexpr):
-        """Rows x_ptr[row_off + 0..hd) rotated by RoPE at `pos`, fp32 [R, HD]: interleaved pairs (x[2i], x[2i+1])."""
-        d = tl.arange(0, HD)
-        m = ok[:, None] & (d < hd)[None, :]
-        x = tl.load(x_ptr + row_off[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-        xp = tl.load(x_ptr + row_off[:, None] + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)  # pair partner
-        r = rope_ptr + pos[:, None] * stride_rope + (d // 2 * 2)[None, :]
-        cos = tl.load(r, mask=m, other=0.0)
-        sin = tl.load(r + 1, mask=m, other=0.0)
-        # the reference's expressions, operand for operand (even: x0*cos - x1*sin, odd: x1*cos + x0*sin)
-        return tl.where((d % 2 == 0)[None, :], x * cos - xp * sin, x * cos + xp * sin)
-
-    @triton.jit
-    def _attend(q, k, v, ok, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
-        """One online-softmax step over a key block (scores in log2 units)."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        return m_new, l_i, acc
-
-    @triton.jit
-    def _split_kernel(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, y_ptr, o_ptr, ml_ptr,
-                      S, hd, n_part, qk_scale, stride_qb, stride_qs, stride_kb, stride_kh, stride_kl,
-                      stride_vb, stride_vh, stride_vl, stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
-                      KV: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEW_N: tl.constexpr, HD: tl.constexpr,
-                      PREC: tl.constexpr):
-        c, bk = tl.program_id(0), tl.program_id(1)
-        b, kvh = bk // KV, bk % KV
-        slot0 = tl.load(slots_ptr)
-        start = tl.load(start_ptr + b)
-        c_last = slot0 // CHUNK
-        if (c >= start // CHUNK) & (c <= c_last):  # else: no valid key here, nothing to do
-            r = tl.arange(0, BLOCK_M)  # tile row r = query row i, query head kvh*G + g
-            i, g = r // G, r % G
-            row_ok = i < S
-            d = tl.arange(0, HD)
-            d_ok = d < hd
-            pos_q = tl.load(pos_ptr + b * stride_pb + i * stride_ps, mask=row_ok, other=0)
-            q = _load_rotated(qkv_ptr, b * stride_qb + i * stride_qs + (kvh * G + g) * hd, pos_q, rope_ptr,
-                              stride_rope, hd, row_ok, HD).to(qkv_ptr.dtype.element_ty)  # rounded as the ref's q
-            # finite start: a key block with no valid key then adds p = 0 instead of NaN
-            m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, HD], tl.float32)
-
-            # older keys, from the cache: every query row sees all of them
-            lo = tl.maximum(c * CHUNK, start)
-            hi = tl.minimum(c * CHUNK + CHUNK, slot0)
-            n = tl.arange(0, BLOCK_N)
-            for j0 in range(lo, hi, BLOCK_N):
-                j = j0 + n
-                ok = j < hi
-                m2 = ok[:, None] & d_ok[None, :]
-                k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + j[:, None] * stride_kl + d[None, :],
-                            mask=m2, other=0.0)
-                v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + j[:, None] * stride_vl + d[None, :],
-                            mask=m2, other=0.0)
-                m_i, l_i, acc = _attend(q, k, v, ok[None, :], m_i, l_i, acc, qk_scale, PREC)
-
-            # the S new keys (slots[0] + t), from registers, by the one program whose chunk holds slots[0]
-            if c == c_last:
-                t = tl.arange(0, NEW_N)
-                t_ok = t < S
-                m2 = t_ok[:, None] & d_ok[None, :]
-                pos_k = tl.load(pos_ptr + b * stride_pb + t * stride_ps, mask=t_ok, other=0)
-                row = b * stride_qb + t * stride_qs
-                kn = _load_rotated(qkv_ptr, row + (KV * G + kvh) * hd, pos_k, rope_ptr, stride_rope, hd, t_ok,
-                                   HD).to(k_ptr.dtype.element_ty)
-                vn = tl.load(qkv_ptr + row[:, None] + (KV * G + KV + kvh) * hd + d[None, :], mask=m2,
-                             other=0.0).to(v_ptr.dtype.element_ty)
-                ok = (t[None, :] <= i[:, None]) & t_ok[None, :]
-                m_i, l_i, acc = _attend(q, kn, vn, ok, m_i, l_i, acc, qk_scale, PREC)
-                slot = tl.load(slots_ptr + t, mask=t_ok, other=0)
-                tl.store(k_ptr + b * stride_kb + kvh * stride_kh + slot[:, None] * stride_kl + d[None, :], kn,
-                         mask=m2)
-                tl.store(v_ptr + b * stride_vb + kvh * stride_vh + slot[:, None] * stride_vl + d[None, :], vn,
-                         mask=m2)
-
-            if NCH == 1:  # the whole cache was this chunk: finish here
-                y = acc / l_i[:, None]
-                tl.store(y_ptr + b * stride_yb + i[:, None] * stride_ys + ((kvh * G + g) * hd)[:, None] + d[None, :],
-                         y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-            else:  # partials [B*KV, G*S, NCH, hd] and (max, sum) [2, B*KV, G*S, NCH]
-                part = (bk * G * S + r) * NCH + c
-                tl.store(o_ptr + part[:, None] * hd + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-                tl.store(ml_ptr + part, m_i, mask=row_ok)
-                tl.store(ml_ptr + n_part + part, l_i, mask=row_ok)
-
-    @triton.jit
-    def _combine_kernel(o_ptr, ml_ptr, slots_ptr, start_ptr, y_ptr, S, hd, n_part, stride_yb, stride_ys,
-                        KV: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
-                        NCH_PAD: tl.constexpr, HD: tl.constexpr):
-        bk, r = tl.program_id(0), tl.program_id(1)
-        b, kvh = bk // KV, bk % KV
-        i, g = r // G, r % G
-        c = tl.arange(0, NCH_PAD)
-        ok = (c >= tl.load(start_ptr + b) // CHUNK) & (c <= tl.load(slots_ptr) // CHUNK) & (c < NCH)
-        part = (bk * G * S + r) * NCH + c
-        m = tl.load(ml_ptr + part, mask=ok, other=float("-inf"))
-        l = tl.load(ml_ptr + n_part + part, mask=ok, other=0.0)
-        w = tl.exp2(m - tl.max(m, 0))  # 0 for chunks that were skipped
-        d = tl.arange(0, HD)
-        d_ok = d < hd
-        o = tl.load(o_ptr + part[:, None] * hd + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        y = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-        tl.store(y_ptr + b * stride_yb + i * stride_ys + (kvh * G + g) * hd + d, y.to(y_ptr.dtype.element_ty),
-                 mask=d_ok)
+def _floor_pow2(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def config(B: int, KV: int, L: int, hd: int) -> tuple[int, int, int]:
-    """(CHUNK, BLOCK_N, num_warps) for a cache shape: about TARGET_PROGRAMS programs over the whole cache, at least
-    16 slots a chunk, and few enough chunks that the combine tile (chunks x hd) stays <= MAX_TILE floats."""
+def config(B: int, KV: int, L: int, hd: int, G: int = 1, S: int = 1) -> Cfg:
+    """The tile choice for a shape: the TABLE entry if one matches, else a rule: one chunk (no merge) while the
+    cache is short, else about TARGET_PROGRAMS programs over the whole cache (16..64 slots a chunk, fewer for wide
+    heads); the query heads split into one program each while that leaves few programs."""
+    for (b, kv, g, s, h, max_l), cfg in TABLE:
+        if (b, kv, g, s, h) == (B, KV, G, S, hd) and L <= max_l:
+            return cfg
     HD = max(16, _pow2(hd))
-    chunk = max(16, _pow2(-(-B * KV * L // TARGET_PROGRAMS)), _pow2(-(-L * HD // MAX_TILE)))
-    block_n = min(chunk, 64 if HD <= 128 else 32 if HD <= 256 else 16)  # key block: K and V tiles in registers
-    return chunk, block_n, 4 if HD <= 128 else 8
+    most = max(_pow2(S), 8192 // HD)  # key tile of at most 16 KB (bf16) a program
+    if L <= most:
+        chunk = _pow2(L)
+    else:
+        chunk = min(most, max(16, _pow2(-(-B * KV * L // TARGET_PROGRAMS))))
+    chunk = max(chunk, _pow2(S))
+    nch = -(-L // chunk)
+    # query heads per program: few enough that the rows (heads x S) stay <= 4 where possible (the products hold
+    # rows x keys x 8 fp32 per thread), and one each when that still leaves few programs
+    head_split = next((h for h in range(1, G + 1) if G % h == 0 and _pow2(G // h * S) <= 4), G)
+    if B * KV * nch * head_split < 64:
+        head_split = G
+    return Cfg(chunk, 4 if HD <= 128 else 2, head_split)
 
 
-def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk=None, block_n=None, num_warps=None):
-    """Run the kernels (no shape checks: see usable()). chunk/block_n/num_warps override config() (benchmarks)."""
+_scratch: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of >= n ticket counters for `device`, reused by every launch (each launch leaves its
+    counters at 0 again). Made once, outside graph capture; under capture without one, a zeroed buffer of the
+    graph's own (a memset in the graph, correct but slower)."""
+    key = ("cnt", device)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, device=device, dtype=torch.int32)
+        buf = _scratch[key] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
+    return buf
+
+
+def _sink(device) -> torch.Tensor:
+    """A scratch word the prefetch programs would write only if their loaded words xor to pf_magic (never read)."""
+    key = ("sink", device)
+    if key not in _scratch:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.empty(1, device=device, dtype=torch.int32)
+        _scratch[key] = torch.empty(1, device=device, dtype=torch.int32)
+    return _scratch[key]
+
+
+_PF_MODES = {"load": 1, "line": 2, "bulk": 3}
+
+
+def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefetch=None, chunk=None,
+            num_warps=None, head_split=None, pf_mode=None, pf_programs=None, pf_block=None, flip=None):
+    """Run the kernel (no shape checks: see usable()). The keywords after `prefetch` override config() and the
+    PREFETCH_* settings (benchmarks, tests)."""
     B, S, _ = qkv.shape
     H, KV = n_heads, n_kv
     G, hd, L = H // KV, qkv.shape[-1] // (H + 2 * KV), k_cache.shape[2]
-    c0, b0, w0 = config(B, KV, L, hd)
-    chunk, block_n, num_warps = chunk or c0, block_n or b0, num_warps or w0
+    cfg = config(B, KV, L, hd, G, S)
+    chunk = max(chunk or cfg.chunk, _pow2(S))  # the new keys fit chunk 0
+    num_warps = num_warps or cfg.num_warps
+    head_split = head_split or cfg.head_split
+    if G % head_split or chunk != _pow2(chunk):
+        raise ValueError(f"head_split {head_split} must divide G = {G}, chunk {chunk} must be a power of two")
+    R = _pow2(G // head_split * S)
     nch = -(-L // chunk)
-    HD = max(16, _pow2(hd))
+    HD_P = max(16, _pow2(hd))
+    # merge COMB_C chunks' partials at a time: [COMB_C, R, HD] within MERGE_REGS fp32 per thread
+    comb_c = min(_pow2(nch), _floor_pow2(max(1, MERGE_REGS * 32 * num_warps // (R * HD_P))))
+    # key tile [KR, DW, NK, DL] (see the kernel): 16-byte vectors along DL, warps along DW, the lanes left along NK
+    vec = 16 // qkv.element_size()
+    DW = min(num_warps, max(1, HD_P // vec))
+    DL = HD_P // DW
+    NK = min(chunk, max(1, 32 // max(1, DL // vec)))
+    KR = chunk // NK
+    units = B * KV * head_split
     y = qkv.new_empty(B, S, H * hd)
+    n_part = units * nch * R
     if nch == 1:
-        o = ml = y  # unused
+        part = cnt = y  # unused
     else:
-        o = torch.empty(B * KV, G * S, nch, hd, device=qkv.device, dtype=torch.float32)
-        ml = torch.empty(2, B * KV, G * S, nch, device=qkv.device, dtype=torch.float32)
-    prec = "ieee" if qkv.dtype == torch.float32 else "tf32"  # fp32 must not round to tf32; ignored for 16-bit
+        part = torch.empty(n_part * (hd + 2), device=qkv.device, dtype=torch.float32)
+        cnt = _counters(qkv.device, units)
+    threads = 32 * num_warps
+    n_attn = units * nch
+    grid = n_attn
+    mode, span, pf_block_c, pf, pf_n, sink = 0, 4, 4, part, 1, cnt
+    mode_name = pf_mode or PREFETCH_MODE
+    if (prefetch is not None and 0 < prefetch.numel() * prefetch.element_size() < 2 ** 33
+            and prefetch.device == qkv.device and prefetch.is_contiguous()):
+        mode = 0 if _interpreting() and mode_name != "load" else _PF_MODES[mode_name]  # asm: GPU only
+    if mode:
+        flat = prefetch.reshape(-1)
+        nbytes = flat.numel() * flat.element_size()
+        # int32 words (a tail of < 4 bytes, or a misaligned tensor, is read as bytes: rare, never the weights)
+        pf = flat.view(torch.int32) if nbytes % 4 == 0 and flat.data_ptr() % 16 == 0 else flat.view(torch.uint8)
+        pf_n = pf.numel()
+        progs = pf_programs or PREFETCH_PROGRAMS[mode_name]
+        span = -(-pf_n // progs)
+        if mode == 1:
+            pf_block_c = pf_block or PREFETCH_BLOCK
+            span = -(-span // pf_block_c) * pf_block_c
+        elif mode == 2:
+            pf_block_c = pf_block or threads
+            span = -(-span // (32 * pf_block_c)) * 32 * pf_block_c
+        else:
+            pf_block_c = pf_block or PREFETCH_BULK  # words per request, a multiple of 4 (16 bytes)
+            span = -(-span // (num_warps * pf_block_c)) * num_warps * pf_block_c
+            if pf.dtype != torch.int32:
+                mode = 0  # bulk copies need 16-byte aligned int32 words
+        if mode:
+            grid = n_attn + -(-pf_n // span)
+            sink = _sink(qkv.device)
     qk_scale = math.log2(math.e) / math.sqrt(hd)
-    _split_kernel[(nch, B * KV)](
-        qkv, k_cache, v_cache, rope, pos, slots, start, y, o, ml,
-        S, hd, ml[0].numel(), qk_scale, qkv.stride(0), qkv.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+    _decode_kernel[(grid,)](
+        qkv, k_cache, v_cache, rope, pos, slots, start, y, part, cnt, pf, pf_n, sink, -(2 ** 31) + 12345, n_attn,
+        n_part, qk_scale, qkv.stride(0), qkv.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
-        KV=KV, G=G, CHUNK=chunk, NCH=nch, BLOCK_M=max(16, _pow2(G * S)), BLOCK_N=block_n,
-        NEW_N=max(16, _pow2(S)), HD=HD, PREC=prec, num_warps=num_warps, enable_fp_fusion=False)
-    if nch > 1:
-        _combine_kernel[(B * KV, G * S)](o, ml, slots, start, y, S, hd, ml[0].numel(), y.stride(0), y.stride(1),
-                                         KV=KV, G=G, CHUNK=chunk, NCH=nch, NCH_PAD=_pow2(nch), HD=HD, num_warps=4)
+        S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
+        COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip, EXACT=not _interpreting(),
+        PF_MODE=mode, PF_SPAN=span, PF_BLOCK=pf_block_c, THREADS=threads, num_warps=num_warps, enable_fp_fusion=True)
     return y
 
 
-def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> bool:
+def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int, prefetch=None) -> bool:
     """Whether the Triton path takes these arguments (see the module docstring); else the reference runs."""
     if triton is None or n_kv <= 0 or n_heads % n_kv or qkv.dim() != 3:
         return False
@@ -250,23 +489,25 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("hmtiny::decode_attention", mutates_args=("k_cache", "v_cache"))
     def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor,
                             pos: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, n_heads: int,
-                            n_kv: int) -> torch.Tensor:
-        return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
+                            n_kv: int, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefetch)
 
     @decode_attention_op.register_fake
-    def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
+    def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefetch=None):
         hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
         return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * hd)
 else:  # pragma: no cover - old torch
     decode_attention_op = _launch
 
 
-def decode_attention(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int,
+                     prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE q/k of the S new rows, write k/v to the caches at `slots`, attend; [B, S, H*hd] in qkv's dtype.
 
     qkv [B, S, (H + 2 KV) hd] (q, k, v heads; last-dim stride 1), k_cache/v_cache [B, KV, L, hd] (mutated),
     rope [maxlen, hd/2, 2] fp32 (cos, sin), pos [B, S] int64, slots [S] int64 consecutive, start [B] int64:
-    row i of batch row b attends to cache slots start[b] <= j <= slots[i]. The Triton kernels on CUDA where
-    usable(), else decode_attention_ref."""
+    row i of batch row b attends to cache slots start[b] <= j <= slots[i]. prefetch: a tensor (contiguous, same
+    device) whose bytes the launch also pulls into L2 for the next kernel (the output projection's weight), or
+    None; it changes no result. The Triton kernel on CUDA where usable(), else decode_attention_ref."""
     args = (qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
-    return decode_attention_op(*args) if usable(*args) else decode_attention_ref(*args)
+    return decode_attention_op(*args, prefetch) if usable(*args) else decode_attention_ref(*args)

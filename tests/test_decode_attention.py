@@ -1,9 +1,12 @@
 """kernels/decode_attention.py: fused RoPE + KV-cache write + few-row attention against its reference.
 
-On CPU the Triton kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
-triton is imported), in float32/float16 (the interpreter computes bf16 arithmetic wrongly); the reference itself is
-checked against a float64 definition. On CUDA the real kernels run in bf16 at the backbone and depth-decoder
-shapes, eagerly, inside CUDA graphs whose slot tensors advance between replays, and under torch.compile.
+On CPU the Triton kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
+triton is imported), in float32/float16 (the interpreter computes bf16 arithmetic wrongly), with both axis orders of
+its tiles (FLIP: one is compiled on Triton < 3.7, the other since), with tile overrides (chunk, warps, head split),
+with a prefetch tensor (it must change nothing) and twice in a row (the merge's ticket counters must be reset); the
+reference itself is checked against a float64 definition. On CUDA the real kernel runs in bf16 at the backbone and
+depth-decoder shapes: eagerly, with every prefetch mode, inside CUDA graphs whose slot tensors advance between
+replays, and under torch.compile.
 """
 import json
 import os
@@ -19,20 +22,22 @@ sys.path.insert(0, str(ROOT))
 
 from kernels import decode_attention as da  # noqa: E402
 
-# (B, S, H, KV, hd, L, slots[0], start, launch overrides): L not a multiple of the chunk, slots at the start,
-# middle and end of the cache, new rows straddling a chunk boundary, start > 0 for one batch row (up to slots[0]),
-# GQA groups 1, 2, 3, hd 64 and 384, one chunk (one launch) and many (split + combine, several key blocks a chunk)
+# (B, S, H, KV, hd, L, slots[0], start, launch overrides): one chunk and many (merge), L not a multiple of the
+# chunk, slots at the start, middle and end of the cache, start > 0 (some chunks without a valid key, or only the
+# new keys valid), GQA groups 1, 2, 3 with and without the query heads split over programs, hd 64, 128 and 384,
+# 1, 2, 4 and 8 warps
 CASES = [
     (2, 1, 4, 2, 64, 37, 30, (0, 5), {}),
-    (2, 3, 6, 2, 64, 70, 40, (0, 17), {}),
-    (2, 3, 6, 2, 64, 70, 15, (0, 15), {"chunk": 16}),  # new rows 15..17 straddle chunks 0 and 1
+    (2, 3, 6, 2, 64, 40, 30, (0, 17), {"chunk": 16}),  # S = 3: 9 rows split over 3 programs
+    (2, 3, 6, 2, 64, 70, 15, (0, 15), {"chunk": 16, "head_split": 1}),  # row 1 sees only the new keys; 16 rows
     (2, 2, 3, 3, 64, 70, 0, (0, 0), {}),  # first rows of the cache
-    (2, 1, 6, 2, 64, 70, 69, (3, 0), {"chunk": 32, "block_n": 16}),  # last slot
-    (1, 2, 4, 4, 64, 600, 598, (100,), {"chunk": 64, "block_n": 32}),
-    (2, 1, 6, 2, 64, 600, 300, (0, 250), {}),
+    (2, 1, 6, 2, 64, 70, 69, (3, 0), {"chunk": 32, "num_warps": 2}),  # last slot
+    (1, 2, 4, 4, 64, 600, 598, (100,), {"chunk": 64, "num_warps": 8}),
+    (2, 1, 6, 2, 64, 300, 200, (0, 150), {"chunk": 64, "num_warps": 1, "head_split": 3}),
+    (2, 1, 6, 2, 128, 100, 90, (0, 7), {"chunk": 16, "head_split": 1}),  # backbone-like tile, 6 chunks
     (2, 1, 4, 2, 384, 8, 5, (0, 0), {}),  # depth-decoder-like: hd not a power of two, one chunk
-    (2, 2, 4, 2, 384, 8, 0, (0, 0), {}),
-    (2, 3, 2, 1, 384, 37, 20, (0, 4), {}),
+    (2, 2, 4, 2, 384, 8, 0, (0, 0), {"head_split": 1, "num_warps": 8}),
+    (2, 3, 2, 1, 384, 37, 20, (0, 4), {"chunk": 16}),
 ]
 
 
@@ -70,16 +75,32 @@ def check_caches(args, caches, ref_caches):
         assert bad == 0, f"{bad} written cache values differ from the reference"
 
 
-def interpreter_results(dtype):
+def interpreter_results(dtype, **extra):
     gen = torch.Generator().manual_seed(0)
     out = []
     for B, S, H, KV, hd, L, slot0, start, kw in CASES:
         args = make(B, S, H, KV, hd, L, slot0, start, dtype, "cpu", gen)
-        y, ref, caches, ref_caches = run_both(args, lambda **a: da._launch(**a, **kw))
+        y, ref, caches, ref_caches = run_both(args, lambda **a: da._launch(**a, **kw, **extra))
         assert y.shape == ref.shape and y.dtype == dtype
         check_caches(args, caches, ref_caches)
         out.append(rel_err(y, ref))
     return out
+
+
+def interpreter_prefetch_and_repeat():
+    """A prefetch tensor (whole int32 words, and an odd byte count read as bytes) changes neither the output nor
+    the caches; two launches in a row agree bit for bit and leave the ticket counters at 0."""
+    gen = torch.Generator().manual_seed(6)
+    args = make(1, 1, 2, 1, 64, 64, 50, (3,), torch.float32, "cpu", gen)
+    kw = {"chunk": 16}
+    runs = []
+    for pf in (None, torch.randn(3, 1000, generator=gen), torch.zeros(1001, dtype=torch.uint8), None):
+        a = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+        runs.append((da._launch(**a, **kw, prefetch=pf, pf_mode="load", pf_programs=3, pf_block=64), a))
+    same = all(torch.equal(y, runs[0][0]) and torch.equal(a["k_cache"], runs[0][1]["k_cache"])
+               and torch.equal(a["v_cache"], runs[0][1]["v_cache"]) for y, a in runs)
+    counters = [int(t.abs().sum()) for k, t in da._scratch.items() if k[0] == "cnt"]
+    return {"same": same, "counters": counters}
 
 
 @pytest.mark.skipif(da.triton is None, reason="triton not installed")
@@ -89,7 +110,9 @@ def test_kernels_under_triton_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(res["float32"]) == len(CASES) and max(res["float32"]) < 1e-5, res
-    assert max(res["float16"]) < 2e-3, res  # fp16 rounding of q, k, p and the output
+    assert len(res["float32_flip"]) == len(CASES) and max(res["float32_flip"]) < 1e-5, res  # the other axis order
+    assert max(res["float16"]) < 2e-3, res  # fp16 rounding of q, k and the output
+    assert res["prefetch_and_repeat"] == {"same": True, "counters": [0]}, res["prefetch_and_repeat"]
     # the custom op's schema (mutated caches), fake implementation and functionalization (for torch.compile)
     assert all(v == "SUCCESS" for v in res["opcheck"].values()), res["opcheck"]
 
@@ -139,6 +162,11 @@ BACKBONE = dict(B=2, H=24, KV=8, hd=128)  # CFG rows, Llama-3.2-3B attention
 DECODER = dict(B=2, H=8, KV=4, hd=384)
 
 
+def _cuda_args(s, seed=3):
+    return make(s["B"], s["S"], s["H"], s["KV"], s["hd"], s["L"], s["slot0"], s["start"], torch.bfloat16, "cuda",
+                torch.Generator().manual_seed(seed))
+
+
 @cuda
 @pytest.mark.parametrize("shape", [
     dict(BACKBONE, S=1, L=600, slot0=599, start=(0, 37)),
@@ -149,13 +177,45 @@ DECODER = dict(B=2, H=8, KV=4, hd=384)
     dict(DECODER, S=1, L=8, slot0=7, start=(0, 0)),
 ], ids=lambda s: f"S{s['S']}-hd{s['hd']}-L{s['L']}-slot{s['slot0']}")
 def test_kernels_on_cuda_bf16(shape):
-    s = shape
-    args = make(s["B"], s["S"], s["H"], s["KV"], s["hd"], s["L"], s["slot0"], s["start"], torch.bfloat16, "cuda",
-                torch.Generator().manual_seed(3))
+    args = _cuda_args(shape)
     assert da.usable(**args)
     out, ref, caches, ref_caches = run_both(args, da.decode_attention)
     assert rel_err(out, ref) < 1e-2
     check_caches(args, caches, ref_caches)
+    again, _, _, _ = run_both(args, da.decode_attention)
+    assert torch.equal(out, again), "not deterministic"  # the merge must not depend on which program came last
+
+
+@cuda
+@pytest.mark.parametrize("kw", [
+    dict(chunk=16, num_warps=4), dict(chunk=64, num_warps=8), dict(chunk=32, num_warps=2),
+    dict(chunk=32, num_warps=4, head_split=3), dict(chunk=128, num_warps=8), dict(chunk=32, num_warps=1),
+], ids=str)
+def test_tile_overrides_on_cuda(kw):
+    """The knobs the benchmark sweeps give the same results (backbone shape, start > 0, several chunks)."""
+    args = _cuda_args(dict(BACKBONE, S=1, L=584, slot0=500, start=(0, 77)))
+    out, ref, caches, ref_caches = run_both(args, lambda **a: da._launch(**a, **kw))
+    assert rel_err(out, ref) < 1e-2
+    check_caches(args, caches, ref_caches)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["load", "line", "bulk"])
+@pytest.mark.parametrize("shape", [dict(BACKBONE, S=1, L=584, slot0=580, start=(0, 37)),
+                                   dict(DECODER, S=2, L=8, slot0=3, start=(0, 0))], ids=["backbone", "decoder"])
+def test_prefetch_changes_nothing_on_cuda(mode, shape):
+    """With a weight to prefetch (bulk needs sm_90: skipped below) the output and the caches are bit-equal to the
+    launch without one."""
+    if mode == "bulk" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cp.async.bulk.prefetch needs sm_90")
+    args = _cuda_args(shape)
+    w = torch.randn(3072, 3072, device="cuda").to(torch.bfloat16)
+    base, _, caches, _ = run_both(args, da._launch)
+    with_pf, _, pf_caches, _ = run_both(args, lambda **a: da._launch(**a, prefetch=w, pf_mode=mode))
+    assert torch.equal(base, with_pf)
+    assert all(torch.equal(a, b) for a, b in zip(caches, pf_caches))
+    custom_op, _, _, _ = run_both(args, lambda **a: da.decode_attention(**a, prefetch=w))
+    assert torch.equal(base, custom_op)
 
 
 def _frame_calls(kind, B, H, KV, hd, L, gen):
@@ -172,18 +232,21 @@ def _frame_calls(kind, B, H, KV, hd, L, gen):
 
 
 @cuda
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["backbone", "decoder"])
-def test_cuda_graph_replays_with_advancing_slots(kind, compiled):
-    """Capture a frame's calls (torch.compile(fullgraph=True) first, optionally), then replay with new inputs and the
-    backbone's slot advanced on the device between replays; each replay must match the reference run eagerly."""
+def test_cuda_graph_replays_with_advancing_slots(kind, compiled, prefetch):
+    """Capture a frame's calls (torch.compile(fullgraph=True) first, optionally; with a weight to prefetch,
+    optionally), then replay with new inputs and the backbone's slot advanced on the device between replays; each
+    replay must match the reference run eagerly (and the merge's counters must be back at 0 after each replay)."""
     shape = BACKBONE if kind == "backbone" else DECODER
     gen = torch.Generator().manual_seed(4)
     calls = _frame_calls(kind, L=600 if kind == "backbone" else 8, gen=gen, **shape)
     ref_k, ref_v = calls[0]["k_cache"].clone(), calls[0]["v_cache"].clone()
+    w = torch.randn(3072, 3072, device="cuda").to(torch.bfloat16) if prefetch else None
 
     def frame():
-        return [da.decode_attention(**c) * 1.0 for c in calls]  # * 1.0: something around the op to fuse
+        return [da.decode_attention(**c, prefetch=w) * 1.0 for c in calls]  # * 1.0: something around the op to fuse
 
     fn = torch.compile(frame, fullgraph=True, dynamic=False) if compiled else frame
     k0, v0 = ref_k.clone(), ref_v.clone()
@@ -207,12 +270,18 @@ def test_cuda_graph_replays_with_advancing_slots(kind, compiled):
             ref = da.decode_attention_ref(**dict(c, k_cache=ref_k, v_cache=ref_v))
             assert rel_err(out, ref) < 1e-2, (step, c["slots"].tolist())
         assert torch.equal(calls[0]["k_cache"], ref_k) and torch.equal(calls[0]["v_cache"], ref_v), step
+        assert all(int(t.abs().sum()) == 0 for k, t in da._scratch.items() if k[0] == "cnt"), step
         if kind == "backbone":
             calls[0]["slots"].add_(1)  # in place, as the engine's slot: the graph reads the new value
 
 
 if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_interpreter
-    res = {"float32": interpreter_results(torch.float32), "float16": interpreter_results(torch.float16)}
+    res = {"float32": interpreter_results(torch.float32), "float16": interpreter_results(torch.float16),
+           "float32_flip": interpreter_results(torch.float32, flip=not da._FLIP),
+           "prefetch_and_repeat": interpreter_prefetch_and_repeat()}
     a = make(2, 2, 4, 2, 64, 37, 10, (0, 3), torch.float32, "cpu", torch.Generator().manual_seed(5))
     res["opcheck"] = torch.library.opcheck(da.decode_attention_op, tuple(a.values()))
+    a["prefetch"] = torch.randn(64)
+    res["opcheck"].update({k + "_prefetch": v for k, v in
+                           torch.library.opcheck(da.decode_attention_op, tuple(a.values())).items()})
     print(json.dumps(res))
