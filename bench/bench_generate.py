@@ -19,9 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.config import ModelConfig  # noqa: E402
-from hmtiny.generate import Engine, sample_tokens  # noqa: E402
+from hmtiny.generate import Engine  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 from hmtiny.text import prompt_rows  # noqa: E402
+from kernels.topk_sample import sample_ref  # noqa: E402
 
 FRAME_RATE = 12.5
 
@@ -46,11 +47,9 @@ def plain_generate(model, prompt, frames, cfg_scale, topk, temperature, generato
     allowed = torch.full((model.cfg.audio_vocab_size,), float("-inf"), device=dev)
     allowed[: model.cfg.codebook_size] = 0  # EOS masked: random weights must not stop early
 
-    def pick(logits):
-        cond, uncond = logits.float().chunk(2)
-        mixed = uncond + (cond - uncond) * cfg_scale + allowed
-        noise = torch.empty_like(mixed).exponential_(generator=generator)
-        return sample_tokens(mixed, topk, temperature, noise)
+    def pick(logits):  # CFG mix, allowed ids, top-k + temperature draw, in plain torch ops
+        noise = torch.empty(1, logits.shape[-1], device=dev).exponential_(generator=generator)
+        return sample_ref(logits, allowed, cfg_scale, temperature, topk, noise)
 
     out = []
     for t in range(frames):
@@ -193,7 +192,7 @@ def main():
     res["prompt_rows"] = int(prompt[0].shape[0])
 
     def run_engine(label, mode, frames):
-        eng = Engine(model, mode.removesuffix("+prefetch"), prefetch=mode.endswith("+prefetch"))
+        eng = Engine(model, mode)
         call = lambda seed: eng.generate([prompt], frames, cfg_scale=args.cfg, topk=args.topk,
                                          generator=torch.Generator(dev).manual_seed(seed), eos_check_every=64,
                                          stop_on_eos=False)  # random weights: never stop early

@@ -1,5 +1,5 @@
-"""Sampling one codebook: the one-launch Triton kernels (kernels.topk_sample) vs today's torch path (sample_ref =
-Engine._mix + sample_tokens: CFG mix, bias, temperature, torch.topk, softmax, argmax(p / noise)), and the two
+"""Sampling one codebook: the one-launch Triton kernels (kernels.topk_sample) vs the plain torch path (sample_ref:
+CFG mix, bias, temperature, torch.topk, softmax, argmax(p / noise)), and the two
 exact top-k searches side by side: "select" (the default: group-maximum bound, compaction, all-pairs rank) and
 "bisect" (the previous kernel: bisection over the key range, one block-wide count per step), each at 4/8/16/32
 warps; "bisect_safediv" (16 warps) is bisect with division operands that keep div.rn.f32 off its slow path (what

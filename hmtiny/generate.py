@@ -6,7 +6,11 @@ steps -> codebooks 1..7, each sampled with top-k + temperature (exponential race
 What makes it fast (SPEC §5, §10), and how it differs from the official loop:
 - the KV cache is sized to the request (prompt + frames), not to 8192 positions;
 - q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), and the
-  few-row decode matmuls run through kernels.gemv (a Triton GEMV tuned per shape) on CUDA;
+  few-row decode matmuls run through kernels.gemv (a Triton GEMV tuned per shape, bf16 or int8 weights) on CUDA;
+  in compile mode outputs that feed a fused torch op may be split along K, the slices summed inside that op;
+- one kernel per layer does RoPE + the KV-cache write + attention over the valid slots (kernels.decode_attention),
+  one kernel per codebook does CFG mix + allowed ids + top-k + the draw (kernels.topk_sample); on CPU/MPS both
+  run their plain-torch references;
 - the whole frame step is captured once in a CUDA graph (optionally after torch.compile fuses the elementwise
   work) and replayed; the host only checks for EOS every `eos_check_every` frames;
 - ids the codec cannot decode (codebook_size, codebook_size+2..) are never sampled, EOS frames are never returned.
@@ -31,20 +35,6 @@ from .model import HeartMuLa, Transformer
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
 DECODE_ROWS = 16  # up to this many new rows per song, attention runs as kernels.decode_attention
-
-
-# ---------------------------------------------------------------- sampling
-def sample_tokens(logits: torch.Tensor, topk: int, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
-    """logits [B,V] float32 (disallowed ids already -inf) -> ids [B]. Top-k keeps ties; the draw is an exponential
-    race argmax(p / q), q ~ Exp(1), which samples from p without a host sync. topk 1 is the argmax."""
-    if topk == 1 or noise is None:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if 0 < topk < logits.shape[-1]:
-        kth = torch.topk(logits, topk, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    return (probs / noise).argmax(-1)
 
 
 # ---------------------------------------------------------------- fused inference weights
@@ -153,7 +143,6 @@ class FastLayer(nn.Module):
         self.w13 = Fused([m.w1, m.w3], fuse)
         self.w2 = Fused([m.w2], fuse)
         self.hidden = m.w1.out_features
-        self.prefetch = None  # Engine(prefetch=True): the output projection's weight, pulled into L2 during attention
 
     def forward(self, x, slots, pos, start, rope):
         """x [B,S,D] at positions pos [B,S], written to cache slots [S] (consecutive). Row i of song b attends to
@@ -164,7 +153,7 @@ class FastLayer(nn.Module):
         qkv = self.qkv(self.block.sa_norm(x))
         cache = self.block.attn.kv_cache
         if isinstance(rope, torch.Tensor):  # few rows: one kernel does RoPE, the cache write and the attention
-            y = decode_attention(qkv, cache.k, cache.v, rope, pos, slots, start, H, KV, prefetch=self.prefetch)
+            y = decode_attention(qkv, cache.k, cache.v, rope, pos, slots, start, H, KV)
         else:
             cos, sin, mask = rope
             # rotate q and k together: they are adjacent in the fused output
@@ -222,8 +211,7 @@ class Engine:
     fused ones instead, for callers that own the model and will not replace its parameters, e.g. sample.py).
     """
 
-    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False,
-                 prefetch: bool = False):
+    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False):
         if mode not in ("eager", "graph", "compile"):
             raise ValueError(f"mode must be eager, graph or compile, not {mode!r}")
         self.model, self.mode = model, mode
@@ -239,11 +227,6 @@ class Engine:
         self.backbone = FastStack(model.backbone, fuse)
         self.decoder = FastStack(model.decoder, fuse)
         self.projection = Fused([model.projection], fuse)
-        if prefetch and self.device.type == "cuda":  # HBM idles while attention runs: fetch the next weight then
-            for st in (self.backbone, self.decoder):
-                for layer in st.layers:
-                    ws = layer.wo.gemv_weight()
-                    layer.prefetch = None if ws is None else ws[0]
         self.sources = self._sources()
         if share and fuse:  # the model's own q/k/v and gate/up weights become views of the fused matrices
             for f in self._fused():
@@ -301,14 +284,6 @@ class Engine:
         return self.model.codebook0_head(h) if i == 0 else self.model.audio_logits(i, h)
 
     # ------------------------------------------------------------ one frame
-    def _mix(self, logits: torch.Tensor) -> torch.Tensor:
-        """Raw logits [B2,V] -> the distribution to sample [Bs,V] (CFG: uncond + (cond - uncond) * cfg)."""
-        logits = logits.float()
-        if self.cfg_on:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + (cond - uncond) * self.cfg_scale
-        return logits + self.bias
-
     def _frame_from_hidden(self, h: torch.Tensor, noise) -> torch.Tensor:
         """Backbone state at the last position h [B2,D] -> frame [Bs,K]: codebook 0, then the depth decoder
         (positions 0 and 1 first, then one position per codebook; its cache is simply overwritten each frame)."""
@@ -501,9 +476,9 @@ class Engine:
 
 # ---------------------------------------------------------------- the function most callers use
 def default_mode(device: torch.device) -> str:
-    """CUDA graph of the eager step on CUDA: ~97 frames/s on an H100 after a ~1.5 s capture. "compile" runs at
-    ~151 frames/s but its first call takes ~55 s (torch.compile): worth it only past ~10 minutes of audio per
-    process (bench/NOTES.md, Generation)."""
+    """CUDA graph of the eager step on CUDA: ~125 frames/s on an H100 (3B bf16), first call ~5 s with a warm
+    Triton cache (~22 s on a fresh machine). "compile" runs at ~182 frames/s but its first call takes ~35-45 s
+    more (torch.compile, tile timing): worth it past ~10 minutes of audio per process (bench/NOTES.md)."""
     return "graph" if device.type == "cuda" else "eager"
 
 

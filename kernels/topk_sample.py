@@ -20,7 +20,8 @@ key T with count(key >= T) >= k, one block-wide count per step: ~17 steps for ra
 entry), which sends div.rn.f32 to its slow-path subroutine for nearly every lane; "bisect_safediv" is the same
 kernel with that avoided, and "select" avoids it too.
 
-`sample_ref` is today's torch path (hmtiny.generate: Engine._mix + sample_tokens) and the fallback off CUDA.
+`sample_ref` is the plain-torch definition (what the generation engine did before this kernel) and the
+fallback off CUDA.
 `sample` dispatches; on CUDA it is a torch custom op, so torch.compile treats it as one opaque call and CUDA
 graphs capture it. `tests/test_topk_sample.py` checks the kernels against the reference (TRITON_INTERPRET=1 on
 CPU, Triton 3.6 and later: no scalar is loaded from memory, reductions only).
@@ -46,7 +47,7 @@ except ImportError:  # CPU-only installs: the reference everywhere
 
 
 def mix_ref(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float) -> torch.Tensor:
-    """[B2,V] raw logits -> [B,V] float32 to sample from (hmtiny.generate's Engine._mix)."""
+    """[B2,V] raw logits -> [B,V] float32 to sample from: the official CFG formula, then the allowed-id bias."""
     mixed = logits.float()
     if cfg_scale != 1.0:
         cond, uncond = mixed.chunk(2)

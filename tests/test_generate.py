@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 from hmtiny.checkpoint import load_heartmula
-from hmtiny.generate import Engine, engine_for, generate, sample_tokens
+from hmtiny.generate import Engine, engine_for, generate
+from kernels.topk_sample import mix_ref, sample_ref
 from hmtiny.text import prompt_rows
 
 CASES = {"generate_nocfg": 1.0, "generate_cfg": 1.5}
@@ -65,34 +66,33 @@ def test_seeded_sampling_is_reproducible(mula):
 def test_sampler_topk_temperature_and_forbidden_ids(mula):
     model, _ = mula
     eng = Engine(model)
-    eng.cfg_on = False
     V = eng.Vout  # the engine's heads may be padded to an aligned width
     logits = torch.randn(4, V)
     forbidden = [model.cfg.codebook_size] + list(range(model.cfg.gen.audio_eos_id + 1, V))
     logits[:, forbidden] = 100.0  # the model would pick them: the engine never may
     gen = torch.Generator().manual_seed(0)
-    mixed = eng._mix(logits)
+    mixed = mix_ref(logits, eng.bias, 1.0)
+    sample = lambda topk, temperature, noise: sample_ref(logits, eng.bias, 1.0, temperature, topk, noise)
     seen = set()
     for _ in range(200):
         noise = torch.empty(4, V).exponential_(generator=gen)
-        ids = sample_tokens(mixed, topk=3, temperature=1.0, noise=noise)
+        ids = sample(3, 1.0, noise)
         seen.update(ids.tolist())
         top3 = mixed.topk(3).indices
         assert bool((top3 == ids[:, None]).any(-1).all())
     assert not seen & set(forbidden)
     assert len(seen) > 4  # several rows x 3 candidates: it samples
-    assert torch.equal(sample_tokens(mixed, 1, 1.0, None), mixed.argmax(-1))
+    assert torch.equal(sample(1, 1.0, None), mixed.argmax(-1))
     # very low temperature concentrates on the argmax
     noise = torch.empty(4, V).exponential_(generator=gen)
-    assert torch.equal(sample_tokens(mixed, 50, 1e-4, noise), mixed.argmax(-1))
+    assert torch.equal(sample(50, 1e-4, noise), mixed.argmax(-1))
 
 
 def test_cfg_mix_is_official_formula(mula):
     model, _ = mula
     eng = Engine(model)
-    eng.cfg_on, eng.cfg_scale = True, 1.7
     cond, uncond = torch.randn(2, eng.Vout), torch.randn(2, eng.Vout)
-    mixed = eng._mix(torch.cat([cond, uncond]))
+    mixed = mix_ref(torch.cat([cond, uncond]), eng.bias, 1.7)
     ok = eng.bias == 0
     torch.testing.assert_close(mixed[:, ok], (uncond + (cond - uncond) * 1.7)[:, ok])
 

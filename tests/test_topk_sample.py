@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,19 +188,6 @@ def test_cases_exercise_ties_and_boundaries():
     cases = list(all_cases())
     assert tied_boundaries(cases) >= 20
     assert sum(1 for c in cases if c[2] != 1.0) >= 50
-
-
-def test_reference_is_the_engine_path():
-    """sample_ref == Engine._mix + sample_tokens (hmtiny.generate), bit for bit, on CPU."""
-    from hmtiny.generate import Engine, sample_tokens
-    for logits, bias, cfg, temp, topk, noise in all_cases():
-        eng = SimpleNamespace(cfg_on=cfg != 1.0, cfg_scale=cfg, bias=0.0 if bias is None else bias)
-        want = sample_tokens(Engine._mix(eng, logits), topk, temp, noise)
-        assert torch.equal(ts.sample_ref(logits, bias, cfg, temp, topk, noise), want)
-    logits = torch.randn(4, 300)
-    assert torch.equal(ts.sample_ref(logits, None, 1.5, 1.0, 5, None),
-                       sample_tokens(Engine._mix(SimpleNamespace(cfg_on=True, cfg_scale=1.5, bias=0.0), logits),
-                                     5, 1.0, None))
 
 
 def test_sample_falls_back_to_reference_on_cpu():
