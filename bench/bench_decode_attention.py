@@ -1,7 +1,7 @@
 """Fused decode attention (kernels/decode_attention.py) vs the torch path of FastLayer.forward, on CUDA.
 
-    python3 bench/bench_decode_attention.py            # the table and the prefetch pairs (~1 min on an H100)
-    python3 bench/bench_decode_attention.py --sweep    # tile and prefetch settings only (~1 min)
+    python3 bench/bench_decode_attention.py            # the table (~1 min on an H100)
+    python3 bench/bench_decode_attention.py --sweep    # tile settings only (~1 min)
 
 Shapes: the backbone's (B=2 CFG rows, S=1, H=24, KV=8, hd=128, L=584 and 3000, slot near the end, one row left-
 padded) and the depth decoder's (B=2, S=1 and 2, H=8, KV=4, hd=384, L=8). Paths, each timed as 50 calls captured
@@ -14,14 +14,8 @@ memory as in a real frame), replayed, divided by 50 (median of 5 replays):
   triton+compile decode_attention inside torch.compile (checks that the compiled graph adds no copy of the caches)
 Also the max relative error of triton vs torch and whether the written cache rows are bit-equal.
 
-Prefetch: 20 (attention; kernels.gemv.linear(y, w_o)) pairs in one CUDA graph, each pair on its own caches and its
-own copy of the 3072 x 3072 bf16 output projection (so only what a prefetch brought is in L2), at the backbone and
-the depth-decoder shape: without prefetch, and with prefetch=w_o in each PREFETCH_MODE; also the attention alone
-with and without, and the GEMV alone on cold weights and on one weight that stays in L2 (the floor for a perfect
-prefetch). µs per pair.
-
---sweep times the kernel's settings per shape (chunk, warps, head split; then the prefetch programs per mode) and
-prints lines for kernels/decode_attention.py's TABLE and PREFETCH_* settings. JSON to
+--sweep times the kernel's settings per shape (chunk, warps, head split) and prints lines for
+kernels/decode_attention.py's TABLE. JSON to
 $OUT/bench_decode_attention.json (--sweep: bench_decode_attention_sweep.json) when OUT is set.
 """
 import argparse
@@ -36,18 +30,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import decode_attention as da  # noqa: E402
-from kernels import gemv  # noqa: E402
 
 CALLS = 50
-PAIRS = 20
 CASES = [  # name, B, S, H, KV, hd, L, slots[0], start
     ("backbone L=584", 2, 1, 24, 8, 128, 584, 580, (0, 37)),
     ("backbone L=3000", 2, 1, 24, 8, 128, 3000, 2995, (0, 37)),
     ("decoder S=1", 2, 1, 8, 4, 384, 8, 5, (0, 0)),
     ("decoder S=2", 2, 2, 8, 4, 384, 8, 0, (0, 0)),
 ]
-PREFETCH_CASES = [CASES[0], CASES[2]]  # backbone L=584 and decoder S=1, each followed by the 3072 x 3072 GEMV
-MODES = ["load", "line", "bulk"]
 
 
 def make_inputs(B, S, H, KV, hd, L, slot0, start, gen):
@@ -125,10 +115,6 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def us(x) -> str:
-    return f"{x:.2f}" if isinstance(x, float) else "fail"
-
-
 def run_case(name, B, S, H, KV, hd, L, slot0, start, with_compile=True):
     gen = torch.Generator().manual_seed(0)
     sets = [make_inputs(B, S, H, KV, hd, L, slot0, start, gen) for _ in range(CALLS)]
@@ -176,55 +162,6 @@ def run_sweep(name, B, S, H, KV, hd, L, slot0, start, sets):
     return cands
 
 
-def prefetch_data(name, B, S, H, KV, hd, L, slot0, start):
-    """PAIRS calls' inputs with their own caches, PAIRS copies of a 3072 x 3072 weight, and the baseline timings."""
-    gen = torch.Generator().manual_seed(1)
-    sets = [make_inputs(B, S, H, KV, hd, L, slot0, start, gen)[0] for _ in range(PAIRS)]
-    cuda_gen = torch.Generator(device="cuda").manual_seed(1)
-    ws = [torch.randn(3072, 3072, device="cuda", generator=cuda_gen).mul_(0.02).to(torch.bfloat16)
-          for _ in range(PAIRS)]
-    y0 = da.decode_attention(**sets[0])
-    assert y0.shape[-1] == 3072
-    gemv.linear(y0, ws[0])  # picks its tile now (timed), outside the captures
-    ys = [da.decode_attention(**x) for x in sets]
-    base = dict(case=name, gemv_tile=str(gemv._best.get((3072, 3072, torch.bfloat16))))
-    base["gemv_cold_us"] = try_time(lambda i: gemv.linear(ys[i], ws[i]), PAIRS, PAIRS)
-    base["gemv_l2_us"] = try_time(lambda i: gemv.linear(ys[i], ws[0]), PAIRS, PAIRS)
-    base["attn_us"] = try_time(lambda i: da._launch(**sets[i]), PAIRS, PAIRS)
-    base["pair_us"] = try_time(lambda i: gemv.linear(da._launch(**sets[i]), ws[i]), PAIRS, PAIRS)
-    return sets, ws, base
-
-
-def prefetch_pairs(data, modes, pf_programs=None):
-    """µs per call of the attention alone and of attention + GEMV with prefetch=w_o in each mode (the baseline
-    without prefetch comes from prefetch_data)."""
-    sets, ws, base = data
-    res = dict(base)
-    for mode in modes:
-        kw = dict(pf_mode=mode, pf_programs=pf_programs)
-        res[f"attn_pf_{mode}_us"] = try_time(lambda i: da._launch(**sets[i], prefetch=ws[i], **kw), PAIRS, PAIRS)
-        res[f"pair_pf_{mode}_us"] = try_time(
-            lambda i: gemv.linear(da._launch(**sets[i], prefetch=ws[i], **kw), ws[i]), PAIRS, PAIRS)
-    return res
-
-
-def print_prefetch(rows):
-    print(f"\nprefetch of w_o (3072x3072 bf16, 18.9 MB) by the attention launch: µs per call, {PAIRS} calls in one "
-          f"CUDA graph, each on its own caches and weight copy (PREFETCH_MODE now: {da.PREFETCH_MODE!r})")
-    for r in rows:
-        print(f"{r['case']}: GEMV alone cold {us(r['gemv_cold_us'])}, L2-warm {us(r['gemv_l2_us'])} "
-              f"(tile {r['gemv_tile']}); attention alone {us(r['attn_us'])}; attention+GEMV {us(r['pair_us'])}")
-        print(f"  {'mode':<6}{'attn+pf':>10}{'(+vs attn)':>12}{'pair+pf':>10}{'saved/pair':>12}")
-        for mode in MODES:
-            a, p = r.get(f"attn_pf_{mode}_us"), r.get(f"pair_pf_{mode}_us")
-            if a is None:
-                continue
-            da_ = f"{a - r['attn_us']:+.2f}" if isinstance(a, float) and isinstance(r["attn_us"], float) else ""
-            sv = f"{r['pair_us'] - p:+.2f}" if isinstance(p, float) and isinstance(r["pair_us"], float) else ""
-            print(f"  {mode:<6}{us(a):>10}{da_:>12}{us(p):>10}{sv:>12}")
-        print(f"  custom op with prefetch (default mode): pair {us(r['pair_pf_op_us'])}")
-
-
 def write_json(name, res):
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / name
@@ -238,7 +175,7 @@ def header(res):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="time tile and prefetch settings instead (no torch paths)")
+    ap.add_argument("--sweep", action="store_true", help="time tile settings instead (no torch paths)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or da.triton is None:
         sys.exit("needs CUDA and triton")
@@ -266,29 +203,13 @@ def main():
               f"{'equal' if r['cache_equal'] else 'DIFFERS'}  chunk {cfg['chunk']} warps {cfg['num_warps']} "
               f"head_split {cfg['head_split']}")
     print(f"max rel err {max(r['rel_err'] for r in rows):.2e}")
-    write_json("bench_decode_attention.json", res)  # written now too, in case a prefetch mode kills the context
-
-    # modes in the outer loop: "bulk" (inline PTX for the sm_90 TMA) runs last for every shape, so that if it ever
-    # broke the CUDA context only its own numbers would be lost
-    datas = [prefetch_data(*c) for c in PREFETCH_CASES]
-    res["prefetch"] = [dict(d[2]) for d in datas]
-    for mode in MODES:
-        for r, d in zip(res["prefetch"], datas):
-            r.update(prefetch_pairs(d, [mode]))
-        write_json("bench_decode_attention.json", res)
-    for r, d in zip(res["prefetch"], datas):  # the default mode through the custom op, as the engine would call it
-        r["pair_pf_op_us"] = try_time(lambda i: gemv.linear(da.decode_attention(**d[0][i], prefetch=d[1][i]),
-                                                            d[1][i]), PAIRS, PAIRS)
-    del datas
-    torch.cuda.empty_cache()
-    print_prefetch(res["prefetch"])
     res["seconds"] = round(time.time() - t_start, 1)
     print(f"({res['seconds']} s)")
     write_json("bench_decode_attention.json", res)
 
 
 def sweep_main(res, t_start):
-    """Tile settings per shape, then the number of prefetch programs per mode at the two prefetch shapes."""
+    """Tile settings per shape."""
     res["sweep"] = []
     for c in CASES:
         row, sets = run_case(*c, with_compile=False)
@@ -319,26 +240,6 @@ def sweep_main(res, t_start):
             else:
                 print(f"  TABLE: keep the default ({row['triton_us']:.2f} µs <= {best['us']:.2f})")
         write_json("bench_decode_attention_sweep.json", res)
-    res["prefetch_sweep"] = []
-    programs = {"load": (132, 264, 528), "line": (66, 132, 264), "bulk": (8, 32, 132)}
-    datas = [prefetch_data(*c) for c in PREFETCH_CASES]
-    for mode in MODES:  # "bulk" last (see main)
-        for k, d in enumerate(datas):
-            for n in programs[mode][: 3 if k == 0 else 2]:  # the decoder: the two smaller counts only
-                r = prefetch_pairs(d, [mode], pf_programs=n)
-                r.update(mode=mode, programs=n)
-                res["prefetch_sweep"].append(r)
-        write_json("bench_decode_attention_sweep.json", res)
-    del datas
-    torch.cuda.empty_cache()
-    print(f"\nprefetch programs per mode (PREFETCH_PROGRAMS now {da.PREFETCH_PROGRAMS}): µs per call ({PAIRS} in "
-          f"one CUDA graph); pair = attention + GEMV")
-    print(f"{'case':<18}{'mode':<6}{'progs':>6}{'attn':>8}{'attn+pf':>9}{'pair':>8}{'pair+pf':>9}{'saved':>8}")
-    for r in res["prefetch_sweep"]:
-        a, ap, p, pp = r["attn_us"], r[f"attn_pf_{r['mode']}_us"], r["pair_us"], r[f"pair_pf_{r['mode']}_us"]
-        saved = f"{p - pp:+.2f}" if isinstance(p, float) and isinstance(pp, float) else ""
-        print(f"{r['case']:<18}{r['mode']:<6}{r['programs']:>6}{us(a):>8}{us(ap):>9}{us(p):>8}{us(pp):>9}"
-              f"{saved:>8}")
     res["seconds"] = round(time.time() - t_start, 1)
     print(f"({res['seconds']} s)")
     write_json("bench_decode_attention_sweep.json", res)

@@ -21,13 +21,6 @@ the chain of dependent steps short:
   a CTA barrier). The program that draws the last ticket merges the unit's partials in chunk order, writes the output
   and resets the counter to 0 for the next launch. Deterministic: the merge does not depend on which program came
   last. CUDA-graph safe: nothing is reset from the host.
-* Optional `prefetch`: extra programs after the attention ones pull that tensor's bytes into L2 with an evict_last
-  priority while the HBM is otherwise idle; meant for the weight the next kernel reads (the output projection).
-  PREFETCH_MODE "load": plain loads, folded into a value that is stored only under a condition that does not occur
-  in practice (so the compiler cannot drop them; the store would go to a scratch word nobody reads). "line":
-  `prefetch.global.L2::evict_last`, one per 128-byte line. "bulk": `cp.async.bulk.prefetch.L2` (sm_90), one 16 KB
-  request per warp and step. "line" and "bulk" are fire-and-forget, so the launch does not wait for them. Under the
-  interpreter only "load" runs.
 
 RoPE is bit-equal to the eager reference (fp32 multiply, multiply, subtract, round to the cache dtype): the products
 are `mul.rn.f32` (a multiply with an explicit rounding mode is never contracted into an FMA), so the rest of the
@@ -44,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +52,6 @@ MAX_S = 16
 MAX_TILE = 16384  # pow2(G*S) * pow2(hd): the q tile of one program
 TARGET_PROGRAMS = 256  # ~2 per SM on an H100 (132 SMs) when the whole cache is valid (default rule, see config)
 MERGE_REGS = 32  # fp32 partials per thread in flight in each step of the merge
-PREFETCH_MODE = "load"  # "load" | "line" | "bulk": how the prefetch programs pull `prefetch` into L2 (see above)
-PREFETCH_PROGRAMS = {"load": 264, "line": 132, "bulk": 32}  # extra programs per launch, by mode
-PREFETCH_BLOCK = 2048  # int32 words (8 KB) per load step of a "load" prefetch program
-PREFETCH_BULK = 4096  # int32 words (16 KB) per request of a "bulk" prefetch warp
 
 
 class Cfg(NamedTuple):
@@ -74,10 +63,10 @@ class Cfg(NamedTuple):
 # Per-shape choices, first match wins: (B, KV, G, S, hd, max L) -> Cfg. Fill from `bench/bench_decode_attention.py
 # --sweep` (it prints lines for this table); shapes not listed use the rule in config().
 TABLE: list[tuple[tuple[int, int, int, int, int, int], Cfg]] = [
-    ((2, 8, 3, 1, 128, 1024), Cfg(32, 4, 1)),  # backbone, L up to ~1000: 19 chunks at L = 584, 304 programs
-    ((2, 8, 3, 1, 128, 1 << 30), Cfg(64, 8, 1)),  # backbone, long songs: 47 chunks at L = 3000, 752 programs
-    ((2, 4, 2, 1, 384, 8), Cfg(8, 4, 2)),  # depth decoder, one row: 16 programs, no merge
-    ((2, 4, 2, 2, 384, 8), Cfg(8, 4, 2)),  # depth decoder, two rows
+    ((2, 8, 3, 1, 128, 1024), Cfg(32, 4, 3)),  # 9.19 µs (default 9.63)
+    ((2, 8, 3, 1, 128, 1 << 30), Cfg(64, 4, 1)),  # 26.82 µs (default 37.21)
+    ((2, 4, 2, 1, 384, 8), Cfg(8, 8, 2)),  # 2.38 µs (default 2.61)
+    ((2, 4, 2, 2, 384, 8), Cfg(8, 4, 2)),  # 2.41 µs (default 2.44)
 ]
 
 
@@ -112,36 +101,6 @@ if triton is not None:
         return tl.reshape(tl.join(r0, r1), x.shape)
 
     @triton.jit
-    def _prefetch(pf_ptr, pf_n, pf_sink, pf_magic, p, MODE: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr,
-                  THREADS: tl.constexpr):
-        """Program p of the prefetch programs: words [p*SPAN, (p+1)*SPAN) of pf_ptr (int32 words, pf_n of them)."""
-        base = p.to(tl.int64) * SPAN
-        if MODE == 1:  # loads kept in L2, folded into a value stored only if it equals pf_magic (a never-read sink)
-            acc = tl.zeros([BLOCK], tl.int32)
-            for it in tl.static_range(SPAN // BLOCK):
-                offs = base + it * BLOCK + tl.arange(0, BLOCK)
-                acc ^= tl.load(pf_ptr + offs, mask=offs < pf_n, other=0, eviction_policy="evict_last")
-            tot = tl.xor_sum(acc, 0)
-            tl.store(pf_sink, tot, mask=tot == pf_magic)
-        elif MODE == 2:  # one L2 prefetch per 128-byte line (32 words), fire and forget
-            for it in tl.static_range(SPAN // (32 * BLOCK)):
-                offs = base + (it * BLOCK + tl.arange(0, BLOCK)) * 32
-                addr = pf_ptr + tl.minimum(offs, pf_n - 1)
-                tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l", [addr],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-        else:  # MODE 3: bulk L2 prefetches (sm_90 TMA) of BLOCK words, one per warp per step, fire and forget
-            WARPS: tl.constexpr = THREADS // 32
-            wid = tl.arange(0, THREADS) // 32  # the same operands across a warp: one request, no per-lane loop
-            for it in tl.static_range(SPAN // (WARPS * BLOCK)):
-                offs = base + (it * WARPS + wid) * BLOCK
-                nbytes = (tl.minimum(pf_n - offs, BLOCK) // 4 * 16).to(tl.int32)  # whole 16-byte pieces only
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; .reg .b64 pol; setp.gt.s32 p, $2, 0; "
-                    "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-                    "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
-                    "=r,l,r", [pf_ptr + tl.minimum(offs, pf_n - 1), nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _at5(x, AX: tl.constexpr):
         """x [N] along axis AX of a 5-d tensor (size 1 elsewhere)."""
         if AX == 0:
@@ -167,154 +126,148 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, y_ptr, part_ptr, cnt_ptr,
-                       pf_ptr, pf_n, pf_sink, pf_magic, n_attn, n_part, qk_scale,
+                       n_part, qk_scale,
                        stride_qb, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                        stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
                        S: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, HD: tl.constexpr,
                        HD_P: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
                        NCH_P: tl.constexpr, COMB_C: tl.constexpr, KR: tl.constexpr, DW: tl.constexpr,
-                       NK: tl.constexpr, DL: tl.constexpr, FLIP: tl.constexpr, EXACT: tl.constexpr,
-                       PF_MODE: tl.constexpr, PF_SPAN: tl.constexpr, PF_BLOCK: tl.constexpr, THREADS: tl.constexpr):
+                       NK: tl.constexpr, DL: tl.constexpr, FLIP: tl.constexpr, EXACT: tl.constexpr):
         pid = tl.program_id(0)
-        if pid < n_attn:
-            # Tiles and their layouts. The key tile of a program is 5-d: query rows (size 1 in the loads), key
-            # repeats KR, head-dim warps DW, key lanes NK, head dim DL (key n = kr*NK + nk, dim = dw*DL + dl). Loaded
-            # as such, the coalescing pass puts DL in registers (16 bytes) and lanes, NK on the lanes left, DW on the
-            # warps and KR in registers, and the products with q keep that layout: the q.k sum crosses warps only
-            # for the small [rows, keys] scores, p.v stays within each warp. That pass orders the non-contiguous
-            # axes by index, ascending before Triton 3.7 and descending since (FLIP: the axes are laid out in
-            # reverse there, for the same hardware mapping on both).
-            # axes of the key tile: rows (size 1 in the loads) 3 or 0, KR, DW, NK, DL 4
-            AN: tl.constexpr = 0 if FLIP else 3
-            AW: tl.constexpr = 1 if FLIP else 2
-            AK: tl.constexpr = 2 if FLIP else 1
-            # axes of the [rows, KR, NK] scores and of the [rows, DW, DL] outputs
-            SR: tl.constexpr = 2 if FLIP else 0
-            SN: tl.constexpr = 0 if FLIP else 2
-            TR: tl.constexpr = 1 if FLIP else 0
-            TW: tl.constexpr = 0 if FLIP else 1
-            GP: tl.constexpr = G // HS  # query heads per program
-            u, c = pid // NCH, pid % NCH  # c = 0: the newest chunk
-            bk, hg = u // HS, u % HS
-            b, kvh = bk // KV, bk % KV
-            r = tl.arange(0, R)  # q row r: query row i, query head kvh*G + g
-            i, g = r // GP, hg * GP + r % GP
-            row_ok = i < S
-            d = tl.arange(0, HD_P)
-            d_ok = d < HD
-            mq = row_ok[:, None] & d_ok[None, :]
-            # Chunk c holds keys E - (c+1)*CHUNK + n, E = slots[0] + S: chunk 0 ends with the S new keys, taken
-            # from qkv (rotated here) instead of the cache.
-            n5 = _at5(tl.arange(0, KR), AK) * NK + _at5(tl.arange(0, NK), AN)
-            d5 = _at5(tl.arange(0, DW), AW) * DL + _at5(tl.arange(0, DL), 4)
-            dm5 = d5 < HD
-            t5 = n5 - (CHUNK - S)  # new key t at tile position n of chunk 0
-            new5 = (t5 >= 0) & ((n5 * 0 + c) == 0)  # (scalar conditions enter masks as vectors: interpreter)
-            # round trip 1: everything that depends on nothing
-            slot0 = tl.load(slots_ptr)
-            start = tl.load(start_ptr + b)
-            pos_q = tl.load(pos_ptr + b * stride_pb + i * stride_ps, mask=row_ok, other=0)
-            pos_t = tl.load(pos_ptr + b * stride_pb + t5 * stride_ps, mask=new5, other=0)
-            xq = tl.load(qkv_ptr + (b * stride_qb + i * stride_qs + (kvh * G + g) * HD)[:, None] + d[None, :],
-                         mask=mq, other=0.0)
-            new_row = qkv_ptr + b * stride_qb + t5 * stride_qs + d5
-            xk = tl.load(new_row + (KV * G + kvh) * HD, mask=new5 & dm5, other=0.0)
-            xv = tl.load(new_row + (KV * G + KV + kvh) * HD, mask=new5 & dm5, other=0.0)
-            n_valid = (slot0 + S - start + CHUNK - 1) // CHUNK  # chunks holding a valid key
-            if c < n_valid:  # (a chunk past them loads nothing, computes nothing and stores nothing)
-                # round trip 2: the RoPE rows and this chunk's older keys from the cache
-                cs_q = tl.load(rope_ptr + pos_q[:, None] * stride_rope + d[None, :], mask=mq, other=0.0)
-                cs_t = tl.load(rope_ptr + pos_t * stride_rope + d5, mask=new5 & dm5, other=0.0)
-                j0 = slot0 + S - (c + 1) * CHUNK
-                j5 = j0 + n5
-                old5 = (j5 >= start) & (j5 < slot0)
-                k_row = k_ptr + b * stride_kb + kvh * stride_kh + j5 * stride_kl + d5
-                v_row = v_ptr + b * stride_vb + kvh * stride_vh + j5 * stride_vl + d5
-                k_old = tl.load(k_row, mask=old5 & dm5, other=0.0)
-                v_old = tl.load(v_row, mask=old5 & dm5, other=0.0)
-                # arithmetic: RoPE, the new keys into the tile, one softmax over the tile
-                q = _rotate(xq.to(tl.float32), cs_q, EXACT).to(qkv_ptr.dtype.element_ty).to(tl.float32)  # as the ref's
-                q3 = tl.reshape(q, (R, DW, DL))
-                if FLIP:
-                    q5 = tl.permute(q3, (1, 0, 2))[None, :, None, :, :]
-                else:
-                    q5 = q3[:, None, :, None, :]
-                kn = _rotate(xk.to(tl.float32), cs_t, EXACT).to(k_ptr.dtype.element_ty)
-                vn = xv.to(v_ptr.dtype.element_ty)
-                k = tl.where(new5, kn, k_old).to(tl.float32)
-                v = tl.where(new5, vn, v_old).to(tl.float32)
-                s = tl.sum(tl.sum(q5 * k, 4), AW) * qk_scale  # [rows, KR, NK] in axes (SR, 1, SN), log2 units
-                j3 = j0 + _at3(tl.arange(0, KR), 1) * NK + _at3(tl.arange(0, NK), SN)
-                s = tl.where((j3 >= start) & (j3 <= slot0 + _at3(i, SR)), s, float("-inf"))
-                # (registers first, then lanes: fewer shuffles)
-                m_i = tl.maximum(tl.max(tl.max(s, 1), 1 if SN > 1 else SN), -1e30)  # finite: no valid key -> p = 0
-                p = tl.exp2(s - _at3(m_i, SR))
-                l_i = tl.sum(tl.sum(p, 1), 1 if SN > 1 else SN)
-                if FLIP:
-                    p5 = p[:, None, :, :, None]
-                else:
-                    p5 = p[:, :, None, :, None]
-                acc = tl.sum(tl.sum(p5 * v, AK), AN if AN < AK else AN - 1)  # [rows, DW, DL] in axes (TR, TW, 2)
-                mw = new5 & dm5 & ((n5 * 0 + hg) == 0)  # chunk 0 of head group 0 writes the new cache rows
-                tl.store(k_row, kn, mask=mw)
-                tl.store(v_row, vn, mask=mw)
-                d3 = _at3(tl.arange(0, DW), TW) * DL + _at3(tl.arange(0, DL), 2)
-                i3 = _at3(i, TR)
-                m3 = (i3 < S) & (d3 < HD)
-                y_row = (b * stride_yb + i * stride_ys + (kvh * G + g) * HD)
-                if NCH == 1:  # the whole cache was this chunk: finish here
-                    y = acc / _at3(l_i, TR)
-                    tl.store(y_ptr + _at3(y_row, TR) + d3, y.to(y_ptr.dtype.element_ty), mask=m3)
-                else:
-                    # partials: acc [units, NCH, R, HD] and (max, sum) [2, units, NCH, R]
-                    part = (u * NCH + c) * R + r
-                    tl.store(part_ptr + _at3(part, TR) * HD + d3, acc, mask=m3)
-                    tl.store(part_ptr + n_part * HD + part, m_i, mask=row_ok)
-                    tl.store(part_ptr + n_part * HD + n_part + part, l_i, mask=row_ok)
-                    tl.debug_barrier()  # every thread's stores before the release below (cumulative at gpu scope)
-                    ticket = tl.atomic_add(cnt_ptr + u, 1, sem="acq_rel", scope="gpu")
-                    if ticket == n_valid - 1:  # the unit's last chunk to finish: merge them all, in chunk order
-                        tl.store(cnt_ptr + u, 0)  # ready for the next launch
-                        # weights of all chunks from their (max, sum) [NCH_P, R]; then the partials [COMB_C, R, HD]
-                        # (axes (MC, MR, 2)) a few chunks at a time, chunks in registers and rows on the warps: no
-                        # cross-warp reduction. Skipped chunks: max -1e30, weight 0 (finite: no NaN in padded rows)
-                        MC: tl.constexpr = 1 if FLIP else 0
-                        MR: tl.constexpr = 0 if FLIP else 1
-                        cc = tl.arange(0, NCH_P)[:, None]
-                        pm = (u * NCH + cc) * R + r[None, :]
-                        ok = (cc < n_valid) & row_ok[None, :]
-                        m_c = tl.load(part_ptr + n_part * HD + pm, mask=ok, other=-1e30, cache_modifier=".cg")
-                        l_c = tl.load(part_ptr + n_part * HD + n_part + pm, mask=ok, other=0.0, cache_modifier=".cg")
-                        m_all = tl.max(m_c, 0)
-                        den = tl.sum(tl.exp2(m_c - m_all[None, :]) * l_c, 0)
-                        den = tl.where(row_ok, den, 1.0)
-                        y = tl.zeros([R, HD_P], tl.float32)
-                        cb = _at3(tl.arange(0, COMB_C), MC)
-                        r3 = _at3(r, MR)
-                        for c0 in tl.static_range(0, NCH_P, COMB_C):
-                            ok3 = (c0 + cb < n_valid) & (r3 // GP < S)
-                            pc = (u * NCH + c0 + cb) * R + r3
-                            o = tl.load(part_ptr + pc * HD + _at3(d, 2), mask=ok3 & _at3(d_ok, 2), other=0.0,
-                                        cache_modifier=".cg")
-                            w = tl.exp2(tl.load(part_ptr + n_part * HD + pc, mask=ok3, other=-1e30,
-                                                cache_modifier=".cg") - _at3(m_all, MR))
-                            y += tl.sum(w * o, MC)
-                        y = y / den[:, None]
-                        tl.store(y_ptr + y_row[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mq)
-        else:
-            if PF_MODE != 0:
-                _prefetch(pf_ptr, pf_n, pf_sink, pf_magic, pid - n_attn, PF_MODE, PF_SPAN, PF_BLOCK, THREADS)
+        # Tiles and their layouts. The key tile of a program is 5-d: query rows (size 1 in the loads), key
+        # repeats KR, head-dim warps DW, key lanes NK, head dim DL (key n = kr*NK + nk, dim = dw*DL + dl). Loaded
+        # as such, the coalescing pass puts DL in registers (16 bytes) and lanes, NK on the lanes left, DW on the
+        # warps and KR in registers, and the products with q keep that layout: the q.k sum crosses warps only
+        # for the small [rows, keys] scores, p.v stays within each warp. That pass orders the non-contiguous
+        # axes by index, ascending before Triton 3.7 and descending since (FLIP: the axes are laid out in
+        # reverse there, for the same hardware mapping on both).
+        # axes of the key tile: rows (size 1 in the loads) 3 or 0, KR, DW, NK, DL 4
+        AN: tl.constexpr = 0 if FLIP else 3
+        AW: tl.constexpr = 1 if FLIP else 2
+        AK: tl.constexpr = 2 if FLIP else 1
+        # axes of the [rows, KR, NK] scores and of the [rows, DW, DL] outputs
+        SR: tl.constexpr = 2 if FLIP else 0
+        SN: tl.constexpr = 0 if FLIP else 2
+        TR: tl.constexpr = 1 if FLIP else 0
+        TW: tl.constexpr = 0 if FLIP else 1
+        GP: tl.constexpr = G // HS  # query heads per program
+        u, c = pid // NCH, pid % NCH  # c = 0: the newest chunk
+        bk, hg = u // HS, u % HS
+        b, kvh = bk // KV, bk % KV
+        r = tl.arange(0, R)  # q row r: query row i, query head kvh*G + g
+        i, g = r // GP, hg * GP + r % GP
+        row_ok = i < S
+        d = tl.arange(0, HD_P)
+        d_ok = d < HD
+        mq = row_ok[:, None] & d_ok[None, :]
+        # Chunk c holds keys E - (c+1)*CHUNK + n, E = slots[0] + S: chunk 0 ends with the S new keys, taken
+        # from qkv (rotated here) instead of the cache.
+        n5 = _at5(tl.arange(0, KR), AK) * NK + _at5(tl.arange(0, NK), AN)
+        d5 = _at5(tl.arange(0, DW), AW) * DL + _at5(tl.arange(0, DL), 4)
+        dm5 = d5 < HD
+        t5 = n5 - (CHUNK - S)  # new key t at tile position n of chunk 0
+        new5 = (t5 >= 0) & ((n5 * 0 + c) == 0)  # (scalar conditions enter masks as vectors: interpreter)
+        # round trip 1: everything that depends on nothing
+        slot0 = tl.load(slots_ptr)
+        start = tl.load(start_ptr + b)
+        pos_q = tl.load(pos_ptr + b * stride_pb + i * stride_ps, mask=row_ok, other=0)
+        pos_t = tl.load(pos_ptr + b * stride_pb + t5 * stride_ps, mask=new5, other=0)
+        xq = tl.load(qkv_ptr + (b * stride_qb + i * stride_qs + (kvh * G + g) * HD)[:, None] + d[None, :],
+                     mask=mq, other=0.0)
+        new_row = qkv_ptr + b * stride_qb + t5 * stride_qs + d5
+        xk = tl.load(new_row + (KV * G + kvh) * HD, mask=new5 & dm5, other=0.0)
+        xv = tl.load(new_row + (KV * G + KV + kvh) * HD, mask=new5 & dm5, other=0.0)
+        n_valid = (slot0 + S - start + CHUNK - 1) // CHUNK  # chunks holding a valid key
+        if c < n_valid:  # (a chunk past them loads nothing, computes nothing and stores nothing)
+            # round trip 2: the RoPE rows and this chunk's older keys from the cache
+            cs_q = tl.load(rope_ptr + pos_q[:, None] * stride_rope + d[None, :], mask=mq, other=0.0)
+            cs_t = tl.load(rope_ptr + pos_t * stride_rope + d5, mask=new5 & dm5, other=0.0)
+            j0 = slot0 + S - (c + 1) * CHUNK
+            j5 = j0 + n5
+            old5 = (j5 >= start) & (j5 < slot0)
+            k_row = k_ptr + b * stride_kb + kvh * stride_kh + j5 * stride_kl + d5
+            v_row = v_ptr + b * stride_vb + kvh * stride_vh + j5 * stride_vl + d5
+            k_old = tl.load(k_row, mask=old5 & dm5, other=0.0)
+            v_old = tl.load(v_row, mask=old5 & dm5, other=0.0)
+            # arithmetic: RoPE, the new keys into the tile, one softmax over the tile
+            q = _rotate(xq.to(tl.float32), cs_q, EXACT).to(qkv_ptr.dtype.element_ty).to(tl.float32)  # as the ref's
+            q3 = tl.reshape(q, (R, DW, DL))
+            if FLIP:
+                q5 = tl.permute(q3, (1, 0, 2))[None, :, None, :, :]
+            else:
+                q5 = q3[:, None, :, None, :]
+            kn = _rotate(xk.to(tl.float32), cs_t, EXACT).to(k_ptr.dtype.element_ty)
+            vn = xv.to(v_ptr.dtype.element_ty)
+            k = tl.where(new5, kn, k_old).to(tl.float32)
+            v = tl.where(new5, vn, v_old).to(tl.float32)
+            s = tl.sum(tl.sum(q5 * k, 4), AW) * qk_scale  # [rows, KR, NK] in axes (SR, 1, SN), log2 units
+            j3 = j0 + _at3(tl.arange(0, KR), 1) * NK + _at3(tl.arange(0, NK), SN)
+            s = tl.where((j3 >= start) & (j3 <= slot0 + _at3(i, SR)), s, float("-inf"))
+            # (registers first, then lanes: fewer shuffles)
+            m_i = tl.maximum(tl.max(tl.max(s, 1), 1 if SN > 1 else SN), -1e30)  # finite: no valid key -> p = 0
+            p = tl.exp2(s - _at3(m_i, SR))
+            l_i = tl.sum(tl.sum(p, 1), 1 if SN > 1 else SN)
+            if FLIP:
+                p5 = p[:, None, :, :, None]
+            else:
+                p5 = p[:, :, None, :, None]
+            acc = tl.sum(tl.sum(p5 * v, AK), AN if AN < AK else AN - 1)  # [rows, DW, DL] in axes (TR, TW, 2)
+            mw = new5 & dm5 & ((n5 * 0 + hg) == 0)  # chunk 0 of head group 0 writes the new cache rows
+            tl.store(k_row, kn, mask=mw)
+            tl.store(v_row, vn, mask=mw)
+            d3 = _at3(tl.arange(0, DW), TW) * DL + _at3(tl.arange(0, DL), 2)
+            i3 = _at3(i, TR)
+            m3 = (i3 < S) & (d3 < HD)
+            y_row = (b * stride_yb + i * stride_ys + (kvh * G + g) * HD)
+            if NCH == 1:  # the whole cache was this chunk: finish here
+                y = acc / _at3(l_i, TR)
+                tl.store(y_ptr + _at3(y_row, TR) + d3, y.to(y_ptr.dtype.element_ty), mask=m3)
+            else:
+                # partials: acc [units, NCH, R, HD] and (max, sum) [2, units, NCH, R]
+                part = (u * NCH + c) * R + r
+                tl.store(part_ptr + _at3(part, TR) * HD + d3, acc, mask=m3)
+                tl.store(part_ptr + n_part * HD + part, m_i, mask=row_ok)
+                tl.store(part_ptr + n_part * HD + n_part + part, l_i, mask=row_ok)
+                tl.debug_barrier()  # every thread's stores before the release below (cumulative at gpu scope)
+                ticket = tl.atomic_add(cnt_ptr + u, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_valid - 1:  # the unit's last chunk to finish: merge them all, in chunk order
+                    tl.store(cnt_ptr + u, 0)  # ready for the next launch
+                    # weights of all chunks from their (max, sum) [NCH_P, R]; then the partials [COMB_C, R, HD]
+                    # (axes (MC, MR, 2)) a few chunks at a time, chunks in registers and rows on the warps: no
+                    # cross-warp reduction. Skipped chunks: max -1e30, weight 0 (finite: no NaN in padded rows)
+                    MC: tl.constexpr = 1 if FLIP else 0
+                    MR: tl.constexpr = 0 if FLIP else 1
+                    cc = tl.arange(0, NCH_P)[:, None]
+                    pm = (u * NCH + cc) * R + r[None, :]
+                    ok = (cc < n_valid) & row_ok[None, :]
+                    m_c = tl.load(part_ptr + n_part * HD + pm, mask=ok, other=-1e30, cache_modifier=".cg")
+                    l_c = tl.load(part_ptr + n_part * HD + n_part + pm, mask=ok, other=0.0, cache_modifier=".cg")
+                    m_all = tl.max(m_c, 0)
+                    den = tl.sum(tl.exp2(m_c - m_all[None, :]) * l_c, 0)
+                    den = tl.where(row_ok, den, 1.0)
+                    y = tl.zeros([R, HD_P], tl.float32)
+                    cb = _at3(tl.arange(0, COMB_C), MC)
+                    r3 = _at3(r, MR)
+                    for c0 in tl.static_range(0, NCH_P, COMB_C):
+                        ok3 = (c0 + cb < n_valid) & (r3 // GP < S)
+                        pc = (u * NCH + c0 + cb) * R + r3
+                        o = tl.load(part_ptr + pc * HD + _at3(d, 2), mask=ok3 & _at3(d_ok, 2), other=0.0,
+                                    cache_modifier=".cg")
+                        w = tl.exp2(tl.load(part_ptr + n_part * HD + pc, mask=ok3, other=-1e30,
+                                            cache_modifier=".cg") - _at3(m_all, MR))
+                        y += tl.sum(w * o, MC)
+                    y = y / den[:, None]
+                    tl.store(y_ptr + y_row[:, None] + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mq)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int, prefetch=None):
+def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int):
     """Plain torch, the same operations as FastLayer.forward: interleaved RoPE of q and k in fp32 (rounded to the
     activation dtype), index_copy_ of k/v into the caches at `slots`, masked SDPA over the whole cache with the GQA
-    layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i]. `prefetch` is only a
-    hint for the kernel: ignored here."""
+    layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i]."""
     b, s, _ = qkv.shape
     H, KV = n_heads, n_kv
     hd, G, L = qkv.shape[-1] // (H + 2 * KV), H // KV, k_cache.shape[2]
@@ -378,23 +331,10 @@ def _counters(device, n: int) -> torch.Tensor:
     return buf
 
 
-def _sink(device) -> torch.Tensor:
-    """A scratch word the prefetch programs would write only if their loaded words xor to pf_magic (never read)."""
-    key = ("sink", device)
-    if key not in _scratch:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.empty(1, device=device, dtype=torch.int32)
-        _scratch[key] = torch.empty(1, device=device, dtype=torch.int32)
-    return _scratch[key]
-
-
-_PF_MODES = {"load": 1, "line": 2, "bulk": 3}
-
-
-def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefetch=None, chunk=None,
-            num_warps=None, head_split=None, pf_mode=None, pf_programs=None, pf_block=None, flip=None):
-    """Run the kernel (no shape checks: see usable()). The keywords after `prefetch` override config() and the
-    PREFETCH_* settings (benchmarks, tests)."""
+def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk=None, num_warps=None,
+            head_split=None, flip=None):
+    """Run the kernel (no shape checks: see usable()). The keywords after n_kv override config() (benchmarks,
+    tests)."""
     B, S, _ = qkv.shape
     H, KV = n_heads, n_kv
     G, hd, L = H // KV, qkv.shape[-1] // (H + 2 * KV), k_cache.shape[2]
@@ -423,48 +363,19 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefe
     else:
         part = torch.empty(n_part * (hd + 2), device=qkv.device, dtype=torch.float32)
         cnt = _counters(qkv.device, units)
-    threads = 32 * num_warps
-    n_attn = units * nch
-    grid = n_attn
-    mode, span, pf_block_c, pf, pf_n, sink = 0, 4, 4, part, 1, cnt
-    mode_name = pf_mode or PREFETCH_MODE
-    if (prefetch is not None and 0 < prefetch.numel() * prefetch.element_size() < 2 ** 33
-            and prefetch.device == qkv.device and prefetch.is_contiguous()):
-        mode = 0 if _interpreting() and mode_name != "load" else _PF_MODES[mode_name]  # asm: GPU only
-    if mode:
-        flat = prefetch.reshape(-1)
-        nbytes = flat.numel() * flat.element_size()
-        # int32 words (a tail of < 4 bytes, or a misaligned tensor, is read as bytes: rare, never the weights)
-        pf = flat.view(torch.int32) if nbytes % 4 == 0 and flat.data_ptr() % 16 == 0 else flat.view(torch.uint8)
-        pf_n = pf.numel()
-        progs = pf_programs or PREFETCH_PROGRAMS[mode_name]
-        span = -(-pf_n // progs)
-        if mode == 1:
-            pf_block_c = pf_block or PREFETCH_BLOCK
-            span = -(-span // pf_block_c) * pf_block_c
-        elif mode == 2:
-            pf_block_c = pf_block or threads
-            span = -(-span // (32 * pf_block_c)) * 32 * pf_block_c
-        else:
-            pf_block_c = pf_block or PREFETCH_BULK  # words per request, a multiple of 4 (16 bytes)
-            span = -(-span // (num_warps * pf_block_c)) * num_warps * pf_block_c
-            if pf.dtype != torch.int32:
-                mode = 0  # bulk copies need 16-byte aligned int32 words
-        if mode:
-            grid = n_attn + -(-pf_n // span)
-            sink = _sink(qkv.device)
+    grid = units * nch
     qk_scale = math.log2(math.e) / math.sqrt(hd)
     _decode_kernel[(grid,)](
-        qkv, k_cache, v_cache, rope, pos, slots, start, y, part, cnt, pf, pf_n, sink, -(2 ** 31) + 12345, n_attn,
-        n_part, qk_scale, qkv.stride(0), qkv.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        qkv, k_cache, v_cache, rope, pos, slots, start, y, part, cnt, n_part, qk_scale,
+        qkv.stride(0), qkv.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
         S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
         COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip, EXACT=not _interpreting(),
-        PF_MODE=mode, PF_SPAN=span, PF_BLOCK=pf_block_c, THREADS=threads, num_warps=num_warps, enable_fp_fusion=True)
+        num_warps=num_warps, enable_fp_fusion=True)
     return y
 
 
-def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int, prefetch=None) -> bool:
+def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> bool:
     """Whether the Triton path takes these arguments (see the module docstring); else the reference runs."""
     if triton is None or n_kv <= 0 or n_heads % n_kv or qkv.dim() != 3:
         return False
@@ -489,25 +400,23 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("hmtiny::decode_attention", mutates_args=("k_cache", "v_cache"))
     def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor,
                             pos: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, n_heads: int,
-                            n_kv: int, prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefetch)
+                            n_kv: int) -> torch.Tensor:
+        return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
 
     @decode_attention_op.register_fake
-    def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, prefetch=None):
+    def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
         hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
         return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * hd)
 else:  # pragma: no cover - old torch
     decode_attention_op = _launch
 
 
-def decode_attention(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int,
-                     prefetch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> torch.Tensor:
     """RoPE q/k of the S new rows, write k/v to the caches at `slots`, attend; [B, S, H*hd] in qkv's dtype.
 
     qkv [B, S, (H + 2 KV) hd] (q, k, v heads; last-dim stride 1), k_cache/v_cache [B, KV, L, hd] (mutated),
     rope [maxlen, hd/2, 2] fp32 (cos, sin), pos [B, S] int64, slots [S] int64 consecutive, start [B] int64:
-    row i of batch row b attends to cache slots start[b] <= j <= slots[i]. prefetch: a tensor (contiguous, same
-    device) whose bytes the launch also pulls into L2 for the next kernel (the output projection's weight), or
-    None; it changes no result. The Triton kernel on CUDA where usable(), else decode_attention_ref."""
+    row i of batch row b attends to cache slots start[b] <= j <= slots[i]. The Triton kernel on CUDA where
+    usable(), else decode_attention_ref."""
     args = (qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
-    return decode_attention_op(*args, prefetch) if usable(*args) else decode_attention_ref(*args)
+    return decode_attention_op(*args) if usable(*args) else decode_attention_ref(*args)

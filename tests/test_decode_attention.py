@@ -2,11 +2,10 @@
 
 On CPU the Triton kernel runs under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before
 triton is imported), in float32/float16 (the interpreter computes bf16 arithmetic wrongly), with both axis orders of
-its tiles (FLIP: one is compiled on Triton < 3.7, the other since), with tile overrides (chunk, warps, head split),
-with a prefetch tensor (it must change nothing) and twice in a row (the merge's ticket counters must be reset); the
-reference itself is checked against a float64 definition. On CUDA the real kernel runs in bf16 at the backbone and
-depth-decoder shapes: eagerly, with every prefetch mode, inside CUDA graphs whose slot tensors advance between
-replays, and under torch.compile.
+its tiles (FLIP: one is compiled on Triton < 3.7, the other since), with tile overrides (chunk, warps, head split)
+and several times in a row (the merge's ticket counters must be reset); the reference itself is checked against a
+float64 definition. On CUDA the real kernel runs in bf16 at the backbone and depth-decoder shapes: eagerly, inside
+CUDA graphs whose slot tensors advance between replays, and under torch.compile.
 """
 import json
 import os
@@ -87,16 +86,15 @@ def interpreter_results(dtype, **extra):
     return out
 
 
-def interpreter_prefetch_and_repeat():
-    """A prefetch tensor (whole int32 words, and an odd byte count read as bytes) changes neither the output nor
-    the caches; two launches in a row agree bit for bit and leave the ticket counters at 0."""
+def interpreter_repeat():
+    """Launches in a row agree bit for bit (output and caches) and leave the ticket counters at 0."""
     gen = torch.Generator().manual_seed(6)
     args = make(1, 1, 2, 1, 64, 64, 50, (3,), torch.float32, "cpu", gen)
     kw = {"chunk": 16}
     runs = []
-    for pf in (None, torch.randn(3, 1000, generator=gen), torch.zeros(1001, dtype=torch.uint8), None):
+    for _ in range(3):
         a = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
-        runs.append((da._launch(**a, **kw, prefetch=pf, pf_mode="load", pf_programs=3, pf_block=64), a))
+        runs.append((da._launch(**a, **kw), a))
     same = all(torch.equal(y, runs[0][0]) and torch.equal(a["k_cache"], runs[0][1]["k_cache"])
                and torch.equal(a["v_cache"], runs[0][1]["v_cache"]) for y, a in runs)
     counters = [int(t.abs().sum()) for k, t in da._scratch.items() if k[0] == "cnt"]
@@ -112,7 +110,7 @@ def test_kernels_under_triton_interpreter():
     assert len(res["float32"]) == len(CASES) and max(res["float32"]) < 1e-5, res
     assert len(res["float32_flip"]) == len(CASES) and max(res["float32_flip"]) < 1e-5, res  # the other axis order
     assert max(res["float16"]) < 2e-3, res  # fp16 rounding of q, k and the output
-    assert res["prefetch_and_repeat"] == {"same": True, "counters": [0]}, res["prefetch_and_repeat"]
+    assert res["repeat"] == {"same": True, "counters": [0]}, res["repeat"]
     # the custom op's schema (mutated caches), fake implementation and functionalization (for torch.compile)
     assert all(v == "SUCCESS" for v in res["opcheck"].values()), res["opcheck"]
 
@@ -199,25 +197,6 @@ def test_tile_overrides_on_cuda(kw):
     check_caches(args, caches, ref_caches)
 
 
-@cuda
-@pytest.mark.parametrize("mode", ["load", "line", "bulk"])
-@pytest.mark.parametrize("shape", [dict(BACKBONE, S=1, L=584, slot0=580, start=(0, 37)),
-                                   dict(DECODER, S=2, L=8, slot0=3, start=(0, 0))], ids=["backbone", "decoder"])
-def test_prefetch_changes_nothing_on_cuda(mode, shape):
-    """With a weight to prefetch (bulk needs sm_90: skipped below) the output and the caches are bit-equal to the
-    launch without one."""
-    if mode == "bulk" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("cp.async.bulk.prefetch needs sm_90")
-    args = _cuda_args(shape)
-    w = torch.randn(3072, 3072, device="cuda").to(torch.bfloat16)
-    base, _, caches, _ = run_both(args, da._launch)
-    with_pf, _, pf_caches, _ = run_both(args, lambda **a: da._launch(**a, prefetch=w, pf_mode=mode))
-    assert torch.equal(base, with_pf)
-    assert all(torch.equal(a, b) for a, b in zip(caches, pf_caches))
-    custom_op, _, _, _ = run_both(args, lambda **a: da.decode_attention(**a, prefetch=w))
-    assert torch.equal(base, custom_op)
-
-
 def _frame_calls(kind, B, H, KV, hd, L, gen):
     """Static inputs of the calls one captured frame makes: the backbone's one call at a moving slot, or the depth
     decoder's 7 calls (slots 0-1, then 2..7) over its 8-slot cache."""
@@ -232,21 +211,19 @@ def _frame_calls(kind, B, H, KV, hd, L, gen):
 
 
 @cuda
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["backbone", "decoder"])
-def test_cuda_graph_replays_with_advancing_slots(kind, compiled, prefetch):
-    """Capture a frame's calls (torch.compile(fullgraph=True) first, optionally; with a weight to prefetch,
-    optionally), then replay with new inputs and the backbone's slot advanced on the device between replays; each
-    replay must match the reference run eagerly (and the merge's counters must be back at 0 after each replay)."""
+def test_cuda_graph_replays_with_advancing_slots(kind, compiled):
+    """Capture a frame's calls (torch.compile(fullgraph=True) first, optionally), then replay with new inputs and
+    the backbone's slot advanced on the device between replays; each replay must match the reference run eagerly
+    (and the merge's counters must be back at 0 after each replay)."""
     shape = BACKBONE if kind == "backbone" else DECODER
     gen = torch.Generator().manual_seed(4)
     calls = _frame_calls(kind, L=600 if kind == "backbone" else 8, gen=gen, **shape)
     ref_k, ref_v = calls[0]["k_cache"].clone(), calls[0]["v_cache"].clone()
-    w = torch.randn(3072, 3072, device="cuda").to(torch.bfloat16) if prefetch else None
 
     def frame():
-        return [da.decode_attention(**c, prefetch=w) * 1.0 for c in calls]  # * 1.0: something around the op to fuse
+        return [da.decode_attention(**c) * 1.0 for c in calls]  # * 1.0: something around the op to fuse
 
     fn = torch.compile(frame, fullgraph=True, dynamic=False) if compiled else frame
     k0, v0 = ref_k.clone(), ref_v.clone()
@@ -278,10 +255,7 @@ def test_cuda_graph_replays_with_advancing_slots(kind, compiled, prefetch):
 if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_interpreter
     res = {"float32": interpreter_results(torch.float32), "float16": interpreter_results(torch.float16),
            "float32_flip": interpreter_results(torch.float32, flip=not da._FLIP),
-           "prefetch_and_repeat": interpreter_prefetch_and_repeat()}
+           "repeat": interpreter_repeat()}
     a = make(2, 2, 4, 2, 64, 37, 10, (0, 3), torch.float32, "cpu", torch.Generator().manual_seed(5))
     res["opcheck"] = torch.library.opcheck(da.decode_attention_op, tuple(a.values()))
-    a["prefetch"] = torch.randn(64)
-    res["opcheck"].update({k + "_prefetch": v for k, v in
-                           torch.library.opcheck(da.decode_attention_op, tuple(a.values())).items()})
     print(json.dumps(res))
