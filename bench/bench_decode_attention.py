@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import decode_attention as da  # noqa: E402
+from kernels.timing import graph_time  # noqa: E402
 
 CALLS = 50
 CASES = [  # name, B, S, H, KV, hd, L, slots[0], start
@@ -80,27 +81,7 @@ def torch_path(qkv, k_cache, v_cache, cos, sin, slots, mask, H, KV):
 
 def time_graph(fn, n_inputs, calls=CALLS) -> float:
     """µs per call: `calls` calls of fn(i) (i cycling over the input copies) captured in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(3):  # compile / autotune / allocate outside the capture
-            fn(i % n_inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % n_inputs)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
+    return graph_time(lambda i: fn(i % n_inputs), calls) * 1e6
 
 
 def try_time(fn, n_inputs, calls=CALLS):

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import topk_sample as ts  # noqa: E402
+from kernels.timing import graph_time  # noqa: E402
 
 V, V_REAL, CFG, TOPK, TEMP = 8256, 8197, 1.5, 50, 1.0
 WARPS = (4, 8, 16, 32)
@@ -45,26 +45,7 @@ DEVICE = "cuda"
 
 def graph_us(fn, calls: int = 50, replays: int = 20) -> float:
     """µs per call of fn(): `calls` calls captured in one CUDA graph, median over `replays` replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles here)
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return graph_time(lambda i: fn(), calls, replays=replays) * 1e6
 
 
 def inputs(songs: int, gen, ties: bool = False):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .timing import graph_time
+
 try:
     import triton
     import triton.language as tl
@@ -96,25 +98,7 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     """Seconds per call of fn(w_i), measured by replaying a CUDA graph of `reps` calls over enough copies of w to
     miss the L2 cache, as in a real frame (a host-timed loop of small kernels measures launch latency instead)."""
     copies = [w] + [w.clone() for _ in range(max(0, -(-128 * 2**20 // (w.numel() * w.element_size())) - 1))]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(copies[0])
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            fn(copies[i % len(copies)])
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return sorted(times)[len(times) // 2]
+    return graph_time(lambda i: fn(copies[i % len(copies)]), reps, warmup=1)
 
 
 def _pick(x2, w, partial: bool = False, scale=None):
