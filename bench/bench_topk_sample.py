@@ -1,26 +1,23 @@
-"""Sampling one codebook: the one-launch Triton kernels (kernels.topk_sample) vs the plain torch path (sample_ref:
-CFG mix, bias, temperature, torch.topk, softmax, argmax(p / noise)), and the two
-exact top-k searches side by side: "select" (the default: group-maximum bound, compaction, all-pairs rank) and
-"bisect" (the previous kernel: bisection over the key range, one block-wide count per step), each at 4/8/16/32
-warps; "bisect_safediv" (16 warps) is bisect with division operands that keep div.rn.f32 off its slow path (what
-that fix alone is worth: in bisect nearly every division has a zero numerator, which takes the slow path).
+"""Sampling one codebook: the one-launch Triton kernel (kernels.topk_sample, the "select" search: group-maximum
+bound, compaction, all-pairs rank) at 4/8/16/32 warps vs the plain torch path (sample_ref: CFG mix, bias,
+temperature, torch.topk, softmax, argmax(p / noise)).
 
     python3 bench/bench_topk_sample.py [--trials 2000] [--quick]
 
 The decode shape: V 8256 head columns (8197 real ids, the rest -inf bias), B2 = 2 rows per song (CFG 1.5),
 topk 50, temperature 1.0, bf16 logits. Inputs: "random" = randn * 3; "tied" = integers in [-6, 6] (many entries
-equal to the k-th value: bisect's early stop never fires, select's candidate set is larger). Each timing is 50
+equal to the k-th value: select's candidate set is larger). Each timing is 50
 calls captured in one CUDA graph, replayed 20 times (median), divided by 50: GPU time per call with no launch
 overhead, inputs in L2 as in a frame. 1 song = 1 program (one SM), 8 songs = 8 programs.
 
 Agreement: --trials random single-song inputs (fresh logits and noise each) through the default `sample` (one
 batched launch, B = trials; rows are independent) and 200 of them one call per trial as the engine does, ids
 compared with the reference; every mismatch is checked to be a near tie (two candidates' reference scores within
-1e-5 relative). Every (search, warps) variant gets 200 trials too. Path statistics (select's STATS): how often
+1e-5 relative). Every warp count gets 200 trials too. Path statistics (select's STATS): how often
 the candidates fit the C slots at once, after bisection steps, or not at all (more than C tie at the k-th).
 
-The summary names the best warp count per search (1 song, random; ties broken by the mean over all four inputs)
-and the settings to put in kernels/topk_sample.py: DEFAULT_SEARCH and DEFAULT_WARPS[search]. JSON goes to
+The summary names the best warp count (1 song, random; ties broken by the mean over all four inputs) and the
+setting to put in kernels/topk_sample.py: DEFAULT_WARPS. JSON goes to
 $OUT/bench_topk_sample.json when OUT is set.
 """
 import argparse
@@ -39,7 +36,6 @@ from kernels.timing import graph_time  # noqa: E402
 
 V, V_REAL, CFG, TOPK, TEMP = 8256, 8197, 1.5, 50, 1.0
 WARPS = (4, 8, 16, 32)
-SEARCHES = ("select", "bisect", "bisect_safediv")
 DEVICE = "cuda"
 
 
@@ -77,22 +73,20 @@ def near_ties(logits, bias, noise, out, ref, rtol=1e-5) -> tuple[int, int]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=2000)
-    ap.add_argument("--quick", action="store_true", help="8 and 16 warps only, no bisect_safediv, 500 trials")
+    ap.add_argument("--quick", action="store_true", help="8 and 16 warps only, 500 trials")
     args = ap.parse_args()
     assert (torch.cuda.is_available() or DEVICE != "cuda") and ts.triton is not None, "needs CUDA and triton"
     t_start = time.time()
     warps_list = (8, 16) if args.quick else WARPS
-    searches = SEARCHES[:2] if args.quick else SEARCHES
     if args.quick:
         args.trials = min(args.trials, 500)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     bias = torch.zeros(V, device=DEVICE)
     bias[V_REAL:] = -math.inf
-    default = {"search": ts.DEFAULT_SEARCH, "warps": ts._num_warps(V, ts.DEFAULT_SEARCH)}
+    default = {"warps": ts._num_warps(V)}
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {ts.triton.__version__}")
     print(f"V {V} ({V_REAL} real), CFG {CFG}, topk {TOPK}, temperature {TEMP}, bf16 logits; µs per call (CUDA graph)")
-    print(f"defaults: search {default['search']!r}, num_warps {default['warps']} "
-          f"(kernels/topk_sample.py DEFAULT_SEARCH, DEFAULT_WARPS)")
+    print(f"default: num_warps {default['warps']} (kernels/topk_sample.py DEFAULT_WARPS)")
 
     data = {(songs, kind): inputs(songs, gen, ties=kind == "tied") for songs in (1, 8) for kind in ("random", "tied")}
     cases = list(data)
@@ -114,31 +108,29 @@ def main():
         lg, nz = data[(songs, kind)]
         row(f"torch sample_ref, {songs} song(s), {kind}",
             lambda lg=lg, nz=nz: ts.sample_ref(lg, bias, CFG, TEMP, TOPK, nz),
-            search="torch", warps=None, songs=songs, kind=kind)
+            impl="torch", warps=None, songs=songs, kind=kind)
     lg1, nz1 = data[(1, "random")]
     row("torch sample_ref, 1 song, topk 1 (argmax)", lambda: ts.sample_ref(lg1, bias, CFG, TEMP, 1, None),
-        search="torch", warps=None, songs=1, kind="argmax")
+        impl="torch", warps=None, songs=1, kind="argmax")
     row("triton sample (default), 1 song, random", lambda: ts.sample(lg1, bias, CFG, TEMP, TOPK, nz1),
-        search="default", warps=default["warps"], songs=1, kind="random")
+        impl="default", warps=default["warps"], songs=1, kind="random")
 
-    table = {}  # (search, warps) -> {case: µs}
-    for search in searches:
-        print(f"\n-- search {search!r}: 1 song random / tied, 8 songs random / tied")
-        for w in (16,) if search == "bisect_safediv" else warps_list:
-            t0 = time.time()
-            res = {}
-            for (songs, kind) in cases:
-                lg, nz = data[(songs, kind)]
-                res[(songs, kind)] = row(f"{search}, w{w}, {songs} song(s), {kind}",
-                                         lambda lg=lg, nz=nz, w=w: ts._launch(lg, bias, CFG, TEMP, TOPK, nz, w, search),
-                                         search=search, warps=w, songs=songs, kind=kind)
-            table[(search, w)] = res
-            print(f"   ({time.time() - t0:.1f} s with compile)")
+    table = {}  # warps -> {case: µs}
+    print("\n-- select: 1 song random / tied, 8 songs random / tied")
+    for w in warps_list:
+        t0 = time.time()
+        res = {}
+        for (songs, kind) in cases:
+            lg, nz = data[(songs, kind)]
+            res[(songs, kind)] = row(f"select, w{w}, {songs} song(s), {kind}",
+                                     lambda lg=lg, nz=nz, w=w: ts._launch(lg, bias, CFG, TEMP, TOPK, nz, w),
+                                     impl="select", warps=w, songs=songs, kind=kind)
+        table[w] = res
+        print(f"   ({time.time() - t0:.1f} s with compile)")
     print("\n-- topk 1 (argmax), 1 song, default warps")
-    for search in searches[:2]:
-        w = ts._num_warps(V, search)
-        row(f"{search}, w{w}, 1 song, topk 1 (argmax)", lambda w=w, search=search: ts._launch(
-            lg1, bias, CFG, TEMP, 1, None, w, search), search=search, warps=w, songs=1, kind="argmax")
+    w = default["warps"]
+    row(f"select, w{w}, 1 song, topk 1 (argmax)", lambda: ts._launch(lg1, bias, CFG, TEMP, 1, None, w),
+        impl="select", warps=w, songs=1, kind="argmax")
 
     # path statistics of the select search (same for every warp count up to ties in the group layout: 8 warps)
     print("\n-- select paths (STATS, 8 warps): rows whose candidates fit C slots at once / after bisection steps /"
@@ -148,7 +140,7 @@ def main():
         lg, nz = batch_of(512, gen, ties=kind == "tied")
         B = nz.shape[0]
         st = torch.zeros(B, 4, dtype=torch.int32, device=DEVICE)
-        ts._launch(lg, bias, CFG, TEMP, TOPK, nz, 8, "select", stats=st)
+        ts._launch(lg, bias, CFG, TEMP, TOPK, nz, 8, stats=st)
         st = st.cpu()
         first, steps, path = st[:, 0].float(), st[:, 1].float(), st[:, 3]
         p = {"rows": B, "fit_at_once": int(((path == 1) & (steps == 0)).sum()),
@@ -166,7 +158,7 @@ def main():
     out, ref = ts.sample(logits, bias, CFG, TEMP, TOPK, noise), ts.sample_ref(logits, bias, CFG, TEMP, TOPK, noise)
     miss, ties = near_ties(logits, bias, noise, out, ref)
     equal = 1 - miss / args.trials
-    print(f"default ({default['search']}, w{default['warps']}): ids equal in {args.trials} trials: {equal:.4f} "
+    print(f"default (w{default['warps']}): ids equal in {args.trials} trials: {equal:.4f} "
           f"({miss} mismatches, {ties} of them near ties)")
     per_call = 0
     for i in range(n_sub):
@@ -175,46 +167,41 @@ def main():
     print(f"default, one call per trial: {per_call} of {n_sub} differ from the reference")
     agree = {}
     sub = torch.cat([logits[:n_sub], logits[args.trials:args.trials + n_sub]])
-    for (search, w) in table:
-        o = ts._launch(sub, bias, CFG, TEMP, TOPK, noise[:n_sub], w, search)
+    for w in table:
+        o = ts._launch(sub, bias, CFG, TEMP, TOPK, noise[:n_sub], w)
         m, t = near_ties(sub, bias, noise[:n_sub], o, ref[:n_sub])
-        agree[f"{search},w{w}"] = {"mismatches": m, "near_ties": t}
+        agree[f"w{w}"] = {"mismatches": m, "near_ties": t}
     print(f"per variant (mismatches / near ties of them, {n_sub} trials):",
           ", ".join(f"{k} {v['mismatches']}/{v['near_ties']}" for k, v in agree.items()))
 
-    # summary: best warps per search
+    # summary: best warps
     def mean_all(res):
         vals = [v for v in res.values() if v is not None]
         return sum(vals) / len(vals) if len(vals) == len(res) else math.inf
 
     print("\n-- summary (µs per call; 1s = 1 song, 8s = 8 songs)")
-    print(f"{'search':<16}{'warps':>6}{'1s rand':>9}{'1s tied':>9}{'8s rand':>9}{'8s tied':>9}{'mean':>9}")
-    best = {}
-    for (search, w), res in table.items():
+    print(f"{'warps':>6}{'1s rand':>9}{'1s tied':>9}{'8s rand':>9}{'8s tied':>9}{'mean':>9}")
+    best = None  # (warps, (µs 1 song random, mean))
+    for w, res in table.items():
         f = lambda c: f"{res[c]:9.2f}" if res[c] is not None else f"{'-':>9}"
-        print(f"{search:<16}{w:>6}{f((1, 'random'))}{f((1, 'tied'))}{f((8, 'random'))}{f((8, 'tied'))}"
-              f"{mean_all(res):9.2f}")
+        print(f"{w:>6}{f((1, 'random'))}{f((1, 'tied'))}{f((8, 'random'))}{f((8, 'tied'))}{mean_all(res):9.2f}")
         key = (res[(1, "random")] if res[(1, "random")] is not None else math.inf, mean_all(res))
-        if search not in best or key < best[search][1]:
-            best[search] = (w, key)
+        if best is None or key < best[1]:
+            best = (w, key)
     ref_us = next(r["us_per_call"] for r in rows if r["variant"] == "torch sample_ref, 1 song(s), random")
-    for search, (w, (us, mean)) in best.items():
-        print(f"best {search}: num_warps {w}: {us:.2f} µs at 1 song (random), mean {mean:.2f} µs over the four "
-              f"inputs; {ref_us / us:.1f}x the torch path")
-    fastest = min(best, key=lambda s: best[s][1])
-    print(f"\nsettings for kernels/topk_sample.py: DEFAULT_SEARCH = {fastest!r}; DEFAULT_WARPS[{fastest!r}] = "
-          f"{best[fastest][0]} (now: {default['search']!r}, {default['warps']} warps)"
-          + ("  -> no change needed" if (fastest, best[fastest][0]) == (default["search"], default["warps"]) else
-             "  -> change these two lines"))
+    best_w, (us, mean) = best
+    print(f"best: num_warps {best_w}: {us:.2f} µs at 1 song (random), mean {mean:.2f} µs over the four inputs; "
+          f"{ref_us / us:.1f}x the torch path")
+    print(f"\nsetting for kernels/topk_sample.py: DEFAULT_WARPS = {best_w} (now: {default['warps']} warps)"
+          + ("  -> no change needed" if best_w == default["warps"] else "  -> change this line"))
     print(f"total bench time {time.time() - t_start:.0f} s")
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": ts.triton.__version__,
               "V": V, "V_real": V_REAL, "cfg": CFG, "topk": TOPK, "temperature": TEMP, "rows": rows,
               "trials": args.trials, "equal_fraction": equal, "mismatches": miss, "near_tie_mismatches": ties,
               "per_call_mismatches_of_200": per_call, "variant_agreement_200": agree, "select_paths": paths,
-              "default": default, "best": {s: {"warps": w, "us_1song_random": k[0], "us_mean": k[1]}
-                                           for s, (w, k) in best.items()},
-              "recommended": {"DEFAULT_SEARCH": fastest, "num_warps": best[fastest][0]}}
+              "default": default, "best": {"warps": best_w, "us_1song_random": us, "us_mean": mean},
+              "recommended": {"DEFAULT_WARPS": best_w}}
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "bench_topk_sample.json"
         path.write_text(json.dumps(result, indent=1))

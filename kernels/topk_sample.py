@@ -1,29 +1,24 @@
 """Sampling one codebook in one launch: CFG mix + bias + temperature + exact top-k + softmax + exponential race.
 
 torch.topk sorts (gatherTopK + radixSortKVInPlace, ~44 µs a call on an H100) only to read one number: the k-th
-largest value. These Triton kernels run one program per output row with the whole row in registers and find the
+largest value. This Triton kernel runs one program per output row with the whole row in registers and finds the
 top k (ties at the k-th value all kept) without sorting, on int32 keys that order like the float32 values (sign
 bit clear: the bits; set: the bits with the other 31 flipped; -0.0 folded into +0.0 first, so equal floats have
 equal keys). Then softmax in float32 over the kept entries and argmax(p / noise) (first index on ties, like
-torch.argmax). Two searches (`_launch(..., search=)`; bench/bench_topk_sample.py compares them):
+torch.argmax).
 
-"select" (the default, _select_kernel): a lower bound lo on the k-th value from group maxima (the k-th largest
-of 128 group maxima: k groups have an entry >= it), then the few entries >= lo (~63 of 8256 for random rows,
-k 50) are compacted into a per-row scratch buffer and ranked all-pairs: an entry is kept iff fewer than k entries
-are strictly above it. A fixed number of block-wide steps (~10 reductions and scans, one barrier around the
-scratch), whatever the data; only when more than C (128) entries are >= lo does it bisect (rare: values crowded
-into few groups, or more than C entries tying at the k-th value; then the race runs over the whole row).
-
-"bisect" (the previous kernel, _bisect_kernel, kept for comparison): bisection over the key range for the largest
-key T with count(key >= T) >= k, one block-wide count per step: ~17 steps for random bf16 rows at V 8256, k 50;
-32 with many ties at the k-th (~0.6 µs a step on an H100). Its race divides zeros (p = 0 for every dropped
-entry), which sends div.rn.f32 to its slow-path subroutine for nearly every lane; "bisect_safediv" is the same
-kernel with that avoided, and "select" avoids it too.
+The search (_select_kernel): a lower bound lo on the k-th value from group maxima (the k-th largest of 128 group
+maxima: k groups have an entry >= it), then the few entries >= lo (~63 of 8256 for random rows, k 50) are
+compacted into a per-row scratch buffer and ranked all-pairs: an entry is kept iff fewer than k entries are
+strictly above it. A fixed number of block-wide steps (~10 reductions and scans, one barrier around the scratch),
+whatever the data; only when more than C (128) entries are >= lo does it bisect (rare: values crowded into few
+groups, or more than C entries tying at the k-th value; then the race runs over the whole row). It replaced a
+bisection over the key range that took ~17-32 dependent block-wide steps (26.6 µs vs 5.4 µs a call on an H100).
 
 `sample_ref` is the plain-torch definition (what the generation engine did before this kernel) and the
 fallback off CUDA.
 `sample` dispatches; on CUDA it is a torch custom op, so torch.compile treats it as one opaque call and CUDA
-graphs capture it. `tests/test_topk_sample.py` checks the kernels against the reference (TRITON_INTERPRET=1 on
+graphs capture it. `tests/test_topk_sample.py` checks the kernel against the reference (TRITON_INTERPRET=1 on
 CPU, Triton 3.6 and later: no scalar is loaded from memory, reductions only).
 
 Rounding: the mix is done in the reference's order (sub, mul, add; no FMA contraction) and the temperature as a
@@ -306,71 +301,18 @@ if triton is not None:
             res = _first_argmax(x_m, offs_m, x_t, offs_t, HAS_TAIL)
         tl.store(out_ptr + row, res.to(tl.int64))
 
-    @triton.jit
-    def _bisect_kernel(logits_ptr, bias_ptr, noise_ptr, out_ptr, V, B, stride_l, stride_n, cfg, inv_t, k,
-                       CFG: tl.constexpr, HAS_BIAS: tl.constexpr, SAMPLE: tl.constexpr,
-                       FILTER: tl.constexpr, BLOCK: tl.constexpr, SAFE_DIV: tl.constexpr):
-        """The previous kernel, kept for comparison (search="bisect"): the whole row in one power-of-two block,
-        the k-th key by bisection over the key range (one block-wide count per step: ~17 steps for random rows,
-        32 with ties at the k-th). SAFE_DIV: division operands 1.0 where the numerator is 0 (no slow path)."""
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        valid = offs < V
-        x = tl.load(logits_ptr + row * stride_l + offs, mask=valid, other=0.0).to(tl.float32)
-        if CFG:  # rows [0,B) cond, [B,2B) uncond
-            u = tl.load(logits_ptr + (row + B) * stride_l + offs, mask=valid, other=0.0).to(tl.float32)
-            x = u + (x - u) * cfg
-        if HAS_BIAS:
-            x = x + tl.load(bias_ptr + offs, mask=valid, other=0.0)
-        x = tl.where(valid, x, float("-inf"))
-        if SAMPLE:
-            x = x * inv_t
-            keep = valid
-            if FILTER:
-                x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: equal floats must get equal keys
-                bits = x.to(tl.int32, bitcast=True)
-                key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # key(-inf) = -2139095041, the least
-                key = tl.where(valid, key, KEY_PAD)  # padding lanes: below every real key, never counted
-                # Invariant: count(key >= lo) >= k > count(key >= hi); the answer is lo once hi == lo + 1.
-                lo = tl.full((), KEY_NEG_INF, tl.int64)  # all V > k real keys are >= key(-inf)
-                hi = tl.max(key, 0).to(tl.int64) + 1
-                while hi - lo > 1:
-                    mid = lo + (hi - lo) // 2
-                    c = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
-                    ge = c >= k
-                    lo = tl.where(ge, mid, lo)
-                    # exactly k at or above mid: those are the top k, no need to narrow further
-                    hi = tl.where(ge, tl.where(c == k, mid + 1, hi), mid)
-                keep = key >= lo.to(tl.int32)
-            x = tl.where(keep, x, float("-inf"))
-            e = tl.exp(x - tl.max(x, 0))  # dropped entries: exp(-inf) = 0
-            if SAFE_DIV:
-                p = tl.math.div_rn(tl.where(e > 0.0, e, 1.0), tl.sum(e, 0))
-                q = tl.load(noise_ptr + row * stride_n + offs, mask=valid, other=1.0)
-                x = tl.where(valid & (e > 0.0), tl.math.div_rn(p, q), tl.where(valid, 0.0, -1.0))
-            else:
-                p = tl.math.div_rn(e, tl.sum(e, 0))
-                q = tl.load(noise_ptr + row * stride_n + offs, mask=valid, other=1.0)
-                x = tl.where(valid, tl.math.div_rn(p, q), -1.0)  # exponential race: argmax(p / q) ~ p
-        tl.store(out_ptr + row, tl.argmax(x, 0).to(tl.int64))
+
+# Warps at V 8197..8256 (see _num_warps; bench/bench_topk_sample.py compares warp counts): 8 (fewest instructions
+# issued in total, no spills: 4 warps spill, 16 and 32 repeat the small [C] / [G] vector work in more warps).
+DEFAULT_WARPS = 8
+GROUPS = 128  # groups (of neighbouring threads' entries) whose maxima bound the k-th value from below
 
 
-SEARCHES = ("select", "bisect", "bisect_safediv")
-DEFAULT_SEARCH = "select"  # bench/bench_topk_sample.py compares the searches and warp counts
-# Warps at V 8197..8256 (see _num_warps). select: 8 (fewest instructions issued in total, no spills: 4 warps spill,
-# 16 and 32 repeat the small [C] / [G] vector work in more warps); bisect: 16 (its old default).
-DEFAULT_WARPS = {"select": 8, "bisect": 16, "bisect_safediv": 16}
-GROUPS = 128  # select: groups (of neighbouring threads' entries) whose maxima bound the k-th value from below
-
-
-def _num_warps(V: int, search: str = DEFAULT_SEARCH) -> int:
-    """Warps for a row of V entries. The tuned values (DEFAULT_WARPS) are for V 8197..8256 (main tile 8192);
+def _num_warps(V: int) -> int:
+    """Warps for a row of V entries. The tuned value (DEFAULT_WARPS) is for V 8197..8256 (main tile 8192);
     other sizes scale with the entries a row holds, at least 4 warps."""
-    if search == "select":
-        main = 1 << (V.bit_length() - 1)
-        return max(4, min(32, DEFAULT_WARPS["select"] * main // 8192))
-    block = triton.next_power_of_2(V)
-    return max(4, min(32, DEFAULT_WARPS[search] * block // 16384))
+    main = 1 << (V.bit_length() - 1)
+    return max(4, min(32, DEFAULT_WARPS * main // 8192))
 
 
 def _tiles(V: int, num_warps: int, groups: int = GROUPS) -> tuple[int, int, int, int]:
@@ -394,11 +336,8 @@ def _reciprocal32(t: float) -> float:
 
 
 def _launch(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float, temperature: float, topk: int,
-            noise: Optional[torch.Tensor], num_warps: Optional[int] = None, search: Optional[str] = None,
-            capacity: Optional[int] = None, stats: Optional[torch.Tensor] = None) -> torch.Tensor:
-    search = search or DEFAULT_SEARCH
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+            noise: Optional[torch.Tensor], num_warps: Optional[int] = None, capacity: Optional[int] = None,
+            stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     B2, V = logits.shape
     cfg = cfg_scale != 1.0
     B = B2 // 2 if cfg else B2
@@ -413,21 +352,16 @@ def _launch(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float
     flt = sample and 0 < topk < V
     args = (logits, logits if bias is None else bias, noise if sample else logits, out)
     scalars = (V, B, logits.stride(0), noise.stride(0) if sample else 0, float(cfg_scale), inv_t, int(topk))
-    warps = num_warps or _num_warps(V, search)
-    if search == "select":
-        r, nt, tr, g = _tiles(V, warps)
-        c = capacity or _capacity(topk)
-        scratch = torch.empty((B, 2 * c + 64) if flt else (1,), dtype=torch.int32, device=logits.device)
-        if stats is not None:
-            assert stats.shape == (B, 4) and stats.dtype == torch.int32 and stats.is_contiguous()
-        _select_kernel[(B,)](*args, scratch, scratch if stats is None else stats, *scalars[:4], 0, *scalars[4:],
-                             CFG=cfg, HAS_BIAS=bias is not None, SAMPLE=sample, FILTER=flt, R=r, NT=nt, TR=tr,
-                             G=g, C=c, STATS=stats is not None and flt,
-                             num_warps=warps, enable_fp_fusion=False)  # no FMA: round like the reference
-    else:
-        _bisect_kernel[(B,)](*args, *scalars, CFG=cfg, HAS_BIAS=bias is not None, SAMPLE=sample, FILTER=flt,
-                             BLOCK=triton.next_power_of_2(V), SAFE_DIV=search == "bisect_safediv",
-                             num_warps=warps, enable_fp_fusion=False)
+    warps = num_warps or _num_warps(V)
+    r, nt, tr, g = _tiles(V, warps)
+    c = capacity or _capacity(topk)
+    scratch = torch.empty((B, 2 * c + 64) if flt else (1,), dtype=torch.int32, device=logits.device)
+    if stats is not None:
+        assert stats.shape == (B, 4) and stats.dtype == torch.int32 and stats.is_contiguous()
+    _select_kernel[(B,)](*args, scratch, scratch if stats is None else stats, *scalars[:4], 0, *scalars[4:],
+                         CFG=cfg, HAS_BIAS=bias is not None, SAMPLE=sample, FILTER=flt, R=r, NT=nt, TR=tr,
+                         G=g, C=c, STATS=stats is not None and flt,
+                         num_warps=warps, enable_fp_fusion=False)  # no FMA: round like the reference
     return out
 
 

@@ -4,11 +4,10 @@ On CPU the Triton kernels run under Triton's interpreter in a subprocess (TRITON
 triton is imported) on float32 logits (the interpreter computes bf16 arithmetic wrongly); on CUDA they run for real
 through `sample`, with bf16 logits too, inside a CUDA graph and under torch.compile(fullgraph=True).
 
-The default search ("select": group-maximum bound, compaction, all-pairs rank) has four ways through it; the
-interpreter run records which ones the cases took (the kernel's STATS output) and asserts all four ran: the
-candidates fit at once; they fit after bisection steps (small capacity); more than the capacity tie at the k-th
-value after bisection steps; they tie at the row maximum with no step possible. The old bisection kernel
-("bisect") runs on part of the cases too.
+The kernel's search (group-maximum bound, compaction, all-pairs rank) has four ways through it; the interpreter
+run records which ones the cases took (the kernel's STATS output) and asserts all four ran: the candidates fit at
+once; they fit after bisection steps (small capacity); more than the capacity tie at the k-th value after
+bisection steps; they tie at the row maximum with no step possible.
 
 Inputs are built so that no two candidates are within float rounding of each other: "distinct" rows are
 float32 normals, "tied" rows are multiples of 1/8 (exact through CFG 1.5, many exact ties at the k-th value).
@@ -225,12 +224,10 @@ def test_kernel_on_cuda_matches_reference():
 
 
 @needs_cuda
-@pytest.mark.parametrize("search,warps", [("select", 4), ("select", 8), ("select", 16), ("select", 32),
-                                          ("bisect", 16), ("bisect_safediv", 16)])
-def test_searches_and_warps_on_cuda(search, warps):
-    """Every search at the warp counts the bench compares, on the cases of V 300 and 8197 (and the extras)."""
-    rows, bad, ties = compare("cuda", lambda *a: ts._launch(*a, num_warps=warps, search=search),
-                              vs=(300, 8197, 1000, 256))
+@pytest.mark.parametrize("warps", [4, 8, 16, 32])
+def test_warps_on_cuda(warps):
+    """The select kernel at the warp counts the bench compares, on the cases of V 300 and 8197 (and the extras)."""
+    rows, bad, ties = compare("cuda", lambda *a: ts._launch(*a, num_warps=warps), vs=(300, 8197, 1000, 256))
     assert rows > 100 and bad == [] and len(ties) <= 2, (bad, ties)
 
 
@@ -292,8 +289,7 @@ if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_i
     for name, fn, only_v, only_k in (
             ("select", launch_with_paths(paths), None, None),
             # capacity 8: bisection steps before the candidates fit (topk 5), or more than 8 kept (topk 50)
-            ("select, capacity 8", launch_with_paths(paths, capacity=8), (300, 1000), (5, 50)),
-            ("bisect", lambda *a: ts._launch(*a, search="bisect"), (300, 9, 5), None)):
+            ("select, capacity 8", launch_with_paths(paths, capacity=8), (300, 1000), (5, 50))):
         rows, bad, ties = compare("cpu", fn, vs=only_v, ks=only_k)
         runs[name] = {"rows": rows, "bad": bad, "ties": ties}
     print(json.dumps({"runs": runs, "paths": paths, "seconds": round(time.time() - t0, 1)}))
