@@ -34,7 +34,6 @@ from kernels.topk_sample import sample as sample_kernel
 from .model import HeartMuLa, Transformer
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
-DECODE_ROWS = 16  # up to this many new rows per song, attention runs as kernels.decode_attention
 
 
 # ---------------------------------------------------------------- fused inference weights
