@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,19 @@ def fixtures() -> Path:
             pytest.fail(f"HMTINY_FIXTURES={root} does not exist")
         pytest.skip(f"parity fixtures not found at {root} (set HMTINY_FIXTURES)")
     return root
+
+
+@pytest.fixture
+def run_interpreted():
+    """run(script, **env): run a test module as a script under Triton's CPU interpreter (TRITON_INTERPRET=1 must be
+    set before triton is imported, hence the subprocess) and return the JSON its last output line prints."""
+    def run(script, **env):
+        full_env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), **env)
+        proc = subprocess.run([sys.executable, str(script)], env=full_env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,6 @@ float64 definition. On CUDA the real kernel runs in bf16 at the backbone and dep
 CUDA graphs whose slot tensors advance between replays, and under torch.compile.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -102,11 +100,8 @@ def interpreter_repeat():
 
 
 @pytest.mark.skipif(da.triton is None, reason="triton not installed")
-def test_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_kernels_under_triton_interpreter(run_interpreted):
+    res = run_interpreted(__file__)
     assert len(res["float32"]) == len(CASES) and max(res["float32"]) < 1e-5, res
     assert len(res["float32_flip"]) == len(CASES) and max(res["float32_flip"]) < 1e-5, res  # the other axis order
     assert max(res["float16"]) < 2e-3, res  # fp16 rounding of q, k and the output

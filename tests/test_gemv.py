@@ -4,8 +4,6 @@ On CPU the kernel runs under Triton's interpreter in a subprocess (TRITON_INTERP
 is imported); on CUDA it also runs for real through the dispatching `linear`.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,11 +51,8 @@ def kernel_errors(device, dtype=torch.bfloat16):
 
 
 @pytest.mark.skipif(gemv.triton is None, reason="triton not installed")
-def test_kernel_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_kernel_under_triton_interpreter(run_interpreted):
+    errs = run_interpreted(__file__)
     assert len(errs) >= len(SHAPES) and max(errs) < 2e-3, errs  # one fp16 rounding of the output
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -89,11 +88,8 @@ def check_kernel_rows(rows):
 
 
 # ----------------------------------------------------------------------------- kernels
-def test_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", HMTINY_INT8_TRITON="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_kernels_under_triton_interpreter(run_interpreted):
+    result = run_interpreted(__file__, HMTINY_INT8_TRITON="1")
     assert result["interpret"] is True
     check_kernel_rows(result["kernels"])
     assert len(result["kernels"]) == len(SMALL_SHAPES) * len(SMALL_CONFIGS) * 2

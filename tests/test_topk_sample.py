@@ -16,8 +16,6 @@ changes the id (with plain Exp(1) noise the entries at the boundary almost never
 """
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -171,11 +169,8 @@ def compare(device, fn, dtype=torch.float32, vs=None, ks=None):
 
 
 @pytest.mark.skipif(ts.triton is None, reason="triton not installed")
-def test_kernel_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_kernel_under_triton_interpreter(run_interpreted):
+    res = run_interpreted(__file__)
     for name, run in res["runs"].items():  # inputs have no near ties: every id equal
         assert run["rows"] > 50 and run["bad"] == [] and run["ties"] == [], (name, run)
     assert res["runs"]["select"]["rows"] > 300
