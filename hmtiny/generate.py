@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import gemv
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
 from .model import HeartMuLa, Transformer
 
@@ -136,38 +136,22 @@ class FastLayer(nn.Module):
         super().__init__()
         a, m = block.attn, block.mlp
         self.block = block  # norms and KV cache live in the model
-        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv, a.head_dim
+        self.n_heads, self.n_kv = a.n_heads, a.n_kv
         self.qkv = Fused([a.q_proj, a.k_proj, a.v_proj], fuse)
         self.wo = Fused([a.output_proj], fuse)
         self.w13 = Fused([m.w1, m.w3], fuse)
         self.w2 = Fused([m.w2], fuse)
         self.hidden = m.w1.out_features
 
-    def forward(self, x, slots, pos, start, rope):
-        """x [B,S,D] at positions pos [B,S], written to cache slots [S] (consecutive). Row i of song b attends to
-        cache slots start[b]..slots[i]. rope: the stack's (cos, sin) table; (cos [B,S,1,hd/2], sin, mask) for the
-        multi-row prompt path (see FastStack.forward)."""
-        b, s, _ = x.shape
-        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+    def forward(self, x, slots, pos, start, rope, prompt: bool):
+        """x [B,S,D] at positions pos [B,S] (rope: the stack's (cos, sin) table), written to cache slots [S]
+        (consecutive). Row i of song b attends to cache slots start[b]..slots[i]. A frame step's few rows: one
+        kernel does RoPE, the cache write and the attention; a whole prompt: the same operations in plain torch
+        (kernels.decode_attention's reference, where the prompt's left-pad rows see only themselves)."""
         qkv = self.qkv(self.block.sa_norm(x))
         cache = self.block.attn.kv_cache
-        if isinstance(rope, torch.Tensor):  # few rows: one kernel does RoPE, the cache write and the attention
-            y = decode_attention(qkv, cache.k, cache.v, rope, pos, slots, start, H, KV)
-        else:
-            cos, sin, mask = rope
-            # rotate q and k together: they are adjacent in the fused output
-            qk = qkv[..., : (H + KV) * hd].float().unflatten(-1, (H + KV, hd // 2, 2))
-            x0, x1 = qk[..., 0], qk[..., 1]
-            qk = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-3).to(x.dtype)
-            q, k = qk.split([H * hd, KV * hd], -1)
-            v = qkv[..., (H + KV) * hd:]
-            cache.k.index_copy_(2, slots, k.view(b, s, KV, hd).transpose(1, 2))
-            cache.v.index_copy_(2, slots, v.reshape(b, s, KV, hd).transpose(1, 2))
-            # GQA without repeating k/v: the G query heads of one kv head become G*S query rows of that head
-            G = H // KV
-            q = q.view(b, s, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(b, KV, G * s, hd)
-            y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
-            y = y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
+        attend = decode_attention_ref if prompt else decode_attention
+        y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
         h = x + self.wo(y)
         g, u = self.w13(self.block.mlp_norm(h)).split([self.hidden, self.hidden], -1)
         return h + self.w2(F.silu(g) * u)
@@ -181,22 +165,9 @@ class FastStack(nn.Module):
 
     def forward(self, x, pos, slots, start, prompt: bool = False):
         """x [B,S,D] at positions pos [B,S], written to consecutive cache slots [S]; row i of song b sees cache
-        slots start[b]..slots[i] -> normed output. A frame step's few rows go through kernels.decode_attention;
-        a whole prompt (prompt=True) through SDPA with an explicit mask, where left-pad rows (before start) see
-        only themselves so that no softmax row is empty."""
-        if not prompt:
-            rope = self.stack.rope
-        else:
-            t = self.stack.rope[pos]  # [B,S,hd/2,2]
-            cos, sin = t[..., 0].unsqueeze(2), t[..., 1].unsqueeze(2)
-            cols = torch.arange(self.stack.layers[0].attn.kv_cache.k.shape[2], device=x.device)
-            mask = ((cols >= start[:, None, None]) | (cols == slots[None, :, None])) & (cols <= slots[None, :, None])
-            # one mask row per query row of the GQA layout (G query heads per kv head), built once for all layers
-            G, s, L = self.stack.cfg.num_heads // self.stack.cfg.num_kv_heads, x.shape[1], mask.shape[-1]
-            mask = mask[:, None, None].expand(mask.shape[0], 1, G, s, L).reshape(mask.shape[0], 1, G * s, L)
-            rope = (cos, sin, mask)
+        slots start[b]..slots[i] -> normed output (see FastLayer.forward)."""
         for layer in self.layers:
-            x = layer(x, slots, pos, start, rope)
+            x = layer(x, slots, pos, start, self.stack.rope, prompt)
         return self.stack.norm(x)
 
 

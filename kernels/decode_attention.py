@@ -267,7 +267,9 @@ def _pow2(n: int) -> int:
 def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int):
     """Plain torch, the same operations as FastLayer.forward: interleaved RoPE of q and k in fp32 (rounded to the
     activation dtype), index_copy_ of k/v into the caches at `slots`, masked SDPA over the whole cache with the GQA
-    layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i]."""
+    layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i], and always to its own
+    slot: a prompt's left-pad rows (slots[i] < start[b]) see only themselves, so no softmax row is empty (the
+    engine's prefill runs through here; the kernel serves decode rows, which all lie at or after start)."""
     b, s, _ = qkv.shape
     H, KV = n_heads, n_kv
     hd, G, L = qkv.shape[-1] // (H + 2 * KV), H // KV, k_cache.shape[2]
@@ -282,7 +284,7 @@ def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads
     v_cache.index_copy_(2, slots, v.reshape(b, s, KV, hd).transpose(1, 2).to(v_cache.dtype))
     q = q.reshape(b, s, KV, G, hd).permute(0, 2, 3, 1, 4).reshape(b, KV, G * s, hd)
     cols = torch.arange(L, device=qkv.device)
-    mask = (cols >= start[:, None, None]) & (cols <= slots[None, :, None])  # [B, S, L]
+    mask = ((cols >= start[:, None, None]) | (cols == slots[None, :, None])) & (cols <= slots[None, :, None])
     mask = mask[:, None, None].expand(b, 1, G, s, L).reshape(b, 1, G * s, L)
     y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
     return y.view(b, KV, G, s, hd).permute(0, 3, 1, 2, 4).reshape(b, s, H * hd)
