@@ -7,9 +7,11 @@ shape's tile sizes are picked once by timing a few candidates on the device.
 
 Weights may also be int8 with one float32 scale per output row (hmtiny.quant's per-channel Int8Linear): the tile
 is converted to the activation dtype in registers (exact) and the scale applied to the fp32 sums, so a decode step
-reads half the bytes. Used only on CUDA for bf16/fp16 activations, at most 16 rows, shapes the tiles divide (N by the row block, K by the
-K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows are
-masked, so any row count up to 16 runs. It is a torch custom op, so torch.compile treats it as one opaque call and
+reads half the bytes.
+
+Used only on CUDA for bf16/fp16 activations, at most 16 rows, shapes the tiles divide (N by the row block, K by
+the K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows
+are masked, so any row count up to 16 runs. It is a torch custom op, so torch.compile treats it as one opaque call and
 CUDA graphs capture it. `tests/test_gemv.py` checks it against `gemv_ref` (under TRITON_INTERPRET=1 on CPU).
 """
 from __future__ import annotations
