@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import gemv
+from kernels.add_rmsnorm import add_rmsnorm
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
 from .model import HeartMuLa, Transformer
@@ -48,7 +49,8 @@ class Fused(nn.Module):
         self._sources = parts  # a plain list: not registered, only read by refresh() and share()
         self.int8, self.parts, self.direct = None, None, None
         self.shared = False  # share(): the sources' weights are views of the fused copy
-        self.tile = None  # plan(): the GEMV tile for compiled decode steps (K slices summed in the consumer)
+        self.tile = None  # plan(): the GEMV tile for captured decode steps (K slices summed by the consumer)
+        self.tile_gated = False
         self.register_buffer("weight", None, persistent=False)
         if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
@@ -100,14 +102,14 @@ class Fused(nn.Module):
             return q.weight, q.scale
         return None
 
-    def plan(self, rows: int, split: bool, dtype: torch.dtype):
-        """Pick the decode GEMV tile for `rows` input rows now (it is timed on the device), so that the compiled
-        step can use kernels.gemv.linear_split: split=True lets K be cut into slices that the next fused kernel
-        adds up. Plain bf16/fp16 weights and per-channel int8 ones; anything else keeps its own path."""
+    def plan(self, rows: int, split: bool, dtype: torch.dtype, gated: bool = False):
+        """Pick the decode GEMV tile for `rows` input rows now (it is timed on the device), for the captured step's
+        kernels.gemv calls: split=True lets K be cut into slices that the consumer adds up (`partials`). gated:
+        see `partials`. Plain bf16/fp16 weights and per-channel int8 ones; anything else keeps its own path."""
         ws = self.gemv_weight()
         if ws is not None:
-            x = torch.zeros(rows, ws[0].shape[1], device=ws[0].device, dtype=dtype)
-            self.tile = gemv.plan(x, ws[0], split=split, scale=ws[1])
+            x = torch.zeros(rows, ws[0].shape[1] * (2 if gated else 1), device=ws[0].device, dtype=dtype)
+            self.tile, self.tile_gated = gemv.plan(x, ws[0], split=split, scale=ws[1], gated=gated), gated
 
     def forward(self, x):
         if self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
@@ -121,6 +123,18 @@ class Fused(nn.Module):
             return self.int8(x)
         outs = [p(x) for p in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+    def partials(self, x, gated: bool = False):
+        """The output as K slices [sk, ..., N] for kernels.add_rmsnorm to add up (one slice unless a split tile was
+        planned). gated: x is [..., 2H] = [gate | up] and the layer's input is silu(gate) * up (SwiGLU), which
+        the GEMV computes as it loads x."""
+        if self.tile is not None and self.tile_gated == gated and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+            w, scale = self.gemv_weight()
+            return gemv.partials(x, w, self.tile, scale, gated)
+        if gated:
+            g, u = x.chunk(2, -1)
+            x = F.silu(g) * u
+        return self(x)[None]
 
 
 def _all_int8(parts) -> bool:
@@ -141,20 +155,22 @@ class FastLayer(nn.Module):
         self.wo = Fused([a.output_proj], fuse)
         self.w13 = Fused([m.w1, m.w3], fuse)
         self.w2 = Fused([m.w2], fuse)
-        self.hidden = m.w1.out_features
 
-    def forward(self, x, slots, pos, start, rope, prompt: bool):
-        """x [B,S,D] at positions pos [B,S] (rope: the stack's (cos, sin) table), written to cache slots [S]
-        (consecutive). Row i of song b attends to cache slots start[b]..slots[i]. A frame step's few rows: one
-        kernel does RoPE, the cache write and the attention; a whole prompt: the same operations in plain torch
-        (kernels.decode_attention's reference, where the prompt's left-pad rows see only themselves)."""
-        qkv = self.qkv(self.block.sa_norm(x))
-        cache = self.block.attn.kv_cache
+    def forward(self, x, pending, slots, pos, start, rope, prompt: bool):
+        """x [B,S,D] (the residual stream, still without `pending`: the previous layer's last matmul output as K
+        slices [sk,B,S,D], or None) at positions pos [B,S] (rope: the stack's (cos, sin) table), written to cache
+        slots [S] (consecutive). Row i of song b attends to cache slots start[b]..slots[i]. Returns the new
+        (x, pending). A frame step's few rows: one kernel adds the slices + residual and normalises, one does RoPE
+        + the cache write + attention, the GEMVs leave K slices (w2 computes SwiGLU's silu(g) * u on load); a whole
+        prompt: the same operations in plain torch (decode_attention's reference: left-pad rows see themselves)."""
+        b = self.block
+        x, n = add_rmsnorm(x, pending, b.sa_norm.scale, b.sa_norm.eps)
+        qkv = self.qkv(n)
+        cache = b.attn.kv_cache
         attend = decode_attention_ref if prompt else decode_attention
         y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
-        h = x + self.wo(y)
-        g, u = self.w13(self.block.mlp_norm(h)).split([self.hidden, self.hidden], -1)
-        return h + self.w2(F.silu(g) * u)
+        x, n = add_rmsnorm(x, self.wo.partials(y), b.mlp_norm.scale, b.mlp_norm.eps)
+        return x, self.w2.partials(self.w13(n), gated=True)
 
 
 class FastStack(nn.Module):
@@ -166,9 +182,10 @@ class FastStack(nn.Module):
     def forward(self, x, pos, slots, start, prompt: bool = False):
         """x [B,S,D] at positions pos [B,S], written to consecutive cache slots [S]; row i of song b sees cache
         slots start[b]..slots[i] -> normed output (see FastLayer.forward)."""
+        pending = None
         for layer in self.layers:
-            x = layer(x, slots, pos, start, self.stack.rope, prompt)
-        return self.stack.norm(x)
+            x, pending = layer(x, pending, slots, pos, start, self.stack.rope, prompt)
+        return add_rmsnorm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]
 
 
 # ---------------------------------------------------------------- the engine
@@ -216,6 +233,7 @@ class Engine:
         self._graph_key = None
         self._graph = None
         self._compiled = None
+        self._planned = False
 
     def _sources(self):
         """The module objects the engine was built from (to notice LoRA wrapping, quantisation, merging)."""
@@ -400,15 +418,19 @@ class Engine:
         return [out[b, : lengths[b]].clone() for b in range(Bs)]
 
     def _plan_tiles(self):
-        """Time each decode matmul's tile once (before torch.compile bakes it in). Outputs that go to a fused
-        torch op (residual add + norm, SiLU) may be split along K; q/k/v feeds attention and stays whole."""
+        """Time each decode matmul's tile once, before capture (and before torch.compile bakes it in). Outputs that
+        go to kernels.add_rmsnorm (o_proj, w2) may be split along K, w2 taking [gate | up]; q/k/v and gate/up stay
+        whole for their consumers (attention, w2's SwiGLU)."""
         rows = self.state["prev"].shape[0] * (2 if self.cfg_on else 1)
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
                 layer.qkv.plan(rows, split=False, dtype=self.dtype)
-                for f in (layer.wo, layer.w13, layer.w2):
-                    f.plan(rows, split=True, dtype=self.dtype)
-        self.projection.plan(rows, split=True, dtype=self.dtype)
+                layer.wo.plan(rows, split=True, dtype=self.dtype)
+                layer.w13.plan(rows, split=False, dtype=self.dtype)
+                layer.w2.plan(rows, split=True, dtype=self.dtype, gated=True)
+        # its K-slice sum is a separate torch op in graph mode, fused by inductor in compile mode
+        self.projection.plan(rows, split=self.mode == "compile", dtype=self.dtype)
+        self._planned = True
 
     def _capture(self):
         """Warm up (compiles, cuBLAS handles), then record one frame step; the state is restored around both."""
@@ -424,8 +446,9 @@ class Engine:
                 self.generator.set_state(gen_state)
             torch.cuda.set_rng_state(cuda_state, self.device)
 
-        if self.mode == "compile" and self._compiled is None:
+        if not self._planned:
             self._plan_tiles()
+        if self.mode == "compile" and self._compiled is None:
             self._compiled = torch.compile(self._step_core, fullgraph=True, dynamic=False)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -132,7 +134,8 @@ if triton is not None:
                        S: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, HD: tl.constexpr,
                        HD_P: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
                        NCH_P: tl.constexpr, COMB_C: tl.constexpr, KR: tl.constexpr, DW: tl.constexpr,
-                       NK: tl.constexpr, DL: tl.constexpr, FLIP: tl.constexpr, EXACT: tl.constexpr):
+                       NK: tl.constexpr, DL: tl.constexpr, FLIP: tl.constexpr, EXACT: tl.constexpr,
+                       PDL: tl.constexpr):
         pid = tl.program_id(0)
         # Tiles and their layouts. The key tile of a program is 5-d: query rows (size 1 in the loads), key
         # repeats KR, head-dim warps DW, key lanes NK, head dim DL (key n = kr*NK + nk, dim = dw*DL + dl). Loaded
@@ -167,6 +170,9 @@ if triton is not None:
         dm5 = d5 < HD
         t5 = n5 - (CHUNK - S)  # new key t at tile position n of chunk 0
         new5 = (t5 >= 0) & ((n5 * 0 + c) == 0)  # (scalar conditions enter masks as vectors: interpreter)
+        if PDL:  # everything read below comes from earlier kernels (kernels/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # round trip 1: everything that depends on nothing
         slot0 = tl.load(slots_ptr)
         start = tl.load(start_ptr + b)
@@ -373,7 +379,7 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
         S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
         COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip, EXACT=not _interpreting(),
-        num_warps=num_warps, enable_fp_fusion=True)
+        num_warps=num_warps, enable_fp_fusion=True, **pdl.launch_kwargs(qkv))
     return y
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import pdl
 from .timing import graph_time
 
 try:
@@ -41,22 +42,41 @@ _best: dict[tuple, tuple] = {}
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, K_PER_SPLIT, stride_xm, stride_wn, stride_ys, stride_ym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
+    def _load_x(x_ptr, rm, rk, stride_xm, row_ok, half, GATED: tl.constexpr):
+        """The input tile; GATED: x holds [gate | up] (each `half` wide) and the tile is silu(gate) * up, rounded
+        like torch's bf16 `F.silu(g) * u` (the SwiGLU product never goes through memory)."""
+        ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        if GATED:
+            g = tl.load(ptrs, mask=row_ok, other=0.0).to(tl.float32)
+            u = tl.load(ptrs + half, mask=row_ok, other=0.0)
+            s = (g * tl.sigmoid(g)).to(u.dtype).to(tl.float32)
+            return (s * u.to(tl.float32)).to(u.dtype)
+        return tl.load(ptrs, mask=row_ok, other=0.0)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, K_PER_SPLIT, half, stride_xm, stride_wn, stride_ys, stride_ym,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
+                     GATED: tl.constexpr, PDL: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * K_PER_SPLIT + tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
         w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
         row_ok = rm[:, None] < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K_PER_SPLIT, BLOCK_K):
-            x = tl.load(x_ptrs, mask=row_ok, other=0.0)
-            w = tl.load(w_ptrs).to(x_ptr.dtype.element_ty)  # a no-op for bf16 weights; exact for int8
-            acc += tl.dot(x, tl.trans(w))  # tensor cores on a 16-row tile: the spare rows cost nothing here
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        # The first weight tile does not depend on earlier kernels: with PDL it is fetched while they finish
+        # (kernels/pdl.py). x and everything written come after the wait.
+        w = tl.load(w_ptrs)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = _load_x(x_ptr, rm, rk, stride_xm, row_ok, half, GATED)
+        # tensor cores on a 16-row tile: the spare rows cost nothing here; .to() is a no-op for bf16 weights and
+        # exact for int8
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)))
+        for k in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
+            x = _load_x(x_ptr, rm, rk + k, stride_xm, row_ok, half, GATED)
+            w = tl.load(w_ptrs + k)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         if SCALED:  # per-output-row scale of an int8 weight; linear, so each K slice may apply it
             acc *= tl.load(s_ptr + rn)[None, :]
         y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
@@ -74,15 +94,17 @@ def _stages(bn: int, bk: int) -> int:
     return max(1, min(4, 200_000 // per_stage))
 
 
-def _launch_partials(x2, w, cfg, scale=None):
-    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype)."""
+def _launch_partials(x2, w, cfg, scale=None, gated=False):
+    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype).
+    gated: x2 is [M, 2K] = [gate | up] and the product is taken with silu(gate) * up."""
     bn, bk, sk, nw = cfg
-    M, K = x2.shape
-    N = w.shape[0]
+    M = x2.shape[0]
+    N, K = w.shape
     y = torch.empty(sk, M, N, device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
-    _gemv_kernel[(N // bn, sk)](x2, w, w if scale is None else scale, y, M, K // sk, x2.stride(0), w.stride(0),
+    _gemv_kernel[(N // bn, sk)](x2, w, w if scale is None else scale, y, M, K // sk, K, x2.stride(0), w.stride(0),
                                 y.stride(0), y.stride(1), BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk,
-                                SCALED=scale is not None, num_warps=nw, num_stages=_stages(bn, bk))
+                                SCALED=scale is not None, GATED=gated, num_warps=nw, num_stages=_stages(bn, bk),
+                                **pdl.launch_kwargs(x2))
     return y
 
 
@@ -96,6 +118,16 @@ def _fits(cfg, N, K) -> bool:
     return N % bn == 0 and K % (bk * sk) == 0
 
 
+def _candidates(K: int, partial: bool) -> list[tuple]:
+    """Tiles worth timing. With K slices summed by the consumer, also 'one-shot' tiles whose K step is the whole
+    slice (a power of two): each program then issues all its weight loads at once, before waiting for x."""
+    if not partial:
+        return CANDIDATES
+    one_shot = [(bn, K // sk, sk, nw) for sk in (3, 4, 6, 8, 12, 16) if K % sk == 0 and K // sk in (256, 512, 1024)
+                for bn in (16, 32) for nw in (4, 8)]
+    return CANDIDATES + PARTIAL_CANDIDATES + one_shot
+
+
 def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     """Seconds per call of fn(w_i), measured by replaying a CUDA graph of `reps` calls over enough copies of w to
     miss the L2 cache, as in a real frame (a host-timed loop of small kernels measures launch latency instead)."""
@@ -103,33 +135,36 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     return graph_time(lambda i: fn(copies[i % len(copies)]), reps, warmup=1)
 
 
-def _pick(x2, w, partial: bool = False, scale=None):
-    """Time the candidate tiles once per (N, K, dtype) and keep the fastest (outside any graph capture).
+def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
+    """Time the candidate tiles once per (N, K, dtype, kind) and keep the fastest (outside any graph capture).
     partial: the caller sums the K slices itself (fused into its next kernel), so a split's sum is not timed."""
-    key = (w.shape[0], w.shape[1], w.dtype) + (("partial",) if partial else ())
+    key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, gated, pdl.enabled(x2))
     if key not in _best:
-        fits = [c for c in CANDIDATES + (PARTIAL_CANDIDATES if partial else []) if _fits(c, w.shape[0], w.shape[1])]
+        fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1])]
         if torch.cuda.is_current_stream_capturing():  # cannot time now: a safe default (the engine warms up first)
             return DEFAULT if DEFAULT in fits else None
-        launch = _launch_partials if partial else _launch
+        if partial:
+            launch = lambda wi, c: _launch_partials(x2, wi, c, scale, gated)
+        else:
+            launch = lambda wi, c: _launch(x2, wi, c, scale)
         times = []
         for c in fits:
             try:
-                times.append((time_in_graph(lambda wi, c=c: launch(x2, wi, c, scale), w), c))
+                times.append((time_in_graph(lambda wi, c=c: launch(wi, c), w), c))
             except Exception:  # a tile this card cannot run (shared memory, registers): skip it
                 continue
         _best[key] = min(times)[1] if times else None
     return _best[key]
 
 
-def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, gated: bool = False) -> bool:
     if scale is None:
         dtype_ok = w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
     else:  # int8 weight, float32 scale per output row
         dtype_ok = (w.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16) and scale.is_cuda
                     and scale.dtype == torch.float32 and scale.shape == (w.shape[0],) and scale.is_contiguous())
     return (triton is not None and x.is_cuda and w.is_cuda and dtype_ok
-            and w.dim() == 2 and w.stride(1) == 1 and x.shape[-1] == w.shape[1]
+            and w.dim() == 2 and w.stride(1) == 1 and x.shape[-1] == w.shape[1] * (2 if gated else 1)
             and x.numel() // x.shape[-1] <= MAX_ROWS
             and any(_fits(c, w.shape[0], w.shape[1]) for c in CANDIDATES))
 
@@ -153,40 +188,48 @@ else:  # pragma: no cover - old torch
     gemv_op = _gemv_impl
 
 
-def _partials_impl(x, w, scale, bn, bk, sk, nw):
-    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
+def _partials_impl(x, w, scale, bn, bk, sk, nw, gated):
+    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, gated)
 
 
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
     def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-                    nw: int) -> torch.Tensor:
-        return _partials_impl(x, w, scale, bn, bk, sk, nw)
+                    nw: int, gated: bool) -> torch.Tensor:
+        return _partials_impl(x, w, scale, bn, bk, sk, nw, gated)
 
     @partials_op.register_fake
-    def _(x, w, scale, bn, bk, sk, nw):
+    def _(x, w, scale, bn, bk, sk, nw, gated):
         m = x.numel() // x.shape[-1]
         return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
 else:  # pragma: no cover - old torch
     partials_op = _partials_impl
 
 
-def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tensor | None = None) -> tuple | None:
-    """The tile for `linear_split` (timed now, once per shape; call it before capture/compile): None when the
-    kernel does not apply. split=False keeps K whole (for outputs whose consumer is not a fused torch op).
-    scale: the float32 per-row scales of an int8 weight."""
-    if not usable(x, w, scale):
+def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tensor | None = None,
+         gated: bool = False) -> tuple | None:
+    """The tile for `partials` / `linear_split` (timed now, once per shape; call it before capture/compile): None
+    when the kernel does not apply. split=False keeps K whole (for outputs whose consumer is not a fused op).
+    scale: the float32 per-row scales of an int8 weight. gated: x is [..., 2K] = [gate | up] (see `partials`)."""
+    if not usable(x, w, scale, gated):
         return None
-    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split, scale=scale)
+    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split, scale=scale, gated=gated)
 
 
-def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple | None, scale: torch.Tensor | None = None):
-    """F.linear(x, w) (w * scale[:, None] for int8 w) with the K-slice sum done here in torch ops, so that under
-    torch.compile it fuses into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its
-    own. cfg from `plan` (not None)."""
-    y = partials_op(x, w, scale, *cfg)
-    y = y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
-    return y.view(*x.shape[:-1], w.shape[0])
+def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None, gated: bool = False):
+    """The K slices of F.linear(x, w) (w * scale[:, None] for int8 w) as [sk, ..., N] (float32 when sk > 1), for a
+    consumer that adds them up itself (kernels.add_rmsnorm). gated: x [..., 2K] holds [gate | up] and the input
+    is silu(gate) * up, computed on load. cfg from `plan` (not None)."""
+    y = partials_op(x, w, scale, *cfg, gated)
+    return y.view(cfg[2], *x.shape[:-1], w.shape[0])
+
+
+def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None,
+                 gated: bool = False):
+    """F.linear(x, w) via `partials`, the K-slice sum done here in torch ops, so that under torch.compile it fuses
+    into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own."""
+    y = partials(x, w, cfg, scale, gated)
+    return y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

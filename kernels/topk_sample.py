@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -176,7 +178,7 @@ if triton is not None:
                        zero, cfg, inv_t, k,
                        CFG: tl.constexpr, HAS_BIAS: tl.constexpr, SAMPLE: tl.constexpr, FILTER: tl.constexpr,
                        R: tl.constexpr, NT: tl.constexpr, TR: tl.constexpr, G: tl.constexpr, C: tl.constexpr,
-                       STATS: tl.constexpr):
+                       STATS: tl.constexpr, PDL: tl.constexpr):
         """One program per output row, NT = 32 * num_warps columns (one per thread). Main tile [R, NT]: the first
         R*NT entries (the largest power of two <= V; entry i*NT + t is register i of thread t), no mask, no
         padding; tail tile [TR, NT]: the rest, masked (TR 0: none). 8256 entries take 8192 + 256 lanes at 8 warps,
@@ -201,6 +203,9 @@ if triton is not None:
         STATS: per row [n after step 3, bisection steps, final n, 1 = step 5a / 2 = step 5b] to stats_ptr.
         """
         row = tl.program_id(0)
+        if PDL:  # everything read here comes from earlier kernels (kernels/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         MAIN: tl.constexpr = R * NT
         HAS_TAIL: tl.constexpr = TR > 0
         cols = tl.arange(0, NT)[None, :]
@@ -361,7 +366,8 @@ def _launch(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float
     _select_kernel[(B,)](*args, scratch, scratch if stats is None else stats, *scalars[:4], 0, *scalars[4:],
                          CFG=cfg, HAS_BIAS=bias is not None, SAMPLE=sample, FILTER=flt, R=r, NT=nt, TR=tr,
                          G=g, C=c, STATS=stats is not None and flt,
-                         num_warps=warps, enable_fp_fusion=False)  # no FMA: round like the reference
+                         num_warps=warps, enable_fp_fusion=False,  # no FMA: round like the reference
+                         **pdl.launch_kwargs(logits))
     return out
 
 

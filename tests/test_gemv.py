@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,6 +48,11 @@ def kernel_errors(device, dtype=torch.bfloat16):
             out = gemv._launch(x, q, cfg, scale)
             ref = gemv.gemv_ref(x.float(), q.float() * scale.float()[:, None])
             errs.append(rel_err(out, ref))
+            # gated input [gate | up]: the kernel takes silu(gate) * up on load (SwiGLU's w2 input)
+            gu = torch.randn(m, 2 * k, generator=gen).to(device, dtype)
+            parts = gemv._launch_partials(gu, w, cfg, gated=True)
+            g, u = gu.float().chunk(2, -1)
+            errs.append(rel_err(parts.float().sum(0), gemv.gemv_ref(F.silu(g) * u, w.float())))
     return errs
 
 
@@ -82,6 +88,14 @@ def test_kernel_on_cuda():
     cfg = gemv.plan(x, q, split=True, scale=scale)
     ref = gemv.gemv_ref(x.float(), q.float() * scale[:, None])
     assert rel_err(gemv.linear_split(x, q, cfg, scale), ref) < 1e-2
+    # SwiGLU input: [gate | up] of width 2K, silu(gate) * up taken inside the kernel; partials for add_rmsnorm
+    gu = torch.randn(2, 2 * 3072, device="cuda", dtype=torch.bfloat16)
+    assert gemv.usable(gu, w, gated=True) and not gemv.usable(gu, w)
+    cfg = gemv.plan(gu, w, split=True, gated=True)
+    g, u = gu.chunk(2, -1)
+    parts = gemv.partials(gu, w, cfg, gated=True)
+    assert parts.shape == (cfg[2], 2, 1024)
+    assert rel_err(parts.float().sum(0), gemv.gemv_ref((F.silu(g) * u).float(), w.float())) < 1e-2
 
 
 if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_interpreter
