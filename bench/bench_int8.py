@@ -2,6 +2,8 @@
 
     python3 bench/bench_int8.py matmul [--out DIR]   per-matmul times at HeartMuLa-3B shapes (+ correctness)
     python3 bench/bench_int8.py model  [--out DIR]   3B LoRA train step, bf16 base vs int8 base (random weights)
+    python3 bench/bench_int8.py model --pairs N      bf16 then int8, N times in turn, in this one process
+    python3 bench/bench_int8.py model --fresh N      bf16 then int8, N times in turn, each in a fresh process
     python3 bench/bench_int8.py ceilings             copy bandwidth and dense bf16 TFLOP/s of this card
 
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed before every call) over several input sets
@@ -14,7 +16,9 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,10 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.quant import quantize_weight  # noqa: E402
+from kernels import gemv  # noqa: E402
 from kernels import int8_matmul as K  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072), (3072, 1536)]  # K -> N
 MS = [1, 2, 16, 575, 2048, 3000, 8192]  # + 575 / 3000: backbone / decoder rows of one 30 s clip
+DECODE_REGIMES = ["gemv", "decode", "decode_split", "tiles"]
 ROTATE = 4
 
 
@@ -99,11 +105,16 @@ def matmul_table(ms=MS, shapes=SHAPES):
             row["deq_mm_eager_us"] = bench(lambda i: xs[i] @ (sets[i][0].to(torch.bfloat16) * sets[i][2][:, None]).T, n_sets)
             regimes = ["decode", "decode_split"] if m <= K.DECODE_MAX_M else ["train", "dequant"]
             regimes += ["gemv"] if m <= K.GEMV_MAX_M else []
+            # kernels/gemv.py's GEMV (int8 + row scales), where its tiles divide the shape
+            regimes += ["tiles"] if m <= gemv.MAX_ROWS and gemv.usable(xs[0], wq, s) else []
             for regime in regimes:
                 row[f"err_{regime}"] = rel_err(mm(regime)(0), ref)
                 row[f"{regime}_us"] = gpu_us(mm(regime), n_sets)
             row["int8_eager_us"] = bench(mm(None), n_sets)  # the default dispatch, launched from Python
             if m <= K.DECODE_MAX_M:
+                row["choice"] = K._decode_regime(xs[0], wq, s)  # what the default dispatch timed fastest
+                if "tiles" in regimes:
+                    row["tiles_cfg"] = list(gemv.plan(xs[0], wq, split=False, scale=s))
                 row["host_us_bf16"] = host_us(lambda i: xs[i] @ sets[i][3].T, n_sets)
                 row["host_us_int8"] = host_us(mm(None), n_sets)
                 K.FAST_LAUNCH = False
@@ -131,16 +142,16 @@ def print_table(rows):
           "from Python (do_bench, the default dispatch for int8)")
     dec = [r for r in rows if r["M"] <= K.DECODE_MAX_M]
     if dec:
-        print("| K->N | M | bf16 | int8 gemv | int8 tensor-core | int8 split-K | best vs bf16 | int8 GB/s | "
-              "eager bf16 | eager int8 | eager deq+mm (quanto-like) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| K->N | M | bf16 | int8 gemv | int8 tensor-core | int8 split-K | int8 tiles (kernels.gemv) | "
+              "best vs bf16 | int8 GB/s | default picks | eager bf16 | eager int8 | eager deq+mm (quanto-like) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in dec:
-            best = min(r.get("gemv_us", 1e9), r["decode_us"], r["decode_split_us"])
+            best = min(r[f"{g}_us"] for g in DECODE_REGIMES if f"{g}_us" in r)
             gb = (r["N"] * r["K"] + 2 * r["M"] * (r["K"] + r["N"])) / best / 1e3
-            gemv = f"{r['gemv_us']:.1f}" if "gemv_us" in r else "-"
-            print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {gemv} | {r['decode_us']:.1f} | "
-                  f"{r['decode_split_us']:.1f} | {r['bf16_us'] / best:.2f}x | {gb:.0f} | {r['bf16_eager_us']:.1f} | "
-                  f"{r['int8_eager_us']:.1f} | {r['deq_mm_eager_us']:.1f} |")
+            cols = " | ".join(f"{r[f'{g}_us']:.1f}" if f"{g}_us" in r else "-" for g in DECODE_REGIMES)
+            print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {cols} | {r['bf16_us'] / best:.2f}x | "
+                  f"{gb:.0f} | {r['choice']} | {r['bf16_eager_us']:.1f} | {r['int8_eager_us']:.1f} | "
+                  f"{r['deq_mm_eager_us']:.1f} |")
         print("host µs per call: bf16 %.1f, int8 cached launch %.1f, int8 through Triton's launcher %.1f" % (
             statistics.median(r["host_us_bf16"] for r in dec), statistics.median(r["host_us_int8"] for r in dec),
             statistics.median(r["host_us_int8_triton_launch"] for r in dec)))
@@ -242,6 +253,36 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
     return out
 
 
+def fresh_pairs(pairs: int) -> list[dict]:
+    """bf16, int8, bf16, int8, ...: each LoRA step measurement in a fresh process of this script (as train.py runs),
+    so that state one model leaves in a process (allocator, launch caches, autotuning) cannot slow the next."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(2 * pairs):
+            base = ("bf16", "int8")[i % 2]
+            path = Path(tmp) / f"{i}_{base}.json"
+            cmd = [sys.executable, __file__, "model", "--only", base, "--json", str(path)]
+            print(f"[{i // 2 + 1}/{pairs}] {base}: {' '.join(cmd[1:])}", flush=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0 or not path.exists():
+                sys.exit(f"the {base} run of pair {i // 2 + 1} failed (exit code {proc.returncode}): see above")
+            runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def print_pairs(runs: list[dict], how: str):
+    print(f"\n3B LoRA r16 step, 575 rows, grad checkpointing; bf16 and int8 base in turn, {how}:")
+    print("| pair | bf16 ms | bf16 peak GiB | int8 ms | int8 peak GiB | int8 / bf16 |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for i, (b, q) in enumerate(zip(runs[::2], runs[1::2])):
+        ratios.append(q["step_ms"] / b["step_ms"])
+        print(f"| {i + 1} | {b['step_ms']:.1f} | {b['peak_GiB']:.2f} | {q['step_ms']:.1f} | {q['peak_GiB']:.2f} | "
+              f"{ratios[-1]:.2f}x |")
+    print(f"median int8 / bf16 over {len(ratios)} pairs: {statistics.median(ratios):.2f}x")
+    return statistics.median(ratios)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["matmul", "model", "ceilings"])
@@ -250,7 +291,20 @@ def main():
     ap.add_argument("--pairs", type=int, default=0,
                     help="model: instead of the dispatch variants, time bf16 then int8 (default dispatch) this many "
                          "times in turn, so host-load drift shows up in both")
+    ap.add_argument("--fresh", type=int, default=0,
+                    help="model: as --pairs, but every measurement in a fresh process of this script")
+    ap.add_argument("--only", choices=["bf16", "int8"], help=argparse.SUPPRESS)  # one run of --fresh
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where that run writes its result
     args = ap.parse_args()
+    if args.what != "model" and (args.pairs or args.fresh or args.only):
+        ap.error("--pairs / --fresh belong to the model mode")
+    if sum(map(bool, (args.pairs, args.fresh, args.only))) > 1:
+        ap.error("choose one of --pairs, --fresh")
+    if not torch.cuda.is_available():
+        sys.exit("bench_int8.py needs a CUDA device: torch.cuda.is_available() is False here "
+                 f"(torch {torch.__version__})")
+    if K.triton is None:
+        sys.exit("bench_int8.py needs triton (not installed)")
     print(torch.cuda.get_device_name(), torch.__version__, __import__("triton").__version__)
     result = {"device": torch.cuda.get_device_name()}
     if args.what == "ceilings":
@@ -264,11 +318,18 @@ def main():
         print_table(rows)
         bad = [r for r in rows if max(v for key, v in r.items() if key.startswith("err")) > 1e-2]
         print("correctness:", "all within 1e-2 of the fp32 reference" if not bad else f"FAILED {bad}")
+    elif args.only:  # one measurement for --fresh, in this (fresh) process
+        r = dict(model_step(args.only == "int8"), device=result["device"], pid=os.getpid())
+        if args.json:
+            Path(args.json).write_text(json.dumps(r))
+        return
+    elif args.fresh:
+        result["model"] = fresh_pairs(args.fresh)
+        result["fresh"] = True
+        result["median_ratio"] = print_pairs(result["model"], "each in a fresh process")
     elif args.pairs:
         result["model"] = [model_step(int8) for _ in range(args.pairs) for int8 in (False, True)]
-        for b, q in zip(result["model"][::2], result["model"][1::2]):
-            print(f"pair: bf16 {b['step_ms']:.1f} ms {b['peak_GiB']:.2f} GiB | int8 {q['step_ms']:.1f} ms "
-                  f"{q['peak_GiB']:.2f} GiB ({q['step_ms'] / b['step_ms']:.2f}x time)")
+        result["median_ratio"] = print_pairs(result["model"], "all in one process")
     else:
         result["model"] = [model_step(False), model_step(True), model_step(True, dequant_min_m=17),
                            model_step(True, dequant_min_m=1 << 30)]

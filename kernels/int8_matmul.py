@@ -10,7 +10,8 @@ in the backward (applied to each weight tile before the dot).
 
 Regimes, chosen by the number of rows M: decode (M <= 16: memory-bound, narrow weight tiles streamed with deep
 pipelining so that many programs read the weight at once; optionally split along R with fp32 atomics; for M <= 2
-also a CUDA-core GEMV, forward only; the forward times these once per shape and keeps the fastest), train
+also a CUDA-core GEMV, and "tiles", kernels/gemv.py's split GEMV, both forward only; the forward times these once
+per shape inside a CUDA graph and keeps the fastest), train
 (tensor-core tiles) and, for large M, dequant: one memory-bound pass writes the bf16 weight, cuBLAS multiplies
 (the transient copy is one layer's weight). Every launcher has a plain-torch reference beside it (`*_ref`), which
 is also the CPU/MPS path.
@@ -26,6 +27,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU/MPS installs without triton use the *_ref functions
     triton = None
+
+from . import gemv  # "tiles": the generation engine's few-row GEMV, which also takes int8 weights + row scales
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)  # the interpreter cannot autotune (no CUDA timers)
@@ -250,7 +253,7 @@ DEQUANT_MIN_M = 1024
 # path (argument binding, specialisation key, autotuner lookup) costs tens of µs of host time per call.
 FAST_LAUNCH = os.environ.get("HMTINY_INT8_FAST_LAUNCH", "1") == "1" and not INTERPRET
 _compiled: dict = {}
-# decode (M <= 16) has three kernels; which is fastest depends on the shape: timed once per shape, remembered
+# decode (M <= 16) has up to four kernels; which is fastest depends on the shape: timed once per shape, remembered
 GEMV_MAX_M = 2
 _decode_choice: dict = {}
 if triton is not None:
@@ -326,17 +329,49 @@ def _gemv_launch(x2, wq, scale, out, config):
     return y
 
 
+def _tiles_launch(x2, wq, scale, out):
+    """kernels/gemv.py's GEMV, K kept whole (its tiles are timed once per shape by gemv.plan)."""
+    cfg = gemv.plan(x2, wq, split=False, scale=scale)
+    if cfg is None:
+        raise ValueError(f"regime 'tiles' (kernels.gemv) does not take this call: it needs CUDA tensors, at most "
+                         f"{gemv.MAX_ROWS} rows, a float32 scale per output row, a weight with unit column stride "
+                         f"and N, K that its tiles divide (got x {tuple(x2.shape)} on {x2.device}, weight "
+                         f"{tuple(wq.shape)} stride {wq.stride()}, scale {scale.dtype} on {scale.device})")
+    y = gemv.linear_split(x2, wq, cfg, scale)
+    return y if out is None else out.view(y.shape).copy_(y)
+
+
+def _decode_candidates(x2, wq, scale) -> list[str]:
+    m = x2.shape[0]
+    return (["decode", "decode_split"] + (["gemv"] if m <= GEMV_MAX_M and wq.is_contiguous() else [])
+            + (["tiles"] if m <= gemv.MAX_ROWS and gemv.usable(x2, wq, scale) else []))
+
+
+def _time_regime(x2, wq, scale, regime: str) -> float:
+    """Seconds per call in a CUDA graph of many calls over weight copies that miss L2, as in a captured decode
+    frame (a host-timed loop of 5-20 µs kernels measures launch latency, not the kernels)."""
+    int8_matmul(x2, wq, scale, regime=regime)  # compile, autotune, plan tiles: none of it can run inside a capture
+    return gemv.time_in_graph(lambda w: int8_matmul(x2, w, scale, regime=regime), wq)
+
+
 def _decode_regime(x2, wq, scale) -> str:
     """The fastest decode kernel for this shape, timed on first use (call it before capturing a CUDA graph)."""
     m, (n, k) = x2.shape[0], wq.shape
-    key = (x2.device, x2.dtype, triton.next_power_of_2(m), n, k, wq.is_contiguous())
+    # everything the candidates depend on, in cheap metadata (gemv.usable per call would cost host time)
+    key = (x2.device, x2.dtype, triton.next_power_of_2(m), n, k, wq.stride(), scale.device, scale.dtype,
+           scale.stride())
     choice = _decode_choice.get(key)
     if choice is None:
-        from triton.testing import do_bench
-        candidates = ["decode", "decode_split"] + (["gemv"] if m <= GEMV_MAX_M and wq.is_contiguous() else [])
+        if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time now: a default, not remembered
+            return "decode"
         times = {}
-        for regime in candidates:
-            times[regime] = do_bench(lambda: int8_matmul(x2, wq, scale, regime=regime), warmup=5, rep=25)
+        for regime in _decode_candidates(x2, wq, scale):
+            try:
+                times[regime] = _time_regime(x2, wq, scale, regime)
+            except Exception:  # a kernel this card or shape cannot run: the others still can
+                continue
+        if not times:
+            raise RuntimeError(f"no int8 decode kernel ran for x {tuple(x2.shape)}, weight {tuple(wq.shape)}")
         choice = _decode_choice[key] = min(times, key=times.get)
     return choice
 
@@ -391,22 +426,27 @@ def _check(a: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor):
 def int8_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: str | None = None,
                 config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (Wq * s).T. x [..., K] bf16/fp16, Wq [N, K] int8, s [N] -> y [..., N] in x's dtype.
-    regime: "gemv" (M <= 2), "decode" / "decode_split" / "train" (tensor-core kernel, by config list) or "dequant"
-    (dequantise, then cuBLAS); by default chosen from the number of rows (for M <= 16: the fastest of the decode
-    kernels, timed on first use of a shape). config: fixed tiles, no autotuning. out: a tensor to write into."""
+    regime: "gemv" (M <= 2), "tiles" (kernels/gemv.py, M <= 16, CUDA, shapes its tiles divide; ValueError
+    otherwise), "decode" / "decode_split" / "train" (tensor-core kernel, by config list) or "dequant" (dequantise,
+    then cuBLAS); by default chosen from the number of rows (for M <= 16: the fastest of the decode kernels, timed
+    on first use of a shape). config: fixed tiles, no autotuning. out: a tensor to write into."""
     _check(x, wq, scale)
     n, k = wq.shape
     x2 = x.reshape(-1, k)
     if regime is None:
         regime = _regime(x2.shape[0])
-        if regime == "decode" and config is None and x2.is_cuda and not INTERPRET:
-            regime = _decode_regime(x2, wq, scale)
+        if regime == "decode" and config is None and x2.is_cuda and not INTERPRET and x2.shape[0] > 0:
+            regime = _decode_regime(x2, wq, scale.reshape(-1))
     if regime == "dequant" and config is None:
         y = torch.matmul(x2, dequantize(wq, scale, x.dtype).T, out=None if out is None else out.view(-1, n))
     elif regime == "gemv":
         if x2.shape[0] > GEMV_MAX_M or not wq.is_contiguous():
             raise ValueError(f"the gemv kernel takes at most {GEMV_MAX_M} rows and a contiguous weight")
         y = _gemv_launch(x2, wq, scale.reshape(-1), out, config)
+    elif regime == "tiles":
+        if config is not None:
+            raise ValueError("regime 'tiles' picks its own tiles (kernels.gemv.plan): pass no config")
+        y = _tiles_launch(x2, wq, scale.reshape(-1), out)
     else:
         y = _launch(x2, wq, (wq.stride(1), wq.stride(0)), scale.reshape(-1), n, False, regime, config, out)
     return y.view(*x.shape[:-1], n)
@@ -418,6 +458,8 @@ def int8_matmul_dx(dy: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regi
     _check(dy, wq, scale)
     n, k = wq.shape
     dy2 = dy.reshape(-1, n)
+    if regime in ("gemv", "tiles"):
+        raise ValueError(f"regime {regime!r} is forward only")
     regime = regime or _regime(dy2.shape[0])
     if regime == "dequant" and config is None:
         dx = torch.matmul(dy2, dequantize(wq, scale, dy.dtype), out=None if out is None else out.view(-1, k))

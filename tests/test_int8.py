@@ -156,6 +156,107 @@ def test_kernels_cuda_autotuned_and_decode_choice():
     assert {key[2] for key in K._decode_choice} >= {1, 2, 16}
 
 
+# ----------------------------------------------------------------------------- "tiles": kernels/gemv.py's GEMV
+needs_triton = pytest.mark.skipif(K.triton is None, reason="triton not installed")
+# M masked inside gemv's 16-row tile; N, K divided by its tiles (bn 32, bk 128) but not powers of two
+TILES_SHAPES = [(1, 96, 384), (2, 96, 384), (3, 96, 384), (16, 96, 384), (2, 1024, 3072)]
+
+
+@needs_triton
+def test_tiles_regime_rejects_what_gemv_does_not_take():
+    wq, s = random_int8_weight(96, 384)
+    x = torch.randn(2, 384, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="tiles"):  # CPU tensors: kernels.gemv runs on CUDA only
+        K.int8_matmul(x, wq, s, regime="tiles")
+    with pytest.raises(ValueError, match="config"):
+        K.int8_matmul(x, wq, s, regime="tiles", config=dict(BLOCK_N=32))
+    with pytest.raises(ValueError, match="forward only"):
+        K.int8_matmul_dx(torch.randn(2, 96, dtype=torch.bfloat16), wq, s, regime="tiles")
+
+
+@needs_triton
+def test_tiles_regime_plumbing_and_out(monkeypatch):
+    """With gemv stubbed by the reference (CPU): the call reaches gemv.plan/linear_split and honours out=."""
+    calls = []
+    monkeypatch.setattr(K.gemv, "plan", lambda x, w, split=True, scale=None: calls.append(split) or (32, 128, 1, 4))
+    monkeypatch.setattr(K.gemv, "linear_split", lambda x, w, cfg, scale: K.int8_matmul_ref(x, w, scale))
+    wq, s = random_int8_weight(96, 384)
+    x = torch.randn(2, 3, 384, dtype=torch.bfloat16)
+    out = torch.full((2, 3, 96), float("nan"), dtype=torch.bfloat16)
+    y = K.int8_matmul(x, wq, s, regime="tiles", out=out)
+    assert calls == [False]  # K kept whole
+    assert y.shape == (2, 3, 96) and y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, K.int8_matmul_ref(x, wq, s))
+
+
+@needs_triton
+def test_decode_choice_is_the_fastest_candidate_that_runs(monkeypatch):
+    """The selection logic (CPU, timing stubbed): candidates by M and gemv.usable, fastest wins, a candidate that
+    fails is skipped, the choice is remembered per shape."""
+    monkeypatch.setattr(K, "_decode_choice", {})
+    monkeypatch.setattr(K.gemv, "usable", lambda x, w, scale=None: True)
+    fake = {"decode": 3.0, "decode_split": 2.0, "gemv": 1.5, "tiles": 1.0}
+    timed = []
+
+    def time_regime(x2, wq, scale, regime):
+        timed.append(regime)
+        if fake[regime] is None:
+            raise RuntimeError("out of shared memory")
+        return fake[regime]
+
+    monkeypatch.setattr(K, "_time_regime", time_regime)
+    wq, s = random_int8_weight(96, 384)
+    x1, x3 = torch.randn(1, 384, dtype=torch.bfloat16), torch.randn(3, 384, dtype=torch.bfloat16)
+    assert K._decode_candidates(x1, wq, s) == ["decode", "decode_split", "gemv", "tiles"]
+    assert K._decode_candidates(x3, wq, s) == ["decode", "decode_split", "tiles"]  # the CUDA-core gemv: M <= 2
+    assert K._decode_regime(x1, wq, s) == "tiles" and timed == ["decode", "decode_split", "gemv", "tiles"]
+    assert K._decode_regime(x1, wq, s) == "tiles" and len(timed) == 4  # remembered
+    fake["tiles"] = None  # e.g. a tile this card cannot run
+    assert K._decode_regime(x3, wq, s) == "decode_split"
+    monkeypatch.setattr(K.gemv, "usable", lambda x, w, scale=None: False)
+    assert "tiles" not in K._decode_candidates(x3, wq, s)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiles_regime_cuda_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in TILES_SHAPES:
+        wq, s = random_int8_weight(n, k, "cuda", gen)
+        x = torch.randn(m, k + 5, generator=gen).to("cuda", dtype)[:, :k]  # row stride != K
+        ref = K.int8_matmul_ref(x.double(), wq, s.double())
+        assert rel_err(K.int8_matmul(x, wq, s, regime="tiles"), ref) < TOL[dtype], (m, n, k)
+        y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+        assert K.int8_matmul(x, wq, s, regime="tiles", out=y).data_ptr() == y.data_ptr()
+        assert rel_err(y, ref) < TOL[dtype], (m, n, k)
+    wq, s = random_int8_weight(40, 70, "cuda", gen)  # tiles do not divide 40 x 70
+    with pytest.raises(ValueError, match="tiles"):
+        K.int8_matmul(torch.randn(2, 70, device="cuda", dtype=dtype), wq, s, regime="tiles")
+    wq, s = random_int8_weight(96, 384, "cuda", gen)
+    with pytest.raises(ValueError, match="tiles"):  # more rows than gemv.MAX_ROWS
+        K.int8_matmul(torch.randn(17, 384, device="cuda", dtype=dtype), wq, s, regime="tiles")
+
+
+@cuda
+def test_default_decode_dispatch_cuda_correct_whichever_regime(monkeypatch):
+    """The default dispatch for M <= 16, timed for real, then forced to pick each candidate in turn."""
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k in TILES_SHAPES:
+        wq, s = random_int8_weight(n, k, "cuda", gen)
+        x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
+        ref = K.int8_matmul_ref(x.double(), wq, s.double())
+        assert "tiles" in K._decode_candidates(x, wq, s)
+        assert rel_err(K.int8_matmul(x, wq, s), ref) < 1e-2, (m, n, k)  # timed choice
+        for want in K._decode_candidates(x, wq, s):
+            monkeypatch.setattr(K, "_decode_choice", {})
+            monkeypatch.setattr(K, "_time_regime", lambda x2, w, sc, regime: 0.0 if regime == want else 1.0)
+            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+            K.int8_matmul(x, wq, s, out=y)
+            assert list(K._decode_choice.values()) == [want]
+            assert rel_err(y, ref) < 1e-2, (m, n, k, want)
+        monkeypatch.undo()
+
+
 def test_dequantize_kernel_matches_reference_in_interpreter_or_cuda():
     if not torch.cuda.is_available():
         pytest.skip("covered by test_kernels_under_triton_interpreter")
