@@ -121,31 +121,35 @@ def gemv_table(res, dev="cuda"):
         nbytes = n * k * 2
         rows.append({"shape": name, "N": n, "K": k, "cublas_us": t_cublas, "gemv_us": t_gemv,
                      "cublas_TBps": nbytes / t_cublas / 1e6, "gemv_TBps": nbytes / t_gemv / 1e6, "rel_err": err,
-                     "tile": list(gemv._best.get((n, k, torch.bfloat16)) or []), "tune_s": tune_s})
+                     "tile": list(gemv._pick(x, w) or []), "tune_s": tune_s})
         print(json.dumps(rows[-1]), flush=True)
         del w
     res["gemv"] = rows
 
 
 def tile_table(res, dev="cuda"):
-    """The GEMV tile each decode matmul shape got in the compiled engine (kernels.gemv._best, "partial" = K
-    slices summed by the next fused kernel), timed again inside a CUDA graph over weights that miss L2."""
-    from kernels import gemv
+    """The GEMV tile each decode matmul shape got in the engines (kernels.gemv._best, keyed by N, K, weight dtype,
+    input dtype, partial = K slices summed by the consumer, gated = SwiGLU input, PDL), timed again inside a CUDA
+    graph over weights that miss L2, with the same PDL setting."""
+    import contextlib
+    from kernels import gemv, pdl
     rows = []
-    for key, tile in gemv._best.items():
-        n, k = key[0], key[1]
+    for key, tile in list(gemv._best.items()):
+        n, k, wdtype, xdtype, partial, gated, with_pdl = key
         if tile is None:
             continue
-        int8 = key[2] == torch.int8
+        int8 = wdtype == torch.int8
         w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) if int8 else \
-            torch.randn(n, k, device=dev, dtype=key[2])
+            torch.randn(n, k, device=dev, dtype=wdtype)
         scale = torch.rand(n, device=dev) / 100 if int8 else None
-        x = torch.randn(2, k, device=dev, dtype=torch.bfloat16 if int8 else key[2])
-        t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, scale, *tile), w) * 1e6
+        x = torch.randn(2, k * (2 if gated else 1), device=dev, dtype=xdtype)
+        with contextlib.nullcontext() if with_pdl else pdl.suspended():
+            t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, scale, *tile, gated), w) * 1e6
         wb = w.to(torch.bfloat16) if int8 else w
-        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x, wi), wb) * 1e6
-        rows.append({"N": n, "K": k, "dtype": str(key[2]), "partial": "partial" in key, "tile": list(tile),
-                     "us": t, "TBps": n * k * w.element_size() / t / 1e6, "cublas_bf16_us": t_cublas})
+        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x[:, :k], wi), wb) * 1e6
+        rows.append({"N": n, "K": k, "dtype": str(wdtype), "partial": partial, "gated": gated, "pdl": with_pdl,
+                     "tile": list(tile), "us": t, "TBps": n * k * w.element_size() / t / 1e6,
+                     "cublas_bf16_us": t_cublas})
         print(json.dumps(rows[-1]), flush=True)
         del w
     res["tiles"] = rows
@@ -238,8 +242,9 @@ def main():
                                 "traceback": traceback.format_exc()[-4000:]})
             print("FAILED", mode, e, flush=True)
             save()
-    if "compile" in sampled:
+    if {"graph", "compile"} & set(sampled):
         tile_table(res)
+        save()
     if "eager" in sampled:
         # same seed, same frames? bf16 rounding differs between eager and fused/compiled kernels, so a near-tie
         # can flip one draw and the songs diverge from there: report the length of the common prefix

@@ -16,6 +16,11 @@ CUDA graphs capture it. `tests/test_gemv.py` checks it against `gemv_ref` (under
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -135,25 +140,78 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     return graph_time(lambda i: fn(copies[i % len(copies)]), reps, warmup=1)
 
 
+def _cache_file():
+    """Where the tiles picked on this machine are kept between processes (timing every candidate costs minutes of
+    Triton compiles on a fresh machine): $HMTINY_TILE_CACHE, or ~/.cache/hmtiny/gemv_tiles.json; "0" = none."""
+    path = os.environ.get("HMTINY_TILE_CACHE")
+    if path == "0":
+        return None
+    if path:
+        return Path(path)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmtiny" / "gemv_tiles.json"
+
+
+def _read_cache(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, unreadable or damaged: time again
+        return {}
+
+
+def _remember(name: str, tile) -> None:
+    """Add one pick to the cache file: read, update, write a temporary file, rename (atomic; a failed write, e.g.
+    a read-only home, only costs the timing next time)."""
+    path = _cache_file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = _read_cache(path)
+        table[name] = list(tile)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _cache_name(key: tuple, x2: torch.Tensor, fits: list) -> str:
+    """The cache entry's name: the card, the software and the candidate list (a change in any re-times)."""
+    card = torch.cuda.get_device_name(x2.device) if x2.is_cuda else str(x2.device)
+    version = getattr(triton, "__version__", "none")
+    digest = hashlib.sha1(repr(fits).encode()).hexdigest()[:10]
+    return "|".join(map(str, (card, f"torch {torch.__version__}", f"triton {version}", *key, digest)))
+
+
 def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
-    """Time the candidate tiles once per (N, K, dtype, kind) and keep the fastest (outside any graph capture).
-    partial: the caller sums the K slices itself (fused into its next kernel), so a split's sum is not timed."""
+    """The fastest candidate tile, timed once per (N, K, dtypes, kind) on this machine (outside any graph capture)
+    and remembered in memory and in `_cache_file`. partial: the caller sums the K slices itself (fused into its
+    next kernel), so a split's sum is not timed."""
     key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, gated, pdl.enabled(x2))
-    if key not in _best:
-        fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1])]
-        if torch.cuda.is_current_stream_capturing():  # cannot time now: a safe default (the engine warms up first)
-            return DEFAULT if DEFAULT in fits else None
-        if partial:
-            launch = lambda wi, c: _launch_partials(x2, wi, c, scale, gated)
-        else:
-            launch = lambda wi, c: _launch(x2, wi, c, scale)
-        times = []
-        for c in fits:
-            try:
-                times.append((time_in_graph(lambda wi, c=c: launch(wi, c), w), c))
-            except Exception:  # a tile this card cannot run (shared memory, registers): skip it
-                continue
-        _best[key] = min(times)[1] if times else None
+    if key in _best:
+        return _best[key]
+    fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1])]
+    name = _cache_name(key, x2, fits)
+    path = _cache_file()
+    stored = _read_cache(path).get(name) if path is not None else None
+    if isinstance(stored, list) and tuple(stored) in fits:
+        _best[key] = tuple(stored)
+        return _best[key]
+    if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time now: a safe default (warm up first)
+        return DEFAULT if DEFAULT in fits else None
+    if partial:
+        launch = lambda wi, c: _launch_partials(x2, wi, c, scale, gated)
+    else:
+        launch = lambda wi, c: _launch(x2, wi, c, scale)
+    times = []
+    for c in fits:
+        try:
+            times.append((time_in_graph(lambda wi, c=c: launch(wi, c), w), c))
+        except Exception:  # a tile this card cannot run (shared memory, registers): skip it
+            continue
+    _best[key] = min(times)[1] if times else None
+    if times:  # an empty result may be passing trouble: not kept on disk
+        _remember(name, _best[key])
     return _best[key]
 
 

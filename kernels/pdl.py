@@ -13,6 +13,7 @@ after one of them loses nothing. `HMTINY_PDL=0` turns it off (for A/B timing).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -25,9 +26,23 @@ except Exception:  # no Triton, or a Triton without the option
     _SUPPORTED = False
 
 
+_suspended = 0
+
+
+@contextlib.contextmanager
+def suspended():
+    """Launch without PDL inside this block (e.g. while capturing a step that must match an earlier measurement)."""
+    global _suspended
+    _suspended += 1
+    try:
+        yield
+    finally:
+        _suspended -= 1
+
+
 def enabled(t: torch.Tensor) -> bool:
     """PDL for kernels working on t: a CUDA device of compute capability >= 9 and a Triton that can launch it."""
-    if not (_SUPPORTED and t.is_cuda) or os.environ.get("HMTINY_PDL", "1") == "0":
+    if _suspended or not (_SUPPORTED and t.is_cuda) or os.environ.get("HMTINY_PDL", "1") == "0":
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False

@@ -42,3 +42,9 @@ def run_interpreted():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _private_tile_cache(tmp_path, monkeypatch):
+    """kernels.gemv keeps the tiles it times in ~/.cache: tests use a fresh file of their own."""
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(tmp_path / "gemv_tiles.json"))

@@ -71,6 +71,41 @@ def test_dispatch_falls_back_to_reference_for_other_shapes():
     assert not any(gemv._fits(c, 37, 70) for c in gemv.CANDIDATES)
 
 
+def test_tile_picks_are_timed_once_per_machine(monkeypatch, tmp_path):
+    """The fastest candidate is kept in memory and in the cache file; a new process (empty memory) reads the file
+    instead of timing again; a damaged file or a stale entry (a tile no longer among the candidates) re-times."""
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(path))
+    x, w = torch.zeros(2, 256), torch.zeros(96, 256)
+    timed = []
+
+    def fake_time(fn, wi):  # candidate (32, 128, 1, 4) is "fastest"
+        c = fn.__defaults__[0]
+        timed.append(c)
+        return 1.0 if c == (32, 128, 1, 4) else 2.0
+
+    monkeypatch.setattr(gemv, "time_in_graph", fake_time)
+    monkeypatch.setattr(gemv, "_best", {})
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and timed
+    assert json.loads(path.read_text())  # written (atomically: no temporary file left)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiles.json"]
+    n = len(timed)
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == n  # memory
+    monkeypatch.setattr(gemv, "_best", {})
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == n  # file
+    table = json.loads(path.read_text())
+    monkeypatch.setattr(gemv, "_best", {})
+    path.write_text(json.dumps({k: [7, 7, 7, 7] for k in table}))  # not a candidate: time again
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 2 * n
+    monkeypatch.setattr(gemv, "_best", {})
+    path.write_text("{not json")
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 3 * n
+    monkeypatch.setenv("HMTINY_TILE_CACHE", "0")  # no file at all
+    monkeypatch.setattr(gemv, "_best", {})
+    path.unlink()
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and not path.exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernel_on_cuda():
     assert max(kernel_errors("cuda")) < 1e-2
