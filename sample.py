@@ -63,8 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--tokens-only", action="store_true", help="skip the codec: save the tokens (.npy) only")
     ap.add_argument("--ignore-eos", action="store_true", help="never stop early: always make --duration seconds")
     ap.add_argument("--mode", choices=["auto", "eager", "graph", "compile"], default="auto",
-                    help="generation engine (default auto: CUDA graph on CUDA, eager elsewhere; compile is ~1.5x "
-                         "faster per frame but spends ~1 min compiling first)")
+                    help="generation engine (default auto: CUDA graph of our kernels on CUDA, eager elsewhere; "
+                         "compile: torch.compile'd step, about as fast per frame, ~45 s more on its first call)")
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
     return ap.parse_args(argv)

@@ -484,9 +484,9 @@ class Engine:
 
 # ---------------------------------------------------------------- the function most callers use
 def default_mode(device: torch.device) -> str:
-    """CUDA graph of the eager step on CUDA: ~125 frames/s on an H100 (3B bf16), first call ~5 s with a warm
-    Triton cache (~22 s on a fresh machine). "compile" runs at ~182 frames/s but its first call takes ~35-45 s
-    more (torch.compile, tile timing): worth it past ~10 minutes of audio per process (bench/NOTES.md)."""
+    """CUDA graph of the frame step on CUDA: ~177 frames/s on an H100 (3B bf16); the first call on a fresh machine
+    takes ~2 minutes (tile timing, Triton compiles; both cached on disk for later processes). "compile" adds ~45 s
+    of torch.compile to a first call and measured ~182 frames/s in an earlier revision (bench/NOTES.md)."""
     return "graph" if device.type == "cuda" else "eager"
 
 
