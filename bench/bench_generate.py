@@ -9,8 +9,10 @@ Engine modes. frames/s is end to end (prefill + frames + copy back) on the secon
 here so every run makes all its frames. JSON goes to $OUT/bench_generate.json when OUT is set.
 """
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -164,6 +166,8 @@ def timed(fn):
 
 
 def main():
+    # `timeout` sends SIGTERM: print every thread's stack first, so a run cut short shows where it was
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=375)
     ap.add_argument("--plain-frames", type=int, default=40)

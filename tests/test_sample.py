@@ -77,6 +77,27 @@ def test_seed_reproducible_and_lora_changes_tokens(tmp_path, capsys):
     assert np.array_equal(a, off)
 
 
+def test_int8_base_with_an_unmerged_lora(tmp_path, capsys):
+    """--int8 quantises the stacks (torch path on CPU) and applies LoRAs unmerged: valid tokens; a zero LoRA
+    changes nothing on the int8 base, a strong one changes the tokens."""
+    from hmtiny.checkpoint import load_heartmula
+    from hmtiny.lora import inject_lora, lora_layers, save_lora
+    base = tokens_of(tmp_path, capsys, "int8", ["--int8"])
+    assert base.shape[1] == 8 and base.max() < TINY_CODEBOOK and base.min() >= 0
+    model = load_heartmula(sample.TINY / "model")
+    inject_lora(model, rank=2)
+    zero = save_lora(model, tmp_path / "zero.safetensors")
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    strong = save_lora(model, tmp_path / "strong.safetensors")
+    assert np.array_equal(base, tokens_of(tmp_path, capsys, "int8-zero", ["--int8", "--lora", str(zero)]))
+    assert not np.array_equal(base, tokens_of(tmp_path, capsys, "int8-strong", ["--int8", "--lora", str(strong)]))
+    _, log = run(["--demo", "--duration", "0.4", "--int8", "--tokens-only", "--lora", str(strong),
+                  "--save-tokens", str(tmp_path / "x.npy")], capsys)
+    assert "int8 stacks" in log and "unmerged" in log, log
+
+
 @pytest.mark.parametrize("args, message", [
     (["--demo", "--duration", "-1"], "--duration must be > 0"),
     (["--demo", "--cfg", "0.5"], "--cfg must be >= 1"),
