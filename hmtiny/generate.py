@@ -427,11 +427,11 @@ class Engine:
         out = s["out"].cpu()
         return [out[b, : lengths[b]].clone() for b in range(Bs)]
 
-    def _plan_tiles(self):
-        """Time each decode matmul's tile once, before capture (and before torch.compile bakes it in). Outputs that
-        go to kernels.add_rmsnorm (o_proj, w2) may be split along K, w2 taking [gate | up]; q/k/v and gate/up stay
-        whole for their consumers (attention, w2's SwiGLU)."""
-        rows = self.state["prev"].shape[0] * (2 if self.cfg_on else 1)
+    def _plan_tiles(self, rows: int | None = None):
+        """Time each decode matmul's tile once for `rows` input rows (default: this request's), before capture (and
+        before torch.compile bakes it in). Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along
+        K, w2 taking [gate | up]; q/k/v and gate/up stay whole for their consumers (attention, w2's SwiGLU)."""
+        rows = rows or self.state["prev"].shape[0] * (2 if self.cfg_on else 1)
         kernels = self.kernel_layers  # else: inductor sums w13's slices inside its SiLU-mul kernel
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
