@@ -212,6 +212,16 @@ def batch_575(device="cuda", prompt=200, audio=375, seed=0):
     return tokens.to(device), mask.to(device), frames.to(device), torch.tensor([10], device=device)
 
 
+def gpu_busy_ms(step) -> float:
+    """Sum of the kernel times of one step (torch.profiler): far below the step's wall time = host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+
+
 def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
     from hmtiny.lora import inject_lora
     default_min_m = K.DEQUANT_MIN_M
@@ -243,8 +253,11 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    busy_ms = gpu_busy_ms(lambda: (model.loss(*batch)[0].backward(), opt.step(), opt.zero_grad(set_to_none=True)))
     K.DEQUANT_MIN_M = default_min_m
     out = {"base": "int8" if int8 else "bf16", "dequant_min_m": dequant_min_m or K.DEQUANT_MIN_M, "step_ms": 1e3 * statistics.median(times[warmup:]),
+           "step_ms_all": [1e3 * t for t in times], "gpu_busy_ms": busy_ms,
+           "tuned": tuned_configs() if int8 else {},
            "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30, "weights_GiB": weights_gib,
            "reserved_GiB": torch.cuda.max_memory_reserved() / 2 ** 30, "losses": losses,
            "audio_frames_per_s": 375 / statistics.median(times[warmup:])}
@@ -272,13 +285,15 @@ def fresh_pairs(pairs: int) -> list[dict]:
 
 def print_pairs(runs: list[dict], how: str):
     print(f"\n3B LoRA r16 step, 575 rows, grad checkpointing; bf16 and int8 base in turn, {how}:")
-    print("| pair | bf16 ms | bf16 peak GiB | int8 ms | int8 peak GiB | int8 / bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| pair | bf16 ms | bf16 GPU-busy ms | bf16 peak GiB | int8 ms | int8 GPU-busy ms | int8 peak GiB | "
+          "int8 / bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
     ratios = []
+    busy = lambda r: f"{r['gpu_busy_ms']:.1f}" if "gpu_busy_ms" in r else "-"
     for i, (b, q) in enumerate(zip(runs[::2], runs[1::2])):
         ratios.append(q["step_ms"] / b["step_ms"])
-        print(f"| {i + 1} | {b['step_ms']:.1f} | {b['peak_GiB']:.2f} | {q['step_ms']:.1f} | {q['peak_GiB']:.2f} | "
-              f"{ratios[-1]:.2f}x |")
+        print(f"| {i + 1} | {b['step_ms']:.1f} | {busy(b)} | {b['peak_GiB']:.2f} | {q['step_ms']:.1f} | {busy(q)} | "
+              f"{q['peak_GiB']:.2f} | {ratios[-1]:.2f}x |")
     print(f"median int8 / bf16 over {len(ratios)} pairs: {statistics.median(ratios):.2f}x")
     return statistics.median(ratios)
 
