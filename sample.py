@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hmtiny.generate import Engine, default_mode  # noqa: E402
+from kernels import gemv  # noqa: E402
 
 FRAME_RATE = 12.5
 TINY = Path(__file__).resolve().parent / "hmtiny" / "assets" / "tiny"
@@ -269,6 +270,10 @@ def run(a) -> int:
               flush=True)
 
     print(f"generating ({mode} engine)...")
+    tiles = gemv.cache_file()
+    if mode != "eager" and (tiles is None or not tiles.exists()):
+        print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before the "
+              f"first frame (~2 min on an H100); {'not kept' if tiles is None else f'kept in {tiles}'} for later runs")
     songs = engine.generate([prompt] * a.num, max_frames, cfg_scale=s["cfg"], topk=s["topk"],
                             temperature=s["temperature"], generator=generator, progress=progress,
                             stop_on_eos=s["stop_on_eos"])

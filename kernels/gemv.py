@@ -140,7 +140,7 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
     return graph_time(lambda i: fn(copies[i % len(copies)]), reps, warmup=1)
 
 
-def _cache_file():
+def cache_file():
     """Where the tiles picked on this machine are kept between processes (timing every candidate costs minutes of
     Triton compiles on a fresh machine): $HMTINY_TILE_CACHE, or ~/.cache/hmtiny/gemv_tiles.json; "0" = none."""
     path = os.environ.get("HMTINY_TILE_CACHE")
@@ -161,7 +161,7 @@ def _read_cache(path) -> dict:
 def _remember(name: str, tile) -> None:
     """Add one pick to the cache file: read, update, write a temporary file, rename (atomic; a failed write, e.g.
     a read-only home, only costs the timing next time)."""
-    path = _cache_file()
+    path = cache_file()
     if path is None:
         return
     try:
@@ -185,14 +185,14 @@ def _cache_name(key: tuple, x2: torch.Tensor, fits: list) -> str:
 
 def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
     """The fastest candidate tile, timed once per (N, K, dtypes, kind) on this machine (outside any graph capture)
-    and remembered in memory and in `_cache_file`. partial: the caller sums the K slices itself (fused into its
+    and remembered in memory and in `cache_file`. partial: the caller sums the K slices itself (fused into its
     next kernel), so a split's sum is not timed."""
     key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, gated, pdl.enabled(x2))
     if key in _best:
         return _best[key]
     fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1])]
     name = _cache_name(key, x2, fits)
-    path = _cache_file()
+    path = cache_file()
     stored = _read_cache(path).get(name) if path is not None else None
     if isinstance(stored, list) and tuple(stored) in fits:
         _best[key] = tuple(stored)
