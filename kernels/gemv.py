@@ -9,10 +9,16 @@ Weights may also be int8 with one float32 scale per output row (hmtiny.quant's p
 is converted to the activation dtype in registers (exact) and the scale applied to the fp32 sums, so a decode step
 reads half the bytes.
 
+The input may be SwiGLU's [gate | up] (`gated`): the kernel forms silu(gate) * up as it loads x, so the product
+never goes through memory. On Hopper it is launched with PDL (kernels/pdl.py): the first weight tile is fetched
+before waiting for the previous kernel, and "one-shot" tiles (the K step is the whole K slice) fetch all of a
+program's weights then.
+
 Used only on CUDA for bf16/fp16 activations, at most 16 rows, shapes the tiles divide (N by the row block, K by
 the K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows
-are masked, so any row count up to 16 runs. It is a torch custom op, so torch.compile treats it as one opaque call and
-CUDA graphs capture it. `tests/test_gemv.py` checks it against `gemv_ref` (under TRITON_INTERPRET=1 on CPU).
+are masked, so any row count up to 16 runs. It is a torch custom op, so torch.compile treats it as one opaque call
+and CUDA graphs capture it. Tile picks are kept on disk per machine (`cache_file`). `tests/test_gemv.py` checks it
+against `gemv_ref` (under TRITON_INTERPRET=1 on CPU).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ except ImportError:  # CPU-only installs: F.linear everywhere
 
 MAX_ROWS = 16
 # (rows of W per program, K per step, K slices, warps). On an H100 a sweep over bn 16-128, bk 64-512, 1-8 K slices
-# and 4/8 warps picked only these neighbourhoods (split-K never won), so tuning tries just them (~5 s per process).
+# and 4/8 warps picked only these neighbourhoods (split-K never won), so tuning tries just them.
 CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2) for nw in (4, 8)]
 DEFAULT = (32, 128, 1, 4)
 # When the caller adds the K slices up itself (inside its next fused kernel, see `plan`), splitting K costs no
