@@ -51,7 +51,7 @@ class Fused(nn.Module):
         self.int8, self.parts, self.direct = None, None, None
         self.shared = False  # share(): the sources' weights are views of the fused copy
         self.tile = None  # plan(): the GEMV tile for captured decode steps (K slices summed by the consumer)
-        self.tile_gated = False
+        self.tile_gated = self.tile_split = False
         self.register_buffer("weight", None, persistent=False)
         if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
@@ -111,11 +111,13 @@ class Fused(nn.Module):
         if ws is not None:
             x = torch.zeros(rows, ws[0].shape[1] * (2 if gated else 1), device=ws[0].device, dtype=dtype)
             self.tile, self.tile_gated = gemv.plan(x, ws[0], split=split, scale=ws[1], gated=gated), gated
+            self.tile_split = split
 
     def forward(self, x):
         if self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
             w, scale = self.gemv_weight()
-            return gemv.linear_split(x, w, self.tile, scale)
+            linear = gemv.linear_split if self.tile_split else gemv.linear_tiled
+            return linear(x, w, self.tile, scale)
         if self.direct is not None:
             return gemv.linear(x, self.direct.weight)
         if self.weight is not None:

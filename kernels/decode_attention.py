@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import pdl
+from .counters import counters
 
 try:
     import triton
@@ -323,22 +324,6 @@ def config(B: int, KV: int, L: int, hd: int, G: int = 1, S: int = 1) -> Cfg:
     return Cfg(chunk, 4 if HD <= 128 else 2, head_split)
 
 
-_scratch: dict = {}
-
-
-def _counters(device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of >= n ticket counters for `device`, reused by every launch (each launch leaves its
-    counters at 0 again). Made once, outside graph capture; under capture without one, a zeroed buffer of the
-    graph's own (a memset in the graph, correct but slower)."""
-    key = ("cnt", device)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, device=device, dtype=torch.int32)
-        buf = _scratch[key] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-    return buf
-
-
 def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk=None, num_warps=None,
             head_split=None, flip=None):
     """Run the kernel (no shape checks: see usable()). The keywords after n_kv override config() (benchmarks,
@@ -370,7 +355,7 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
         part = cnt = y  # unused
     else:
         part = torch.empty(n_part * (hd + 2), device=qkv.device, dtype=torch.float32)
-        cnt = _counters(qkv.device, units)
+        cnt = counters(qkv.device, units)
     grid = units * nch
     qk_scale = math.log2(math.e) / math.sqrt(hd)
     _decode_kernel[(grid,)](

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import pdl
+from .counters import counters
 from .timing import graph_time
 
 try:
@@ -41,8 +42,9 @@ except ImportError:  # CPU-only installs: F.linear everywhere
 
 MAX_ROWS = 16
 # (rows of W per program, K per step, K slices, warps). On an H100 a sweep over bn 16-128, bk 64-512, 1-8 K slices
-# and 4/8 warps picked only these neighbourhoods (split-K never won), so tuning tries just them.
-CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2) for nw in (4, 8)]
+# and 4/8 warps picked only these neighbourhoods, so tuning tries just them. (That sweep summed K slices in a
+# second kernel; the kernel now adds them itself, which may favour more slices for the narrow shapes.)
+CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4) for nw in (4, 8)]
 DEFAULT = (32, 128, 1, 4)
 # When the caller adds the K slices up itself (inside its next fused kernel, see `plan`), splitting K costs no
 # extra pass: more programs keep all 132 SMs streaming for the shapes with few row blocks (N = 3072: 96 programs
@@ -65,9 +67,10 @@ if triton is not None:
         return tl.load(ptrs, mask=row_ok, other=0.0)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, K_PER_SPLIT, half, stride_xm, stride_wn, stride_ys, stride_ym,
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, K_PER_SPLIT, half, stride_xm, stride_wn,
+                     stride_ys, stride_ym, stride_ps,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                     GATED: tl.constexpr, PDL: tl.constexpr):
+                     GATED: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,8 +93,24 @@ if triton is not None:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         if SCALED:  # per-output-row scale of an int8 weight; linear, so each K slice may apply it
             acc *= tl.load(s_ptr + rn)[None, :]
-        y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+        if REDUCE:
+            # One output from the K slices without a second kernel: each program leaves its float32 partial [M, N]
+            # (row stride N), the last of its row block to finish (ticket counter) adds them up in slice order
+            # (deterministic) and writes y (same pattern as decode_attention's chunk merge).
+            p_off = rm[:, None] * stride_ym + rn[None, :]  # y [M, N] and each slice of part: row stride N
+            tl.store(part_ptr + pid_k * stride_ps + p_off, acc, mask=row_ok)
+            tl.debug_barrier()  # every thread's stores before the release below (cumulative at gpu scope)
+            ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == tl.num_programs(1) - 1:
+                tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch
+                total = tl.load(part_ptr + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                for s in range(1, tl.num_programs(1)):
+                    total += tl.load(part_ptr + s * stride_ps + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], total.to(y_ptr.dtype.element_ty),
+                         mask=row_ok)
+        else:
+            y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -105,23 +124,34 @@ def _stages(bn: int, bk: int) -> int:
     return max(1, min(4, 200_000 // per_stage))
 
 
+def _run(x2, w, cfg, scale, gated, y, part, cnt, reduce):
+    bn, bk, sk, nw = cfg
+    N, K = w.shape
+    _gemv_kernel[(N // bn, sk)](x2, w, w if scale is None else scale, y, part, cnt, x2.shape[0], K // sk, K,
+                                x2.stride(0), w.stride(0), y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
+                                part.stride(0) if reduce else 0, BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk,
+                                SCALED=scale is not None, GATED=gated, REDUCE=reduce, num_warps=nw,
+                                num_stages=_stages(bn, bk), **pdl.launch_kwargs(x2))
+
+
 def _launch_partials(x2, w, cfg, scale=None, gated=False):
     """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype).
     gated: x2 is [M, 2K] = [gate | up] and the product is taken with silu(gate) * up."""
-    bn, bk, sk, nw = cfg
-    M = x2.shape[0]
-    N, K = w.shape
-    y = torch.empty(sk, M, N, device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
-    _gemv_kernel[(N // bn, sk)](x2, w, w if scale is None else scale, y, M, K // sk, K, x2.stride(0), w.stride(0),
-                                y.stride(0), y.stride(1), BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk,
-                                SCALED=scale is not None, GATED=gated, num_warps=nw, num_stages=_stages(bn, bk),
-                                **pdl.launch_kwargs(x2))
+    sk = cfg[2]
+    y = torch.empty(sk, x2.shape[0], w.shape[0], device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
+    _run(x2, w, cfg, scale, gated, y, y, y, reduce=False)
     return y
 
 
-def _launch(x2, w, cfg, scale=None):
-    y = _launch_partials(x2, w, cfg, scale)
-    return y[0] if cfg[2] == 1 else y.sum(0).to(x2.dtype)  # fixed summation order: deterministic
+def _launch(x2, w, cfg, scale=None, gated=False):
+    """[M, N] in x's dtype. With K slices the kernel adds them itself (its last program per row block): one launch."""
+    M, N, sk = x2.shape[0], w.shape[0], cfg[2]
+    if sk == 1:
+        return _launch_partials(x2, w, cfg, scale, gated)[0]
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    part = torch.empty(sk, M, N, device=x2.device, dtype=torch.float32)
+    _run(x2, w, cfg, scale, gated, y, part, counters(x2.device, N // cfg[0]), reduce=True)
+    return y
 
 
 def _fits(cfg, N, K) -> bool:
@@ -270,10 +300,28 @@ else:  # pragma: no cover - old torch
     partials_op = _partials_impl
 
 
+def _tiled_impl(x, w, scale, bn, bk, sk, nw):
+    return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
+
+
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("hmtiny::gemv_tiled", mutates_args=())
+    def tiled_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
+                 nw: int) -> torch.Tensor:
+        return _tiled_impl(x, w, scale, bn, bk, sk, nw)
+
+    @tiled_op.register_fake
+    def _(x, w, scale, bn, bk, sk, nw):
+        return x.new_empty(x.numel() // x.shape[-1], w.shape[0])
+else:  # pragma: no cover - old torch
+    tiled_op = _tiled_impl
+
+
 def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tensor | None = None,
          gated: bool = False) -> tuple | None:
-    """The tile for `partials` / `linear_split` (timed now, once per shape; call it before capture/compile): None
-    when the kernel does not apply. split=False keeps K whole (for outputs whose consumer is not a fused op).
+    """The tile for `partials` / `linear_split` (split=True: the caller adds the K slices) or for `linear_tiled`
+    (split=False: one whole output; K slices, if any, are added inside the kernel), timed now, once per shape (call
+    it before capture/compile); None when the kernel does not apply.
     scale: the float32 per-row scales of an int8 weight. gated: x is [..., 2K] = [gate | up] (see `partials`)."""
     if not usable(x, w, scale, gated):
         return None
@@ -294,6 +342,11 @@ def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tens
     into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own."""
     y = partials(x, w, cfg, scale, gated)
     return y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
+
+
+def linear_tiled(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
+    """F.linear(x, w) (w * scale[:, None] for int8 w) with a tile from `plan(..., split=False)`: one launch."""
+    return tiled_op(x, w, scale, *cfg).view(*x.shape[:-1], w.shape[0])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

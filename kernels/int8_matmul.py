@@ -337,7 +337,7 @@ def _tiles_launch(x2, wq, scale, out):
                          f"{gemv.MAX_ROWS} rows, a float32 scale per output row, a weight with unit column stride "
                          f"and N, K that its tiles divide (got x {tuple(x2.shape)} on {x2.device}, weight "
                          f"{tuple(wq.shape)} stride {wq.stride()}, scale {scale.dtype} on {scale.device})")
-    y = gemv.linear_split(x2, wq, cfg, scale)
+    y = gemv.linear_tiled(x2, wq, cfg, scale)
     return y if out is None else out.view(y.shape).copy_(y)
 
 

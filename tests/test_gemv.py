@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kernels import gemv  # noqa: E402
+from kernels.counters import _buffers as counter_buffers  # noqa: E402
 
 # rows 1/2/3/5 (masked inside the 16-row tile); N and K divisible by the tiles but not powers of two
 SHAPES = [(1, 96, 384), (2, 160, 256), (3, 32, 640), (5, 64, 128)]
@@ -58,8 +59,11 @@ def kernel_errors(device, dtype=torch.bfloat16):
 
 @pytest.mark.skipif(gemv.triton is None, reason="triton not installed")
 def test_kernel_under_triton_interpreter(run_interpreted):
-    errs = run_interpreted(__file__)
+    out = run_interpreted(__file__)
+    errs = out["errs"]
     assert len(errs) >= len(SHAPES) and max(errs) < 2e-3, errs  # one fp16 rounding of the output
+    # K slices added inside the kernel by the last program of each row block: deterministic, counters reset
+    assert out["reduce_repeatable"] and out["counters_left"] == 0
 
 
 def test_dispatch_falls_back_to_reference_for_other_shapes():
@@ -113,16 +117,21 @@ def test_kernel_on_cuda():
     w = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) / 3072 ** 0.5
     assert gemv.usable(x, w)
     assert rel_err(gemv.linear(x, w), gemv.gemv_ref(x.float(), w.float())) < 1e-2
-    # the engine's compiled path: a planned tile (K slices allowed) for a bf16 and a per-channel int8 weight
-    for split in (False, True):
-        cfg = gemv.plan(x, w, split=split)
-        assert rel_err(gemv.linear_split(x, w, cfg), gemv.gemv_ref(x.float(), w.float())) < 1e-2
+    # the engine's paths: a planned tile, K slices added by the caller (split) or in the kernel (whole output)
+    ref = gemv.gemv_ref(x.float(), w.float())
+    assert rel_err(gemv.linear_split(x, w, gemv.plan(x, w, split=True)), ref) < 1e-2
+    for sk in (1, 2, 4):  # whichever tile the timing picks, and each in-kernel K-slice sum explicitly
+        cfg = gemv.plan(x, w, split=False) if sk == 1 else (32, 128, sk, 4)
+        assert rel_err(gemv.linear_tiled(x, w, cfg), ref) < 1e-2
+        assert torch.equal(gemv.linear_tiled(x, w, cfg), gemv.linear_tiled(x, w, cfg))  # deterministic
+    assert all(int(t.abs().sum()) == 0 for t in counter_buffers.values())  # left at 0 for the next launch
     q = torch.randint(-127, 128, (1024, 3072), device="cuda", dtype=torch.int8)
     scale = torch.rand(1024, device="cuda") / 100
     assert gemv.usable(x, q, scale) and not gemv.usable(x, q)
     cfg = gemv.plan(x, q, split=True, scale=scale)
     ref = gemv.gemv_ref(x.float(), q.float() * scale[:, None])
     assert rel_err(gemv.linear_split(x, q, cfg, scale), ref) < 1e-2
+    assert rel_err(gemv.linear_tiled(x, q, (32, 128, 4, 4), scale), ref) < 1e-2
     # SwiGLU input: [gate | up] of width 2K, silu(gate) * up taken inside the kernel; partials for add_rmsnorm
     gu = torch.randn(2, 2 * 3072, device="cuda", dtype=torch.bfloat16)
     assert gemv.usable(gu, w, gated=True) and not gemv.usable(gu, w)
@@ -135,4 +144,9 @@ def test_kernel_on_cuda():
 
 if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_interpreter
     # fp16: Triton's CPU interpreter computes bf16 dot products wrongly (the GPU test covers bf16)
-    print(json.dumps(kernel_errors("cpu", torch.float16)))
+    errs = kernel_errors("cpu", torch.float16)
+    x = torch.randn(3, 640, dtype=torch.float16)
+    w = torch.randn(64, 640, dtype=torch.float16)
+    runs = [gemv._launch(x, w, (32, 64, 5, 4)) for _ in range(3)]  # 5 slices of 128, one-shot K step 64 x 2
+    print(json.dumps({"errs": errs, "reduce_repeatable": all(torch.equal(r, runs[0]) for r in runs),
+                      "counters_left": sum(int(t.abs().sum()) for t in counter_buffers.values())}))

@@ -176,10 +176,10 @@ def test_tiles_regime_rejects_what_gemv_does_not_take():
 
 @needs_triton
 def test_tiles_regime_plumbing_and_out(monkeypatch):
-    """With gemv stubbed by the reference (CPU): the call reaches gemv.plan/linear_split and honours out=."""
+    """With gemv stubbed by the reference (CPU): the call reaches gemv.plan/linear_tiled and honours out=."""
     calls = []
     monkeypatch.setattr(K.gemv, "plan", lambda x, w, split=True, scale=None: calls.append(split) or (32, 128, 1, 4))
-    monkeypatch.setattr(K.gemv, "linear_split", lambda x, w, cfg, scale: K.int8_matmul_ref(x, w, scale))
+    monkeypatch.setattr(K.gemv, "linear_tiled", lambda x, w, cfg, scale: K.int8_matmul_ref(x, w, scale))
     wq, s = random_int8_weight(96, 384)
     x = torch.randn(2, 3, 384, dtype=torch.bfloat16)
     out = torch.full((2, 3, 96), float("nan"), dtype=torch.bfloat16)
