@@ -252,6 +252,8 @@ def main():
     if {"graph", "compile"} & set(sampled):
         tile_table(res)
         save()
+        from kernels import gemv  # this card's picks, in the format of kernels/gemv_tiles.json (gemv.SHIPPED)
+        (out_dir / "gemv_tiles.json").write_text(json.dumps(gemv.export_picks(), indent=0, sort_keys=True))
     if "eager" in sampled:
         # same seed, same frames? bf16 rounding differs between eager and fused/compiled kernels, so a near-tie
         # can flip one draw and the songs diverge from there: report the length of the common prefix

@@ -52,6 +52,9 @@ DEFAULT = (32, 128, 1, 4)
 PARTIAL_CANDIDATES = [(bn, bk, sk, nw) for bn in (16, 32, 64) for bk in (128, 256) for sk in (3, 4, 6, 8)
                       for nw in (4,)]
 _best: dict[tuple, tuple] = {}
+_names: dict[tuple, str] = {}  # key of _best -> its entry name in the cache files
+# picks measured on the cards in bench/NOTES.md, used when this machine's cache has none
+SHIPPED = Path(__file__).with_name("gemv_tiles.json")
 
 if triton is not None:
     @triton.jit
@@ -212,27 +215,33 @@ def _remember(name: str, tile) -> None:
 
 
 def _cache_name(key: tuple, x2: torch.Tensor, fits: list) -> str:
-    """The cache entry's name: the card, the software and the candidate list (a change in any re-times)."""
+    """An entry's name: the card, the shape and kind, and the candidate list (a new list re-times)."""
     card = torch.cuda.get_device_name(x2.device) if x2.is_cuda else str(x2.device)
-    version = getattr(triton, "__version__", "none")
     digest = hashlib.sha1(repr(fits).encode()).hexdigest()[:10]
-    return "|".join(map(str, (card, f"torch {torch.__version__}", f"triton {version}", *key, digest)))
+    return "|".join(map(str, (card, *key, digest)))
+
+
+def export_picks() -> dict:
+    """This process's picks in the cache files' format (bench/bench_generate.py writes them out; copied into
+    SHIPPED they spare users of that card the first run's timing)."""
+    return {_names[k]: list(t) for k, t in _best.items() if t is not None and k in _names}
 
 
 def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
     """The fastest candidate tile, timed once per (N, K, dtypes, kind) on this machine (outside any graph capture)
-    and remembered in memory and in `cache_file`. partial: the caller sums the K slices itself (fused into its
+    and remembered in memory and in `cache_file` (SHIPPED gives picks for known cards). partial: the caller sums the K slices itself (fused into its
     next kernel), so a split's sum is not timed."""
     key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, gated, pdl.enabled(x2))
     if key in _best:
         return _best[key]
     fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1])]
-    name = _cache_name(key, x2, fits)
+    name = _names[key] = _cache_name(key, x2, fits)
     path = cache_file()
-    stored = _read_cache(path).get(name) if path is not None else None
-    if isinstance(stored, list) and tuple(stored) in fits:
-        _best[key] = tuple(stored)
-        return _best[key]
+    for table in (_read_cache(path) if path is not None else {}, _read_cache(SHIPPED)):  # this machine's first
+        stored = table.get(name)
+        if isinstance(stored, list) and tuple(stored) in fits:
+            _best[key] = tuple(stored)
+            return _best[key]
     if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time now: a safe default (warm up first)
         return DEFAULT if DEFAULT in fits else None
     if partial:

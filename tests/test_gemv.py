@@ -104,10 +104,17 @@ def test_tile_picks_are_timed_once_per_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(gemv, "_best", {})
     path.write_text("{not json")
     assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 3 * n
-    monkeypatch.setenv("HMTINY_TILE_CACHE", "0")  # no file at all
+    assert list(gemv.export_picks().values()) == [[32, 128, 1, 4]]
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({k: [32, 256, 1, 4] for k in json.loads(path.read_text())}))
+    monkeypatch.setattr(gemv, "SHIPPED", shipped)
+    monkeypatch.setenv("HMTINY_TILE_CACHE", "0")  # no file of this machine's: the shipped pick, no timing
     monkeypatch.setattr(gemv, "_best", {})
     path.unlink()
-    assert gemv._pick(x, w) == (32, 128, 1, 4) and not path.exists()
+    assert gemv._pick(x, w) == (32, 256, 1, 4) and len(timed) == 3 * n and not path.exists()
+    monkeypatch.setattr(gemv, "SHIPPED", tmp_path / "none.json")
+    monkeypatch.setattr(gemv, "_best", {})
+    assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 4 * n
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
