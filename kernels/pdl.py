@@ -9,7 +9,9 @@ Contract for a kernel launched with `launch_kwargs(...)` (it receives PDL=True):
   `gdc_launch_dependents()`, so the next kernel may begin its own prologue. Calling it after the wait, not before,
   keeps at most two kernels in flight: a kernel's pre-wait reads can only overlap the one kernel before it.
 Kernels launched without it (torch's, inductor's) simply wait for everything before them, as usual; a PDL kernel
-after one of them loses nothing. `HMTINY_PDL=0` turns it off (for A/B timing).
+after one of them loses nothing. Weights changed between steps (the engine's refresh copies) are safe to read
+early as long as the copy is not the very kernel before the reader: when a kernel begins, the one two places
+before it has finished (it waited for it before releasing its dependents). `HMTINY_PDL=0` turns it off (for A/B timing).
 """
 from __future__ import annotations
 
