@@ -272,8 +272,9 @@ def run(a) -> int:
     print(f"generating ({mode} engine)...")
     tiles = gemv.cache_file()
     if mode != "eager" and (tiles is None or not tiles.exists()):
+        kept = "not kept" if tiles is None else f"kept in {tiles}"
         print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before the "
-              f"first frame (a few minutes on a fresh H100); {'not kept' if tiles is None else f'kept in {tiles}'} for later runs")
+              f"first frame (a few minutes on a fresh H100); {kept} for later runs")
     songs = engine.generate([prompt] * a.num, max_frames, cfg_scale=s["cfg"], topk=s["topk"],
                             temperature=s["temperature"], generator=generator, progress=progress,
                             stop_on_eos=s["stop_on_eos"])
