@@ -229,8 +229,8 @@ def export_picks() -> dict:
 
 def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
     """The fastest candidate tile, timed once per (N, K, dtypes, kind) on this machine (outside any graph capture)
-    and remembered in memory and in `cache_file` (SHIPPED gives picks for known cards). partial: the caller sums the K slices itself (fused into its
-    next kernel), so a split's sum is not timed."""
+    and remembered in memory and in `cache_file` (SHIPPED gives picks for known cards). partial: the caller sums
+    the K slices itself (fused into its next kernel), so a split's sum is not timed."""
     key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, gated, pdl.enabled(x2))
     if key in _best:
         return _best[key]
