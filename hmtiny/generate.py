@@ -183,6 +183,13 @@ class FastStack(nn.Module):
         super().__init__()
         self.stack = stack
         self.layers = nn.ModuleList(FastLayer(b, fuse) for b in stack.layers)
+        self.fused_norm = True
+
+    def use_fused_norm(self, on: bool):
+        """kernels.add_rmsnorm (True) or its torch reference, for inductor to fuse (False), in every norm."""
+        self.fused_norm = on
+        for layer in self.layers:
+            layer.fused_norm = on
 
     def forward(self, x, pos, slots, start, prompt: bool = False):
         """x [B,S,D] at positions pos [B,S], written to consecutive cache slots [S]; row i of song b sees cache
@@ -190,7 +197,8 @@ class FastStack(nn.Module):
         pending = None
         for layer in self.layers:
             x, pending = layer(x, pending, slots, pos, start, self.stack.rope, prompt)
-        return add_rmsnorm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]
+        add_norm = add_rmsnorm if self.fused_norm else add_rmsnorm_ref
+        return add_norm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]
 
 
 # ---------------------------------------------------------------- the engine
@@ -224,8 +232,7 @@ class Engine:
         # product into its own kernels, no PDL.
         self.kernel_layers = mode != "compile"
         for st in (self.backbone, self.decoder):
-            for layer in st.layers:
-                layer.fused_norm = self.kernel_layers
+            st.use_fused_norm(self.kernel_layers)
         self.sources = self._sources()
         if share and fuse:  # the model's own q/k/v and gate/up weights become views of the fused matrices
             for f in self._fused():
