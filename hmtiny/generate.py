@@ -113,8 +113,12 @@ class Fused(nn.Module):
             self.tile, self.tile_gated = gemv.plan(x, ws[0], split=split, scale=ws[1], gated=gated), gated
             self.tile_split = split
 
+    def _tiled(self, x) -> bool:
+        """A planned tile applies to x (the prompt's many rows take the general path)."""
+        return self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS
+
     def forward(self, x):
-        if self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+        if self._tiled(x):
             w, scale = self.gemv_weight()
             linear = gemv.linear_split if self.tile_split else gemv.linear_tiled
             return linear(x, w, self.tile, scale)
@@ -131,7 +135,7 @@ class Fused(nn.Module):
         """The output as K slices [sk, ..., N] for kernels.add_rmsnorm to add up (one slice unless a split tile was
         planned). gated: x is [..., 2H] = [gate | up] and the layer's input is silu(gate) * up (SwiGLU), which
         the GEMV computes as it loads x."""
-        if self.tile is not None and self.tile_gated == gated and x.numel() // x.shape[-1] <= gemv.MAX_ROWS:
+        if self._tiled(x) and self.tile_gated == gated:
             w, scale = self.gemv_weight()
             return gemv.partials(x, w, self.tile, scale, gated)
         if gated:
@@ -230,7 +234,6 @@ class Engine:
         # graph mode: every layer op is one of our kernels, chained with PDL (kernels/pdl.py). compile mode keeps
         # the design it was measured with (bench/NOTES.md): inductor fuses the K-slice sums, norms and SwiGLU
         # product into its own kernels, no PDL.
-        self.kernel_layers = mode != "compile"
         for st in (self.backbone, self.decoder):
             st.use_fused_norm(self.kernel_layers)
         self.sources = self._sources()
@@ -253,6 +256,11 @@ class Engine:
         self._graph = None
         self._compiled = None
         self._planned = False
+
+    @property
+    def kernel_layers(self) -> bool:
+        """Layers made of our kernels chained with PDL (graph, eager), or left to inductor to fuse (compile)."""
+        return self.mode != "compile"
 
     def _sources(self):
         """The module objects the engine was built from (to notice LoRA wrapping, quantisation, merging)."""

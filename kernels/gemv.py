@@ -146,14 +146,14 @@ def _launch_partials(x2, w, cfg, scale=None, gated=False):
     return y
 
 
-def _launch(x2, w, cfg, scale=None, gated=False):
+def _launch(x2, w, cfg, scale=None):
     """[M, N] in x's dtype. With K slices the kernel adds them itself (its last program per row block): one launch."""
     M, N, sk = x2.shape[0], w.shape[0], cfg[2]
     if sk == 1:
-        return _launch_partials(x2, w, cfg, scale, gated)[0]
+        return _launch_partials(x2, w, cfg, scale)[0]
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     part = torch.empty(sk, M, N, device=x2.device, dtype=torch.float32)
-    _run(x2, w, cfg, scale, gated, y, part, counters(x2.device, N // cfg[0]), reduce=True)
+    _run(x2, w, cfg, scale, False, y, part, counters(x2.device, N // cfg[0]), reduce=True)
     return y
 
 
