@@ -213,7 +213,7 @@ def main():
         n = frames_out[0].shape[0]
         row = {"label": label, "mode": mode, "frames": n, "first_call_s": first, "s": t, "frames_per_s": n / t,
                "ms_per_frame": 1e3 * t / n, "realtime_x": n / t / FRAME_RATE,
-               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, **(eng.last_timing or {})}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()

@@ -1,10 +1,11 @@
 """Where a generated frame's time goes: per-kernel GPU time of one frame step at full 3B size.
 
-    python bench/profile_generate.py [--modes graph,compile] [--frames 64] [--steps 20]
+    python bench/profile_generate.py [--modes graph,compile] [--frames 375] [--steps 20]
 
 For each Engine mode: one short request (200-row prompt, CFG on) to build and capture the step, then
 torch.profiler over `--steps` replays of the captured CUDA graph (CUPTI reports the kernels inside a graph), and
-over the same number of un-captured calls of the step (what the graph holds, launched one by one). Prints the
+over the same number of un-captured calls of the step (what the graph holds, launched one by one); before that,
+the replay's wall time with the cache at its start, middle and end (attention grows with the cache). Prints the
 kernels grouped by name: calls per frame, GPU µs per frame, share of the frame; and the graph replay's wall time
 per frame next to the sum of its kernels' times (the difference is the gaps between kernels).
 JSON to $OUT/profile_generate.json when OUT is set.
@@ -44,7 +45,7 @@ def kernel_table(prof, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="graph,compile")
-    ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--frames", type=int, default=375)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
@@ -58,15 +59,23 @@ def main():
 
         def rewind():  # the request is over: put the frame counters back so replays stay inside the buffers
             eng.state["idx"].zero_()
-            eng.state["slot"].fill_(P + 1)
+            eng.state["slot"].fill_(P)
 
-        rewind()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            eng._graph.replay()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / args.steps * 1e6
+        def replay_us(at):  # wall µs per replay with the cache holding the prompt + `at` frames
+            eng.state["idx"].fill_(at)
+            eng.state["slot"].fill_(P + at)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                eng._graph.replay()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / args.steps * 1e6
+
+        at_frames = [0, (args.frames - args.steps) // 2, args.frames - args.steps]
+        by_length = {a: replay_us(a) for a in at_frames}
+        print(f"{mode}: graph replay us/frame by frames already in the cache: "
+              + ", ".join(f"{a}: {t:.0f}" for a, t in by_length.items()), flush=True)
+        wall = by_length[0]
         rewind()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
             for _ in range(args.steps):
@@ -79,7 +88,8 @@ def main():
                 eng._step()
             torch.cuda.synchronize()
         table_e, sum_e = kernel_table(p, args.steps)
-        res[mode] = {"graph_wall_us_per_frame": wall, "graph_kernel_sum_us": sum_g, "graph_kernels": table_g,
+        res[mode] = {"graph_wall_us_per_frame": wall, "graph_wall_us_by_cached_frames": by_length,
+                     "graph_kernel_sum_us": sum_g, "graph_kernels": table_g,
                      "ungraphed_kernel_sum_us": sum_e, "ungraphed_kernels": table_e,
                      "kernels_per_frame": sum(r["calls_per_frame"] for r in table_e)}
         print(f"\n== {mode}: graph replay {wall:.0f} us/frame wall; kernels inside {sum_g:.0f} us "

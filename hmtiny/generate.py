@@ -256,6 +256,8 @@ class Engine:
         self._graph = None
         self._compiled = None
         self._planned = False
+        self._rng = None  # see generate
+        self.last_timing = None  # CUDA: {prefill_ms (+ capture on a first call), ms_per_frame_step}
 
     @property
     def kernel_layers(self) -> bool:
@@ -327,14 +329,17 @@ class Engine:
         return torch.empty(self.K, self.Bs, self.Vout, device=self.device).exponential_(generator=self.generator)
 
     def _step_core(self, noise):
-        """Feed the previous frame at the next cache slot, produce the next frame; all state on the device."""
+        """One frame from the backbone's last state, then that frame fed to the backbone at the next cache slot
+        (its new state is the next step's input); all state on the device. The first frame after the prefill is
+        a step like the others (a replay of the captured graph, not an eager pass through the depth decoder); the
+        last step's backbone pass is spare (~2 ms a request)."""
         s = self.state
-        x = self.model.audio_embeddings(self._both(s["prev"]) + self.model.audio_offsets).sum(1, keepdim=True)
+        frame = self._frame_from_hidden(s["h"], noise)
+        self._record(frame)
+        x = self.model.audio_embeddings(self._both(frame) + self.model.audio_offsets).sum(1, keepdim=True)
         slot = s["slot"]
         pos = (slot - self.pad)[:, None]  # [B2,1] each song's own position
-        h = self.backbone(x.to(self.dtype), pos, slot, self.pad)[:, -1]
-        frame = self._frame_from_hidden(h, noise)
-        self._record(frame)
+        s["h"].copy_(self.backbone(x.to(self.dtype), pos, slot, self.pad)[:, -1])
         slot.add_(1)
 
     def _record(self, frame):
@@ -343,7 +348,6 @@ class Engine:
         eos = (frame == self.eos).any(-1)
         s["length"].copy_(torch.where(eos & ~s["done"], s["idx"], s["length"]))
         s["done"].logical_or_(eos)
-        s["prev"].copy_(frame)
         s["idx"].add_(1)
 
     def _step(self):
@@ -369,11 +373,20 @@ class Engine:
         self.refresh()
         self.bias[self.eos] = 0.0 if stop_on_eos else -math.inf  # in place: a captured graph sees it
         self.cfg_on, self.cfg_scale = cfg_scale != 1.0, float(cfg_scale)
-        self.topk, self.temperature, self.generator = int(topk), float(temperature), generator
+        self.topk, self.temperature = int(topk), float(temperature)
+        # The draws come from the engine's own generator, loaded with the caller's state (or the device's default
+        # generator's) and written back at the end: a captured graph stays bound to one generator, so a new
+        # generator per request needs no new capture, and the caller's generator advances as in eager code.
+        source = generator if generator is not None else _default_generator(self.device)
+        if source is not None:
+            if self._rng is None:
+                self._rng = torch.Generator(self.device)
+            self._rng.set_state(source.get_state())
+        self.generator = self._rng if source is not None else None
         dev, Bs = self.device, len(prompts)
         lens = [int(p[0].shape[0]) for p in prompts]
         P = max(lens)
-        need = P + max_frames + 1  # frame rows up to P+max_frames-2, plus the 2 warm-up steps before capture
+        need = P + max_frames  # step k feeds its frame at slot P+k (the last one spare)
         limit = m.cfg.backbone.max_seq_len
         if need > limit:
             raise ValueError(f"prompt ({P} rows) + {max_frames} frames exceeds the backbone context {limit}")
@@ -395,7 +408,7 @@ class Engine:
         tokens, tmask, uncond, muq = tokens.to(dev), tmask.to(dev), uncond.to(dev), muq.to(dev)
         self.Bs, self.pad = Bs, pad.to(dev)
 
-        key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, id(generator), max_frames)
+        key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, max_frames)
         if key != self._graph_key:
             self._graph = None
             m.setup_caches(B2, L, dtype=self.dtype, device=dev)
@@ -405,50 +418,63 @@ class Engine:
                 slots = torch.arange(0 if i == 1 else i, i + 1, device=dev)
                 self.dec_steps.append((slots[None].expand(B2, -1), slots))
             self.dec_start = torch.zeros(B2, dtype=torch.long, device=dev)
-            self.state = {"prev": torch.zeros(Bs, self.K, dtype=torch.long, device=dev),
+            self.state = {"h": torch.zeros(B2, m.cfg.dim, dtype=self.dtype, device=dev),  # backbone's last state
                           "slot": torch.zeros(1, dtype=torch.long, device=dev),
                           "idx": torch.zeros(1, dtype=torch.long, device=dev),
-                          # 2 spare frames: the warm-up steps before graph capture write there
+                          # 2 spare frames (the profile's replays may run past the request)
                           "out": torch.zeros(Bs, max_frames + 2, self.K, dtype=torch.long, device=dev),
                           "length": torch.zeros(Bs, dtype=torch.long, device=dev),
                           "done": torch.zeros(Bs, dtype=torch.bool, device=dev)}
         s = self.state
 
+        # CUDA events (no sync): where the call's time went, read by benchmarks from `last_timing`
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if dev.type == "cuda" else None
+        if marks:
+            marks[0].record()
         # prefill: the whole prompt at slots 0..P-1, each song at its own positions 0..n-1
         x = m.embed_rows(tokens, tmask, muq, uncond).to(self.dtype)
         rows = torch.arange(P, device=dev)
         pos = (rows[None] - self.pad[:, None]).clamp(min=0)
-        h = self.backbone(x, pos, rows, self.pad, prompt=True)[:, -1]
+        s["h"].copy_(self.backbone(x, pos, rows, self.pad, prompt=True)[:, -1])
         s["slot"].fill_(P)
         s["idx"].zero_()
         s["length"].fill_(max_frames)
         s["done"].zero_()
-        self._record(self._frame_from_hidden(h, self._draw_noise()))
 
         if max_frames > 1 and self.mode != "eager" and self._graph is None:
             self._capture()
             self._graph_key = key
-        for k in range(1, max_frames):
+        if marks:
+            marks[1].record()
+        for k in range(max_frames):
             if self._graph is not None:
                 self._graph.replay()
             else:
                 self._step()
-            if k % eos_check_every == 0:
+            if (k + 1) % eos_check_every == 0:
                 if progress:
                     progress(k + 1, max_frames)
                 if bool(s["done"].all()):  # the only host sync of the loop
                     break
         if progress:
             progress(int(s["idx"].item()), max_frames)
+        if marks:
+            marks[2].record()
         lengths = s["length"].tolist()
         out = s["out"].cpu()
+        if source is not None:
+            source.set_state(self._rng.get_state())
+        if marks:  # .cpu() above waited for the loop
+            steps = max(int(s["idx"].item()), 1)
+            self.last_timing = {"prefill_ms": marks[0].elapsed_time(marks[1]),
+                                "frame_steps": steps, "ms_per_frame_step": marks[1].elapsed_time(marks[2]) / steps}
         return [out[b, : lengths[b]].clone() for b in range(Bs)]
 
     def _plan_tiles(self, rows: int | None = None):
         """Time each decode matmul's tile once for `rows` input rows (default: this request's), before capture (and
         before torch.compile bakes it in). Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along
         K, w2 taking [gate | up]; q/k/v and gate/up stay whole for their consumers (attention, w2's SwiGLU)."""
-        rows = rows or self.state["prev"].shape[0] * (2 if self.cfg_on else 1)
+        rows = rows or self.state["h"].shape[0]
         kernels = self.kernel_layers  # else: inductor sums w13's slices inside its SiLU-mul kernel
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
@@ -497,6 +523,13 @@ class Engine:
         torch.cuda.synchronize(self.device)
         restore()
         self._graph = graph
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator torch.manual_seed seeds, for CPU and CUDA (other devices: None, their global RNG is used)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator if device.type == "cpu" else None
 
 
 # ---------------------------------------------------------------- the function most callers use
