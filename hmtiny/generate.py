@@ -406,7 +406,7 @@ class Engine:
             uncond = torch.cat([uncond, ~uncond])
         B2 = tokens.shape[0]
         tokens, tmask, uncond, muq = tokens.to(dev), tmask.to(dev), uncond.to(dev), muq.to(dev)
-        self.Bs, self.pad = Bs, pad.to(dev)
+        self.Bs = Bs
 
         key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, max_frames)
         if key != self._graph_key:
@@ -418,6 +418,8 @@ class Engine:
                 slots = torch.arange(0 if i == 1 else i, i + 1, device=dev)
                 self.dec_steps.append((slots[None].expand(B2, -1), slots))
             self.dec_start = torch.zeros(B2, dtype=torch.long, device=dev)
+            # every tensor the captured step reads lives as long as the graph: new values are copied in
+            self.pad = torch.zeros(B2, dtype=torch.long, device=dev)
             self.state = {"h": torch.zeros(B2, m.cfg.dim, dtype=self.dtype, device=dev),  # backbone's last state
                           "slot": torch.zeros(1, dtype=torch.long, device=dev),
                           "idx": torch.zeros(1, dtype=torch.long, device=dev),
@@ -426,6 +428,7 @@ class Engine:
                           "length": torch.zeros(Bs, dtype=torch.long, device=dev),
                           "done": torch.zeros(Bs, dtype=torch.bool, device=dev)}
         s = self.state
+        self.pad.copy_(pad)  # each song's left padding (its own positions start there)
 
         # CUDA events (no sync): where the call's time went, read by benchmarks from `last_timing`
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if dev.type == "cuda" else None

@@ -95,6 +95,11 @@ def test_cuda_graph_is_reused_across_generators(fixtures):
     assert eng._graph is graph
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+    # same request shape, other left padding: the replayed step must read this request's values, not stale ones
+    d = eng.generate(prompts[::-1], generator=torch.Generator("cuda").manual_seed(3), **kw)
+    fresh = Engine(model, "graph").generate(prompts[::-1], generator=torch.Generator("cuda").manual_seed(3), **kw)
+    assert eng._graph is graph
+    assert all(torch.equal(x, y) for x, y in zip(d, fresh))
 
 
 def test_sampler_topk_temperature_and_forbidden_ids(mula):
