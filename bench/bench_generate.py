@@ -203,7 +203,7 @@ def main():
     res["prompt_rows"] = int(prompt[0].shape[0])
 
     def run_engine(label, mode, frames):
-        eng = Engine(model, mode)
+        eng = Engine(model, mode, share=True)  # as sample.py runs it: no second copy of the fused weights
         call = lambda seed: eng.generate([prompt], frames, cfg_scale=args.cfg, topk=args.topk,
                                          generator=torch.Generator(dev).manual_seed(seed), eos_check_every=64,
                                          stop_on_eos=False)  # random weights: never stop early

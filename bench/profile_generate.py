@@ -59,11 +59,11 @@ def main():
 
         def rewind():  # the request is over: put the frame counters back so replays stay inside the buffers
             eng.state["idx"].zero_()
-            eng.state["slot"].fill_(P)
+            eng.state["slot"].fill_(P + 1)
 
         def replay_us(at):  # wall µs per replay with the cache holding the prompt + `at` frames
-            eng.state["idx"].fill_(at)
-            eng.state["slot"].fill_(P + at)
+            eng.state["idx"].fill_(at + 1)
+            eng.state["slot"].fill_(P + 1 + at)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -71,7 +71,7 @@ def main():
             torch.cuda.synchronize()
             return (time.perf_counter() - t0) / args.steps * 1e6
 
-        at_frames = [0, (args.frames - args.steps) // 2, args.frames - args.steps]
+        at_frames = [0, (args.frames - args.steps) // 2, args.frames - args.steps - 1]
         by_length = {a: replay_us(a) for a in at_frames}
         print(f"{mode}: graph replay us/frame by frames already in the cache: "
               + ", ".join(f"{a}: {t:.0f}" for a, t in by_length.items()), flush=True)

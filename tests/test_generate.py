@@ -161,7 +161,7 @@ def test_per_song_stop(mula, k):
     assert [g.shape[0] for g in got] == [3, 0, 9]  # the EOS frame is dropped, any codebook stops
     for g, f in zip(got, full):
         assert torch.equal(g, f[: g.shape[0]])
-    assert eng.steps == 12  # frames 0..11: done at frame 9, noticed at the check after 12 frames, not 40 frames
+    assert eng.steps == 13  # frames 0..12: done at frame 9, noticed at the check after frame 12, not 40 frames
 
 
 def test_max_frames_and_progress(mula):
