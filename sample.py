@@ -271,7 +271,7 @@ def run(a) -> int:
 
     print(f"generating ({mode} engine)...")
     tiles = gemv.cache_file()
-    if mode != "eager" and (tiles is None or not tiles.exists()):
+    if mode != "eager" and (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(engine.device):
         kept = "not kept" if tiles is None else f"kept in {tiles}"
         print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before the "
               f"first frame (a few minutes on a fresh H100); {kept} for later runs")

@@ -552,9 +552,10 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
 
 # ---------------------------------------------------------------- the function most callers use
 def default_mode(device: torch.device) -> str:
-    """CUDA graph of the frame step on CUDA: ~177 frames/s on an H100 (3B bf16); the first call on a fresh machine
-    takes ~2 minutes (tile timing, Triton compiles; both cached on disk for later processes). "compile" adds ~45 s
-    of torch.compile to a first call and measured ~182 frames/s in an earlier revision (bench/NOTES.md)."""
+    """CUDA graphs of the prefill and of the frame step on CUDA: ~200 frames/s on an H100 (3B bf16, 30 s songs); the
+    first call takes ~13 s on a fresh H100 80GB HBM3 (tile picks shipped in kernels/gemv_tiles.json, Triton
+    compiles), ~2 minutes on other cards (tile timing; cached on disk for later processes). "compile" adds ~45 s of
+    torch.compile to a first call and measured ~189 frames/s (bench/NOTES.md)."""
     return "graph" if device.type == "cuda" else "eager"
 
 

@@ -224,6 +224,12 @@ def _cache_name(key: tuple, x2: torch.Tensor, fits: list) -> str:
     return "|".join(map(str, (card, *key, digest)))
 
 
+def has_shipped_picks(device) -> bool:
+    """SHIPPED holds picks for this CUDA card (its first run then skips most of the timing)."""
+    card = torch.cuda.get_device_name(device) + "|"
+    return any(name.startswith(card) for name in _read_cache(SHIPPED))
+
+
 def export_picks() -> dict:
     """This process's picks in the cache files' format (bench/bench_generate.py writes them out; copied into
     SHIPPED they spare users of that card the first run's timing)."""
