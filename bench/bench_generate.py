@@ -5,7 +5,8 @@
 Rows: `plain` is a straightforward loop over the model's own modules and static KV cache (no fused weights, no
 graph, one host sync per frame for the EOS test, as the reference pipelines do); the others are hmtiny.generate's
 Engine modes. frames/s is end to end (prefill + frames + copy back) on the second call; the first call's time
-(graph capture, torch.compile) is reported apart. Random weights could emit EOS at any frame: EOS is masked out
+(graph capture, torch.compile) is reported apart, and the engines' second call is split (CUDA events) into
+"prefill ms" (prompt prefill + first frame) and "loop ms" (per later frame step). Random weights could emit EOS at any frame: EOS is masked out
 here so every run makes all its frames. JSON goes to $OUT/bench_generate.json when OUT is set.
 """
 import argparse
@@ -284,13 +285,15 @@ def main():
 
     print(f"\n{res['device']}, torch {res['torch']}, prompt {res['prompt_rows']} rows, cfg {args.cfg}, "
           f"top-k {args.topk}; floor ~{res['floor_ms']:.2f} ms/frame")
-    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} {'GiB':>6s}")
+    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} {'GiB':>6s} "
+          f"{'prefill ms':>10s} {'loop ms':>8s}")
     for r in res["rows"]:
         if "error" in r:
             print(f"{r['label']:44s} ERROR {r['error'][:200]}")
             continue
         print(f"{r['label']:44s} {r['frames']:6d} {r['frames_per_s']:9.1f} {r['ms_per_frame']:9.2f} "
-              f"{r['realtime_x']:7.1f} {r.get('first_call_s', float('nan')):10.1f} {r.get('peak_GiB', float('nan')):6.1f}")
+              f"{r['realtime_x']:7.1f} {r.get('first_call_s', float('nan')):10.1f} {r.get('peak_GiB', float('nan')):6.1f} "
+              f"{r.get('prefill_and_first_frame_ms', float('nan')):10.1f} {r.get('ms_per_frame_step', float('nan')):8.3f}")
     if "gemv" in res:
         print(f"\n{'matmul (2 rows)':16s} {'N':>6s} {'K':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'gemv us':>8s} {'TB/s':>5s} "
               f"{'rel err':>8s} tile")
