@@ -7,7 +7,8 @@ graph, one host sync per frame for the EOS test, as the reference pipelines do);
 Engine modes. frames/s is end to end (prefill + frames + copy back) on the second call; the first call's time
 (graph capture, torch.compile) is reported apart, and the engines' second call is split (CUDA events) into
 "prefill ms" (prompt prefill + first frame) and "loop ms" (per later frame step). Random weights could emit EOS
-at any frame: EOS is masked out here so every run makes all its frames. JSON goes to $OUT/bench_generate.json when OUT is set.
+at any frame: EOS is masked out here so every run makes all its frames. JSON goes to $OUT/bench_generate.json
+when OUT is set.
 """
 import argparse
 import faulthandler
