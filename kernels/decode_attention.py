@@ -388,20 +388,18 @@ def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: i
             and start.is_contiguous())
 
 
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    # one opaque call for torch.compile (fullgraph) that CUDA graphs capture; it writes the caches in place
-    @torch.library.custom_op("hmtiny::decode_attention", mutates_args=("k_cache", "v_cache"))
-    def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor,
-                            pos: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, n_heads: int,
-                            n_kv: int) -> torch.Tensor:
-        return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
+# one opaque call for torch.compile (fullgraph) that CUDA graphs capture; it writes the caches in place
+@torch.library.custom_op("hmtiny::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor,
+                        pos: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, n_heads: int,
+                        n_kv: int) -> torch.Tensor:
+    return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
 
-    @decode_attention_op.register_fake
-    def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
-        hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
-        return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * hd)
-else:  # pragma: no cover - old torch
-    decode_attention_op = _launch
+
+@decode_attention_op.register_fake
+def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
+    hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
+    return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * hd)
 
 
 def decode_attention(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> torch.Tensor:

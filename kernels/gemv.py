@@ -281,58 +281,40 @@ def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
             and any(_fits(c, w.shape[0], w.shape[1]) for c in CANDIDATES))
 
 
-def _gemv_impl(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("hmtiny::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     cfg = _pick(x2, w)
     y = gemv_ref(x2, w) if cfg is None else _launch(x2, w, cfg)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("hmtiny::gemv", mutates_args=())
-    def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _gemv_impl(x, w)
-
-    @gemv_op.register_fake
-    def _(x, w):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
-else:  # pragma: no cover - old torch
-    gemv_op = _gemv_impl
+@gemv_op.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-def _partials_impl(x, w, scale, bn, bk, sk, nw, gated):
+@torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
+def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
+                nw: int, gated: bool) -> torch.Tensor:
     return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, gated)
 
 
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
-    def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-                    nw: int, gated: bool) -> torch.Tensor:
-        return _partials_impl(x, w, scale, bn, bk, sk, nw, gated)
-
-    @partials_op.register_fake
-    def _(x, w, scale, bn, bk, sk, nw, gated):
-        m = x.numel() // x.shape[-1]
-        return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
-else:  # pragma: no cover - old torch
-    partials_op = _partials_impl
+@partials_op.register_fake
+def _(x, w, scale, bn, bk, sk, nw, gated):
+    m = x.numel() // x.shape[-1]
+    return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
 
 
-def _tiled_impl(x, w, scale, bn, bk, sk, nw):
+@torch.library.custom_op("hmtiny::gemv_tiled", mutates_args=())
+def tiled_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
+             nw: int) -> torch.Tensor:
     return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
 
 
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("hmtiny::gemv_tiled", mutates_args=())
-    def tiled_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-                 nw: int) -> torch.Tensor:
-        return _tiled_impl(x, w, scale, bn, bk, sk, nw)
-
-    @tiled_op.register_fake
-    def _(x, w, scale, bn, bk, sk, nw):
-        return x.new_empty(x.numel() // x.shape[-1], w.shape[0])
-else:  # pragma: no cover - old torch
-    tiled_op = _tiled_impl
+@tiled_op.register_fake
+def _(x, w, scale, bn, bk, sk, nw):
+    return x.new_empty(x.numel() // x.shape[-1], w.shape[0])
 
 
 def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tensor | None = None,

@@ -21,7 +21,6 @@ import os
 import torch
 
 try:
-    import triton
     from triton.backends.nvidia.compiler import CUDAOptions
     _SUPPORTED = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 except Exception:  # no Triton, or a Triton without the option

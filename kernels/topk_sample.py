@@ -371,18 +371,16 @@ def _launch(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float
     return out
 
 
-if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("hmtiny::topk_sample", mutates_args=())
-    def topk_sample_op(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float, temperature: float,
-                       topk: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
-        return _launch(logits, bias, cfg_scale, temperature, topk, noise)
+@torch.library.custom_op("hmtiny::topk_sample", mutates_args=())
+def topk_sample_op(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float, temperature: float,
+                   topk: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch(logits, bias, cfg_scale, temperature, topk, noise)
 
-    @topk_sample_op.register_fake
-    def _(logits, bias, cfg_scale, temperature, topk, noise):
-        B2 = logits.shape[0]
-        return logits.new_empty(B2 // 2 if cfg_scale != 1.0 else B2, dtype=torch.int64)
-else:  # pragma: no cover - old torch
-    topk_sample_op = _launch
+
+@topk_sample_op.register_fake
+def _(logits, bias, cfg_scale, temperature, topk, noise):
+    B2 = logits.shape[0]
+    return logits.new_empty(B2 // 2 if cfg_scale != 1.0 else B2, dtype=torch.int64)
 
 
 def usable(logits: torch.Tensor) -> bool:
