@@ -257,7 +257,7 @@ class Engine:
         self._compiled = None
         self._planned = False
         self._rng = None  # see generate
-        self.last_timing = None  # CUDA: {prefill_and_first_frame_ms (+ captures on a first call), ms_per_frame_step}
+        self.last_timing = None  # CUDA: prefill_and_first_frame_ms (+ captures on a first call), ms_per_frame_step
 
     @property
     def kernel_layers(self) -> bool:
@@ -451,15 +451,14 @@ class Engine:
             marks[0].record()
         # prefill + first frame, then one step per frame: each a CUDA graph (captured on a request shape's first
         # call) except in eager mode. A graph of the prefill spares ~300 launches from Python (~40-60 ms).
-        if self.mode == "eager":
+        if self.mode == "eager":  # (its caches are set up again every call: no key kept)
             self._first_frame()
         else:
             if self._first_graph is None:
                 self._first_graph = self._capture(self._first_frame)
             self._first_graph.replay()
-        if max_frames > 1 and self.mode != "eager" and self._graph is None:
-            self._graph = self._capture(self._step)
-        if self.mode != "eager":  # eager mode sets its caches up again every call
+            if max_frames > 1 and self._graph is None:
+                self._graph = self._capture(self._step)
             self._graph_key = key
         if marks:
             marks[1].record()
@@ -505,11 +504,8 @@ class Engine:
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
         """Warm up fn (Triton and inductor compiles, cuBLAS handles), then record it in a CUDA graph; the request
-        state and the generators are restored around both, so the first replay is the request's real call."""
-        with pdl.suspended() if self.mode == "compile" else contextlib.nullcontext():
-            return self._record_graph(fn)
-
-    def _record_graph(self, fn) -> torch.cuda.CUDAGraph:
+        state and the generators are restored around both, so the first replay is the request's real call.
+        Compile mode captures without PDL (the design it was measured with)."""
         s = self.state
         saved = {k: v.clone() for k, v in s.items()}
         gen_state = self.generator.get_state() if self.generator is not None else None
@@ -522,22 +518,24 @@ class Engine:
                 self.generator.set_state(gen_state)
             torch.cuda.set_rng_state(cuda_state, self.device)
 
-        if not self._planned:
-            self._plan_tiles()
-        if self.mode == "compile" and self._compiled is None:
-            self._compiled = torch.compile(self._step_core, fullgraph=True, dynamic=False)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # the prefill rewrites the same cache rows each time: safe to repeat
-            for _ in range(2):
+        # tiles are planned, and picked at capture, with the PDL setting the launches will have
+        with pdl.suspended() if self.mode == "compile" else contextlib.nullcontext():
+            if not self._planned:
+                self._plan_tiles()
+            if self.mode == "compile" and self._compiled is None:
+                self._compiled = torch.compile(self._step_core, fullgraph=True, dynamic=False)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # the prefill rewrites the same cache rows each time: safe to repeat
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            restore()
+            graph = torch.cuda.CUDAGraph()
+            if self.generator is not None and self.topk != 1:  # (one generator may serve several graphs)
+                graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph):
                 fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        restore()
-        graph = torch.cuda.CUDAGraph()
-        if self.generator is not None and self.topk != 1:  # (one generator may serve several graphs)
-            graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph):
-            fn()
         torch.cuda.synchronize(self.device)
         restore()
         return graph
@@ -546,7 +544,8 @@ class Engine:
 def _default_generator(device: torch.device) -> torch.Generator | None:
     """The generator torch.manual_seed seeds, for CPU and CUDA (other devices: None, their global RNG is used)."""
     if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
     return torch.default_generator if device.type == "cpu" else None
 
 
