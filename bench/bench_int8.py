@@ -103,10 +103,8 @@ def matmul_table(ms=MS, shapes=SHAPES):
             row["bf16_us"] = gpu_us(lambda i: xs[i] @ sets[i][3].T, n_sets)
             row["bf16_eager_us"] = bench(lambda i: xs[i] @ sets[i][3].T, n_sets)
             row["deq_mm_eager_us"] = bench(lambda i: xs[i] @ (sets[i][0].to(torch.bfloat16) * sets[i][2][:, None]).T, n_sets)
-            regimes = ["decode", "decode_split"] if m <= K.DECODE_MAX_M else ["train", "dequant"]
-            regimes += ["gemv"] if m <= K.GEMV_MAX_M else []
-            # kernels/gemv.py's GEMV (int8 + row scales), where its tiles divide the shape
-            regimes += ["tiles"] if m <= gemv.MAX_ROWS and gemv.usable(xs[0], wq, s) else []
+            # the default dispatch's decode candidates (with kernels.gemv's "tiles" where they divide the shape)
+            regimes = K._decode_candidates(xs[0], wq, s) if m <= K.DECODE_MAX_M else ["train", "dequant"]
             for regime in regimes:
                 row[f"err_{regime}"] = rel_err(mm(regime)(0), ref)
                 row[f"{regime}_us"] = gpu_us(mm(regime), n_sets)
