@@ -133,28 +133,28 @@ def gemv_table(res, dev="cuda"):
 
 def tile_table(res, dev="cuda"):
     """The GEMV tile each decode matmul shape got in the engines (kernels.gemv._best, keyed by N, K, weight dtype,
-    input dtype, partial = K slices summed by the consumer, gated = SwiGLU input, PDL), timed again inside a CUDA
+    input dtype, partial = K slices summed by the consumer, glu = gate/up ending in SwiGLU's product, PDL), timed again inside a CUDA
     graph over weights that miss L2, with the same PDL setting."""
     import contextlib
     from kernels import gemv, pdl
     rows = []
     for key, tile in list(gemv._best.items()):
-        n, k, wdtype, xdtype, partial, gated, with_pdl = key
+        n, k, wdtype, xdtype, partial, glu, with_pdl = key
         if tile is None:
             continue
         int8 = wdtype == torch.int8
         w = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) if int8 else \
             torch.randn(n, k, device=dev, dtype=wdtype)
         scale = torch.rand(n, device=dev) / 100 if int8 else None
-        x = torch.randn(2, k * (2 if gated else 1), device=dev, dtype=xdtype)
+        x = torch.randn(2, k, device=dev, dtype=xdtype)
         with contextlib.nullcontext() if with_pdl else pdl.suspended():
             if partial:
-                t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, scale, *tile, gated), w) * 1e6
+                t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, scale, *tile), w) * 1e6
             else:  # one whole output: K slices added inside the kernel
-                t = gemv.time_in_graph(lambda wi: gemv.tiled_op(x, wi, scale, *tile), w) * 1e6
+                t = gemv.time_in_graph(lambda wi: gemv.tiled_op(x, wi, scale, *tile, glu), w) * 1e6
         wb = w.to(torch.bfloat16) if int8 else w
-        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x[:, :k], wi), wb) * 1e6
-        rows.append({"N": n, "K": k, "dtype": str(wdtype), "partial": partial, "gated": gated, "pdl": with_pdl,
+        t_cublas = gemv.time_in_graph(lambda wi: torch.nn.functional.linear(x, wi), wb) * 1e6
+        rows.append({"N": n, "K": k, "dtype": str(wdtype), "partial": partial, "glu": glu, "pdl": with_pdl,
                      "tile": list(tile), "us": t, "TBps": n * k * w.element_size() / t / 1e6,
                      "cublas_bf16_us": t_cublas})
         print(json.dumps(rows[-1]), flush=True)

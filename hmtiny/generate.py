@@ -51,7 +51,7 @@ class Fused(nn.Module):
         self.int8, self.parts, self.direct = None, None, None
         self.shared = False  # share(): the sources' weights are views of the fused copy
         self.tile = None  # plan(): the GEMV tile for captured decode steps (K slices summed by the consumer)
-        self.tile_gated = self.tile_split = False
+        self.tile_glu = self.tile_split = False
         self.register_buffer("weight", None, persistent=False)
         if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
@@ -103,14 +103,14 @@ class Fused(nn.Module):
             return q.weight, q.scale
         return None
 
-    def plan(self, rows: int, split: bool, dtype: torch.dtype, gated: bool = False):
+    def plan(self, rows: int, split: bool, dtype: torch.dtype, glu: bool = False):
         """Pick the decode GEMV tile for `rows` input rows now (it is timed on the device), for the captured step's
-        kernels.gemv calls: split=True lets K be cut into slices that the consumer adds up (`partials`). gated:
-        see `partials`. Plain bf16/fp16 weights and per-channel int8 ones; anything else keeps its own path."""
+        kernels.gemv calls: split=True lets K be cut into slices that the consumer adds up (`partials`). glu: for
+        `swiglu` (whole outputs). Plain bf16/fp16 weights and per-channel int8 ones; others keep their own path."""
         ws = self.gemv_weight()
         if ws is not None:
-            x = torch.zeros(rows, ws[0].shape[1] * (2 if gated else 1), device=ws[0].device, dtype=dtype)
-            self.tile, self.tile_gated = gemv.plan(x, ws[0], split=split, scale=ws[1], gated=gated), gated
+            x = torch.zeros(rows, ws[0].shape[1], device=ws[0].device, dtype=dtype)
+            self.tile, self.tile_glu = gemv.plan(x, ws[0], split=split, scale=ws[1], glu=glu), glu
             self.tile_split = split
 
     def _tiled(self, x) -> bool:
@@ -118,7 +118,7 @@ class Fused(nn.Module):
         return self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS
 
     def forward(self, x):
-        if self._tiled(x):
+        if self._tiled(x) and not self.tile_glu:
             w, scale = self.gemv_weight()
             linear = gemv.linear_split if self.tile_split else gemv.linear_tiled
             return linear(x, w, self.tile, scale)
@@ -131,17 +131,22 @@ class Fused(nn.Module):
         outs = [p(x) for p in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
-    def partials(self, x, gated: bool = False):
+    def partials(self, x):
         """The output as K slices [sk, ..., N] for kernels.add_rmsnorm to add up (one slice unless a split tile was
-        planned). gated: x is [..., 2H] = [gate | up] and the layer's input is silu(gate) * up (SwiGLU), which
-        the GEMV computes as it loads x."""
-        if self._tiled(x) and self.tile_gated == gated:
+        planned)."""
+        if self._tiled(x) and self.tile_split:
             w, scale = self.gemv_weight()
-            return gemv.partials(x, w, self.tile, scale, gated)
-        if gated:
-            g, u = x.chunk(2, -1)
-            x = F.silu(g) * u
+            return gemv.partials(x, w, self.tile, scale)
         return self(x)[None]
+
+    def swiglu(self, x):
+        """silu(gate) * up for this layer's [gate; up] outputs (SwiGLU's w1 | w3): with a `glu` tile one GEMV
+        forms the product in its epilogue, else torch ops (which inductor fuses in compile mode)."""
+        if self._tiled(x) and self.tile_glu:
+            w, scale = self.gemv_weight()
+            return gemv.linear_tiled(x, w, self.tile, scale, glu=True)
+        g, u = self(x).chunk(2, -1)
+        return F.silu(g) * u
 
 
 def _all_int8(parts) -> bool:
@@ -169,7 +174,7 @@ class FastLayer(nn.Module):
         slices [sk,B,S,D], or None) at positions pos [B,S] (rope: the stack's (cos, sin) table), written to cache
         slots [S] (consecutive). Row i of song b attends to cache slots start[b]..slots[i]. Returns the new
         (x, pending). A frame step's few rows: one kernel adds the slices + residual and normalises, one does RoPE
-        + the cache write + attention, the GEMVs leave K slices (w2 computes SwiGLU's silu(g) * u on load); a whole
+        + the cache write + attention, the GEMVs leave K slices (gate/up's ends in SwiGLU's silu(g) * u); a whole
         prompt: the same operations in plain torch (decode_attention's reference: left-pad rows see themselves)."""
         b = self.block
         add_norm = add_rmsnorm if self.fused_norm else add_rmsnorm_ref
@@ -179,7 +184,7 @@ class FastLayer(nn.Module):
         attend = decode_attention_ref if prompt else decode_attention
         y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
         x, n = add_norm(x, self.wo.partials(y), b.mlp_norm.scale, b.mlp_norm.eps)
-        return x, self.w2.partials(self.w13(n), gated=True)
+        return x, self.w2.partials(self.w13.swiglu(n))
 
 
 class FastStack(nn.Module):
@@ -489,15 +494,16 @@ class Engine:
     def _plan_tiles(self, rows: int | None = None):
         """Time each decode matmul's tile once for `rows` input rows (default: this request's), before capture (and
         before torch.compile bakes it in). Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along
-        K, w2 taking [gate | up]; q/k/v and gate/up stay whole for their consumers (attention, w2's SwiGLU)."""
+        K; q/k/v stay whole for attention, gate/up for its SwiGLU epilogue (compile mode: split, inductor fuses the
+        slice sum into its SiLU-mul kernel)."""
         rows = rows or self.pad.shape[0]
         kernels = self.kernel_layers  # else: inductor sums w13's slices inside its SiLU-mul kernel
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
                 layer.qkv.plan(rows, split=False, dtype=self.dtype)
                 layer.wo.plan(rows, split=True, dtype=self.dtype)
-                layer.w13.plan(rows, split=not kernels, dtype=self.dtype)
-                layer.w2.plan(rows, split=True, dtype=self.dtype, gated=kernels)
+                layer.w13.plan(rows, split=not kernels, dtype=self.dtype, glu=kernels)
+                layer.w2.plan(rows, split=True, dtype=self.dtype)
         # its K-slice sum is a separate torch op in graph mode, fused by inductor in compile mode
         self.projection.plan(rows, split=self.mode == "compile", dtype=self.dtype)
         self._planned = True

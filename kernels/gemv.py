@@ -1,18 +1,18 @@
 """y = x @ W.T for a few rows of x (decode: 2 rows with CFG), streaming W once at close to memory bandwidth.
 
 cuBLAS reaches only 1.1-1.7 TB/s on HeartMuLa's decode shapes (SPEC §10), so a frame that must read ~10.5 GB of
-weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (optionally also into K slices summed
-afterwards in a fixed order: deterministic, no atomics) so that every SM keeps several loads in flight. Each
-shape's tile sizes are picked once by timing a few candidates on the device.
+weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (optionally also into K slices, summed in a
+fixed order, deterministic, by the consumer or by the row block's last program) so that every SM keeps several
+loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the device.
 
 Weights may also be int8 with one float32 scale per output row (hmtiny.quant's per-channel Int8Linear): the tile
 is converted to the activation dtype in registers (exact) and the scale applied to the fp32 sums, so a decode step
 reads half the bytes.
 
-The input may be SwiGLU's [gate | up] (`gated`): the kernel forms silu(gate) * up as it loads x, so the product
-never goes through memory. On Hopper it is launched with PDL (kernels/pdl.py): the first weight tile is fetched
-before waiting for the previous kernel, and "one-shot" tiles (the K step is the whole K slice) fetch all of a
-program's weights then.
+SwiGLU's gate/up projection may end in the product (`glu`): each program computes the same rows of W_gate and
+W_up and writes silu(gate) * up, so gate and up never go through memory. On Hopper it is launched with PDL
+(kernels/pdl.py): the first weight tile is fetched before waiting for the previous kernel, and "one-shot" tiles
+(the K step is the whole K slice) fetch all of a program's weights then.
 
 Used only on CUDA for bf16/fp16 activations, at most 16 rows, shapes the tiles divide (N by the row block, K by
 the K step): any other shape goes to the reference, F.linear, by design rather than through masked tiles. Rows
@@ -61,62 +61,77 @@ SHIPPED = Path(__file__).with_name("gemv_tiles.json")
 
 if triton is not None:
     @triton.jit
-    def _load_x(x_ptr, rm, rk, stride_xm, row_ok, half, GATED: tl.constexpr):
-        """The input tile; GATED: x holds [gate | up] (each `half` wide) and the tile is silu(gate) * up, rounded
-        like torch's bf16 `F.silu(g) * u` (the SwiGLU product never goes through memory)."""
-        ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-        if GATED:
-            g = tl.load(ptrs, mask=row_ok, other=0.0).to(tl.float32)
-            u = tl.load(ptrs + half, mask=row_ok, other=0.0)
-            s = (g * tl.sigmoid(g)).to(u.dtype).to(tl.float32)
-            return (s * u.to(tl.float32)).to(u.dtype)
-        return tl.load(ptrs, mask=row_ok, other=0.0)
+    def _swiglu(g, u):
+        """silu(g) * u for g, u already rounded to the output dtype, rounded like torch's `F.silu(g) * u` there
+        (each op in float32, then rounded)."""
+        gf = g.to(tl.float32)
+        s = (gf * tl.sigmoid(gf)).to(u.dtype).to(tl.float32)
+        return (s * u.to(tl.float32)).to(u.dtype)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, K_PER_SPLIT, half, stride_xm, stride_wn,
-                     stride_ys, stride_ym, stride_ps,
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, K_PER_SPLIT, n_out, stride_xm, stride_wn,
+                     stride_ys, stride_ym, stride_ps, stride_pm,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                     GATED: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
+                     GLU: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * K_PER_SPLIT + tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+        up = n_out * stride_wn  # GLU: W is [gate; up], each n_out rows; a program takes the same rows of both
         row_ok = rm[:, None] < M
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
         # The first weight tile does not depend on earlier kernels: with PDL it is fetched while they finish
         # (kernels/pdl.py). x and everything written come after the wait.
         w = tl.load(w_ptrs)
+        if GLU:
+            wu = tl.load(w_ptrs + up)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        x = _load_x(x_ptr, rm, rk, stride_xm, row_ok, half, GATED)
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
         # tensor cores on a 16-row tile: the spare rows cost nothing here; .to() is a no-op for bf16 weights and
         # exact for int8
         acc = tl.dot(x, tl.trans(w.to(x.dtype)))
+        if GLU:
+            acc_u = tl.dot(x, tl.trans(wu.to(x.dtype)))
         for k in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
-            x = _load_x(x_ptr, rm, rk + k, stride_xm, row_ok, half, GATED)
-            w = tl.load(w_ptrs + k)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            x = tl.load(x_ptrs + k, mask=row_ok, other=0.0)
+            acc += tl.dot(x, tl.trans(tl.load(w_ptrs + k).to(x.dtype)))
+            if GLU:
+                acc_u += tl.dot(x, tl.trans(tl.load(w_ptrs + up + k).to(x.dtype)))
         if SCALED:  # per-output-row scale of an int8 weight; linear, so each K slice may apply it
             acc *= tl.load(s_ptr + rn)[None, :]
+            if GLU:
+                acc_u *= tl.load(s_ptr + n_out + rn)[None, :]
+        out_ty = y_ptr.dtype.element_ty
         if REDUCE:
-            # One output from the K slices without a second kernel: each program leaves its float32 partial [M, N]
-            # (row stride N), the last of its row block to finish (ticket counter) adds them up in slice order
-            # (deterministic) and writes y (same pattern as decode_attention's chunk merge).
-            p_off = rm[:, None] * stride_ym + rn[None, :]  # y [M, N] and each slice of part: row stride N
+            # One output from the K slices without a second kernel: each program leaves its float32 partial (of
+            # gate and up for GLU) in part [sk, M, N], the last of its row block to finish (ticket counter) adds
+            # them up in slice order (deterministic) and writes y (same pattern as decode_attention's chunk merge).
+            p_off = rm[:, None] * stride_pm + rn[None, :]
             tl.store(part_ptr + pid_k * stride_ps + p_off, acc, mask=row_ok)
+            if GLU:
+                tl.store(part_ptr + pid_k * stride_ps + n_out + p_off, acc_u, mask=row_ok)
             tl.debug_barrier()  # every thread's stores before the release below (cumulative at gpu scope)
             ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if ticket == tl.num_programs(1) - 1:
                 tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch
-                total = tl.load(part_ptr + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                acc = tl.load(part_ptr + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
                 for s in range(1, tl.num_programs(1)):
-                    total += tl.load(part_ptr + s * stride_ps + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], total.to(y_ptr.dtype.element_ty),
-                         mask=row_ok)
+                    acc += tl.load(part_ptr + s * stride_ps + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    acc_u = tl.load(part_ptr + n_out + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    for s in range(1, tl.num_programs(1)):
+                        acc_u += tl.load(part_ptr + s * stride_ps + n_out + p_off, mask=row_ok, other=0.0,
+                                         cache_modifier=".cg")
+                    acc = _swiglu(acc.to(out_ty), acc_u.to(out_ty))
+                tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(out_ty), mask=row_ok)
         else:
+            if GLU:
+                acc = _swiglu(acc.to(out_ty), acc_u.to(out_ty))
             y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(y_ptrs, acc.to(out_ty), mask=row_ok)
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -130,39 +145,45 @@ def _stages(bn: int, bk: int) -> int:
     return max(1, min(4, 200_000 // per_stage))
 
 
-def _run(x2, w, cfg, scale, gated, y, part, cnt, reduce):
+def _run(x2, w, cfg, scale, glu, y, part, cnt, reduce):
     bn, bk, sk, nw = cfg
     N, K = w.shape
-    _gemv_kernel[(N // bn, sk)](x2, w, w if scale is None else scale, y, part, cnt, x2.shape[0], K // sk, K,
-                                x2.stride(0), w.stride(0), y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
-                                part.stride(0) if reduce else 0, BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk,
-                                SCALED=scale is not None, GATED=gated, REDUCE=reduce, num_warps=nw,
-                                num_stages=_stages(bn, bk), **pdl.launch_kwargs(x2))
+    n_out = N // 2 if glu else N
+    _gemv_kernel[(n_out // bn, sk)](x2, w, w if scale is None else scale, y, part, cnt, x2.shape[0], K // sk, n_out,
+                                    x2.stride(0), w.stride(0), y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
+                                    part.stride(0) if reduce else 0, part.stride(-2) if reduce else 0,
+                                    BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, SCALED=scale is not None, GLU=glu,
+                                    REDUCE=reduce, num_warps=nw, num_stages=_stages(bn * (2 if glu else 1), bk),
+                                    **pdl.launch_kwargs(x2))
 
 
-def _launch_partials(x2, w, cfg, scale=None, gated=False):
-    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype).
-    gated: x2 is [M, 2K] = [gate | up] and the product is taken with silu(gate) * up."""
+def _launch_partials(x2, w, cfg, scale=None):
+    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype)."""
     sk = cfg[2]
     y = torch.empty(sk, x2.shape[0], w.shape[0], device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
-    _run(x2, w, cfg, scale, gated, y, y, y, reduce=False)
+    _run(x2, w, cfg, scale, False, y, y, y, reduce=False)
     return y
 
 
-def _launch(x2, w, cfg, scale=None):
-    """[M, N] in x's dtype. With K slices the kernel adds them itself (its last program per row block): one launch."""
+def _launch(x2, w, cfg, scale=None, glu=False):
+    """[M, N] in x's dtype, or with glu (W = [gate; up]) [M, N/2] = silu(x W_gate^T) * (x W_up^T). With K slices
+    the kernel adds them itself (its last program per row block): one launch."""
     M, N, sk = x2.shape[0], w.shape[0], cfg[2]
+    n_out = N // 2 if glu else N
+    y = torch.empty(M, n_out, device=x2.device, dtype=x2.dtype)
     if sk == 1:
-        return _launch_partials(x2, w, cfg, scale)[0]
-    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    part = torch.empty(sk, M, N, device=x2.device, dtype=torch.float32)
-    _run(x2, w, cfg, scale, False, y, part, counters(x2.device, N // cfg[0]), reduce=True)
+        _run(x2, w, cfg, scale, glu, y, y, y, reduce=False)
+    else:
+        part = torch.empty(sk, M, N, device=x2.device, dtype=torch.float32)
+        _run(x2, w, cfg, scale, glu, y, part, counters(x2.device, n_out // cfg[0]), reduce=True)
     return y
 
 
-def _fits(cfg, N, K) -> bool:
+def _fits(cfg, N, K, glu: bool = False) -> bool:
     bn, bk, sk, _ = cfg
-    return N % bn == 0 and K % (bk * sk) == 0
+    if glu and N % 2:
+        return False
+    return (N // 2 if glu else N) % bn == 0 and K % (bk * sk) == 0
 
 
 def _candidates(K: int, partial: bool) -> list[tuple]:
@@ -236,14 +257,14 @@ def export_picks() -> dict:
     return {_names[k]: list(t) for k, t in _best.items() if t is not None and k in _names}
 
 
-def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
+def _pick(x2, w, partial: bool = False, scale=None, glu: bool = False):
     """The fastest candidate tile, timed once per (N, K, dtypes, kind) on this machine (outside any graph capture)
     and remembered in memory and in `cache_file` (SHIPPED gives picks for known cards). partial: the caller sums
-    the K slices itself (fused into its next kernel), so a split's sum is not timed."""
-    key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, gated, pdl.enabled(x2))
+    the K slices itself (fused into its next kernel), so a split's sum is not timed. glu: see `linear_tiled`."""
+    key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, glu, pdl.enabled(x2))
     if key in _best:
         return _best[key]
-    fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1])]
+    fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1], glu)]
     name = _names[key] = _cache_name(key, x2, fits)
     path = cache_file()
     for table in (_read_cache(path) if path is not None else {}, _read_cache(SHIPPED)):  # this machine's first
@@ -254,9 +275,9 @@ def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
     if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time now: a safe default (warm up first)
         return DEFAULT if DEFAULT in fits else None
     if partial:
-        launch = lambda wi, c: _launch_partials(x2, wi, c, scale, gated)
+        launch = lambda wi, c: _launch_partials(x2, wi, c, scale)
     else:
-        launch = lambda wi, c: _launch(x2, wi, c, scale)
+        launch = lambda wi, c: _launch(x2, wi, c, scale, glu)
     times = []
     for c in fits:
         try:
@@ -269,16 +290,16 @@ def _pick(x2, w, partial: bool = False, scale=None, gated: bool = False):
     return _best[key]
 
 
-def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, gated: bool = False) -> bool:
+def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, glu: bool = False) -> bool:
     if scale is None:
         dtype_ok = w.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
     else:  # int8 weight, float32 scale per output row
         dtype_ok = (w.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16) and scale.is_cuda
                     and scale.dtype == torch.float32 and scale.shape == (w.shape[0],) and scale.is_contiguous())
     return (triton is not None and x.is_cuda and w.is_cuda and dtype_ok
-            and w.dim() == 2 and w.stride(1) == 1 and x.shape[-1] == w.shape[1] * (2 if gated else 1)
+            and w.dim() == 2 and w.stride(1) == 1 and x.shape[-1] == w.shape[1]
             and x.numel() // x.shape[-1] <= MAX_ROWS
-            and any(_fits(c, w.shape[0], w.shape[1]) for c in CANDIDATES))
+            and any(_fits(c, w.shape[0], w.shape[1], glu) for c in CANDIDATES))
 
 
 @torch.library.custom_op("hmtiny::gemv", mutates_args=())
@@ -296,57 +317,65 @@ def _(x, w):
 
 @torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
 def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-                nw: int, gated: bool) -> torch.Tensor:
-    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, gated)
+                nw: int) -> torch.Tensor:
+    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
 
 
 @partials_op.register_fake
-def _(x, w, scale, bn, bk, sk, nw, gated):
+def _(x, w, scale, bn, bk, sk, nw):
     m = x.numel() // x.shape[-1]
     return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
 
 
 @torch.library.custom_op("hmtiny::gemv_tiled", mutates_args=())
 def tiled_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-             nw: int) -> torch.Tensor:
-    return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
+             nw: int, glu: bool) -> torch.Tensor:
+    return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, glu)
 
 
 @tiled_op.register_fake
-def _(x, w, scale, bn, bk, sk, nw):
-    return x.new_empty(x.numel() // x.shape[-1], w.shape[0])
+def _(x, w, scale, bn, bk, sk, nw, glu):
+    return x.new_empty(x.numel() // x.shape[-1], w.shape[0] // (2 if glu else 1))
 
 
 def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tensor | None = None,
-         gated: bool = False) -> tuple | None:
+         glu: bool = False) -> tuple | None:
     """The tile for `partials` / `linear_split` (split=True: the caller adds the K slices) or for `linear_tiled`
     (split=False: one whole output; K slices, if any, are added inside the kernel), timed now, once per shape (call
     it before capture/compile); None when the kernel does not apply.
-    scale: the float32 per-row scales of an int8 weight. gated: x is [..., 2K] = [gate | up] (see `partials`)."""
-    if not usable(x, w, scale, gated):
+    scale: the float32 per-row scales of an int8 weight. glu: for `linear_tiled(..., glu=True)` (not split)."""
+    if not usable(x, w, scale, glu) or (glu and split):
         return None
-    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split, scale=scale, gated=gated)
+    return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split, scale=scale, glu=glu)
 
 
-def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None, gated: bool = False):
+def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
     """The K slices of F.linear(x, w) (w * scale[:, None] for int8 w) as [sk, ..., N] (float32 when sk > 1), for a
-    consumer that adds them up itself (kernels.add_rmsnorm). gated: x [..., 2K] holds [gate | up] and the input
-    is silu(gate) * up, computed on load. cfg from `plan` (not None)."""
-    y = partials_op(x, w, scale, *cfg, gated)
+    consumer that adds them up itself (kernels.add_rmsnorm). cfg from `plan` (not None)."""
+    y = partials_op(x, w, scale, *cfg)
     return y.view(cfg[2], *x.shape[:-1], w.shape[0])
 
 
-def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None,
-                 gated: bool = False):
+def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
     """F.linear(x, w) via `partials`, the K-slice sum done here in torch ops, so that under torch.compile it fuses
     into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own."""
-    y = partials(x, w, cfg, scale, gated)
+    y = partials(x, w, cfg, scale)
     return y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
 
 
-def linear_tiled(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
-    """F.linear(x, w) (w * scale[:, None] for int8 w) with a tile from `plan(..., split=False)`: one launch."""
-    return tiled_op(x, w, scale, *cfg).view(*x.shape[:-1], w.shape[0])
+def linear_tiled(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None,
+                 glu: bool = False):
+    """F.linear(x, w) (w * scale[:, None] for int8 w) with a tile from `plan(..., split=False)`: one launch.
+    glu: w is SwiGLU's [gate; up] (each N/2 rows) and the result is silu(x gate^T) * (x up^T), [..., N/2]: each
+    program takes the same rows of both halves, so the product is formed in its epilogue, never in memory."""
+    y = tiled_op(x, w, scale, *cfg, glu)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def swiglu_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The reference of `linear_tiled(..., glu=True)`: silu(gate) * up of F.linear(x, [gate; up])."""
+    g, u = F.linear(x, w).chunk(2, -1)
+    return F.silu(g) * u
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

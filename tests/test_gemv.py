@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,11 +48,15 @@ def kernel_errors(device, dtype=torch.bfloat16):
             out = gemv._launch(x, q, cfg, scale)
             ref = gemv.gemv_ref(x.float(), q.float() * scale.float()[:, None])
             errs.append(rel_err(out, ref))
-            # gated input [gate | up]: the kernel takes silu(gate) * up on load (SwiGLU's w2 input)
-            gu = torch.randn(m, 2 * k, generator=gen).to(device, dtype)
-            parts = gemv._launch_partials(gu, w, cfg, gated=True)
-            g, u = gu.float().chunk(2, -1)
-            errs.append(rel_err(parts.float().sum(0), gemv.gemv_ref(F.silu(g) * u, w.float())))
+            # SwiGLU: W = [gate; up] (2n rows), the kernel writes silu(x gate^T) * (x up^T) [m, n]; int8 too
+            gu = (torch.randn(2 * n, k, generator=gen) / k ** 0.5).to(device, dtype)
+            out = gemv._launch(x, gu, cfg, glu=True)
+            assert out.shape == (m, n) and out.dtype == dtype
+            errs.append(rel_err(out, gemv.swiglu_ref(x.float(), gu.float())))
+            q2 = torch.randint(-127, 128, (2 * n, k), generator=gen, dtype=torch.int8).to(device)
+            scale2 = (torch.rand(2 * n, generator=gen) / 100 + 1e-3).to(device)
+            out = gemv._launch(x, q2, cfg, scale2, glu=True)
+            errs.append(rel_err(out, gemv.swiglu_ref(x.float(), q2.float() * scale2.float()[:, None])))
     return errs
 
 
@@ -139,14 +142,14 @@ def test_kernel_on_cuda():
     ref = gemv.gemv_ref(x.float(), q.float() * scale[:, None])
     assert rel_err(gemv.linear_split(x, q, cfg, scale), ref) < 1e-2
     assert rel_err(gemv.linear_tiled(x, q, (32, 128, 4, 4), scale), ref) < 1e-2
-    # SwiGLU input: [gate | up] of width 2K, silu(gate) * up taken inside the kernel; partials for add_rmsnorm
-    gu = torch.randn(2, 2 * 3072, device="cuda", dtype=torch.bfloat16)
-    assert gemv.usable(gu, w, gated=True) and not gemv.usable(gu, w)
-    cfg = gemv.plan(gu, w, split=True, gated=True)
-    g, u = gu.chunk(2, -1)
-    parts = gemv.partials(gu, w, cfg, gated=True)
-    assert parts.shape == (cfg[2], 2, 1024)
-    assert rel_err(parts.float().sum(0), gemv.gemv_ref((F.silu(g) * u).float(), w.float())) < 1e-2
+    # SwiGLU: [gate; up] weights, silu(gate) * up formed in the epilogue, as torch rounds it in bf16
+    gu = torch.randn(2 * 1024, 3072, device="cuda", dtype=torch.bfloat16) / 3072 ** 0.5
+    assert gemv.plan(x, gu, split=True, glu=True) is None  # a product of slices is not their sum
+    for cfg in (gemv.plan(x, gu, split=False, glu=True), (32, 128, 4, 4)):
+        out = gemv.linear_tiled(x, gu, cfg, glu=True)
+        assert out.shape == (2, 1024)
+        assert rel_err(out, gemv.swiglu_ref(x.float(), gu.float())) < 1e-2
+        assert rel_err(out, gemv.swiglu_ref(x, gu)) < 1e-2
 
 
 if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_interpreter

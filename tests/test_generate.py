@@ -253,7 +253,7 @@ def test_cuda_modes_match_eager(fixtures, mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 def test_cuda_kernel_layers_match_torch_layers(monkeypatch):
-    """graph mode's decode step (planned GEMV tiles with K slices, add_rmsnorm, the gated down projection, fused
+    """graph mode's decode step (planned GEMV tiles with K slices, add_rmsnorm, gate/up ending in SwiGLU, fused
     attention, all chained with PDL on Hopper), eagerly and replayed from a CUDA graph, against the torch path of
     the same stack in float32. bf16 model, widths the GEMV tiles divide (the fp32 fixture model never takes them)."""
     import dataclasses
@@ -274,7 +274,8 @@ def test_cuda_kernel_layers_match_torch_layers(monkeypatch):
     B, P, D = 4, 20, 256
     eng, ref = Engine(model, "graph"), Engine(ref_model, "eager")
     eng._plan_tiles(rows=B)
-    assert all(layer.w2.tile is not None and layer.w2.tile_gated for layer in eng.backbone.layers)
+    assert all(layer.w13.tile is not None and layer.w13.tile_glu and layer.w2.tile_split
+               for layer in eng.backbone.layers)
     gen = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(B, P + 1, D, device="cuda", generator=gen)
     start = torch.tensor([0, 3, 0, 7], device="cuda")  # left padding of two songs
