@@ -179,7 +179,7 @@ class FastLayer(nn.Module):
         b = self.block
         add_norm = add_rmsnorm if self.fused_norm else add_rmsnorm_ref
         x, n = add_norm(x, pending, b.sa_norm.scale, b.sa_norm.eps)
-        qkv = self.qkv(n)
+        qkv = self.qkv(n) if prompt else self.qkv.partials(n)  # decode_attention adds the K slices
         cache = b.attn.kv_cache
         attend = decode_attention_ref if prompt else decode_attention
         y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
@@ -494,13 +494,13 @@ class Engine:
     def _plan_tiles(self, rows: int | None = None):
         """Time each decode matmul's tile once for `rows` input rows (default: this request's), before capture (and
         before torch.compile bakes it in). Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along
-        K; q/k/v stay whole for attention, gate/up for its SwiGLU epilogue (compile mode: split, inductor fuses the
-        slice sum into its SiLU-mul kernel)."""
+        K, and so may q/k/v (kernels.decode_attention sums them); gate/up stays whole for its SwiGLU epilogue
+        (compile mode: q/k/v whole, gate/up split, inductor fuses the slice sum into its SiLU-mul kernel)."""
         rows = rows or self.pad.shape[0]
         kernels = self.kernel_layers  # else: inductor sums w13's slices inside its SiLU-mul kernel
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
-                layer.qkv.plan(rows, split=False, dtype=self.dtype)
+                layer.qkv.plan(rows, split=kernels, dtype=self.dtype)
                 layer.wo.plan(rows, split=True, dtype=self.dtype)
                 layer.w13.plan(rows, split=not kernels, dtype=self.dtype, glu=kernels)
                 layer.w2.plan(rows, split=True, dtype=self.dtype)

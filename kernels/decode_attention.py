@@ -27,8 +27,8 @@ are `mul.rn.f32` (a multiply with an explicit rounding mode is never contracted 
 kernel keeps FMA contraction. Positions, slots and start are device tensors read by the kernel (no host sync:
 CUDA-graph replays may advance them). Tile sizes depend only on the static shapes: config() and its TABLE.
 
-Kernel path: CUDA, triton importable, bf16/fp16/fp32 activations and caches of the same dtype, last dims of
-stride 1, even head_dim 16..512 (not a power of two is fine: masked), S <= 16, pow2(G * S) * pow2(head_dim) <=
+Kernel path: CUDA, triton importable, bf16/fp16/fp32 activations and caches of the same dtype (or q/k/v as float32
+K slices, summed on load), last dims of stride 1, even head_dim 16..512 (not a power of two is fine: masked), S <= 16, pow2(G * S) * pow2(head_dim) <=
 16384 (e.g. hd 128: G * S <= 128; hd 384: G * S <= 32). Anything else runs the reference. Slots must be
 consecutive and start[b] <= slots[0] (else a row has no key: NaN, as in the torch path); the engine's prefill,
 whose left-pad rows attend only to themselves, is therefore not this op's job.
@@ -128,15 +128,24 @@ if triton is not None:
             return x[None, None, :]
 
     @triton.jit
+    def _load_sum(ptrs, mask, stride, SK: tl.constexpr, dtype: tl.constexpr):
+        """The sum of SK slices (the q/k/v GEMV's K slices, float32; one slice: the activations themselves),
+        rounded to dtype as torch's `parts.sum(0).to(dtype)`."""
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SK):
+            x += tl.load(ptrs + s * stride, mask=mask, other=0.0)
+        return x.to(dtype)
+
+    @triton.jit
     def _decode_kernel(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, y_ptr, part_ptr, cnt_ptr,
                        n_part, qk_scale,
-                       stride_qb, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                       stride_qk, stride_qb, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                        stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
                        S: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, HD: tl.constexpr,
                        HD_P: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
                        NCH_P: tl.constexpr, COMB_C: tl.constexpr, KR: tl.constexpr, DW: tl.constexpr,
                        NK: tl.constexpr, DL: tl.constexpr, FLIP: tl.constexpr, EXACT: tl.constexpr,
-                       PDL: tl.constexpr):
+                       SK: tl.constexpr, PDL: tl.constexpr):
         pid = tl.program_id(0)
         # Tiles and their layouts. The key tile of a program is 5-d: query rows (size 1 in the loads), key
         # repeats KR, head-dim warps DW, key lanes NK, head dim DL (key n = kr*NK + nk, dim = dw*DL + dl). Loaded
@@ -179,11 +188,12 @@ if triton is not None:
         start = tl.load(start_ptr + b)
         pos_q = tl.load(pos_ptr + b * stride_pb + i * stride_ps, mask=row_ok, other=0)
         pos_t = tl.load(pos_ptr + b * stride_pb + t5 * stride_ps, mask=new5, other=0)
-        xq = tl.load(qkv_ptr + (b * stride_qb + i * stride_qs + (kvh * G + g) * HD)[:, None] + d[None, :],
-                     mask=mq, other=0.0)
+        act = k_ptr.dtype.element_ty  # the activations' dtype (qkv may hold float32 K slices)
+        xq = _load_sum(qkv_ptr + (b * stride_qb + i * stride_qs + (kvh * G + g) * HD)[:, None] + d[None, :], mq,
+                       stride_qk, SK, act)
         new_row = qkv_ptr + b * stride_qb + t5 * stride_qs + d5
-        xk = tl.load(new_row + (KV * G + kvh) * HD, mask=new5 & dm5, other=0.0)
-        xv = tl.load(new_row + (KV * G + KV + kvh) * HD, mask=new5 & dm5, other=0.0)
+        xk = _load_sum(new_row + (KV * G + kvh) * HD, new5 & dm5, stride_qk, SK, act)
+        xv = _load_sum(new_row + (KV * G + KV + kvh) * HD, new5 & dm5, stride_qk, SK, act)
         n_valid = (slot0 + S - start + CHUNK - 1) // CHUNK  # chunks holding a valid key
         if c < n_valid:  # (a chunk past them loads nothing, computes nothing and stores nothing)
             # round trip 2: the RoPE rows and this chunk's older keys from the cache
@@ -197,7 +207,7 @@ if triton is not None:
             k_old = tl.load(k_row, mask=old5 & dm5, other=0.0)
             v_old = tl.load(v_row, mask=old5 & dm5, other=0.0)
             # arithmetic: RoPE, the new keys into the tile, one softmax over the tile
-            q = _rotate(xq.to(tl.float32), cs_q, EXACT).to(qkv_ptr.dtype.element_ty).to(tl.float32)  # as the ref's
+            q = _rotate(xq.to(tl.float32), cs_q, EXACT).to(act).to(tl.float32)  # as the ref's
             q3 = tl.reshape(q, (R, DW, DL))
             if FLIP:
                 q5 = tl.permute(q3, (1, 0, 2))[None, :, None, :, :]
@@ -276,7 +286,10 @@ def decode_attention_ref(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads
     activation dtype), index_copy_ of k/v into the caches at `slots`, masked SDPA over the whole cache with the GQA
     layout [B, KV, G*S, hd]. Row i of batch row b attends to slots start[b] <= j <= slots[i], and always to its own
     slot: a prompt's left-pad rows (slots[i] < start[b]) see only themselves, so no softmax row is empty (the
-    engine's prefill runs through here; the kernel serves decode rows, which all lie at or after start)."""
+    engine's prefill runs through here; the kernel serves decode rows, which all lie at or after start).
+    qkv may also be K slices [sk, B, S, W] (see decode_attention): summed, then rounded to the caches' dtype."""
+    if qkv.dim() == 4:
+        qkv = qkv.sum(0).to(k_cache.dtype)
     b, s, _ = qkv.shape
     H, KV = n_heads, n_kv
     hd, G, L = qkv.shape[-1] // (H + 2 * KV), H // KV, k_cache.shape[2]
@@ -328,7 +341,8 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
             head_split=None, flip=None):
     """Run the kernel (no shape checks: see usable()). The keywords after n_kv override config() (benchmarks,
     tests)."""
-    B, S, _ = qkv.shape
+    parts = qkv if qkv.dim() == 4 else qkv[None]  # [sk, B, S, W]
+    SK, B, S, _ = parts.shape
     H, KV = n_heads, n_kv
     G, hd, L = H // KV, qkv.shape[-1] // (H + 2 * KV), k_cache.shape[2]
     cfg = config(B, KV, L, hd, G, S)
@@ -343,13 +357,13 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
     # merge COMB_C chunks' partials at a time: [COMB_C, R, HD] within MERGE_REGS fp32 per thread
     comb_c = min(_pow2(nch), _floor_pow2(max(1, MERGE_REGS * 32 * num_warps // (R * HD_P))))
     # key tile [KR, DW, NK, DL] (see the kernel): 16-byte vectors along DL, warps along DW, the lanes left along NK
-    vec = 16 // qkv.element_size()
+    vec = 16 // k_cache.element_size()
     DW = min(num_warps, max(1, HD_P // vec))
     DL = HD_P // DW
     NK = min(chunk, max(1, 32 // max(1, DL // vec)))
     KR = chunk // NK
     units = B * KV * head_split
-    y = qkv.new_empty(B, S, H * hd)
+    y = k_cache.new_empty(B, S, H * hd)
     n_part = units * nch * R
     if nch == 1:
         part = cnt = y  # unused
@@ -360,24 +374,26 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
     qk_scale = math.log2(math.e) / math.sqrt(hd)
     _decode_kernel[(grid,)](
         qkv, k_cache, v_cache, rope, pos, slots, start, y, part, cnt, n_part, qk_scale,
-        qkv.stride(0), qkv.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *parts.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
         S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
         COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip, EXACT=not _interpreting(),
-        num_warps=num_warps, enable_fp_fusion=True, **pdl.launch_kwargs(qkv))
+        SK=SK, num_warps=num_warps, enable_fp_fusion=True, **pdl.launch_kwargs(qkv))
     return y
 
 
 def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> bool:
     """Whether the Triton path takes these arguments (see the module docstring); else the reference runs."""
-    if triton is None or n_kv <= 0 or n_heads % n_kv or qkv.dim() != 3:
+    if triton is None or n_kv <= 0 or n_heads % n_kv or qkv.dim() not in (3, 4):
         return False
-    B, S, width = qkv.shape
+    B, S, width = qkv.shape[-3:]
     hd = width // (n_heads + 2 * n_kv)
     tensors = (qkv, k_cache, v_cache, rope, pos, slots, start)
+    # [B, S, W] in the caches' dtype, or K slices [sk, B, S, W] in that dtype or float32
+    qkv_ok = qkv.dtype == k_cache.dtype or (qkv.dim() == 4 and qkv.dtype == torch.float32)
     return (all(t.is_cuda for t in tensors)
-            and qkv.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and k_cache.dtype == v_cache.dtype == qkv.dtype and rope.dtype == torch.float32
+            and k_cache.dtype in (torch.bfloat16, torch.float16, torch.float32) and qkv_ok
+            and k_cache.dtype == v_cache.dtype and rope.dtype == torch.float32
             and pos.dtype == slots.dtype == start.dtype == torch.int64
             and width == (n_heads + 2 * n_kv) * hd and hd % 2 == 0 and 16 <= hd <= 512
             and 1 <= S <= MAX_S and max(16, _pow2(n_heads // n_kv * S)) * _pow2(hd) <= MAX_TILE
@@ -399,13 +415,15 @@ def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 @decode_attention_op.register_fake
 def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
     hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
-    return qkv.new_empty(qkv.shape[0], qkv.shape[1], n_heads * hd)
+    return k_cache.new_empty(*qkv.shape[-3:-1], n_heads * hd)
 
 
 def decode_attention(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: int) -> torch.Tensor:
-    """RoPE q/k of the S new rows, write k/v to the caches at `slots`, attend; [B, S, H*hd] in qkv's dtype.
+    """RoPE q/k of the S new rows, write k/v to the caches at `slots`, attend; [B, S, H*hd] in the caches' dtype.
 
-    qkv [B, S, (H + 2 KV) hd] (q, k, v heads; last-dim stride 1), k_cache/v_cache [B, KV, L, hd] (mutated),
+    qkv [B, S, (H + 2 KV) hd] (q, k, v heads; last-dim stride 1) in the caches' dtype, or the q/k/v GEMV's K slices
+    [sk, B, S, (H + 2 KV) hd] (float32; summed here, as torch's sum(0) then rounding, so the GEMV needs no reduction
+    pass and can spread over more programs), k_cache/v_cache [B, KV, L, hd] (mutated),
     rope [maxlen, hd/2, 2] fp32 (cos, sin), pos [B, S] int64, slots [S] int64 consecutive, start [B] int64:
     row i of batch row b attends to cache slots start[b] <= j <= slots[i]. The Triton kernel on CUDA where
     usable(), else decode_attention_ref."""

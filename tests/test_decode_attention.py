@@ -85,6 +85,25 @@ def interpreter_results(dtype, **extra):
     return out
 
 
+def interpreter_slices():
+    """q/k/v given as 3 float32 K slices (the GEMV's partials, a strided view) over float16 caches: the kernel sums
+    them on load. Slices of fp16 values scaled by powers of two: the sum is exact in any order, so the written cache
+    rows must still equal the reference's bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    out = []
+    for B, S, H, KV, hd, L, slot0, start, kw in CASES[:4] + CASES[8:9]:
+        args = make(B, S, H, KV, hd, L, slot0, start, torch.float16, "cpu", gen)
+        whole = args["qkv"].float()
+        parts = torch.empty(3, B, S, whole.shape[-1] + 4)[..., 4:]
+        parts.copy_(torch.stack([whole / 2, whole / 4, whole / 4]))
+        args["qkv"] = parts
+        y, ref, caches, ref_caches = run_both(args, lambda **a: da._launch(**a, **kw))
+        assert y.shape == ref.shape and y.dtype == torch.float16
+        check_caches(args, caches, ref_caches)
+        out.append(rel_err(y, ref))
+    return out
+
+
 def interpreter_repeat():
     """Launches in a row agree bit for bit (output and caches) and leave the ticket counters at 0."""
     gen = torch.Generator().manual_seed(6)
@@ -107,6 +126,7 @@ def test_kernels_under_triton_interpreter(run_interpreted):
     assert len(res["float32_flip"]) == len(CASES) and max(res["float32_flip"]) < 1e-5, res  # the other axis order
     assert max(res["float16"]) < 2e-3, res  # fp16 rounding of q, k and the output
     assert res["repeat"] == {"same": True, "counters": [0]}, res["repeat"]
+    assert max(res["slices"]) < 2e-3, res["slices"]  # q/k/v as K slices
     # the custom op's schema (mutated caches), fake implementation and functionalization (for torch.compile)
     assert all(v == "SUCCESS" for v in res["opcheck"].values()), res["opcheck"]
 
@@ -181,6 +201,23 @@ def test_kernels_on_cuda_bf16(shape):
 
 
 @cuda
+@pytest.mark.parametrize("shape", [dict(BACKBONE, S=1, L=600, slot0=599, start=(0, 37)),
+                                   dict(DECODER, S=2, L=8, slot0=0, start=(0, 0))], ids=["backbone", "decoder"])
+def test_qkv_slices_on_cuda(shape):
+    """q/k/v as float32 K slices (the engine's split q/k/v GEMV) give what their bf16 sum gives: slices of bf16
+    values scaled by powers of two, so the sum is exact in any order."""
+    args = _cuda_args(shape)
+    whole = args["qkv"].float()
+    sliced = dict(args, qkv=torch.stack([whole / 2, whole / 4, whole / 8, whole / 8]))
+    assert da.usable(**sliced)
+    out, ref, caches, ref_caches = run_both(sliced, da.decode_attention)
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
+    check_caches(args, caches, ref_caches)
+    plain, _, plain_caches, _ = run_both(args, da.decode_attention)
+    assert torch.equal(out, plain) and all(torch.equal(a, b) for a, b in zip(caches, plain_caches))
+
+
+@cuda
 @pytest.mark.parametrize("kw", [
     dict(chunk=16, num_warps=4), dict(chunk=64, num_warps=8), dict(chunk=32, num_warps=2),
     dict(chunk=32, num_warps=4, head_split=3), dict(chunk=128, num_warps=8), dict(chunk=32, num_warps=1),
@@ -251,7 +288,7 @@ def test_cuda_graph_replays_with_advancing_slots(kind, compiled):
 if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_interpreter
     res = {"float32": interpreter_results(torch.float32), "float16": interpreter_results(torch.float16),
            "float32_flip": interpreter_results(torch.float32, flip=not da._FLIP),
-           "repeat": interpreter_repeat()}
+           "repeat": interpreter_repeat(), "slices": interpreter_slices()}
     a = make(2, 2, 4, 2, 64, 37, 10, (0, 3), torch.float32, "cpu", torch.Generator().manual_seed(5))
     res["opcheck"] = torch.library.opcheck(da.decode_attention_op, tuple(a.values()))
     print(json.dumps(res))
