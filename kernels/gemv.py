@@ -187,13 +187,16 @@ def _fits(cfg, N, K, glu: bool = False) -> bool:
 
 
 def _candidates(K: int, partial: bool) -> list[tuple]:
-    """Tiles worth timing. With K slices summed by the consumer, also 'one-shot' tiles whose K step is the whole
-    slice (a power of two): each program then issues all its weight loads at once, before waiting for x."""
-    if not partial:
-        return CANDIDATES
+    """Tiles worth timing: CANDIDATES, plus for few-row-block shapes (small N, e.g. int8 decode's 3072 -> 1024)
+    16-row blocks and "one-shot" tiles whose K step is the whole K slice (a power of two): each program then issues
+    all its weight loads at once, before waiting for x. With K slices summed by the consumer, more and deeper splits
+    (PARTIAL_CANDIDATES)."""
     one_shot = [(bn, K // sk, sk, nw) for sk in (3, 4, 6, 8, 12, 16) if K % sk == 0 and K // sk in (256, 512, 1024)
                 for bn in (16, 32) for nw in (4, 8)]
-    return CANDIDATES + PARTIAL_CANDIDATES + one_shot
+    if partial:
+        return CANDIDATES + PARTIAL_CANDIDATES + one_shot
+    narrow = [(16, bk, sk, 4) for bk in (128, 256) for sk in (1, 2, 4)]
+    return CANDIDATES + narrow + [c for c in one_shot if c[2] <= 8]
 
 
 def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
