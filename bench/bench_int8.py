@@ -210,14 +210,22 @@ def batch_575(device="cuda", prompt=200, audio=375, seed=0):
     return tokens.to(device), mask.to(device), frames.to(device), torch.tensor([10], device=device)
 
 
-def gpu_busy_ms(step) -> float:
-    """Sum of the kernel times of one step (torch.profiler): far below the step's wall time = host-bound."""
+def gpu_busy_ms(step) -> tuple[float, dict]:
+    """Sum of the kernel times of one step (torch.profiler): far below the step's wall time = host-bound; and the
+    ten kernels that took longest in total, {name: [ms, calls]} (where an int8 step's extra time goes)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict = {}
+    for e in kernels:
+        t = by_name.setdefault(e.name[:90], [0.0, 0])
+        t[0] += e.device_time_total / 1e3
+        t[1] += 1
+    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0])[:10])
+    return sum(e.device_time_total for e in kernels) / 1e3, top
 
 
 def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
@@ -251,10 +259,10 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    busy_ms = gpu_busy_ms(lambda: (model.loss(*batch)[0].backward(), opt.step(), opt.zero_grad(set_to_none=True)))
+    busy_ms, top_kernels = gpu_busy_ms(lambda: (model.loss(*batch)[0].backward(), opt.step(), opt.zero_grad(set_to_none=True)))
     K.DEQUANT_MIN_M = default_min_m
     out = {"base": "int8" if int8 else "bf16", "dequant_min_m": dequant_min_m or K.DEQUANT_MIN_M, "step_ms": 1e3 * statistics.median(times[warmup:]),
-           "step_ms_all": [1e3 * t for t in times], "gpu_busy_ms": busy_ms,
+           "step_ms_all": [1e3 * t for t in times], "gpu_busy_ms": busy_ms, "top_kernels": top_kernels,
            "tuned": tuned_configs() if int8 else {},
            "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30, "weights_GiB": weights_gib,
            "reserved_GiB": torch.cuda.max_memory_reserved() / 2 ** 30, "losses": losses,
