@@ -117,21 +117,24 @@ if triton is not None:
             ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if ticket == tl.num_programs(1) - 1:
                 tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch
-                acc = tl.load(part_ptr + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                total = tl.load(part_ptr + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
                 for s in range(1, tl.num_programs(1)):
-                    acc += tl.load(part_ptr + s * stride_ps + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    total += tl.load(part_ptr + s * stride_ps + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
                 if GLU:
-                    acc_u = tl.load(part_ptr + n_out + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    total_u = tl.load(part_ptr + n_out + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
                     for s in range(1, tl.num_programs(1)):
-                        acc_u += tl.load(part_ptr + s * stride_ps + n_out + p_off, mask=row_ok, other=0.0,
-                                         cache_modifier=".cg")
-                    acc = _swiglu(acc.to(out_ty), acc_u.to(out_ty))
-                tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(out_ty), mask=row_ok)
+                        total_u += tl.load(part_ptr + s * stride_ps + n_out + p_off, mask=row_ok, other=0.0,
+                                           cache_modifier=".cg")
+                    res = _swiglu(total.to(out_ty), total_u.to(out_ty))
+                else:
+                    res = total.to(out_ty)
+                tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], res, mask=row_ok)
         else:
             if GLU:
-                acc = _swiglu(acc.to(out_ty), acc_u.to(out_ty))
-            y_ptrs = y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :]
-            tl.store(y_ptrs, acc.to(out_ty), mask=row_ok)
+                res = _swiglu(acc.to(out_ty), acc_u.to(out_ty))
+            else:
+                res = acc.to(out_ty)
+            tl.store(y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :], res, mask=row_ok)
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
