@@ -108,10 +108,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # behave like nn.Linear under autocast: compute in the autocast dtype
-            x = x.to(torch.get_autocast_dtype(dev))
-        with torch.autocast(dev, enabled=False):
-            y = Int8Matmul.apply(x, self.weight, self.scale, self.group_size)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            with torch.autocast(dev, enabled=False):
+                return self._product(x.to(torch.get_autocast_dtype(dev)))
+        return self._product(x)  # (no autocast context to enter: a LoRA step makes hundreds of these calls)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        y = Int8Matmul.apply(x, self.weight, self.scale, self.group_size)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
