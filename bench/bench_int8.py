@@ -228,7 +228,8 @@ def gpu_busy_ms(step) -> tuple[float, dict]:
     return sum(e.device_time_total for e in kernels) / 1e3, top
 
 
-def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
+def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None, autocast=False):
+    """autocast: bf16 autocast around the loss, as train.py runs it (the LoRA adapters then multiply in bf16)."""
     from hmtiny.lora import inject_lora
     default_min_m = K.DEQUANT_MIN_M
     if dequant_min_m is not None:
@@ -252,16 +253,24 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
             torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = model.loss(*batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = model.loss(*batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    busy_ms, top_kernels = gpu_busy_ms(lambda: (model.loss(*batch)[0].backward(), opt.step(), opt.zero_grad(set_to_none=True)))
+    def one_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = model.loss(*batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    busy_ms, top_kernels = gpu_busy_ms(one_step)
     K.DEQUANT_MIN_M = default_min_m
-    out = {"base": "int8" if int8 else "bf16", "dequant_min_m": dequant_min_m or K.DEQUANT_MIN_M, "step_ms": 1e3 * statistics.median(times[warmup:]),
+    out = {"base": "int8" if int8 else "bf16", "autocast": autocast, "dequant_min_m": dequant_min_m or K.DEQUANT_MIN_M, "step_ms": 1e3 * statistics.median(times[warmup:]),
            "step_ms_all": [1e3 * t for t in times], "gpu_busy_ms": busy_ms, "top_kernels": top_kernels,
            "tuned": tuned_configs() if int8 else {},
            "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30, "weights_GiB": weights_gib,
@@ -272,7 +281,7 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None):
     return out
 
 
-def fresh_pairs(pairs: int) -> list[dict]:
+def fresh_pairs(pairs: int, autocast: bool = False) -> list[dict]:
     """bf16, int8, bf16, int8, ...: each LoRA step measurement in a fresh process of this script (as train.py runs),
     so that state one model leaves in a process (allocator, launch caches, autotuning) cannot slow the next."""
     runs = []
@@ -281,6 +290,7 @@ def fresh_pairs(pairs: int) -> list[dict]:
             base = ("bf16", "int8")[i % 2]
             path = Path(tmp) / f"{i}_{base}.json"
             cmd = [sys.executable, __file__, "model", "--only", base, "--json", str(path)]
+            cmd += ["--autocast"] if autocast else []
             print(f"[{i // 2 + 1}/{pairs}] {base}: {' '.join(cmd[1:])}", flush=True)
             proc = subprocess.run(cmd)
             if proc.returncode != 0 or not path.exists():
@@ -290,7 +300,8 @@ def fresh_pairs(pairs: int) -> list[dict]:
 
 
 def print_pairs(runs: list[dict], how: str):
-    print(f"\n3B LoRA r16 step, 575 rows, grad checkpointing; bf16 and int8 base in turn, {how}:")
+    cast = ", bf16 autocast (as train.py)" if runs and runs[0].get("autocast") else ", no autocast (fp32 adapters)"
+    print(f"\n3B LoRA r16 step, 575 rows, grad checkpointing{cast}; bf16 and int8 base in turn, {how}:")
     print("| pair | bf16 ms | bf16 GPU-busy ms | bf16 peak GiB | int8 ms | int8 GPU-busy ms | int8 peak GiB | "
           "int8 / bf16 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -314,6 +325,7 @@ def main():
                          "times in turn, so host-load drift shows up in both")
     ap.add_argument("--fresh", type=int, default=0,
                     help="model: as --pairs, but every measurement in a fresh process of this script")
+    ap.add_argument("--autocast", action="store_true", help="model: bf16 autocast around the loss, as train.py")
     ap.add_argument("--only", choices=["bf16", "int8"], help=argparse.SUPPRESS)  # one run of --fresh
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)  # where that run writes its result
     args = ap.parse_args()
@@ -340,16 +352,17 @@ def main():
         bad = [r for r in rows if max(v for key, v in r.items() if key.startswith("err")) > 1e-2]
         print("correctness:", "all within 1e-2 of the fp32 reference" if not bad else f"FAILED {bad}")
     elif args.only:  # one measurement for --fresh, in this (fresh) process
-        r = dict(model_step(args.only == "int8"), device=result["device"], pid=os.getpid())
+        r = dict(model_step(args.only == "int8", autocast=args.autocast), device=result["device"], pid=os.getpid())
         if args.json:
             Path(args.json).write_text(json.dumps(r))
         return
     elif args.fresh:
-        result["model"] = fresh_pairs(args.fresh)
+        result["model"] = fresh_pairs(args.fresh, args.autocast)
         result["fresh"] = True
         result["median_ratio"] = print_pairs(result["model"], "each in a fresh process")
     elif args.pairs:
-        result["model"] = [model_step(int8) for _ in range(args.pairs) for int8 in (False, True)]
+        result["model"] = [model_step(int8, autocast=args.autocast)
+                           for _ in range(args.pairs) for int8 in (False, True)]
         result["median_ratio"] = print_pairs(result["model"], "all in one process")
     else:
         result["model"] = [model_step(False), model_step(True), model_step(True, dequant_min_m=17),
