@@ -28,8 +28,9 @@ kernel keeps FMA contraction. Positions, slots and start are device tensors read
 CUDA-graph replays may advance them). Tile sizes depend only on the static shapes: config() and its TABLE.
 
 Kernel path: CUDA, triton importable, bf16/fp16/fp32 activations and caches of the same dtype (or q/k/v as float32
-K slices, summed on load), last dims of stride 1, even head_dim 16..512 (not a power of two is fine: masked), S <= 16, pow2(G * S) * pow2(head_dim) <=
-16384 (e.g. hd 128: G * S <= 128; hd 384: G * S <= 32). Anything else runs the reference. Slots must be
+K slices, summed on load), last dims of stride 1, even head_dim 16..512 (not a power of two is fine: masked),
+S <= 16, pow2(G * S) * pow2(head_dim) <= 16384 (e.g. hd 128: G * S <= 128; hd 384: G * S <= 32). Anything else
+runs the reference. Slots must be
 consecutive and start[b] <= slots[0] (else a row has no key: NaN, as in the torch path); the engine's prefill,
 whose left-pad rows attend only to themselves, is therefore not this op's job.
 """
