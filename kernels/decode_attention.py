@@ -139,9 +139,8 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, y_ptr, part_ptr, cnt_ptr,
-                       n_part, qk_scale,
-                       stride_qk, stride_qb, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                       stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
+                       n_part, qk_scale, stride_qk, stride_qb, stride_qs,
+                       stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
                        S: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, HD: tl.constexpr,
                        HD_P: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
                        NCH_P: tl.constexpr, COMB_C: tl.constexpr, KR: tl.constexpr, DW: tl.constexpr,
