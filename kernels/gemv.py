@@ -44,8 +44,9 @@ MAX_ROWS = 16
 # (rows of W per program, K per step, K slices, warps). On an H100 a sweep over bn 16-128, bk 64-512, 1-8 K slices
 # and 4/8 warps picked only these neighbourhoods, so tuning tries just them. (That sweep summed K slices in a
 # second kernel; the kernel now adds them itself, which may favour more slices for the narrow shapes.)
-# HMTINY_GEMV_MAX_SPLIT (default 4) caps the K slices of a whole output: an A/B switch for bench_generate.py
-# (1 = session 3's tiles, whose K slices were never added inside the kernel).
+# HMTINY_GEMV_MAX_SPLIT (default 4) caps the K slices of these tiles: an A/B switch for bench_generate.py (1 = session
+# 3's tiles, whose K slices were never added inside the kernel; the narrow and one-shot tiles of `_candidates` are
+# not capped).
 CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4) for nw in (4, 8)
               if sk <= int(os.environ.get("HMTINY_GEMV_MAX_SPLIT", "4"))]
 DEFAULT = (32, 128, 1, 4)
