@@ -133,8 +133,8 @@ def gemv_table(res, dev="cuda"):
 
 def tile_table(res, dev="cuda"):
     """The GEMV tile each decode matmul shape got in the engines (kernels.gemv._best, keyed by N, K, weight dtype,
-    input dtype, partial = K slices summed by the consumer, glu = gate/up ending in SwiGLU's product, PDL), timed again inside a CUDA
-    graph over weights that miss L2, with the same PDL setting."""
+    input dtype, partial = K slices summed by the consumer, glu = gate/up ending in SwiGLU's product, PDL), timed
+    again inside a CUDA graph over weights that miss L2, with the same PDL setting."""
     import contextlib
     from kernels import gemv, pdl
     rows = []

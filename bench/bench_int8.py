@@ -247,30 +247,29 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None, autoc
     batch = batch_575()
     torch.cuda.synchronize()
     weights_gib = torch.cuda.memory_allocated() / 2 ** 30
-    times, losses = [], []
-    for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss, _ = model.loss(*batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+
     def one_step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss, _ = model.loss(*batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
 
+    times, losses = [], []
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = one_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
     busy_ms, top_kernels = gpu_busy_ms(one_step)
     K.DEQUANT_MIN_M = default_min_m
-    out = {"base": "int8" if int8 else "bf16", "autocast": autocast, "dequant_min_m": dequant_min_m or K.DEQUANT_MIN_M, "step_ms": 1e3 * statistics.median(times[warmup:]),
+    out = {"base": "int8" if int8 else "bf16", "autocast": autocast,
+           "dequant_min_m": dequant_min_m or K.DEQUANT_MIN_M, "step_ms": 1e3 * statistics.median(times[warmup:]),
            "step_ms_all": [1e3 * t for t in times], "gpu_busy_ms": busy_ms, "top_kernels": top_kernels,
            "tuned": tuned_configs() if int8 else {},
            "peak_GiB": torch.cuda.max_memory_allocated() / 2 ** 30, "weights_GiB": weights_gib,
