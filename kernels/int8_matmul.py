@@ -219,10 +219,13 @@ if triton is not None:
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
     def _autotune(configs, key, reset_to_zero=None):
-        try:
-            return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, do_bench=_quick_bench)
-        except TypeError:  # a Triton without the do_bench argument
-            return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
+        """triton.autotune with short timings, its picks kept on disk (Triton's cache, per kernel source, configs,
+        key and GPU architecture) so that a later process skips the timing; older Tritons lack either argument."""
+        for extra in (dict(do_bench=_quick_bench, cache_results=True), dict(do_bench=_quick_bench), {}):
+            try:
+                return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, **extra)
+            except TypeError:
+                continue
 
     def set_autotune(enabled: bool):
         """Autotune over each regime's config list (default), or use its first config only (fast tests)."""
