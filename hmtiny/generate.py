@@ -557,10 +557,10 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
 
 # ---------------------------------------------------------------- the function most callers use
 def default_mode(device: torch.device) -> str:
-    """CUDA graphs of the prefill and of the frame step on CUDA: ~209 frames/s on an H100 (3B bf16, 30 s songs); the
-    first call takes ~30 s on a fresh H100 80GB HBM3 (tile picks shipped in kernels/gemv_tiles.json, Triton
-    compiles), ~2 minutes on other cards (tile timing; cached on disk for later processes). "compile" adds ~45 s of
-    torch.compile to a first call and measured ~189 frames/s (bench/NOTES.md)."""
+    """CUDA graphs of the prefill and of the frame step on CUDA: ~209 frames/s on an H100 (3B bf16, 30 s songs; ~295
+    int8); the first call takes ~10 s on a fresh H100 80GB HBM3 (bf16 and int8 tile picks shipped in
+    kernels/gemv_tiles.json, Triton compiles), 30-50 s on other cards (tile timing; cached on disk for later
+    processes). "compile" adds ~45 s of torch.compile to a first call and measured ~189 frames/s (bench/NOTES.md)."""
     return "graph" if device.type == "cuda" else "eager"
 
 

@@ -30,9 +30,8 @@ CUDA-graph replays may advance them). Tile sizes depend only on the static shape
 Kernel path: CUDA, triton importable, bf16/fp16/fp32 activations and caches of the same dtype (or q/k/v as float32
 K slices, summed on load), last dims of stride 1, even head_dim 16..512 (not a power of two is fine: masked),
 S <= 16, pow2(G * S) * pow2(head_dim) <= 16384 (e.g. hd 128: G * S <= 128; hd 384: G * S <= 32). Anything else
-runs the reference. Slots must be
-consecutive and start[b] <= slots[0] (else a row has no key: NaN, as in the torch path); the engine's prefill,
-whose left-pad rows attend only to themselves, is therefore not this op's job.
+runs the reference. Slots must be consecutive and start[b] <= slots[0] (else a row has no key: NaN, as in the
+torch path); the engine's prefill, whose left-pad rows attend only to themselves, is therefore not this op's job.
 """
 from __future__ import annotations
 
@@ -140,7 +139,8 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, y_ptr, part_ptr, cnt_ptr,
                        n_part, qk_scale, stride_qk, stride_qb, stride_qs,
-                       stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
+                       stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                       stride_rope, stride_pb, stride_ps, stride_yb, stride_ys,
                        S: tl.constexpr, KV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, HD: tl.constexpr,
                        HD_P: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
                        NCH_P: tl.constexpr, COMB_C: tl.constexpr, KR: tl.constexpr, DW: tl.constexpr,

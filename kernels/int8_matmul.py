@@ -221,11 +221,12 @@ if triton is not None:
     def _autotune(configs, key, reset_to_zero=None):
         """triton.autotune with short timings, its picks kept on disk (Triton's cache, per kernel source, configs,
         key and GPU architecture) so that a later process skips the timing; older Tritons lack either argument."""
-        for extra in (dict(do_bench=_quick_bench, cache_results=True), dict(do_bench=_quick_bench), {}):
+        for extra in (dict(do_bench=_quick_bench, cache_results=True), dict(do_bench=_quick_bench)):
             try:
                 return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero, **extra)
             except TypeError:
                 continue
+        return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
 
     def set_autotune(enabled: bool):
         """Autotune over each regime's config list (default), or use its first config only (fast tests)."""
