@@ -33,7 +33,7 @@ from kernels import gemv, pdl
 from kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
-from .model import HeartMuLa, Transformer
+from .model import HeartMuLa, KVCache, Transformer
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
 
@@ -44,7 +44,7 @@ class Fused(nn.Module):
     matrix, several int8 layers one Int8Linear (scales are per output row, so rows concatenate): one GEMV at decode
     instead of several small ones. Anything else (a single int8 layer, LoRA wrappers) is called part by part."""
 
-    def __init__(self, parts: list[nn.Module], fuse: bool):
+    def __init__(self, parts: list[nn.Module], fuse: bool, copy: bool = True):
         super().__init__()
         self.sizes = [p.out_features for p in parts]
         self._sources = parts  # a plain list: not registered, only read by refresh() and share()
@@ -55,9 +55,9 @@ class Fused(nn.Module):
         self.register_buffer("weight", None, persistent=False)
         if fuse and len(parts) == 1 and type(parts[0]) is nn.Linear and parts[0].bias is None:
             self.direct = parts[0]  # nothing to concatenate: read the model's own weight
-        elif fuse and all(type(p) is nn.Linear and p.bias is None for p in parts):
+        elif fuse and copy and all(type(p) is nn.Linear and p.bias is None for p in parts):
             self.weight = torch.cat([p.weight.detach() for p in parts])
-        elif fuse and len(parts) > 1 and _all_int8(parts):
+        elif fuse and copy and len(parts) > 1 and _all_int8(parts):
             from .quant import Int8Linear
             self.int8 = Int8Linear(parts[0].in_features, sum(self.sizes), group_size=parts[0].group_size,
                                    device=parts[0].weight.device)
@@ -158,16 +158,19 @@ def _all_int8(parts) -> bool:
 class FastLayer(nn.Module):
     """One transformer block for inference: fused projections, per-sample RoPE positions, masked cache attention."""
 
-    def __init__(self, block: nn.Module, fuse: bool):
+    def __init__(self, block: nn.Module, fuse: bool, copy: bool = True):
         super().__init__()
         a, m = block.attn, block.mlp
         self.block = block  # norms and KV cache live in the model
         self.n_heads, self.n_kv = a.n_heads, a.n_kv
-        self.qkv = Fused([a.q_proj, a.k_proj, a.v_proj], fuse)
-        self.wo = Fused([a.output_proj], fuse)
-        self.w13 = Fused([m.w1, m.w3], fuse)
-        self.w2 = Fused([m.w2], fuse)
+        self.qkv = Fused([a.q_proj, a.k_proj, a.v_proj], fuse, copy)
+        self.wo = Fused([a.output_proj], fuse, copy)
+        self.w13 = Fused([m.w1, m.w3], fuse, copy)
+        self.w2 = Fused([m.w2], fuse, copy)
         self.fused_norm = True  # kernels.add_rmsnorm; False: its torch reference (for inductor to fuse)
+        # the engine's own KV cache (not the model's): a captured graph writes here, so nothing outside the engine
+        # may free it (model.drop_caches does not touch it)
+        self.cache: KVCache | None = None
 
     def forward(self, x, pending, slots, pos, start, rope, prompt: bool):
         """x [B,S,D] (the residual stream, still without `pending`: the previous layer's last matmul output as K
@@ -180,7 +183,7 @@ class FastLayer(nn.Module):
         add_norm = add_rmsnorm if self.fused_norm else add_rmsnorm_ref
         x, n = add_norm(x, pending, b.sa_norm.scale, b.sa_norm.eps)
         qkv = self.qkv(n) if prompt else self.qkv.partials(n)  # decode_attention adds the K slices
-        cache = b.attn.kv_cache
+        cache = self.cache
         attend = decode_attention_ref if prompt else decode_attention
         y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
         x, n = add_norm(x, self.wo.partials(y), b.mlp_norm.scale, b.mlp_norm.eps)
@@ -188,11 +191,16 @@ class FastLayer(nn.Module):
 
 
 class FastStack(nn.Module):
-    def __init__(self, stack: Transformer, fuse: bool):
+    def __init__(self, stack: Transformer, fuse: bool, copy: bool = True):
         super().__init__()
         self.stack = stack
-        self.layers = nn.ModuleList(FastLayer(b, fuse) for b in stack.layers)
+        self.layers = nn.ModuleList(FastLayer(b, fuse, copy) for b in stack.layers)
         self.fused_norm = True
+
+    def setup_cache(self, batch: int, length: int, dtype, device):
+        cfg = self.stack.cfg
+        for layer in self.layers:
+            layer.cache = KVCache(batch, cfg.num_kv_heads, length, cfg.head_dim, dtype, device)
 
     def use_fused_norm(self, on: bool):
         """kernels.add_rmsnorm (True) or its torch reference, for inductor to fuse (False), in every norm."""
@@ -217,10 +225,14 @@ class Engine:
     mode: "eager" (any device), "graph" (CUDA graph of the eager step), "compile" (torch.compile fuses the
     elementwise work, then the compiled step is captured in a CUDA graph). fuse: concatenate q/k/v and gate/up
     weights (a copy: about the size of the stacks' weights; share=True makes the model's own weights views of the
-    fused ones instead, for callers that own the model and will not replace its parameters, e.g. sample.py).
+    fused ones instead, for callers that own the model and will not replace its parameters, e.g. sample.py;
+    copy_weights=False fuses only what needs no copy of the stacks' weights, e.g. validation during training, whose
+    memory must stay within the training step's). The KV cache is the engine's own; drop the engine to free it and
+    its captured graphs.
     """
 
-    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False):
+    def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False,
+                 copy_weights: bool = True):
         if mode not in ("eager", "graph", "compile"):
             raise ValueError(f"mode must be eager, graph or compile, not {mode!r}")
         self.model, self.mode = model, mode
@@ -233,8 +245,8 @@ class Engine:
         self.eos = cfg.gen.audio_eos_id
         if not cfg.codebook_size <= self.eos < self.V:
             raise ValueError(f"audio_eos_id {self.eos} must lie in [{cfg.codebook_size}, {self.V})")
-        self.backbone = FastStack(model.backbone, fuse)
-        self.decoder = FastStack(model.decoder, fuse)
+        self.backbone = FastStack(model.backbone, fuse, copy_weights)
+        self.decoder = FastStack(model.decoder, fuse, copy_weights)
         self.projection = Fused([model.projection], fuse)
         # graph mode: every layer op is one of our kernels, chained with PDL (kernels/pdl.py). compile mode keeps
         # the design it was measured with (bench/NOTES.md): inductor fuses the K-slice sums, norms and SwiGLU
@@ -370,6 +382,19 @@ class Engine:
     def generate(self, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
                  temperature: float = 1.0, generator: torch.Generator | None = None, eos_check_every: int = 32,
                  progress: Callable[[int, int], None] | None = None, stop_on_eos: bool = True) -> list[torch.Tensor]:
+        """Frames for each prompt (see the module's `generate`). Runs in the weights' dtype with autocast off, as
+        sample.py does: under autocast a captured graph would read autocast's cached casts of float32 weights (the
+        LoRA factors), which are freed when the caller's autocast region ends and stale after an optimizer step."""
+        kind = self.device.type
+        if torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return self._generate(prompts, max_frames, cfg_scale, topk, temperature, generator,
+                                      eos_check_every, progress, stop_on_eos)
+        return self._generate(prompts, max_frames, cfg_scale, topk, temperature, generator, eos_check_every,
+                              progress, stop_on_eos)
+
+    def _generate(self, prompts, max_frames, cfg_scale, topk, temperature, generator, eos_check_every, progress,
+                  stop_on_eos):
         m = self.model
         if not prompts:
             raise ValueError("no prompt given")
@@ -422,7 +447,8 @@ class Engine:
         key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, max_frames)
         if key != self._graph_key:
             self._graph = self._first_graph = None
-            m.setup_caches(B2, L, dtype=self.dtype, device=dev)
+            self.backbone.setup_cache(B2, L, self.dtype, dev)
+            self.decoder.setup_cache(B2, self.K, self.dtype, dev)
             # depth decoder: (positions [B2,S], cache slots [S]) of its 7 calls, fixed; it sees its cache from slot 0
             self.dec_steps = []
             for i in range(1, self.K):

@@ -390,9 +390,14 @@ class Validator:
             if where is not None:
                 try:
                     from .codec import HeartCodec
-                    # bf16 on CUDA: half the memory beside the training state (1.5 B params) and the fast path
-                    dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-                    self._codec = HeartCodec.load(where, device=self.device, dtype=dtype)
+                    # bf16 on CUDA: half the memory beside the training state (1.5 B params) and the fast path.
+                    # On CUDA it stays in pinned host memory and decodes stage by stage on the GPU (its weights
+                    # are copied over for each stage): between validations it takes no GPU memory at all
+                    cuda = self.device.type == "cuda"
+                    self._codec = HeartCodec.load(where, device="cpu" if cuda else self.device,
+                                                  dtype=torch.bfloat16 if cuda else torch.float32)
+                    if cuda:
+                        self._codec.pin_memory_()
                 except Exception as e:  # missing package piece, offline hub, bad weights: tokens still get saved
                     reason = f"could not load HeartCodec from {where} ({type(e).__name__}: {e})"
             if self._codec is None:
@@ -411,8 +416,34 @@ class Validator:
             return None
 
     @torch.no_grad()
+    def generate(self, model, max_frames: int, seed: int) -> list[torch.Tensor]:
+        """The validation clips' frames. The engine lives for this call only: its KV cache and captured graphs are
+        freed before training goes on (recapturing costs well under a second; keeping them would hold memory
+        through every training step, and they must never outlive the memory they read)."""
+        from .generate import Engine, default_mode
+        cfg = self.cfg
+        prompts = [tuple(x.to(self.device) if torch.is_tensor(x) else x for x in self.prompt)] \
+            * cfg.num_validation_images
+        was_training = model.training
+        model.eval()  # no LoRA dropout
+        engine = Engine(model, default_mode(self.device), copy_weights=False)
+        try:
+            return engine.generate(prompts, max_frames, cfg_scale=max(1.0, cfg.validation_guidance),
+                                   topk=cfg.validation_topk, temperature=cfg.validation_temperature,
+                                   generator=torch.Generator(self.device).manual_seed(seed))
+        finally:
+            del engine
+            model.train(was_training)
+            self.free_cuda_cache()
+
+    def free_cuda_cache(self):
+        """Give cached, unused GPU memory back (the training step's activations before validation, the engine's and
+        the codec's after), so validation's peak is the model plus validation's own needs, not the sum."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
     def run(self, model, step: int) -> list[Path]:
-        from .generate import generate
         cfg = self.cfg
         t0 = time.time()
         max_frames = max(1, round(cfg.validation_audio_duration * 12.5))
@@ -424,13 +455,8 @@ class Validator:
                 self._said_short = True
             max_frames = room
         seed = cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0)
-        prompts = [tuple(x.to(self.device) if torch.is_tensor(x) else x for x in self.prompt)] \
-            * cfg.num_validation_images
-        amp = autocast_dtype(cfg)
-        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None and self.device.type != "cpu"):
-            clips = generate(model, prompts, max_frames, cfg_scale=max(1.0, cfg.validation_guidance),
-                             topk=cfg.validation_topk, temperature=cfg.validation_temperature, seed=seed)
-        model.drop_caches()
+        self.free_cuda_cache()
+        clips = self.generate(model, max_frames, seed)
         self.folder.mkdir(parents=True, exist_ok=True)
         codec, written = self.codec(), []
         for i, frames in enumerate(clips):
@@ -440,13 +466,16 @@ class Validator:
                 continue
             path = None
             if codec is not None:
-                wav = codec.decode(frames.T.contiguous().to(self.device), steps=cfg.validation_codec_steps,
-                                   guidance=cfg.validation_codec_guidance, seed=seed + i)
+                wav = codec.decode(frames.T.contiguous(), steps=cfg.validation_codec_steps,
+                                   guidance=cfg.validation_codec_guidance, seed=seed + i, device=self.device)
                 path = self.write_wav(stem, wav, getattr(codec, "sample_rate", 48000))
             if path is None:
                 path = stem.with_suffix(".npy")
                 atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
             written.append(path)
+        if codec is not None:
+            codec.release_graph()
+        self.free_cuda_cache()
         self.log(f"validation at step {step}: {len(written)} clip(s), "
                  f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
         return written

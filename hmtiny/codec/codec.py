@@ -17,6 +17,7 @@ norms/ODE state, cross-fade on the device, one host copy at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +179,10 @@ class HeartCodec(nn.Module):
         save_json(self.cfg.to_dict(), folder / "config.json")
 
     # ------------------------------------------------------------------ decoding
-    def estimator_fn(self, shape: tuple[int, ...]):
+    def estimator_fn(self, shape: tuple[int, ...], device: torch.device | None = None):
         """The estimator, as a CUDA graph where possible (CUDA, not under autocast, cuda_graphs on)."""
         est = self.flow_matching.estimator
-        device = self.device
+        device = device or self.device
         if not (self.cuda_graphs and device.type == "cuda") or torch.is_autocast_enabled("cuda"):
             return est
         weight = est.proj_in.ffn_2.weight
@@ -212,33 +213,52 @@ class HeartCodec(nn.Module):
                                 "frames before decoding)" if hi >= size else ""))
         return codes.long()
 
+    def pin_memory_(self) -> "HeartCodec":
+        """Pin the (CPU) weights: a codec kept on the CPU between decodes copies them to the GPU at full speed."""
+        for t in _weights(self):
+            t.data = t.data.pin_memory()
+        return self
+
+    def release_graph(self):
+        """Free the estimator's captured graph and its memory pool (it is captured again on the next decode)."""
+        self._graph = None
+
     @torch.inference_mode()
     def detokenize(self, codes: torch.Tensor, window: int = DEFAULT_WINDOW_CODES, steps: int = 10,
                    guidance: float = 1.25, generator: torch.Generator | None = None, fix_lost_codes: bool = True,
-                   decode_batch: int = 1, return_latents: bool = False):
+                   decode_batch: int = 1, return_latents: bool = False, device: torch.device | str | None = None):
         """codes [Q, T] int64 -> [2, int(T/12.5*sr)] float32 on the codec's device.
 
         Noise comes from `generator` (or torch's global CPU generator) in the reference's order, so after
         torch.manual_seed(s) this equals heartlib's detokenize(codes) with the same seed.
         decode_batch: windows per ScalarModel call. 1 (default) was as fast as 4 on an H100 (3 min, bf16:
         1.77 vs 1.78 s) with 1.9 instead of 7.5 GiB of working memory (bench/NOTES.md).
+        device: where to compute, when the weights live elsewhere (a codec kept on the CPU beside training):
+        each stage's weights are copied there for that stage only, so the device holds the flow stage's
+        estimator (1.49 B parameters) or the ScalarModel and its working memory, never both. Same result.
         """
-        device = self.device
+        device = torch.device(device) if device is not None else self.device
+        staged = device != self.device
         plan = plan_windows(codes.shape[1], window, self.sample_rate, fix_lost_codes)
         noise = draw_noise(plan, self.cfg.out_channels, generator)
-        tiled = codes.to(device)[:, torch.arange(plan.padded_len, device=device) % plan.num_codes]
-        cond = self.flow_matching.condition(tiled[None])  # [1, 2*padded_len, dim], all windows at once
-        frames, ov = plan.latent_frames, plan.overlap_frames
-        estimator = self.estimator_fn((2 if guidance > 1.0 else 1, frames, self.cfg.in_channels))
-        latents: list[torch.Tensor] = []
-        for i, start in enumerate(plan.starts):
-            incontext = torch.zeros(1, frames, self.cfg.out_channels, device=device)
-            n_incontext = ov if i > 0 else 0  # later windows continue from the previous window's tail
-            if n_incontext:
-                incontext[:, :ov] = latents[-1][:, -ov:]
-            latents.append(solve_euler(estimator, noise[i].to(device), incontext, n_incontext,
-                                       cond[:, 2 * start: 2 * start + frames], steps, guidance))
-        wav = crossfade_windows(self.latents_to_windows(torch.cat(latents), plan, decode_batch), plan)
+        with weights_on(self.flow_matching, device) if staged else contextlib.nullcontext():
+            tiled = codes.to(device)[:, torch.arange(plan.padded_len, device=device) % plan.num_codes]
+            cond = self.flow_matching.condition(tiled[None])  # [1, 2*padded_len, dim], all windows at once
+            frames, ov = plan.latent_frames, plan.overlap_frames
+            estimator = self.estimator_fn((2 if guidance > 1.0 else 1, frames, self.cfg.in_channels), device)
+            latents: list[torch.Tensor] = []
+            for i, start in enumerate(plan.starts):
+                incontext = torch.zeros(1, frames, self.cfg.out_channels, device=device)
+                n_incontext = ov if i > 0 else 0  # later windows continue from the previous window's tail
+                if n_incontext:
+                    incontext[:, :ov] = latents[-1][:, -ov:]
+                latents.append(solve_euler(estimator, noise[i].to(device), incontext, n_incontext,
+                                           cond[:, 2 * start: 2 * start + frames], steps, guidance))
+            del estimator, cond
+            if staged:  # the graph reads the staged weights, which go with the stage
+                self.release_graph()
+        with weights_on(self.scalar_model, device) if staged else contextlib.nullcontext():
+            wav = crossfade_windows(self.latents_to_windows(torch.cat(latents), plan, decode_batch), plan)
         return (wav, latents) if return_latents else wav
 
     def latents_to_windows(self, latents: torch.Tensor, plan: WindowPlan, decode_batch: int = 1):
@@ -251,15 +271,34 @@ class HeartCodec(nn.Module):
 
     def decode(self, tokens, steps: int = 10, guidance: float = 1.25, seed: int | None = None,
                generator: torch.Generator | None = None, window: int = DEFAULT_WINDOW_CODES,
-               decode_batch: int = 1) -> torch.Tensor:
+               decode_batch: int = 1, device: torch.device | str | None = None) -> torch.Tensor:
         """Audio codes [8, T] (tensor, ndarray or nested lists) -> float32 CPU tensor [2, samples] at 48 kHz.
 
         seed: draws the noise from a fresh CPU generator (same audio on any device). generator: use yours.
-        Neither: torch's global generator.
+        Neither: torch's global generator. device: compute there, stage by stage (see detokenize).
         """
         codes = self.check_codes(tokens)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         wav = self.detokenize(codes, window=window, steps=steps, guidance=guidance, generator=generator,
-                              decode_batch=decode_batch)
+                              decode_batch=decode_batch, device=device)
         return wav.float().cpu()
+
+
+def _weights(module: nn.Module):
+    yield from module.parameters()
+    yield from (b for b in module.buffers() if b is not None)
+
+
+@contextlib.contextmanager
+def weights_on(module: nn.Module, device: torch.device):
+    """Give the module's parameters and buffers copies on `device` for the duration; the originals (kept where
+    they are, e.g. pinned on the CPU) are put back after, so leaving the stage frees the device copies."""
+    originals = [(t, t.data) for t in _weights(module)]
+    try:
+        for t, data in originals:
+            t.data = data.to(device, non_blocking=True)
+        yield module
+    finally:
+        for t, data in originals:
+            t.data = data
