@@ -317,6 +317,9 @@ def run(a) -> int:
         print(f"decoded song {i + 1} in {time.time() - t1:.1f} s -> {out} ({wav.shape[1] / codec.sample_rate:.1f} s, "
               f"{codec.sample_rate} Hz, {wav.shape[0]} channels)")
     print(f"codec total {time.time() - t0:.1f} s")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
     return 0
 
 

@@ -179,6 +179,9 @@ def train(argv: list[str]) -> Path:
     log(f"saved {lora_path}")
     if validator and not any((out / "validation").glob(f"step-{step}-*")):
         validation()
+    if device.type == "cuda":
+        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
     return lora_path
 
 
