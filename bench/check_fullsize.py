@@ -85,6 +85,7 @@ def make_data(data: Path, clips: int):
         np.save(f"{stem}.tokens.npy", rng.integers(0, 8192, (FRAMES_30S, 8)).astype(np.int16))
         Path(f"{stem}.txt").write_text(TAGS + "\n")
         Path(f"{stem}.lyrics").write_text(LYRICS * 3)
+        Path(f"{stem}.wav").touch()  # the quickstart keeps the audio beside its tokens; training never reads it
 
 
 def fullsize_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
