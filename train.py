@@ -12,10 +12,16 @@ validation/step-STEP-N.wav. Rerunning the same command resumes from the latest c
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
+
+# Expandable segments (unless you set PYTORCH_CUDA_ALLOC_CONF yourself): the CUDA allocator maps memory into one
+# growing range instead of caching fixed blocks, so what the training step frees is reusable by validation's
+# generation and codec (and back) instead of staying reserved beside them. Read when CUDA first allocates.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import numpy as np
 import torch
@@ -24,7 +30,7 @@ from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
 from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
 from hmtiny.model import HeartMuLa
 from hmtiny.train_config import ConfigError, load_config, parse_cli
-from hmtiny.trainer import (Metrics, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
+from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
                             check_output_dir, check_resume, load_checkpoint, load_tokenizer, lr_factor,
                             make_optimizer, pick_device, prune_checkpoints, read_model_config, save_checkpoint)
 
@@ -80,7 +86,8 @@ def train(argv: list[str]) -> Path:
     steps_per_epoch = math.ceil(len(sampler) / accum)
     total = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     validate = cfg.validation_prompt is not None and not cfg.validation_disable
-    validator = Validator(cfg, tokenizer, device, log) if validate else None
+    memory = PeakMemory(device)
+    validator = Validator(cfg, tokenizer, device, log, memory) if validate else None
     out = Path(cfg.output_dir)
     metrics = Metrics(out)
 
@@ -179,9 +186,9 @@ def train(argv: list[str]) -> Path:
     log(f"saved {lora_path}")
     if validator and not any((out / "validation").glob(f"step-{step}-*")):
         validation()
-    if device.type == "cuda":
-        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
-            f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+    memory.close("training")
+    if memory.summary():
+        log(memory.summary())
     return lora_path
 
 

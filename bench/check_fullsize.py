@@ -37,6 +37,7 @@ TAGS = "pop, upbeat, bright synths, female vocals"
 LYRICS = ("[verse]\nwalking down the empty road tonight\nstreetlights humming songs I used to know\n"
           "[chorus]\nhold on, hold on, the morning's coming\nhold on, hold on, we're almost home\n")
 PEAK = re.compile(r"peak GPU memory: ([\d.]+) GiB allocated, ([\d.]+) GiB reserved")
+PHASE = re.compile(r"([a-z][a-z ]*?) ([\d.]+)/([\d.]+)")  # train.py's peak by phase: "training 7.10/7.50, ..."
 VALIDATION = re.compile(r"validation at step (\d+): (\d+) clip\(s\), ([\d.]+)s of audio in ([\d.]+)s")
 GENERATED = re.compile(r"(\d+) frames \(([\d.]+) s of audio\) in ([\d.]+) s")
 
@@ -142,6 +143,8 @@ def run_process(name: str, argv: list[str], log: Path, cwd: Path) -> dict:
     peak = PEAK.findall(text)
     if peak:
         result["peak_allocated_GiB"], result["peak_reserved_GiB"] = (float(x) for x in peak[-1])
+        for name, a, r in PHASE.findall(text.split("peak GPU memory")[-1].splitlines()[0]):
+            result[f"peak_{name.replace(' ', '_')}_GiB"] = [float(a), float(r)]
     vals = VALIDATION.findall(text)
     if vals:
         result["validations"] = [{"step": int(s), "audio_s": float(au), "time_s": float(ti)} for s, _, au, ti in vals]

@@ -361,6 +361,31 @@ def loss_svg(points: list[tuple[int, float]], width: int = 640, height: int = 32
             f'</svg>\n')
 
 
+class PeakMemory:
+    """The run's peak GPU memory, by phase (training steps, validation's generation, validation's decoding), so the
+    user of a small card sees which one sets it. Does nothing off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.peaks: dict[str, tuple[float, float]] = {}  # phase -> (GiB allocated, GiB reserved)
+
+    def close(self, phase: str):
+        """Count the peak since the previous close towards `phase`, and measure afresh from here."""
+        if self.device is None:
+            return
+        now = (torch.cuda.max_memory_allocated(self.device) / 2**30, torch.cuda.max_memory_reserved(self.device) / 2**30)
+        before = self.peaks.get(phase, (0.0, 0.0))
+        self.peaks[phase] = (max(before[0], now[0]), max(before[1], now[1]))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def summary(self) -> str | None:
+        if not self.peaks:
+            return None
+        alloc, reserved = (max(p[i] for p in self.peaks.values()) for i in (0, 1))
+        phases = ", ".join(f"{name} {a:.2f}/{r:.2f}" for name, (a, r) in self.peaks.items())
+        return f"peak GPU memory: {alloc:.2f} GiB allocated, {reserved:.2f} GiB reserved ({phases})"
+
+
 # ---------------------------------------------------------------- validation
 def save_npy(path: Path, array: np.ndarray):
     with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
@@ -376,8 +401,9 @@ class Validator:
     """Generates validation clips with the LoRA-applied model and writes output_dir/validation/step-STEP-N.wav
     (or .npy tokens when no codec weights can be found: said once)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, log=print):
+    def __init__(self, cfg: TrainConfig, tokenizer, device: torch.device, log=print, memory: PeakMemory | None = None):
         self.cfg, self.tokenizer, self.device, self.log = cfg, tokenizer, device, log
+        self.memory = memory or PeakMemory(device)
         self.folder = Path(cfg.output_dir) / "validation"
         self._codec, self._codec_tried, self._said_no_wav, self._said_short = None, False, False, False
         self.prompt = tokenizer.prompt(cfg.validation_prompt, cfg.validation_lyrics)
@@ -455,8 +481,10 @@ class Validator:
                 self._said_short = True
             max_frames = room
         seed = cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0)
+        self.memory.close("training")
         self.free_cuda_cache()
         clips = self.generate(model, max_frames, seed)
+        self.memory.close("validation generation")
         self.folder.mkdir(parents=True, exist_ok=True)
         codec, written = self.codec(), []
         for i, frames in enumerate(clips):
@@ -476,6 +504,7 @@ class Validator:
         if codec is not None:
             codec.release_graph()
         self.free_cuda_cache()
+        self.memory.close("validation decoding")
         self.log(f"validation at step {step}: {len(written)} clip(s), "
                  f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
         return written

@@ -257,6 +257,8 @@ class HeartCodec(nn.Module):
             del estimator, cond
             if staged:  # the graph reads the staged weights, which go with the stage
                 self.release_graph()
+        if staged and device.type == "cuda":
+            torch.cuda.empty_cache()  # the estimator's copy and graph pool, free for the ScalarModel's working memory
         with weights_on(self.scalar_model, device) if staged else contextlib.nullcontext():
             wav = crossfade_windows(self.latents_to_windows(torch.cat(latents), plan, decode_batch), plan)
         return (wav, latents) if return_latents else wav
