@@ -108,8 +108,8 @@ def crossfade_windows(windows: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     hop, ov = plan.hop_samples, plan.overlap_samples
     out = torch.empty(channels, hop * (n - 1) + plan.window_samples, dtype=torch.float32, device=windows.device)
     out[:, : plan.window_samples] = windows[0]
-    # numpy's exact float64 values (float32 on MPS)
-    w = torch.from_numpy(np.linspace(0, 1, ov)).to(windows.device, device_rules.float64_or_32(windows.device))
+    exact = device_rules.supports_float64(windows.device)  # numpy's float64 values, float32 on MPS
+    w = torch.from_numpy(np.linspace(0, 1, ov, dtype=np.float64 if exact else np.float32)).to(windows.device)
     for i in range(1, n):
         s = i * hop
         out[:, s: s + ov] = out[:, s: s + ov] * (1 - w) + windows[i, :, :ov] * w
