@@ -131,3 +131,14 @@ def test_missing_model_folder_says_what_to_download(tmp_path, capsys):
     assert "no HeartMuLa model" in log
     for repo in ("HeartMuLa/HeartMuLa-oss-3B", "HeartMuLa/HeartCodec-oss", "HeartMuLa/HeartMuLaGen"):
         assert f"hf download {repo}" in log
+
+
+def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
+    """`--config` of the built-in tiny default: its random model's EOS means nothing and is ignored, so the clip
+    has the asked length (with EOS honoured this seed stops after 10 frames)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "tiny.npy"
+    rc, log = run(["--config", str(sample.TINY / "config.json"), "--duration", "1.2", "--seed", "0", "--tokens-only",
+                   "--save-tokens", str(path)], capsys)
+    assert rc == 0, log
+    assert np.load(path).shape == (15, 8) and "random weights" in log
