@@ -11,6 +11,7 @@ HeartCodec-oss/, tokenizer.json, gen_config.json side by side). --tags/--lyrics 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,10 @@ FRAME_RATE = 12.5
 TINY = Path(__file__).resolve().parent / "hmtiny" / "assets" / "tiny"
 DEFAULT_MODEL = "HeartMuLa/HeartMuLa-oss-3B"
 DOWNLOAD_HELP = """Download the official files (heartlib's ckpt/ layout) with:
-  huggingface-cli download HeartMuLa/HeartMuLa-oss-3B --local-dir ckpt/HeartMuLa-oss-3B
-  huggingface-cli download HeartMuLa/HeartCodec-oss --local-dir ckpt/HeartCodec-oss
-  huggingface-cli download HeartMuLa/HeartMuLaGen --local-dir ckpt        # tokenizer.json + gen_config.json
+  hf download HeartMuLa/HeartMuLa-oss-3B --local-dir ckpt/HeartMuLa-oss-3B
+  hf download HeartMuLa/HeartCodec-oss --local-dir ckpt/HeartCodec-oss
+  hf download HeartMuLa/HeartMuLaGen --local-dir ckpt        # tokenizer.json + gen_config.json
+(`hf` comes with huggingface_hub >= 0.34: pip install -U huggingface_hub)
 then run:  python sample.py --model ckpt --tags "pop, piano" --lyrics lyrics.txt --out song.wav
 (or try the built-in tiny model first:  python sample.py --demo)"""
 
@@ -71,20 +73,34 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def text_or_file(value: str | None) -> str:
-    """A value naming an existing file means its content."""
+TEXT_FILE_SUFFIXES = (".txt", ".lyrics", ".lrc", ".md")
+
+
+def text_or_file(value: str | None, flag: str) -> str:
+    """A value naming an existing file means its content. A one-line value that looks like a file path (a text
+    file's suffix, or starting with / ./ ../ ~/) but names no file is an error, not text to sing."""
     if value is None:
         return ""
     p = Path(value).expanduser()
+    one_line = "\n" not in value and len(value) < 4096
     try:
-        if len(value) < 4096 and p.is_file():
-            return p.read_text()
-    except OSError:
-        pass
+        is_file = one_line and p.is_file()
+    except OSError:  # e.g. a name too long to be a file: it is text
+        is_file = False
+    if is_file:
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{flag} {value}: the file is not UTF-8 text (offset {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise UsageError(f"{flag} {value}: cannot read the file ({e.strerror or e})") from None
+    if one_line and (p.suffix.lower() in TEXT_FILE_SUFFIXES or value.startswith(("/", "./", "../", "~/"))):
+        raise UsageError(f"{flag} {value}: no such file (looks like a path; give the text itself or an existing file)")
     return value
 
 
-def parse_lora(spec: str) -> tuple[Path, float]:
+def parse_lora(spec: str):
+    """PATH[:SCALE] -> (LoRAWeights, scale): the file is read and checked now, before any model loads."""
     path, scale = spec, 1.0
     head, sep, tail = spec.rpartition(":")
     if sep and head and not Path(spec).exists():
@@ -92,12 +108,22 @@ def parse_lora(spec: str) -> tuple[Path, float]:
             path, scale = head, float(tail)
         except ValueError:
             pass
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {spec}: the scale must be a finite number, got {scale}")
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "pytorch_lora_weights.safetensors"
     if not p.is_file():
         raise UsageError(f"--lora {spec}: {p} does not exist")
-    return p, scale
+    return read_checked_lora(p, f"--lora {spec}"), scale
+
+
+def read_checked_lora(path: Path, what: str):
+    from hmtiny.lora import read_lora
+    try:
+        return read_lora(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 def numbered(path: Path, n: int, i: int) -> Path:
@@ -141,19 +167,26 @@ def settings(a) -> dict:
         trained = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
         if not a.lora and trained.is_file():
             print(f"using the run's LoRA {trained} (pass --lora to choose another)")
-            s["loras"] = [(trained, 1.0)]
+            s["loras"] = [(read_checked_lora(trained, f"--config {a.config}: the run's LoRA"), 1.0)]
     for key in ("model", "codec", "tokenizer", "duration", "cfg", "topk", "temperature", "seed", "out"):
         if getattr(a, key) is not None:
             s[key] = getattr(a, key)
     if a.tags is not None:
-        s["tags"] = text_or_file(a.tags)
+        s["tags"] = text_or_file(a.tags, "--tags")
     if a.lyrics is not None:
-        s["lyrics"] = text_or_file(a.lyrics)
+        s["lyrics"] = text_or_file(a.lyrics, "--lyrics")
     if a.lora:
         s["loras"] = [parse_lora(x) for x in a.lora]
+    if s["stop_on_eos"] and is_tiny(s["model"]):
+        s["stop_on_eos"] = False
+        print("note: the built-in tiny model has random weights, its EOS means nothing: every song is --duration long")
 
     if not s["tags"] or not s["tags"].strip():
         raise UsageError("give --tags (e.g. --tags \"pop, piano, happy\"), or --config with a validation_prompt")
+    for flag, value in (("--duration", s["duration"]), ("--cfg", s["cfg"]), ("--temperature", s["temperature"]),
+                        ("--codec-guidance", a.codec_guidance)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
     if not s["duration"] > 0:
         raise UsageError(f"--duration must be > 0 seconds, got {s['duration']}")
     if s["cfg"] < 1.0:
@@ -164,6 +197,10 @@ def settings(a) -> dict:
         raise UsageError(f"--temperature must be > 0, got {s['temperature']}")
     if a.num < 1:
         raise UsageError(f"--num must be >= 1, got {a.num}")
+    if a.codec_steps < 1:
+        raise UsageError(f"--codec-steps must be >= 1, got {a.codec_steps}")
+    if a.codec_guidance < 1:
+        raise UsageError(f"--codec-guidance must be >= 1 (1 turns the codec's guidance off), got {a.codec_guidance}")
     out = Path(s["out"]).expanduser()
     if out.suffix.lower() not in (".wav", ".flac"):
         raise UsageError(f"--out must end in .wav or .flac, got {out}")
@@ -171,6 +208,20 @@ def settings(a) -> dict:
         raise UsageError(f"--out {out} is a folder: give a file name such as {out / 'song.wav'}")
     s["out"] = out
     return s
+
+
+def is_tiny(model) -> bool:
+    try:
+        return Path(model).expanduser().resolve() in (TINY, TINY / "model")
+    except OSError:
+        return False
+
+
+def check_writable(path: Path, flag: str):
+    from hmtiny.checkpoint import writable_folder_problem
+    problem = writable_folder_problem(path.parent)
+    if problem:
+        raise UsageError(f"{flag} {path}: cannot write there ({problem})")
 
 
 def pick_device(a):
@@ -186,8 +237,50 @@ def pick_device(a):
     return torch.device("cpu")
 
 
+def check_files(s, need_codec: bool):
+    """Model, LoRAs and codec checked without loading them (config files, weight headers, LoRA layers against a
+    weightless model): a bad file is named before minutes of loading and generating. -> the codec folder."""
+    from hmtiny.checkpoint import (CODEC_SUBFOLDERS, check_weight_files, find_codec_beside, find_model_folder,
+                                   resolve_folder)
+    from hmtiny.codec.config import HeartCodecConfig
+    from hmtiny.config import ModelConfig
+    from hmtiny.lora import apply_loras
+    from hmtiny.model import HeartMuLa
+    try:
+        folder = find_model_folder(resolve_folder(s["model"]))
+        model_cfg = ModelConfig.from_file(folder / "config.json")
+    except FileNotFoundError as e:
+        raise UsageError(f"no HeartMuLa model at {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--model {s['model']}: {folder / 'config.json'} is not a HeartMuLa config ({e})") from None
+    try:
+        check_weight_files(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--model {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
+    if s["loras"]:
+        with torch.device("meta"):
+            try:
+                apply_loras(HeartMuLa(model_cfg), s["loras"], merge=False)
+            except ValueError as e:
+                raise UsageError(f"--lora: {e}") from None
+    codec_where = s["codec"] or find_codec_beside(s["model"])
+    if not need_codec:
+        return None
+    if codec_where is None:
+        raise UsageError(f"no HeartCodec found beside {s['model']}: pass --codec.\n\n{DOWNLOAD_HELP}")
+    try:
+        codec_folder = find_model_folder(resolve_folder(codec_where), CODEC_SUBFOLDERS)
+        HeartCodecConfig.from_file(codec_folder / "config.json")
+        check_weight_files(codec_folder)
+    except FileNotFoundError as e:
+        raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--codec {codec_where}: {e}") from None
+    return codec_folder
+
+
 def load_everything(s, a, device, dtype, need_codec=True):
-    from hmtiny.checkpoint import find_codec_beside, load_heartmula
+    from hmtiny.checkpoint import load_heartmula
     from hmtiny.text import PromptTokenizer, find_text_assets
 
     tok = s["tokenizer_obj"]
@@ -196,20 +289,18 @@ def load_everything(s, a, device, dtype, need_codec=True):
             tok = PromptTokenizer.load(*find_text_assets(s["tokenizer"] or s["model"]))
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"no tokenizer for {s['tokenizer'] or s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
-    codec_where = s["codec"] or find_codec_beside(s["model"])
-    if codec_where is None and need_codec:
-        raise UsageError(f"no HeartCodec found beside {s['model']}: pass --codec.\n\n{DOWNLOAD_HELP}")
+    codec_where = check_files(s, need_codec)
     t0 = time.time()
     try:
         model = load_heartmula(s["model"], dtype=dtype, device=device, quantize=s["int8"])
-    except FileNotFoundError as e:
-        raise UsageError(f"no HeartMuLa model at {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
+    except ValueError as e:  # keys or shapes that do not match config.json
+        raise UsageError(f"--model {s['model']}: {e}") from None
     print(f"model {s['model']} loaded in {time.time() - t0:.1f} s ({device}, {str(dtype).replace('torch.', '')}"
           f"{', int8 stacks' if s['int8'] else ''})")
     if s["loras"]:
         from hmtiny.lora import apply_loras
         apply_loras(model, s["loras"], merge=False if s["int8"] else None)
-        names = ", ".join(f"{p.name}:{sc:g}" for p, sc in s["loras"])
+        names = ", ".join(f"{Path(w.path).name}:{sc:g}" for w, sc in s["loras"])
         print(f"LoRA {names} {'applied unmerged (int8 base)' if s['int8'] else 'merged into the weights'}")
     return tok, model, codec_where
 
@@ -218,9 +309,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         return run(a)
-    except UsageError as e:
+    except (UsageError, OSError) as e:  # OSError: a full disk, a folder gone while writing
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def run(a) -> int:
@@ -240,6 +331,8 @@ def run(a) -> int:
             print(f"note: {want} exists: this run writes {got}")
         taken.add(got)
         outs.append(got)
+        if not a.tokens_only:
+            check_writable(got, "--out")
     token_paths = None
     if a.tokens_only and a.save_tokens is None:
         a.save_tokens = ""
@@ -248,6 +341,8 @@ def run(a) -> int:
         token_paths = [free_path(numbered(base, a.num, i) if base else o.with_suffix(".npy"), taken)
                        for i, o in enumerate(outs)]
         taken.update(token_paths)
+        for p in token_paths:
+            check_writable(p, "--save-tokens")
 
     tok, model, codec_where = load_everything(s, a, device, dtype, need_codec=not a.tokens_only)
     prompt = tok.prompt(s["tags"], s["lyrics"])
@@ -304,6 +399,8 @@ def run(a) -> int:
         codec = HeartCodec.load(codec_where, device=device, dtype=codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
+    except ValueError as e:  # keys or shapes that do not match its config.json
+        raise UsageError(f"--codec {codec_where}: {e}") from None
     for i, (frames, out) in enumerate(zip(songs, outs)):
         if frames.shape[0] == 0:
             print(f"song {i + 1}: the model ended it at once (EOS at the first frame): nothing to decode, no file")

@@ -32,7 +32,23 @@ from hmtiny.model import HeartMuLa
 from hmtiny.train_config import ConfigError, load_config, parse_cli
 from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
                             check_output_dir, check_resume, load_checkpoint, load_tokenizer, lr_factor,
-                            make_optimizer, pick_device, prune_checkpoints, read_model_config, save_checkpoint)
+                            make_optimizer, pick_device, prune_checkpoints, read_model_config, remove_temporaries,
+                            save_checkpoint)
+
+USAGE = """usage: python train.py [CONFIG.json | env=NAME] [--key=value ...]
+
+LoRA fine-tuning of HeartMuLa from a SimpleTuner-style config.json.
+
+  CONFIG.json      a training config (SimpleTuner's keys); none: the built-in tiny default (CPU, about a minute)
+  env=NAME         SimpleTuner's shorthand for config/NAME/config.json
+  --key=value      overrides one config key (also --key value; a bare --flag means true), e.g.
+                   --learning_rate=5e-5 --max_train_steps=2000 --output_dir=out/run2
+                   --init_lora=old/pytorch_lora_weights.safetensors
+                   --resume_anyway=true  (continue a run whose saved settings differ from this config)
+
+Every key, its default and its meaning: the TrainConfig fields in hmtiny/train_config.py; the README's
+"Training your own LoRA" and "When something goes wrong" sections explain the outputs and resuming.
+Rerunning the same command resumes from the latest checkpoint in output_dir."""
 
 
 def log(msg: str):
@@ -90,6 +106,7 @@ def train(argv: list[str]) -> Path:
     validator = Validator(cfg, tokenizer, device, log, memory) if validate else None
     out = Path(cfg.output_dir)
     metrics = Metrics(out)
+    remove_temporaries(out, log)
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.seed)
@@ -132,7 +149,7 @@ def train(argv: list[str]) -> Path:
     if validator and cfg.validation_on_startup and step == 0:
         validation()
 
-    start_step, t_start = step, time.time()
+    start_step, t_start, train_s = step, time.time(), 0.0  # train_s: step time only, for an ETA without validation
     while step < total:
         lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler, step, cfg.lr_warmup_steps, total)
         for g in optimizer.param_groups:
@@ -165,7 +182,8 @@ def train(argv: list[str]) -> Path:
 
         dt = time.time() - t0
         elapsed = time.time() - t_start
-        eta = elapsed / (step - start_step) * (total - step)
+        train_s += dt
+        eta = train_s / (step - start_step) * (total - step)
         metrics.append({"step": step, "epoch": epoch, "loss": loss_val, "loss_c0": loss_c0, "loss_rest": loss_rest,
                         "lr": lr, "grad_norm": grad_norm, "frames": frames, "frames_per_s": frames / dt,
                         "step_s": dt, "elapsed_s": elapsed})
@@ -194,9 +212,12 @@ def train(argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
     try:
         train(argv)
-    except (ConfigError, DatasetError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, TrainingError, OSError) as e:  # OSError: a full disk, a vanished folder
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -38,7 +38,7 @@ def resolve_folder(name_or_path: str | os.PathLike, subfolder: str | None = None
         root = Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
     except Exception as e:  # offline, missing repo, no auth...
         raise FileNotFoundError(f"could not fetch {name_or_path} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                                f"Download it with `huggingface-cli download {name_or_path} --local-dir DIR` "
+                                f"Download it with `hf download {name_or_path} --local-dir DIR` "
                                 f"and pass DIR instead.") from e
     return root / subfolder if subfolder else root
 
@@ -60,10 +60,34 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def open_safetensors(path: Path):
+    """safe_open, with an error that names the file when it is not a whole safetensors file. Opening reads and
+    checks the header against the file size, so a truncated or garbage file fails here, cheaply."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError (truncated, garbage header), OSError
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or damaged: "
+                         f"download or write it again") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def check_weight_files(folder: Path) -> list[Path]:
+    """Every weight file of a checkpoint folder opens (headers only): found before anything is loaded."""
+    files = weight_files(folder)
+    for f in files:
+        with open_safetensors(f):
+            pass
+    return files
+
+
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one at a time from every weight file of the checkpoint."""
     for f in weight_files(folder):
-        with safe_open(str(f), framework="pt") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 yield key, sf.get_tensor(key)
 
@@ -138,10 +162,41 @@ def atomic_write(path: Path, write: Callable[[Path], None]):
     try:
         write(Path(tmp))
         usual_mode(tmp)
+        fsync(Path(tmp))
         os.replace(tmp, path)
+        fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync(path: Path):
+    """Flush a file's (or a folder's entries') data to disk: a rename is only durable once both the new file and
+    its folder are synced, so a power cut cannot leave a renamed but empty file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on Windows: nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def writable_folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (created when missing), or None: checked before a long run,
+    not found after it."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None = None,

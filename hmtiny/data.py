@@ -28,6 +28,7 @@ a random window (seeded by (seed, epoch, sample), so a resumed run crops identic
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -183,13 +184,37 @@ def _resolve(path: str, base: Path) -> Path:
     return p if p.exists() or not beside.exists() else beside
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; a file that is not UTF-8 (or cannot be read) raises a ValueError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         f"save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror or e})") from None
+
+
 def _read_text(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    return read_utf8(path) if path.is_file() else None
+
+
+def _text_field(row: dict, key: str, where: str) -> str | None:
+    """A metadata row's tags/lyrics: text or absent; a number or a list is a mistake, not text to train on."""
+    value = row.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: {key} must be text, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _jsonl_rows(path: Path, problems: list[str]):
     """(line number, parsed value) of every non-blank line; lines that are not JSON go to `problems`."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = read_utf8(path)
+    except ValueError as e:
+        problems.append(str(e))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 yield n, json.loads(line)
@@ -207,12 +232,18 @@ def _read_metadata(folder: Path, problems: list[str]) -> dict[str, dict]:
         if name.endswith(".jsonl"):
             items = list(_jsonl_rows(path, problems))
         else:
-            with path.open(newline="", encoding="utf-8") as f:
-                items = [(n, r) for n, r in enumerate(csv.DictReader(f), 2)]
+            try:
+                items = [(n, r) for n, r in enumerate(csv.DictReader(io.StringIO(read_utf8(path), newline="")), 2)]
+            except (ValueError, csv.Error) as e:
+                problems.append(f"{path}: {e}" if str(path) not in str(e) else str(e))
+                continue
         for n, row in items:
             key = row.get("file_name") if isinstance(row, dict) else None
             if not key:
                 problems.append(f"{path}:{n}: row has no 'file_name' naming its audio file")
+                continue
+            if not isinstance(key, str):
+                problems.append(f"{path}:{n}: file_name must be the audio file's path as text, got {key!r}")
                 continue
             if isinstance(row.get("audio_tokens"), str):  # csv cell: a JSON list
                 try:
@@ -229,6 +260,9 @@ def _tokens_from_row(row: dict, base: Path, where: str) -> np.ndarray:
     if row.get("audio_tokens") is not None:
         return row["audio_tokens"]
     if row.get("audio_tokens_path"):
+        if not isinstance(row["audio_tokens_path"], str):
+            raise ValueError(f"{where}: audio_tokens_path must be a file path as text, got "
+                             f"{row['audio_tokens_path']!r}")
         p = Path(row["audio_tokens_path"]).expanduser()
         return read_token_file(p if p.is_absolute() else base / p)
     raise ValueError(f"{where} has neither audio_tokens nor audio_tokens_path")
@@ -257,18 +291,18 @@ def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: li
     for audio in audio_files:
         stem = audio.with_suffix("")
         row = metadata.get(audio.relative_to(folder).as_posix(), {})
-        tags = _read_text(Path(f"{stem}.txt"))
-        if tags is None:
-            tags = row.get("tags")
-        lyrics = _read_text(Path(f"{stem}.lyrics"))
-        if lyrics is None:
-            lyrics = row.get("lyrics") or ""
-        if tags is None:
-            problems.append(f"{audio}: no tags ({stem.name}.txt is missing)")
-            continue
         token_files = [p for p in (Path(f"{stem}{s}") for s in TOKEN_SUFFIXES) if p.is_file()]
         where = str(audio)
         try:
+            tags = _read_text(Path(f"{stem}.txt"))
+            if tags is None and row:
+                tags = _text_field(row, "tags", row["_where"])
+            lyrics = _read_text(Path(f"{stem}.lyrics"))
+            if lyrics is None and row:
+                lyrics = _text_field(row, "lyrics", row["_where"])
+            if tags is None:
+                problems.append(f"{audio}: no tags ({stem.name}.txt is missing)")
+                continue
             if token_files:
                 where = f"{audio} (tokens {token_files[0].name})"
                 raw = read_token_file(token_files[0])
@@ -282,7 +316,7 @@ def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: li
         except ValueError as e:
             problems.append(f"{where}: {e}")
             continue
-        samples.append(Sample(str(audio), str(tags), str(lyrics), tokens))
+        samples.append(Sample(str(audio), tags, lyrics or "", tokens))
     return samples
 
 
@@ -301,9 +335,15 @@ def _dataset_rows(path: Path, problems: list[str]):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow (`pip install pyarrow`), or provide the dataset as "
-                          f".jsonl files") from None
-    for n, row in enumerate(pq.read_table(path).to_pylist()):
+        problems.append(f"reading {path} needs pyarrow (`pip install pyarrow`), or provide the dataset as "
+                        f".jsonl files")
+        return
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's ArrowInvalid and friends: a damaged or non-parquet file
+        problems.append(f"{path}: not a readable parquet file ({type(e).__name__}: {e})")
+        return
+    for n, row in enumerate(rows):
         yield f"{path}:row {n}", row
 
 
@@ -349,15 +389,23 @@ def load_hf_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[
                 problems.append(f"{where}: no tags (column(s) {caption_fields} missing or empty)")
                 continue
             parts = [row[c] for c in caption_fields if row.get(c) is not None]
-            tags = ", ".join(", ".join(map(str, p)) if isinstance(p, list) else str(p) for p in parts)
+            bad = [c for c, p in zip(caption_fields, parts) if not isinstance(p, str) and not
+                   (isinstance(p, list) and all(isinstance(x, str) for x in p))]
+            if bad:
+                problems.append(f"{where}: {bad[0]} must be text or a list of texts, got {row[bad[0]]!r}")
+                continue
+            tags = ", ".join(", ".join(p) if isinstance(p, list) else p for p in parts)
             lyrics = row.get(lyrics_column) or ""
+            if not isinstance(lyrics, str):
+                problems.append(f"{where}: {lyrics_column} must be text, got {type(lyrics).__name__} {lyrics!r}")
+                continue
             try:
                 tokens = check_audio_tokens(_tokens_from_row(row, root, where),
                                             cfg.audio_num_codebooks, cfg.codebook_size)
             except ValueError as e:
                 problems.append(f"{where}: {e}")
                 continue
-            samples.append(Sample(where, tags, str(lyrics), tokens))
+            samples.append(Sample(where, tags, lyrics, tokens))
     return samples
 
 
@@ -375,9 +423,11 @@ def read_backends(config: str | os.PathLike | list, cfg: ModelConfig, log: Calla
         if not path.is_file():
             raise FileNotFoundError(f"data backend config {path} does not exist")
         try:
-            backends = json.loads(path.read_text())
+            backends = json.loads(read_utf8(path))
         except json.JSONDecodeError as e:
             raise DatasetError([f"{path}: not valid JSON ({e})"]) from None
+        except ValueError as e:
+            raise DatasetError([str(e)]) from None
         base, where = path.parent, str(path)
     else:
         backends, base, where = config, Path.cwd(), "data backend config"

@@ -291,7 +291,10 @@ def read_lora(path: str | Path) -> LoRAWeights:
                                  f"/ '<module>.lora_B.weight')")
     if not pairs:
         raise ValueError(f"LoRA file {path} holds no LoRA tensors")
-    file_alpha = _meta_number(meta, "lora_alpha")
+    try:
+        file_alpha = _meta_number(meta, "lora_alpha")
+    except ValueError:
+        raise ValueError(f"LoRA file {path}: metadata lora_alpha {meta.get('lora_alpha')!r} is not a number") from None
     modules, ranks = {}, set()
     for module, d in pairs.items():
         if "A" not in d or "B" not in d:
@@ -304,6 +307,14 @@ def read_lora(path: str | Path) -> LoRAWeights:
         ranks.add(r)
         # alpha: per-module tensor (kohya style), else the file's metadata, else alpha = rank (SimpleTuner's default)
         alpha = float(d["alpha"]) if "alpha" in d else (file_alpha if file_alpha is not None else float(r))
+        # alpha 0 would silently zero the adapter, NaN/inf would turn every generated token into garbage
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRA file {path}: module {module} has alpha {alpha:g}; it must be a finite number "
+                             f"> 0 (the file's lora_alpha metadata or its .alpha tensor)")
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"LoRA file {path}: {module}.{name} holds NaN or infinite values "
+                                 f"(a diverged training run?)")
         modules[module] = (a, b, alpha / r)
     rank = max(ranks)
     targets = json.loads(meta["lora_target_modules"]) if "lora_target_modules" in meta else []

@@ -60,8 +60,14 @@ class PromptTokenizer:
         elif isinstance(gen_config, dict):
             gen = GenConfig.from_dict(gen_config)
         else:
-            gen = GenConfig.from_file(gen_config)
-        tok = Tokenizer.from_file(str(tokenizer_json))
+            try:
+                gen = GenConfig.from_file(gen_config)
+            except (ValueError, KeyError, TypeError, OSError) as e:  # not JSON, not UTF-8, missing ids
+                raise ValueError(f"{gen_config} is not a readable gen_config.json ({type(e).__name__}: {e})") from None
+        try:
+            tok = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+            raise ValueError(f"{tokenizer_json} is not a readable tokenizer.json ({e})") from None
         for name in ("text_bos_id", "text_eos_id"):
             if tok.id_to_token(getattr(gen, name)) is None:
                 raise ValueError(f"gen_config {name}={getattr(gen, name)} is not an id of {tokenizer_json} "

@@ -81,6 +81,7 @@ class TrainConfig:
     checkpointing_steps: int = 500  # 0 = only the final LoRA
     checkpoints_total_limit: int | None = 5
     resume_from_checkpoint: str | None = "latest"  # "latest" (if any), a checkpoint folder/name, or null
+    resume_anyway: bool = False  # resume even when the checkpoint was saved with other settings (listed in the error)
     # ---- validation
     validation_prompt: str | None = None  # tags; None disables validation
     validation_lyrics: str = ""
@@ -370,9 +371,13 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (offset {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object of key: value pairs")
     return data
@@ -456,6 +461,9 @@ def validate(cfg: TrainConfig):
     for key, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v}")
+    if cfg.validation_codec_guidance < 1:
+        raise ConfigError(f"validation_codec_guidance must be >= 1 (1 turns the codec's guidance off), "
+                          f"got {cfg.validation_codec_guidance}")
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, find_codec_beside, find_model_folder, load_heartmula, resolve_folder, usual_mode
+from .checkpoint import (atomic_write, check_weight_files, find_codec_beside, find_model_folder, fsync, load_heartmula,
+                         open_safetensors, read_safetensors, resolve_folder, usual_mode, writable_folder_problem)
 from .config import ModelConfig
 from .lora import (LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, mark_only_lora_trainable,
-                   normalize_targets, save_lora)
+                   normalize_targets, read_lora, save_lora)
 from .train_config import ConfigError, TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -83,11 +84,17 @@ def model_folder(cfg: TrainConfig) -> Path:
 
 
 def read_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model's config.json, and every weight file's header checked (a truncated download fails now)."""
     folder = model_folder(cfg)
     try:
-        return ModelConfig.from_file(folder / "config.json")
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        model_cfg = ModelConfig.from_file(folder / "config.json")
+    except (ValueError, KeyError, TypeError, OSError) as e:
         raise ConfigError(f"pretrained_model_name_or_path: {folder / 'config.json'}: {e}") from None
+    try:
+        check_weight_files(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"pretrained_model_name_or_path: {e}") from None
+    return model_cfg
 
 
 def check_int8_available(cfg: TrainConfig):
@@ -117,7 +124,10 @@ def load_tokenizer(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, device: torch.device, log=print):
     """Frozen base (bf16/fp16/fp32 or int8) + fresh LoRA layers (float32) on the target layers."""
     t0 = time.time()
-    model = load_heartmula(model_folder(cfg), dtype=base_dtype(cfg), device=device, quantize=cfg.int8_base)
+    try:
+        model = load_heartmula(model_folder(cfg), dtype=base_dtype(cfg), device=device, quantize=cfg.int8_base)
+    except ValueError as e:  # keys or shapes that do not match config.json
+        raise ConfigError(f"pretrained_model_name_or_path: {e}") from None
     try:
         inject_lora(model, cfg.lora_rank, cfg.alpha, cfg.lora_dropout, cfg.lora_target_modules)
     except ValueError as e:
@@ -169,6 +179,9 @@ def check_output_dir(cfg: TrainConfig) -> Path | None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a folder")
+    problem = writable_folder_problem(out)
+    if problem:
+        raise ConfigError(f"output_dir {out}: cannot write there ({problem})")
     ckpts = list_checkpoints(out)
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
@@ -189,12 +202,27 @@ def check_output_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
+def remove_temporaries(output_dir: Path, log=print):
+    """The hidden .NAME.RANDOM.tmp files and folders of a save that was interrupted (kill, power cut, full disk):
+    never a finished output, and on the 3B a checkpoint's worth of disk each."""
+    stale = [p for folder in (output_dir, output_dir / "validation") if folder.is_dir() for p in folder.glob(".*.tmp")]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(p.name for p in stale[:4])}")
+
+
 # ---------------------------------------------------------------- RNG states
 def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
+    if device.type == "mps":
+        tensors["torch_mps"] = torch.mps.get_rng_state()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     version, pystate, pygauss = random.getstate()
@@ -208,6 +236,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.de
         states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
         if states:
             torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    if device.type == "mps" and "torch_mps" in tensors:
+        torch.mps.set_rng_state(tensors["torch_mps"])
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, pystate, pygauss = meta["python"]
@@ -243,9 +273,12 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
                     config=cfg.to_dict())
         (tmp / STATE_NAME).write_text(json.dumps(full, indent=1))  # last: marks the folder complete
         usual_mode(tmp, *tmp.iterdir())
+        for f in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
+            fsync(f)
         if final.exists():  # a re-run of the same step (resumed run): replace our own earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,18 +294,65 @@ def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
         log(f"removed {p.name} (checkpoints_total_limit {limit})")
 
 
+# What a resumed run may change and still be the same run: how long it goes on, how often it saves and validates,
+# where and how fast it runs. Every other setting must equal the checkpoint's.
+CHANGEABLE_ON_RESUME = {"max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
+                        "resume_from_checkpoint", "resume_anyway", "init_lora", "output_dir", "device",
+                        "dynamo_backend", "dynamo_mode", "gradient_checkpointing", "codec_path", "resolution",
+                        "num_validation_images"}
+PATH_KEYS = {"pretrained_model_name_or_path", "data_backend_config", "tokenizer_path", "gen_config_path"}
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'key: checkpoint X, now Y' for every run-defining setting that differs from the saved config."""
+    out = []
+    for key, now in cfg.to_dict().items():
+        if key in CHANGEABLE_ON_RESUME or key.startswith("validation_") or key not in saved:
+            continue
+        old = saved[key]
+        if key == "seed" and now is None:  # a resumed run takes the checkpoint's seed
+            continue
+        same = old == now
+        if not same and key in PATH_KEYS and old is not None and now is not None:
+            same = Path(old).expanduser().resolve() == Path(now).expanduser().resolve()
+        if not same:
+            out.append(f"{key}: checkpoint {old!r}, now {now!r}")
+    return out
+
+
 def check_resume(folder: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint's saved state, if this run's LoRA shape equals the checkpoint's (checked before loading)."""
+    """The checkpoint's saved state, if it is whole and was saved by this same run: same LoRA shape and, unless
+    resume_anyway, the same settings (checked before loading anything heavy)."""
     try:
         state = json.loads((folder / STATE_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ConfigError(f"resume_from_checkpoint: cannot read {folder / STATE_NAME} ({e})") from None
+    damaged = f"checkpoint {folder} is damaged"
+    start_over = (f"resume from an earlier checkpoint (--resume_from_checkpoint=checkpoint-N) or remove "
+                  f"{folder.name}")
+    missing = [k for k in ("step", "rng", "optimizer_groups", "sampler") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint: {damaged}: {STATE_NAME} lacks {missing}; {start_over}")
+    try:
+        read_lora(folder / LORA_WEIGHTS_NAME)
+        for name in ("optimizer.safetensors", "rng.safetensors"):
+            with open_safetensors(folder / name):
+                pass
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"resume_from_checkpoint: {damaged}: {e}; {start_over}") from None
     saved = state.get("lora", {})
     want = {"rank": cfg.lora_rank, "alpha": cfg.alpha, "targets": normalize_targets(cfg.lora_target_modules)}
     for key, name in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("targets", "lora_target_modules")):
         if saved.get(key) != want[key]:
             raise ConfigError(f"{name}: checkpoint {folder} was trained with {saved.get(key)!r}, this run asks for "
                               f"{want[key]!r}; use the same value to resume, or a new output_dir")
+    differences = config_differences(state.get("config") or {}, cfg)
+    if differences and not cfg.resume_anyway:
+        listed = "".join(f"\n  - {d}" for d in differences)
+        raise ConfigError(f"output_dir {cfg.output_dir} holds a run with other settings; its checkpoint {folder.name} "
+                          f"differs from this config in:{listed}\nTo continue that run with the new settings, pass "
+                          f"--resume_anyway=true (config key resume_anyway); to start a new run, choose another "
+                          f"output_dir. Nothing was changed.")
     return state
 
 
@@ -281,7 +361,7 @@ def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, de
     position). The run's LoRA shape must equal the checkpoint's."""
     state = check_resume(folder, cfg)
     load_lora_into(model, folder / LORA_WEIGHTS_NAME)
-    moments = load_file(str(folder / "optimizer.safetensors"))
+    moments = read_safetensors(folder / "optimizer.safetensors")
     params = dict(model.named_parameters())
     sd = optimizer.state_dict()
     opt_state = {}
@@ -299,7 +379,7 @@ def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, de
     optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"], device)
+    set_rng_state(read_safetensors(folder / "rng.safetensors"), state["rng"], device)
     return state
 
 
@@ -310,22 +390,37 @@ class Metrics:
     def __init__(self, output_dir: Path):
         self.path = output_dir / "metrics.jsonl"
 
+    def _lines(self) -> list[tuple[str, dict]]:
+        """(line, record) of every whole line; a torn last line (a kill or a full disk mid-write) is skipped."""
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append((line, record))
+        return out
+
     def truncate_after(self, step: int):
-        """On resume, drop lines of the interrupted run past the checkpoint (they will be trained again)."""
+        """On resume, drop lines of the interrupted run past the checkpoint (they will be trained again), and a
+        torn last line."""
         if not self.path.is_file():
             return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep = [l for l, r in self._lines() if r.get("step", 0) <= step]
         atomic_write(self.path, lambda p: p.write_text("".join(l + "\n" for l in keep)))
 
     def append(self, record: dict):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+        return [r for _, r in self._lines()]
 
     def write_curve(self):
         points = [(r["step"], r["loss"]) for r in self.read() if "loss" in r]

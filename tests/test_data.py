@@ -280,7 +280,7 @@ def test_hf_backend_parquet_without_pyarrow(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # an import of pyarrow now fails, installed or not
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "train.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ImportError, match="pyarrow"):
+    with pytest.raises(DatasetError, match="pyarrow"):
         read_backends([hf_backend(tmp_path)], small_cfg())
 
 

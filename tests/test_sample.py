@@ -106,14 +106,14 @@ def test_int8_base_with_an_unmerged_lora(tmp_path, capsys):
     (["--demo", "--out", "song.mp3"], ".wav or .flac"),
     (["--demo", "--lora", "missing/lora.safetensors"], "does not exist"),
     (["--demo", "--duration", "60"], "context"),
-    (["--model", "/nonexistent/ckpt", "--tags", "pop"], "huggingface-cli download HeartMuLa/HeartMuLa-oss-3B "
+    (["--model", "/nonexistent/ckpt", "--tags", "pop"], "hf download HeartMuLa/HeartMuLa-oss-3B "
                                                          "--local-dir ckpt/HeartMuLa-oss-3B"),
     (["--model", "/nonexistent/ckpt"], "give --tags"),
     (["--demo", "--model", "x"], "--demo uses the built-in tiny model"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, capsys, args, message):
     rc, log = run(args + (["--out", str(tmp_path / "x.wav")] if "--out" not in args else []), capsys)
-    assert rc == 2
+    assert rc == 1
     assert message in log
     assert not list(tmp_path.iterdir())
 
@@ -127,7 +127,18 @@ def test_missing_model_folder_says_what_to_download(tmp_path, capsys):
     (ckpt / "HeartCodec-oss").mkdir()
     (ckpt / "HeartCodec-oss" / "config.json").write_text("{}")
     rc, log = run(["--model", str(ckpt), "--tags", "pop", "--out", str(tmp_path / "x.wav")], capsys)
-    assert rc == 2
+    assert rc == 1
     assert "no HeartMuLa model" in log
     for repo in ("HeartMuLa/HeartMuLa-oss-3B", "HeartMuLa/HeartCodec-oss", "HeartMuLa/HeartMuLaGen"):
-        assert f"huggingface-cli download {repo}" in log
+        assert f"hf download {repo}" in log
+
+
+def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
+    """`--config` of the built-in tiny default: its random model's EOS means nothing and is ignored, so the clip
+    has the asked length (with EOS honoured this seed stops after 10 frames)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "tiny.npy"
+    rc, log = run(["--config", str(sample.TINY / "config.json"), "--duration", "1.2", "--seed", "0", "--tokens-only",
+                   "--save-tokens", str(path)], capsys)
+    assert rc == 0, log
+    assert np.load(path).shape == (15, 8) and "random weights" in log

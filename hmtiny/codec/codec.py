@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import device as device_rules
 from ..checkpoint import CODEC_SUBFOLDERS, find_model_folder, load_weights, resolve_folder, save_json, save_weights
 from .config import CODES_PER_SECOND, HeartCodecConfig
 from .estimator import Estimator
@@ -102,12 +103,14 @@ def draw_noise(plan: WindowPlan, channels: int, generator: torch.Generator | Non
 
 def crossfade_windows(windows: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
     """windows [n, channels, window_samples] -> [channels, target_len]: each window's first overlap blends
-    linearly into the previous output (old*(1-w) + new*w, w = linspace(0, 1) in float64, stored float32)."""
+    linearly into the previous output (old*(1-w) + new*w, w = linspace(0, 1) in float64, stored float32; float32
+    on MPS, which has no float64)."""
     n, channels, _ = windows.shape
     hop, ov = plan.hop_samples, plan.overlap_samples
     out = torch.empty(channels, hop * (n - 1) + plan.window_samples, dtype=torch.float32, device=windows.device)
     out[:, : plan.window_samples] = windows[0]
-    w = torch.from_numpy(np.linspace(0, 1, ov)).to(windows.device)  # numpy's exact float64 values
+    exact = device_rules.supports_float64(windows.device)  # numpy's float64 values, float32 on MPS
+    w = torch.from_numpy(np.linspace(0, 1, ov, dtype=np.float64 if exact else np.float32)).to(windows.device)
     for i in range(1, n):
         s = i * hop
         out[:, s: s + ov] = out[:, s: s + ov] * (1 - w) + windows[i, :, :ov] * w

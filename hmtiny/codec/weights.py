@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
-from ..checkpoint import weight_files
+from ..checkpoint import open_safetensors, weight_files
 
 WN_G = ".parametrizations.weight.original0"
 WN_V = ".parametrizations.weight.original1"
@@ -51,7 +50,7 @@ def weight_norm_gains(folder: Path) -> dict[str, torch.Tensor]:
     """First pass: the small g tensors, keyed by the plain weight name they fold into."""
     gains = {}
     for f in weight_files(folder):
-        with safe_open(str(f), framework="pt") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 if key.endswith(WN_G) and not is_unused(key):
                     gains[key[: -len(WN_G)] + ".weight"] = sf.get_tensor(key)
