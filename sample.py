@@ -45,7 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--codec", help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
     ap.add_argument("--tokenizer", help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA weights (.safetensors or a folder holding pytorch_lora_weights.safetensors); repeatable")
+                    help="LoRA weights: a .safetensors file, or a folder (a PEFT adapter or one holding "
+                         "pytorch_lora_weights.safetensors); repeatable")
     ap.add_argument("--tags", help="comma-separated tags, or a file holding them")
     ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
     ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
@@ -92,12 +93,11 @@ def parse_lora(spec: str) -> tuple[Path, float]:
             path, scale = head, float(tail)
         except ValueError:
             pass
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "pytorch_lora_weights.safetensors"
-    if not p.is_file():
-        raise UsageError(f"--lora {spec}: {p} does not exist")
-    return p, scale
+    from hmtiny.lora import lora_file
+    try:
+        return lora_file(path), scale  # a folder: its PEFT adapter_model.safetensors, else pytorch_lora_weights
+    except FileNotFoundError as e:
+        raise UsageError(f"--lora {spec}: {e}") from None
 
 
 def numbered(path: Path, n: int, i: int) -> Path:
