@@ -389,10 +389,8 @@ class Validator:
             reason = "no codec folder found (set codec_path)"
             if where is not None:
                 try:
-                    from .codec import HeartCodec
-                    # bf16 on CUDA: half the memory beside the training state (1.5 B params) and the fast path
-                    dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-                    self._codec = HeartCodec.load(where, device=self.device, dtype=dtype)
+                    from .codec import load_codec  # validation_codec_dtype, default bf16 on CUDA
+                    self._codec = load_codec(where, self.device, self.cfg.validation_codec_dtype)
                 except Exception as e:  # missing package piece, offline hub, bad weights: tokens still get saved
                     reason = f"could not load HeartCodec from {where} ({type(e).__name__}: {e})"
             if self._codec is None:
@@ -403,7 +401,7 @@ class Validator:
     def write_wav(self, stem: Path, wav: torch.Tensor, sample_rate: int) -> Path | None:
         try:
             from .codec import write_audio  # writes atomically (temporary file + rename)
-            return write_audio(stem.with_suffix(".wav"), wav, sample_rate)
+            return write_audio(stem.with_suffix("." + self.cfg.validation_audio_format), wav, sample_rate)
         except ImportError as e:  # soundfile missing: keep the tokens instead
             if not self._said_no_wav:
                 self.log(f"note: cannot write wav ({e}); validation clips are saved as audio tokens (.npy)")
