@@ -98,6 +98,11 @@ class TrainConfig:
     validation_codec_guidance: float = 1.25
     validation_codec_dtype: str | None = None  # fp32 | tf32 | bf16; None: bf16 on CUDA, fp32 elsewhere
     validation_audio_format: str = "wav"  # wav | flac | mp3 | ogg | opus
+    # ---- trackers (hmtiny.trackers)
+    report_to: str = "none"  # none | tensorboard | wandb | all
+    logging_dir: str = "logs"  # TensorBoard's folder, under output_dir
+    tracker_project_name: str | None = None  # W&B project (None: "hmtiny")
+    tracker_run_name: str | None = None
     # ---- accepted for SimpleTuner compatibility
     resolution: float | None = None  # ignored: audio has no resolution
 
