@@ -17,7 +17,6 @@ copied, HeartCodec-oss linked to the codec found beside the base. An int8 model 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

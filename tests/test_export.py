@@ -6,12 +6,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import train
 from hmtiny.checkpoint import iter_tensors, load_heartmula
 from hmtiny.export import main as export_main
-from hmtiny.export import merge_into, write_peft
+from hmtiny.export import merge_into
 from hmtiny.lora import inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
 from hmtiny.quant import Int8Linear, quantize_model
 from hmtiny.tiny import ASSETS
+from hmtiny.train_config import load_config
+from hmtiny.trainer import read_model_config
+from test_train import make_run
 
 
 def randomize_lora(model, seed=1):
@@ -199,3 +203,18 @@ def test_export_refuses_a_used_output_folder_and_mixed_modes(tmp_path, capsys):
     assert "choose one of" in capsys.readouterr().err
     assert export_main(["--lora", "a", "--merge", "--out", str(tmp_path / "o")]) == 2
     assert "--merge needs --model" in capsys.readouterr().err
+
+
+def test_init_lora_takes_a_peft_folder(tmp_path):
+    """train.py's init_lora: a PEFT folder (alpha 8, rank 4) into a run with alpha 4 is checked before the model
+    loads and starts from exactly the folder's update (scale folded into B)."""
+    _, ours = trained_lora(ASSETS / "model", tmp_path, rank=4, alpha=8)
+    assert export_main(["--lora", str(ours), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    cfg = load_config(make_run(tmp_path / "run", init_lora=str(tmp_path / "peft"), lora_alpha=4))
+    train.check_lora_plan(cfg, read_model_config(cfg))  # raises on any mismatch
+    model = load_heartmula(ASSETS / "model")
+    inject_lora(model, rank=4, alpha=4)
+    load_lora_into(model, cfg.init_lora)
+    layer, (a, b, scale) = model.decoder.layers[0].mlp.w2, read_lora(ours).modules["decoder.layers.0.mlp.w2"]
+    assert scale == 2.0 and torch.equal(layer.lora_A.weight, a)
+    assert torch.allclose(layer.lora_B.weight * layer.scaling, b * scale)
