@@ -47,7 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--codec", help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
     ap.add_argument("--tokenizer", help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA weights (.safetensors or a folder holding pytorch_lora_weights.safetensors); repeatable")
+                    help="LoRA weights: a .safetensors file, or a folder (a PEFT adapter or one holding "
+                         "pytorch_lora_weights.safetensors); repeatable")
     ap.add_argument("--tags", help="comma-separated tags, or a file holding them")
     ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
     ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, help="sampling temperature > 0 (default 1.0)")
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     ap.add_argument("--num", type=int, default=1, help="songs to make in one batch (default 1)")
-    ap.add_argument("--out", help="output .wav or .flac (numbered when several; never overwrites) (default song.wav)")
+    ap.add_argument("--out", help="output .wav, .flac, .mp3, .ogg or .opus (numbered when several; never "
+                                  "overwrites) (default song.wav)")
     ap.add_argument("--save-tokens", nargs="?", const="", metavar="PATH.npy",
                     help="also save the audio tokens [frames, 8] as .npy (default: beside the audio)")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
@@ -70,6 +72,8 @@ def parse_args(argv=None):
                          "compile: torch.compile'd step, about as fast per frame, ~45 s more on its first call)")
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
+    ap.add_argument("--codec-dtype", choices=["fp32", "tf32", "bf16"],
+                    help="HeartCodec precision (default fp32 on CPU or with --dtype fp32, else bf16)")
     return ap.parse_args(argv)
 
 
@@ -110,11 +114,11 @@ def parse_lora(spec: str):
             pass
     if not math.isfinite(scale):
         raise UsageError(f"--lora {spec}: the scale must be a finite number, got {scale}")
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "pytorch_lora_weights.safetensors"
-    if not p.is_file():
-        raise UsageError(f"--lora {spec}: {p} does not exist")
+    from hmtiny.lora import lora_file
+    try:
+        p = lora_file(path)  # a folder: its PEFT adapter_model.safetensors, else pytorch_lora_weights
+    except FileNotFoundError as e:
+        raise UsageError(f"--lora {spec}: {e}") from None
     return read_checked_lora(p, f"--lora {spec}"), scale
 
 
@@ -202,8 +206,12 @@ def settings(a) -> dict:
     if a.codec_guidance < 1:
         raise UsageError(f"--codec-guidance must be >= 1 (1 turns the codec's guidance off), got {a.codec_guidance}")
     out = Path(s["out"]).expanduser()
-    if out.suffix.lower() not in (".wav", ".flac"):
-        raise UsageError(f"--out must end in .wav or .flac, got {out}")
+    if not a.tokens_only:
+        from hmtiny.codec.audio import check_audio_format
+        try:
+            check_audio_format(out)  # before generating: this machine's libsndfile may lack mp3/opus
+        except ValueError as e:
+            raise UsageError(f"--out: {e}") from None
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder: give a file name such as {out / 'song.wav'}")
     s["out"] = out
@@ -391,12 +399,12 @@ def run(a) -> int:
     if a.tokens_only:
         return 0
 
-    from hmtiny.codec import HeartCodec, write_audio
+    from hmtiny.codec import load_codec, write_audio
     t0 = time.time()
     try:
-        # the codec follows --dtype, except fp16 (its float32-sensitive flow is only checked in bf16 and fp32)
-        codec_dtype = torch.float32 if dtype == torch.float32 or device.type == "cpu" else torch.bfloat16
-        codec = HeartCodec.load(codec_where, device=device, dtype=codec_dtype)
+        # unless --codec-dtype: fp32 with --dtype fp32 or on CPU, else bf16 (fp16 is never checked for the codec)
+        codec_dtype = a.codec_dtype or ("fp32" if dtype == torch.float32 or device.type == "cpu" else "bf16")
+        codec = load_codec(codec_where, device, codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
     except ValueError as e:  # keys or shapes that do not match its config.json

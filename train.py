@@ -29,6 +29,7 @@ import torch
 from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
 from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
 from hmtiny.model import HeartMuLa
+from hmtiny.trackers import Trackers
 from hmtiny.train_config import ConfigError, load_config, parse_cli
 from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
                             check_output_dir, check_resume, load_checkpoint, load_tokenizer, lr_factor,
@@ -107,6 +108,7 @@ def train(argv: list[str]) -> Path:
     out = Path(cfg.output_dir)
     metrics = Metrics(out)
     remove_temporaries(out, log)
+    trackers = Trackers(cfg, log)  # report_to: TensorBoard / W&B beside metrics.jsonl
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.seed)
@@ -140,7 +142,8 @@ def train(argv: list[str]) -> Path:
     def validation():
         # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            validator.run(model, step)
+            clips = validator.run(model, step)
+        trackers.audio(clips, step)
 
     log(f"training {total} steps ({steps_per_epoch} per epoch) of {cfg.train_batch_size} clip(s) x {accum} "
         f"accumulation, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
@@ -184,9 +187,11 @@ def train(argv: list[str]) -> Path:
         elapsed = time.time() - t_start
         train_s += dt
         eta = train_s / (step - start_step) * (total - step)
-        metrics.append({"step": step, "epoch": epoch, "loss": loss_val, "loss_c0": loss_c0, "loss_rest": loss_rest,
-                        "lr": lr, "grad_norm": grad_norm, "frames": frames, "frames_per_s": frames / dt,
-                        "step_s": dt, "elapsed_s": elapsed})
+        record = {"step": step, "epoch": epoch, "loss": loss_val, "loss_c0": loss_c0, "loss_rest": loss_rest,
+                  "lr": lr, "grad_norm": grad_norm, "frames": frames, "frames_per_s": frames / dt,
+                  "step_s": dt, "elapsed_s": elapsed}
+        metrics.append(record)
+        trackers.log(record)
         log(f"step {step}/{total} | epoch {epoch} | loss {loss_val:.4f} | lr {lr:.2e} | "
             f"{frames / dt:,.0f} audio frames/s | ETA {fmt_time(eta)}")
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
@@ -207,6 +212,7 @@ def train(argv: list[str]) -> Path:
     memory.close("training")
     if memory.summary():
         log(memory.summary())
+    trackers.close()
     return lora_path
 
 

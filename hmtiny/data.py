@@ -11,8 +11,15 @@ Sources are listed in a SimpleTuner `multidatabackend.json` (a list of backends;
   `audio_tokens` (a nested list; in csv a JSON string). Such rows may also carry `tags` / `lyrics`.
 - `type: huggingface`, `dataset_name` (a local folder or a hub dataset repo id), `config.audio_caption_fields`
   (columns joined with ", " into the tags; default ["tags"]), `config.lyrics_column` (default "lyrics"; missing
-  or null = instrumental): rows of the *.parquet (needs pyarrow) or *.jsonl files (only those whose path mentions
-  "train" when some do) with `audio_tokens` or `audio_tokens_path` (relative to the dataset folder).
+  or null = instrumental), `split` (default "train"), `revision` (hub only), `subset` / `config_name`: rows with
+  `audio_tokens` or `audio_tokens_path` (relative to the dataset folder; in a hub dataset it must stay inside it).
+  With the `datasets` library installed it reads them (its splits, configs and cache); without it, the *.parquet
+  (needs pyarrow) or *.jsonl files whose path names the split (all files when none names any split), under the
+  `subset` folder when given.
+
+Every backend may set `repeats` (SimpleTuner's meaning: 0 = each clip once per epoch, 2 = three times) and
+`disabled`. Other SimpleTuner backend keys are accepted with a note (they do nothing here); an unknown key is an
+error naming the backend.
 
 Relative paths in a backend are looked up in the working directory (as SimpleTuner does), else beside the
 multidatabackend.json (the built-in configs under hmtiny/assets only beside it).
@@ -28,10 +35,12 @@ a random window (seeded by (seed, epoch, sample), so a resumed run crops identic
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,6 +55,34 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".aiff", ".aif", ".alac", ".mp3", ".ogg", "
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 TOKEN_SUFFIXES = (".tokens.npy", ".tokens.npz")
 NPZ_KEYS = ("tokens", "audio_tokens")  # preferred array names inside an .npz
+SPLIT_NAMES = ("train", "validation", "valid", "test", "eval", "dev")
+HUB_SHARD = re.compile(r"data/[^/]+-\d{5}-of-\d{5}[^/]*")  # data/train-00000-of-00003.parquet
+
+# Backend keys acted on, per type. SimpleTuner's other backend keys (images, caches, buckets, cloud storage) are
+# accepted with a note; anything else is a typo.
+COMMON_BACKEND_KEYS = {"id", "type", "dataset_type", "disabled", "disable", "repeats", "caption_strategy",
+                       "metadata_backend"}
+BACKEND_KEYS = {"local": COMMON_BACKEND_KEYS | {"instance_data_dir"},
+                "huggingface": COMMON_BACKEND_KEYS | {"dataset_name", "config", "split", "revision", "subset",
+                                                      "config_name", "huggingface"}}
+SIMPLETUNER_BACKEND_KEYS = set("""
+audio audio_column aws_access_key_id aws_bucket_name aws_data_prefix aws_endpoint_url aws_max_pool_connections
+aws_region_name aws_secret_access_key aws_session_token bucket_report cache_dir cache_dir_conditioning_image_embeds
+cache_dir_vae cache_file_suffix caption_column caption_filter_list caption_shuffle composite_image_column
+conditioning conditioning_config conditioning_data conditioning_image_embed_batch_size conditioning_image_embeds
+conditioning_type crop crop_aspect crop_aspect_buckets crop_style csv_cache_dir csv_caption_column csv_file
+csv_url_column default delete_nsfw_images delete_problematic_images delete_unwanted_images
+disable_multiline_split disable_validation end_epoch end_step fallback_caption_column filename_column
+hash_filenames identifier_includes_extension image_column image_embeds image_processing_batch_size
+instance_data_root instance_prompt is_i2v is_regularisation_data is_regularization_data max_frames
+max_num_samples max_upscale_threshold maximum_aspect_ratio maximum_image_size metadata_update_interval min_frames
+minimum_aspect_ratio minimum_image_size num_frames num_proc only_instance_prompt parquet prepend_instance_prompt
+preserve_data_backend_cache probability quality_column quality_thresholds read_batch_size resolution
+resolution_type s2v_datasets scan_for_errors shuffle skip_file_discovery slider_strength source_dataset_id
+start_epoch start_step streaming target_downsample_size text_cache_disable text_cache_ondemand text_embeds
+text_encoder_batch_size timestep_sampling_offset train_batch_size vae_cache_clear_each_epoch vae_cache_disable
+vae_cache_ondemand video video_column write_batch_size
+""".split())
 
 
 class DatasetError(ValueError):
@@ -256,14 +293,20 @@ def _read_metadata(folder: Path, problems: list[str]) -> dict[str, dict]:
     return rows
 
 
-def _tokens_from_row(row: dict, base: Path, where: str) -> np.ndarray:
+def _tokens_from_row(row: dict, base: Path, where: str, inside: bool = False) -> np.ndarray:
+    """The row's token array. inside: the path must stay within `base` (a downloaded dataset names files of its
+    own; an absolute or `..` path would read anything on this machine)."""
     if row.get("audio_tokens") is not None:
         return row["audio_tokens"]
     if row.get("audio_tokens_path"):
         if not isinstance(row["audio_tokens_path"], str):
             raise ValueError(f"{where}: audio_tokens_path must be a file path as text, got "
                              f"{row['audio_tokens_path']!r}")
-        p = Path(row["audio_tokens_path"]).expanduser()
+        p = Path(row["audio_tokens_path"])
+        if inside and (p.is_absolute() or ".." in p.parts or str(p).startswith("~")):
+            raise ValueError(f"audio_tokens_path {str(p)!r} leaves the downloaded dataset folder (absolute and "
+                             f"'..' paths are refused in hub datasets)")
+        p = p.expanduser()
         return read_token_file(p if p.is_absolute() else base / p)
     raise ValueError(f"{where} has neither audio_tokens nor audio_tokens_path")
 
@@ -320,11 +363,24 @@ def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: li
     return samples
 
 
-def _dataset_files(root: Path) -> list[Path]:
+def _names_split(relative: str, split: str) -> bool:
+    """`data/train-00000.parquet`, `train.jsonl`, `train/x.jsonl` all name the split "train"."""
+    return split in re.split(r"[/\\._-]", relative)
+
+
+def _dataset_files(root: Path, split: str = "train") -> list[Path]:
+    """The split's .parquet/.jsonl files under root; every file when no file names any split (one-split data).
+    As in the `datasets` library, the hub's shard layout `data/SPLIT-00000-of-00001.*` wins over other files."""
     files = sorted(p for p in root.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    train = [p for p in files if "train" in p.relative_to(root).as_posix()]
-    return train or files
+    shards = [p for p in files if HUB_SHARD.fullmatch(p.relative_to(root).as_posix())]
+    files = shards or files
+    chosen = [p for p in files if _names_split(p.relative_to(root).as_posix(), split)]
+    if chosen:
+        return chosen
+    if any(_names_split(p.relative_to(root).as_posix(), s) for p in files for s in SPLIT_NAMES):
+        return []  # the files are split, just not into this split
+    return files
 
 
 def _dataset_rows(path: Path, problems: list[str]):
@@ -347,69 +403,148 @@ def _dataset_rows(path: Path, problems: list[str]):
         yield f"{path}:row {n}", row
 
 
-def _fetch_dataset(name: str) -> Path:
+def _fetch_dataset(name: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name, repo_type="dataset",
+        return Path(snapshot_download(name, repo_type="dataset", revision=revision,
                                       allow_patterns=["*.parquet", "*.jsonl", "*.npy", "*.npz"]))
     except Exception as e:  # offline, missing repo, no auth...
         raise FileNotFoundError(f"dataset {name!r} is neither a local folder nor reachable on the Hugging Face hub "
                                 f"({type(e).__name__}: {e})") from e
 
 
+def _datasets_library():
+    """The `datasets` package when installed (an optional dependency), else None."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return datasets
+
+
+def hf_options(backend: dict) -> dict:
+    """dataset_name, split, revision, subset of a huggingface backend; top-level keys win over SimpleTuner's
+    `huggingface` block. `config_name` is another name for `subset`."""
+    block = backend.get("huggingface") or {}
+
+    def get(key):
+        return backend.get(key, block.get(key) if isinstance(block, dict) else None)
+    return {"name": get("dataset_name"), "split": get("split") or "train", "revision": get("revision"),
+            "subset": get("subset") or get("config_name")}
+
+
+def _rows_from_files(root: Path, opts: dict, bid: str, problems: list[str]):
+    """The dependency-free reader: the split's jsonl/parquet files (under the `subset` folder when given)."""
+    if opts["subset"]:
+        if not (root / opts["subset"]).is_dir():
+            have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            problems.append(f"backend {bid!r}: subset {opts['subset']!r} is not a folder of {root} (folders: {have})")
+            return
+        root = root / opts["subset"]
+    files = _dataset_files(root, opts["split"])
+    if not files:
+        problems.append(f"backend {bid!r}: no .parquet or .jsonl files for split {opts['split']!r} in {root}")
+    for path in files:
+        yield from _dataset_rows(path, problems)
+
+
+def _rows_from_datasets(datasets, source: str, local: bool, opts: dict, bid: str, problems: list[str]):
+    """Rows read by the `datasets` library (its split/config resolution and cache). For a local folder the
+    subset is a sub-folder, as in the plain reader; on the hub it is the dataset's config name."""
+    where = f"{source}[{opts['split']}]"
+    try:
+        if local:
+            ds = datasets.load_dataset(source, data_dir=opts["subset"], split=opts["split"])
+        else:
+            ds = datasets.load_dataset(source, opts["subset"], split=opts["split"], revision=opts["revision"])
+    except Exception as e:  # missing split/config, unreachable hub, malformed files...
+        problems.append(f"backend {bid!r}: the datasets library could not load {where}: {type(e).__name__}: {e}")
+        return
+    for n, row in enumerate(ds):
+        yield f"{where} row {n}", row
+
+
 def load_hf_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[str]) -> list[Sample]:
     bid = backend.get("id", "?")
-    name = backend.get("dataset_name")
+    opts = hf_options(backend)
+    name = opts["name"]
     if not name:
         problems.append(f"backend {bid!r}: 'dataset_name' is required for type huggingface")
         return []
     local = _resolve(name, base)
-    try:
-        root = local if local.is_dir() else _fetch_dataset(name)
-    except FileNotFoundError as e:
-        problems.append(f"backend {bid!r}: {e}")
-        return []
+    datasets = _datasets_library()
+    root: Path | None = local if local.is_dir() else None
+    if root is None and datasets is None:
+        try:
+            root = _fetch_dataset(name, opts["revision"])
+        except FileNotFoundError as e:
+            problems.append(f"backend {bid!r}: {e}")
+            return []
     options = backend.get("config") or {}
     caption_fields = options.get("audio_caption_fields") or ["tags"]
     if isinstance(caption_fields, str):
         caption_fields = [caption_fields]
     lyrics_column = options.get("lyrics_column") or "lyrics"
-    files = _dataset_files(root)
-    if not files:
-        problems.append(f"backend {bid!r}: no .parquet or .jsonl files in {root}")
-        return []
+    if datasets is not None:
+        rows = _rows_from_datasets(datasets, str(local) if local.is_dir() else name, local.is_dir(), opts, bid,
+                                   problems)
+    else:
+        rows = _rows_from_files(root, opts, bid, problems)
     samples = []
-    for path in files:
-        for where, row in _dataset_rows(path, problems):
-            if not isinstance(row, dict):
-                problems.append(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-                continue
-            missing = [c for c in caption_fields if row.get(c) is None]
-            if len(missing) == len(caption_fields):
-                problems.append(f"{where}: no tags (column(s) {caption_fields} missing or empty)")
-                continue
-            parts = [row[c] for c in caption_fields if row.get(c) is not None]
-            bad = [c for c, p in zip(caption_fields, parts) if not isinstance(p, str) and not
-                   (isinstance(p, list) and all(isinstance(x, str) for x in p))]
-            if bad:
-                problems.append(f"{where}: {bad[0]} must be text or a list of texts, got {row[bad[0]]!r}")
-                continue
-            tags = ", ".join(", ".join(p) if isinstance(p, list) else p for p in parts)
-            lyrics = row.get(lyrics_column) or ""
-            if not isinstance(lyrics, str):
-                problems.append(f"{where}: {lyrics_column} must be text, got {type(lyrics).__name__} {lyrics!r}")
-                continue
-            try:
-                tokens = check_audio_tokens(_tokens_from_row(row, root, where),
-                                            cfg.audio_num_codebooks, cfg.codebook_size)
-            except ValueError as e:
-                problems.append(f"{where}: {e}")
-                continue
-            samples.append(Sample(where, tags, lyrics, tokens))
+    for where, row in rows:
+        if not isinstance(row, dict):
+            problems.append(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+            continue
+        missing = [c for c in caption_fields if row.get(c) is None]
+        if len(missing) == len(caption_fields):
+            problems.append(f"{where}: no tags (column(s) {caption_fields} missing or empty)")
+            continue
+        parts = [row[c] for c in caption_fields if row.get(c) is not None]
+        bad = [c for c, p in zip(caption_fields, parts) if not isinstance(p, str) and not
+               (isinstance(p, list) and all(isinstance(x, str) for x in p))]
+        if bad:
+            problems.append(f"{where}: {bad[0]} must be text or a list of texts, got {row[bad[0]]!r}")
+            continue
+        tags = ", ".join(", ".join(p) if isinstance(p, list) else p for p in parts)
+        lyrics = row.get(lyrics_column) or ""
+        if not isinstance(lyrics, str):
+            problems.append(f"{where}: {lyrics_column} must be text, got {type(lyrics).__name__} {lyrics!r}")
+            continue
+        try:
+            if root is None and row.get("audio_tokens") is None and row.get("audio_tokens_path"):
+                root = _fetch_dataset(name, opts["revision"])  # the hub rows name token files: fetch those
+            tokens = check_audio_tokens(_tokens_from_row(row, root, where, inside=not local.is_dir()),
+                                        cfg.audio_num_codebooks, cfg.codebook_size)
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(f"{where}: {e}")
+            continue
+        samples.append(Sample(where, tags, lyrics, tokens))
     return samples
 
 
 BACKEND_LOADERS: dict[str, Callable] = {"local": load_local_backend, "huggingface": load_hf_backend}
+
+
+def check_backend_keys(backend: dict, bid: str, base: Path, log: Callable[[str], None], problems: list[str]) -> int:
+    """Unknown keys (typos) are problems, SimpleTuner's keys that do nothing here one note. Returns `repeats`."""
+    ours = BACKEND_KEYS[backend["type"]]
+    unknown = sorted(k for k in backend if k not in ours and k not in SIMPLETUNER_BACKEND_KEYS)
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(ours | SIMPLETUNER_BACKEND_KEYS), n=1, cutoff=0.75)
+        problems.append(f"backend {bid!r}: unknown key {key!r}" + (f": did you mean {close[0]!r}?" if close else ""))
+    ignored = sorted(k for k in backend if k not in ours and k in SIMPLETUNER_BACKEND_KEYS)
+    if ignored:
+        log(f"note: backend {bid!r}: ignoring SimpleTuner option(s) that do nothing for HeartMuLa here: "
+            f"{', '.join(ignored)}")
+    opts = hf_options(backend) if backend["type"] == "huggingface" else {}
+    if opts.get("revision") and opts.get("name") and _resolve(opts["name"], base).is_dir():
+        log(f"note: backend {bid!r}: revision applies to hub datasets; {opts['name']} is a local folder")
+    repeats = backend.get("repeats", 0)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+        problems.append(f"backend {bid!r}: repeats must be a whole number >= 0 (0 = each clip once per epoch), "
+                        f"got {repeats!r}")
+        return 0
+    return repeats
 
 
 def read_backends(config: str | os.PathLike | list, cfg: ModelConfig, log: Callable[[str], None] = print,
@@ -438,7 +573,7 @@ def read_backends(config: str | os.PathLike | list, cfg: ModelConfig, log: Calla
     samples: list[Sample] = []
     for i, backend in enumerate(backends):
         bid = backend.get("id", f"#{i}")
-        if backend.get("disabled", False):
+        if backend.get("disabled", backend.get("disable", False)):  # SimpleTuner accepts both spellings
             continue
         kind = str(backend.get("dataset_type", "audio")).lower()
         if kind == "text_embeds":
@@ -452,7 +587,11 @@ def read_backends(config: str | os.PathLike | list, cfg: ModelConfig, log: Calla
         if btype not in BACKEND_LOADERS:
             problems.append(f"backend {bid!r}: type {btype!r} is not supported (use one of {list(BACKEND_LOADERS)})")
             continue
-        samples += BACKEND_LOADERS[btype](backend, base, cfg, problems)
+        repeats = check_backend_keys(backend, bid, base, log, problems)
+        found = BACKEND_LOADERS[btype](backend, base, cfg, problems)
+        if repeats and found:
+            log(f"backend {bid!r}: {len(found)} clips, each seen {repeats + 1} times per epoch (repeats {repeats})")
+        samples += found * (repeats + 1)
     if not problems and not samples:
         problems.append(f"{where}: no enabled audio backend with samples")
     if problems and raise_now:

@@ -5,8 +5,11 @@ changes nothing). The base is any module with `in_features`, `out_features` and 
 hmtiny.quant.Int8Linear). A wrapped layer keeps its module path, so file keys are
 `<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
 
-Files written by SimpleTuner (diffusers-packed PEFT state: `transformer.backbone.layers.0.self_attn.q_proj...`,
-Hugging Face Llama names) load too: the prefix is dropped and the names mapped to ours.
+Files written by SimpleTuner load too (Hugging Face Llama names, `self_attn.o_proj`, `mlp.gate_proj`...): a PEFT
+folder (`adapter_model.safetensors`, keys `base_model.model.backbone.layers.0.self_attn.q_proj.lora_A.weight`, with
+`adapter_config.json` giving r and lora_alpha) or a diffusers-packed file (`transformer.backbone...`). The prefixes
+are dropped and the names mapped to ours. Adapters that are not W + scale * B @ A (DoRA, LyCORIS, per-layer rank or
+alpha patterns) are refused rather than applied wrongly.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from safetensors.torch import save_file
 from .checkpoint import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's save_pretrained folder: these two files
+PEFT_CONFIG_NAME = "adapter_config.json"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
 # SimpleTuner's HeartMuLa port uses Hugging Face Llama module names; these are the same layers.
 HF_NAMES = {"o_proj": "output_proj", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -263,13 +268,64 @@ def _meta_number(meta: dict, name: str) -> float | None:
     return None
 
 
-def read_lora(path: str | Path) -> LoRAWeights:
-    """Load a LoRA safetensors file (ours, PEFT or SimpleTuner's) without touching any model."""
-    path = Path(path)
+def lora_file(path: str | Path) -> Path:
+    """The weights file of a LoRA given as a file or a folder (PEFT's adapter_model.safetensors, else ours)."""
+    path = Path(path).expanduser()
     if path.is_dir():
-        path = path / LORA_WEIGHTS_NAME
+        for name in (PEFT_WEIGHTS_NAME, LORA_WEIGHTS_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"LoRA folder {path} holds neither {PEFT_WEIGHTS_NAME} (a PEFT adapter) nor "
+                                f"{LORA_WEIGHTS_NAME}")
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist")
+    return path
+
+
+def read_peft_config(weights: Path) -> dict | None:
+    """adapter_config.json beside a PEFT adapter_model.safetensors, checked: only adapters that act exactly as
+    W + scale * B @ A pass (scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora)."""
+    path = weights.parent / PEFT_CONFIG_NAME
+    if weights.name != PEFT_WEIGHTS_NAME or not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"LoRA config {path} is not readable JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"LoRA config {path} must hold a JSON object")
+    kind = str(cfg.get("peft_type") or "LORA").upper()
+    if kind != "LORA":
+        raise ValueError(f"LoRA config {path}: peft_type {kind!r} (LyCORIS-style adapter) is not supported: "
+                         f"only plain LoRA applies here")
+    refused = {"use_dora": "DoRA (use_dora) rescales each weight column, which plain LoRA layers cannot do",
+               "rank_pattern": "per-layer ranks (rank_pattern) are not supported",
+               "alpha_pattern": "per-layer alphas (alpha_pattern) are not supported",
+               "fan_in_fan_out": "fan_in_fan_out weights (Conv1D layers) do not fit these linear layers"}
+    for key, why in refused.items():
+        if cfg.get(key):
+            raise ValueError(f"LoRA config {path}: {why}; retrain or convert it to a plain LoRA")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+            raise ValueError(f"LoRA config {path}: {key} must be a number > 0, got {cfg.get(key)!r}")
+    return cfg
+
+
+def _refuse_unknown_tensor(path: Path, key: str):
+    if "magnitude" in key:
+        why = "DoRA adapters (lora_magnitude_vector) are not supported"
+    elif any(tag in key for tag in ("hada_", "lokr_", "oft_", "boft_", "lora_mid", ".dora_scale")):
+        why = "LyCORIS adapters (LoHa, LoKr, OFT...) are not supported: only plain LoRA"
+    else:
+        why = "expected '<module>.lora_A.weight' / '<module>.lora_B.weight'"
+    raise ValueError(f"LoRA file {path}: unexpected tensor {key!r} ({why})")
+
+
+def read_lora(path: str | Path) -> LoRAWeights:
+    """Load a LoRA (ours, a PEFT folder or file, SimpleTuner's) without touching any model. A folder means its
+    adapter_model.safetensors + adapter_config.json, else its pytorch_lora_weights.safetensors."""
+    path = lora_file(path)
+    peft = read_peft_config(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -287,14 +343,16 @@ def read_lora(path: str | Path) -> LoRAWeights:
             if key.endswith(".alpha"):
                 pairs.setdefault(_our_module_path(key[: -len(".alpha")]), {})["alpha"] = t
             else:
-                raise ValueError(f"LoRA file {path}: unexpected tensor {key!r} (expected '<module>.lora_A.weight' "
-                                 f"/ '<module>.lora_B.weight')")
+                _refuse_unknown_tensor(path, key)
     if not pairs:
         raise ValueError(f"LoRA file {path} holds no LoRA tensors")
     try:
-        file_alpha = _meta_number(meta, "lora_alpha")
-    except ValueError:
-        raise ValueError(f"LoRA file {path}: metadata lora_alpha {meta.get('lora_alpha')!r} is not a number") from None
+        file_alpha = float(peft["lora_alpha"]) if peft else _meta_number(meta, "lora_alpha")
+    except (TypeError, ValueError):
+        source = f"{PEFT_CONFIG_NAME} lora_alpha {peft.get('lora_alpha')!r}" if peft else \
+            f"metadata lora_alpha {meta.get('lora_alpha')!r}"
+        raise ValueError(f"LoRA file {path}: {source} is not a number") from None
+    rslora = bool(peft and peft.get("use_rslora"))
     modules, ranks = {}, set()
     for module, d in pairs.items():
         if "A" not in d or "B" not in d:
@@ -304,8 +362,11 @@ def read_lora(path: str | Path) -> LoRAWeights:
             raise ValueError(f"LoRA file {path}: module {module} has inconsistent shapes A {tuple(a.shape)}, "
                              f"B {tuple(b.shape)}")
         r = a.shape[0]
+        if peft and r != peft["r"]:
+            raise ValueError(f"LoRA file {path}: module {module} has rank {r} but {PEFT_CONFIG_NAME} says "
+                             f"r = {peft['r']}")
         ranks.add(r)
-        # alpha: per-module tensor (kohya style), else the file's metadata, else alpha = rank (SimpleTuner's default)
+        # alpha: per-module tensor (kohya style), else the file's config/metadata, else alpha = rank (SimpleTuner's default)
         alpha = float(d["alpha"]) if "alpha" in d else (file_alpha if file_alpha is not None else float(r))
         # alpha 0 would silently zero the adapter, NaN/inf would turn every generated token into garbage
         if not (math.isfinite(alpha) and alpha > 0):
@@ -315,9 +376,17 @@ def read_lora(path: str | Path) -> LoRAWeights:
             if not torch.isfinite(t).all():
                 raise ValueError(f"LoRA file {path}: {module}.{name} holds NaN or infinite values "
                                  f"(a diverged training run?)")
-        modules[module] = (a, b, alpha / r)
+        modules[module] = (a, b, alpha / (math.sqrt(r) if rslora else r))
     rank = max(ranks)
-    targets = json.loads(meta["lora_target_modules"]) if "lora_target_modules" in meta else []
+    if peft:
+        targets = peft.get("target_modules") or []
+        if isinstance(targets, str):  # PEFT also takes one regular expression
+            targets = [targets]
+        else:
+            targets = normalize_targets(targets) if targets else []
+        meta = {**meta, "peft_config": json.dumps(peft)}
+    else:
+        targets = json.loads(meta["lora_target_modules"]) if "lora_target_modules" in meta else []
     return LoRAWeights(str(path), modules, rank, file_alpha if file_alpha is not None else float(rank), targets, meta)
 
 

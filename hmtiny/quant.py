@@ -169,3 +169,18 @@ def quantize_on_load(model: nn.Module, device, targets=DEFAULT_TARGETS, group_si
         return q
 
     return transform
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace, in place, every Int8Linear by an nn.Linear holding q * scale in `dtype` (the inverse of
+    quantize_model, up to the int8 rounding): a float update such as a merged LoRA needs a float weight."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Int8Linear):
+            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                              device=mod.weight.device, dtype=dtype)
+            dense.weight.copy_(mod.dequantize(dtype))
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias)
+            _replace(model, name, dense)
+    return model

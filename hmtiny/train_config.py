@@ -28,6 +28,7 @@ MIXED_PRECISION = ("bf16", "fp16", "no")
 INT8_BASES = ("int8-quanto", "int8", "int8-torchao")
 DENSE_BASES = ("no_change", "bf16")
 DYNAMO_BACKENDS = ("no", "inductor", "aot_eager", "eager")  # the last two: torch.compile's debugging backends
+AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg", "opus")
 ADAMW_NAMES = ("adamw", "adamw_bf16", "adamw_torch", "adamw_torch_fused", "adamw_schedulefree", "optimi-adamw")
 
 
@@ -96,6 +97,13 @@ class TrainConfig:
     validation_topk: int = 50
     validation_codec_steps: int = 10
     validation_codec_guidance: float = 1.25
+    validation_codec_dtype: str | None = None  # fp32 | tf32 | bf16; None: bf16 on CUDA, fp32 elsewhere
+    validation_audio_format: str = "wav"  # wav | flac | mp3 | ogg | opus
+    # ---- trackers (hmtiny.trackers)
+    report_to: str = "none"  # none | tensorboard | wandb | all
+    logging_dir: str = "logs"  # TensorBoard's folder, under output_dir
+    tracker_project_name: str | None = None  # W&B project (None: "hmtiny")
+    tracker_run_name: str | None = None
     # ---- accepted for SimpleTuner compatibility
     resolution: float | None = None  # ignored: audio has no resolution
 
@@ -441,6 +449,18 @@ def validate(cfg: TrainConfig):
     _choice(cfg, "lr_scheduler", SCHEDULERS)
     _choice(cfg, "dynamo_backend", DYNAMO_BACKENDS)
     _choice(cfg, "lora_type", ("standard",), " (LyCORIS is not implemented)")
+    _choice(cfg, "validation_audio_format", AUDIO_FORMATS)
+    if cfg.validation_codec_dtype is not None:
+        from .codec.precision import CODEC_DTYPES
+        _choice(cfg, "validation_codec_dtype", CODEC_DTYPES)
+    if cfg.validation_audio_format not in ("wav", "flac"):
+        from .codec.audio import check_audio_format
+        try:
+            check_audio_format(f"validation.{cfg.validation_audio_format}")
+        except ImportError:
+            pass  # no soundfile: validation keeps the tokens and says so
+        except ValueError as e:
+            raise ConfigError(f"validation_audio_format {cfg.validation_audio_format!r}: {e}") from None
     if cfg.optimizer not in ADAMW_NAMES:
         raise ConfigError(f"optimizer {cfg.optimizer!r} is not supported: AdamW only ({list(ADAMW_NAMES)})")
     positive = {"learning_rate": cfg.learning_rate, "lora_rank": cfg.lora_rank,

@@ -510,13 +510,14 @@ class Validator:
             reason = "no codec folder found (set codec_path)"
             if where is not None:
                 try:
-                    from .codec import HeartCodec
-                    # bf16 on CUDA: half the memory beside the training state (1.5 B params) and the fast path.
-                    # On CUDA it stays in pinned host memory and decodes stage by stage on the GPU (its weights
-                    # are copied over for each stage): between validations it takes no GPU memory at all
+                    from .codec import load_codec
+                    from .codec.precision import default_codec_dtype
+                    # validation_codec_dtype, default bf16 on CUDA. On CUDA the codec stays in pinned host memory
+                    # and decodes stage by stage on the GPU (each stage's weights are copied over for the stage):
+                    # between validations it takes no GPU memory at all
                     cuda = self.device.type == "cuda"
-                    self._codec = HeartCodec.load(where, device="cpu" if cuda else self.device,
-                                                  dtype=torch.bfloat16 if cuda else torch.float32)
+                    name = self.cfg.validation_codec_dtype or default_codec_dtype(self.device)
+                    self._codec = load_codec(where, "cpu" if cuda else self.device, name)
                     if cuda:
                         self._codec.pin_memory_()
                 except Exception as e:  # missing package piece, offline hub, bad weights: tokens still get saved
@@ -529,7 +530,7 @@ class Validator:
     def write_wav(self, stem: Path, wav: torch.Tensor, sample_rate: int) -> Path | None:
         try:
             from .codec import write_audio  # writes atomically (temporary file + rename)
-            return write_audio(stem.with_suffix(".wav"), wav, sample_rate)
+            return write_audio(stem.with_suffix("." + self.cfg.validation_audio_format), wav, sample_rate)
         except ImportError as e:  # soundfile missing: keep the tokens instead
             if not self._said_no_wav:
                 self.log(f"note: cannot write wav ({e}); validation clips are saved as audio tokens (.npy)")

@@ -186,7 +186,24 @@ def test_write_audio(tmp_path, suffix):
     assert np.abs(data.T - wav.numpy()).max() < 1e-4
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
     with pytest.raises(ValueError, match="extension"):
-        write_audio(tmp_path / "song.mp3", wav)
+        write_audio(tmp_path / "song.m4a", wav)
+
+
+@pytest.mark.parametrize("suffix", [".mp3", ".ogg", ".opus"])
+def test_write_lossy_audio(tmp_path, suffix, monkeypatch):
+    sf = pytest.importorskip("soundfile")
+    wav = torch.sin(torch.linspace(0, 2000, 9600))[None].repeat(2, 1) * 0.5
+    try:
+        path = write_audio(tmp_path / f"song{suffix}", wav, 48000)
+    except ValueError as e:  # an old libsndfile: the error must say so
+        assert "libsndfile" in str(e)
+        pytest.skip(str(e))
+    info = sf.info(str(path))
+    assert (info.samplerate, info.channels) == (48000, 2) and abs(info.duration - 0.2) < 0.06
+    fmt = {".mp3": "MP3", ".ogg": "OGG", ".opus": "OGG"}[suffix]
+    monkeypatch.setattr(sf, "available_formats", lambda: {k: k for k in ("WAV", "FLAC") if k != fmt})
+    with pytest.raises(ValueError, match=f"libsndfile .* has no {fmt}"):
+        write_audio(tmp_path / f"again{suffix}", wav, 48000)
 
 
 # ----------------------------------------------------------------------------- the lost-codes fix

@@ -221,6 +221,13 @@ def test_backend_list_handling(tmp_path):
 
 
 # ---------------------------------------------------------------- huggingface backend (local folder)
+@pytest.fixture(autouse=True)
+def _plain_hf_reader(monkeypatch):
+    """These tests describe the dependency-free jsonl/parquet reader: keep it where `datasets` is installed too."""
+    import hmtiny.data as data
+    monkeypatch.setattr(data, "_datasets_library", lambda: None)
+
+
 def hf_backend(root, **config) -> dict:
     return {"id": "hf", "type": "huggingface", "dataset_type": "audio", "dataset_name": str(root),
             "metadata_backend": "huggingface", "caption_strategy": "huggingface", "config": config}
@@ -254,7 +261,7 @@ def test_hf_backend_jsonl(tmp_path):
 def test_hf_backend_unreachable_repo_is_reported(tmp_path, monkeypatch):
     import hmtiny.data as data
 
-    def offline(name):
+    def offline(name, revision=None):
         raise FileNotFoundError(f"dataset {name!r} is neither a local folder nor reachable")
 
     monkeypatch.setattr(data, "_fetch_dataset", offline)

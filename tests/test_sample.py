@@ -103,7 +103,7 @@ def test_int8_base_with_an_unmerged_lora(tmp_path, capsys):
     (["--demo", "--cfg", "0.5"], "--cfg must be >= 1"),
     (["--demo", "--temperature", "0"], "--temperature must be > 0"),
     (["--demo", "--num", "0"], "--num must be >= 1"),
-    (["--demo", "--out", "song.mp3"], ".wav or .flac"),
+    (["--demo", "--out", "song.m4a"], "unsupported audio extension '.m4a'"),
     (["--demo", "--lora", "missing/lora.safetensors"], "does not exist"),
     (["--demo", "--duration", "60"], "context"),
     (["--model", "/nonexistent/ckpt", "--tags", "pop"], "hf download HeartMuLa/HeartMuLa-oss-3B "

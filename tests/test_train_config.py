@@ -59,7 +59,9 @@ def test_simpletuner_example_config_runs_unchanged(cfg_dir):
     assert cfg.lora_rank == 128 and cfg.lr_scheduler == "cosine" and cfg.validation_guidance == 3.0
     # one warning lists every ignored option
     assert len(warnings) == 1
-    for key in ("compress_disk_cache", "hub_model_id", "report_to", "tracker_project_name", "tracker_run_name",
+    assert (cfg.report_to, cfg.tracker_project_name, cfg.tracker_run_name) == ("none", "lora-training",
+                                                                             "example-training-run")
+    for key in ("compress_disk_cache", "hub_model_id",
                 "vae_batch_size", "vae_enable_tiling", "vae_enable_slicing", "vae_cache_disable",
                 "validation_disable_unconditional", "validation_num_inference_steps"):
         assert key in warnings[0]

@@ -7,5 +7,7 @@
 from .audio import write_audio
 from .codec import HeartCodec, WindowPlan, plan_windows
 from .config import HeartCodecConfig
+from .precision import CODEC_DTYPES, load_codec
 
-__all__ = ["HeartCodec", "HeartCodecConfig", "WindowPlan", "plan_windows", "write_audio"]
+__all__ = ["CODEC_DTYPES", "HeartCodec", "HeartCodecConfig", "WindowPlan", "load_codec", "plan_windows",
+           "write_audio"]

@@ -32,6 +32,7 @@ from .config import CODES_PER_SECOND, HeartCodecConfig
 from .estimator import Estimator
 from .flow import solve_euler
 from .graph import GraphedEstimator
+from .precision import tf32_math
 from .scalar import ScalarDecoder
 from .vq import ResidualLookup
 from .weights import init_random_, loader_hooks, official_state_dict
@@ -140,6 +141,7 @@ class HeartCodec(nn.Module):
         self.flow_matching = FlowMatching(cfg)
         self.scalar_model = ScalarDecoder(cfg)
         self.cuda_graphs = True  # on CUDA, replay the estimator as a CUDA graph (see graph.py)
+        self.tf32: bool | None = None  # TF32 allowed (True) / refused (False) while decoding; precision.py
         self._graph = None
 
     def __getstate__(self):  # copies (deepcopy, pickle) capture their own graph
@@ -285,8 +287,9 @@ class HeartCodec(nn.Module):
         codes = self.check_codes(tokens)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
-        wav = self.detokenize(codes, window=window, steps=steps, guidance=guidance, generator=generator,
-                              decode_batch=decode_batch, device=device)
+        with tf32_math(self.tf32):
+            wav = self.detokenize(codes, window=window, steps=steps, guidance=guidance, generator=generator,
+                                  decode_batch=decode_batch, device=device)
         return wav.float().cpu()
 
 
