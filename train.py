@@ -142,7 +142,7 @@ def train(argv: list[str]) -> Path:
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
                                         batch["muq_idx"], decoder_fraction=cfg.decoder_fraction,
-                                        **objective.inputs(model, batch, step))
+                                        muq_embed=batch.get("muq_embed"), **objective.inputs(model, batch, step))
             scaler.scale(loss / accum).backward()
             losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() / accum
             frames += info["frames"]

@@ -2,12 +2,14 @@
 p = 1 = the unconditional prompt / the model's own frames, the schedule, and reproducibility across resume."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import train
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
+from hmtiny.model import HeartMuLa
 from hmtiny.objective import Objective, pick_ids, rollout_inputs, scheduled_sampling_p
 from hmtiny.text import PromptTokenizer, find_text_assets
 from hmtiny.train_config import BUILTIN_CONFIG, ConfigError, load_config
@@ -174,26 +176,30 @@ def test_config_checks_and_the_diffusion_solver_warning():
 
 
 def test_training_with_both_features_resumes_exactly(tmp_path, monkeypatch):
-    """4 steps straight == 2 steps, a crash, then a resume: the caption-dropout and rollout draws carry over."""
+    """4 steps straight == 2 steps, a crash, then a resume: the caption-dropout and rollout draws carry over. The
+    loss pass receives them (and a track's reference embedding, track_05.muq.npy)."""
     common = dict(caption_dropout_probability=0.5, scheduled_sampling_max_step_offset=2,
                   scheduled_sampling_probability=0.5, scheduled_sampling_sampler="topk", validation_topk=4,
-                  train_batch_size=2, max_train_steps=4, checkpointing_steps=2, tracks=("01", "02", "03", "04"))
+                  train_batch_size=2, max_train_steps=4, checkpointing_steps=2, tracks=("03", "04", "05", "08"))
     seen = []
-    real_inputs = Objective.inputs
+    real_loss = HeartMuLa.loss
 
-    def spy(self, model, batch, step):
-        out = real_inputs(self, model, batch, step)
-        seen.append((out["uncond"].tolist(), bool((out["input_tokens"] != batch["tokens"]).any())))
-        return out
+    def spy(self, tokens, *args, **kwargs):
+        seen.append((kwargs["uncond"].tolist(), bool((kwargs["input_tokens"] != tokens).any()),
+                     kwargs["muq_embed"] is not None))
+        return real_loss(self, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(Objective, "inputs", spy)
+    monkeypatch.setattr(HeartMuLa, "loss", spy)
     straight = make_run(tmp_path / "a", **common)
+    np.save(tmp_path / "a/data/track_05.muq.npy", np.linspace(-1, 1, 8, dtype=np.float32))
     assert train.main([str(straight)]) == 0
-    assert len(seen) == 4 and all(replaced for _, replaced in seen)  # the loss read the rollout's frames
-    drops = [d for u, _ in seen for d in u]
+    assert len(seen) == 4 and all(replaced for _, replaced, _ in seen)  # the loss read the rollout's frames
+    drops = [d for u, _, _ in seen for d in u]
     assert True in drops and False in drops  # per-sample caption dropout
+    assert sum(ref for _, _, ref in seen) == 2  # the batches holding track_05, one per epoch
 
     resumed = make_run(tmp_path / "b", **common)
+    np.save(tmp_path / "b/data/track_05.muq.npy", np.linspace(-1, 1, 8, dtype=np.float32))
     real_save = train.save_checkpoint
 
     def crash(out, step, *args, **kwargs):
