@@ -85,7 +85,7 @@ def rollout_inputs(model: HeartMuLa, tokens, tokens_mask, audio_frame_mask, muq_
                    temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Scheduled sampling's backbone input: `passes` passes, each reading the previous pass's mix; in each, an
     audio frame row is replaced by the model's prediction for it with probability p. Runs in eval mode (no LoRA
-    dropout, no draw from the global RNG); restores the mode."""
+    dropout, no draw from the global RNG); restores the mode. One host sync: finding the frame rows."""
     K = model.cfg.audio_num_codebooks
     b_idx, t_idx = audio_frame_mask[:, 1:].nonzero(as_tuple=True)  # row t+1 is a frame, predicted from row t
     draw = None if sampler == "greedy" else generator
