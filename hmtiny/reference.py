@@ -90,3 +90,36 @@ def embed_audio(path: str | Path, encoder=None, device="cpu") -> np.ndarray:
     with torch.no_grad():
         emb = encoder(wavs=wav)
     return emb.float().cpu().numpy().squeeze(0)
+
+
+def main(argv=None) -> int:
+    """`python -m hmtiny.reference SONG.wav ...`: write SONG.muq.npy beside each file, the embedding training reads
+    for that track (hmtiny/data.py)."""
+    import argparse
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("audio", nargs="+", help="audio files (any format soundfile reads)")
+    ap.add_argument("--device", default="cpu", help="where MuQ-MuLan runs (default cpu)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing .muq.npy files")
+    args = ap.parse_args(argv)
+    try:
+        encoder = load_mulan(args.device)
+    except ImportError as e:
+        print(f"error: {e}")
+        return 2
+    for name in args.audio:
+        out = Path(name).with_suffix(".muq.npy")
+        if out.exists() and not args.overwrite:
+            print(f"{out} exists: skipped (--overwrite replaces it)")
+            continue
+        try:
+            emb = embed_audio(name, encoder, args.device)
+        except ValueError as e:
+            print(f"error: {e}")
+            return 2
+        np.save(out, emb.astype(np.float32))
+        print(f"{out}: {emb.shape[0]} numbers")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

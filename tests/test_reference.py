@@ -132,3 +132,17 @@ def test_sample_ref_audio_with_a_fake_encoder_and_without_muq(tmp_path, capsys, 
     assert seen["shape"] == (1, 24000)  # 1 s of 48 kHz stereo read as 24 kHz mono, as MuQ-MuLan expects
     assert "reference" in log and (tmp_path / "b.npy").is_file()
 
+
+
+def test_embedding_files_for_a_training_folder(tmp_path, capsys, monkeypatch):
+    """python -m hmtiny.reference writes NAME.muq.npy beside each song, which the local backend then reads."""
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", np.zeros((2400, 1), np.float32), 24000)
+    assert reference.main([str(tmp_path / "a.wav")]) == 2  # no `muq` here: a clear message
+    assert ".[ref]" in capsys.readouterr().out
+    monkeypatch.setattr(reference, "load_mulan", lambda device="cpu": lambda wavs: torch.ones(1, 4) * wavs.shape[1])
+    assert reference.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]) == 0
+    assert np.load(tmp_path / "a.muq.npy").tolist() == [2400.0] * 4
+    np.save(tmp_path / "b.muq.npy", np.zeros(4, np.float32))
+    assert reference.main([str(tmp_path / "b.wav")]) == 0 and "skipped" in capsys.readouterr().out
+    assert np.load(tmp_path / "b.muq.npy").tolist() == [0.0] * 4
