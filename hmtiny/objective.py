@@ -115,7 +115,8 @@ class Objective:
         self.passes = cfg.scheduled_sampling_max_step_offset
         self.generators: dict[str, torch.Generator] = {}
         # distinct fixed offsets: the streams differ from each other and from the run's global RNG
-        for name, offset, on in (("caption_dropout", 1, self.caption_p > 0), ("scheduled_sampling", 2, self.passes > 0)):
+        wanted = (("caption_dropout", 1, self.caption_p > 0), ("scheduled_sampling", 2, self.passes > 0))
+        for name, offset, on in wanted:
             if on:
                 self.generators[name] = torch.Generator(device).manual_seed((seed * 1_000_003 + offset) % 2**63)
 
@@ -134,7 +135,7 @@ class Objective:
 
     @property
     def sampler(self) -> str:
-        return "greedy" if self.cfg.scheduled_sampling_sampler == "greedy" else "topk"
+        return self.cfg.scheduled_sampling_sampler  # "topk" or "greedy" (train_config maps solver names to topk)
 
     def p(self, step: int) -> float:
         c = self.cfg
