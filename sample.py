@@ -61,6 +61,10 @@ def parse_args(argv=None):
                                   "overwrites) (default song.wav)")
     ap.add_argument("--save-tokens", nargs="?", const="", metavar="PATH.npy",
                     help="also save the audio tokens [frames, 8] as .npy (default: beside the audio)")
+    ap.add_argument("--ref-embedding", metavar="FILE.npy",
+                    help="a reference song's MuQ-MuLan embedding (512 numbers) for the prompt's MuQ row")
+    ap.add_argument("--ref-audio", metavar="SONG.wav", help="compute that embedding from a song with MuQ-MuLan "
+                                                            "(needs pip install -e \".[ref]\")")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model precision (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--int8", action="store_true", help="int8 weight-only stacks (less memory; LoRAs stay unmerged)")
@@ -313,6 +317,26 @@ def load_everything(s, a, device, dtype, need_codec=True):
     return tok, model, codec_where
 
 
+def reference_embedding(a, device):
+    """(raw embedding, where it came from) of --ref-embedding / --ref-audio, or None; checked once the model's
+    muq_dim is known."""
+    from hmtiny.reference import embed_audio, load_npy
+    if a.ref_embedding and a.ref_audio:
+        raise UsageError("give --ref-embedding or --ref-audio, not both")
+    try:
+        if a.ref_embedding:
+            path = Path(a.ref_embedding).expanduser()
+            return load_npy(path), str(path)
+        if a.ref_audio:
+            t0 = time.time()
+            emb = embed_audio(Path(a.ref_audio).expanduser(), device=device)
+            print(f"reference embedding of {a.ref_audio} computed with MuQ-MuLan in {time.time() - t0:.1f} s")
+            return emb, f"MuQ-MuLan embedding of {a.ref_audio}"
+    except (ValueError, ImportError) as e:
+        raise UsageError(str(e)) from None
+    return None
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
@@ -352,8 +376,17 @@ def run(a) -> int:
         for p in token_paths:
             check_writable(p, "--save-tokens")
 
+    ref = reference_embedding(a, device)  # before the model: a missing `muq` fails fast
     tok, model, codec_where = load_everything(s, a, device, dtype, need_codec=not a.tokens_only)
     prompt = tok.prompt(s["tags"], s["lyrics"])
+    if ref is not None:
+        from hmtiny.reference import check_muq_embedding
+        try:
+            ref = check_muq_embedding(ref[0], model.cfg.muq_dim, ref[1])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        prompt = (*prompt, torch.from_numpy(ref))
+        print(f"reference: the MuQ row is muq_linear of {a.ref_embedding or a.ref_audio}'s embedding")
     print(f"prompt: {prompt[0].shape[0]} rows (tags {s['tags']!r}, {'lyrics' if s['lyrics'].strip() else 'no lyrics'});"
           f" {a.num} song(s) up to {max_frames} frames ({max_frames / FRAME_RATE:.1f} s), cfg {s['cfg']:g}, "
           f"top-k {s['topk']}, temperature {s['temperature']:g}, seed {seed}")

@@ -30,6 +30,7 @@ from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
 from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
 from hmtiny.model import HeartMuLa
 from hmtiny.trackers import Trackers
+from hmtiny.objective import Objective
 from hmtiny.train_config import ConfigError, load_config, parse_cli
 from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
                             check_output_dir, check_resume, load_checkpoint, load_tokenizer, lr_factor,
@@ -115,13 +116,14 @@ def train(argv: list[str]) -> Path:
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
     model = build_model(cfg, device, log)
+    objective = Objective(cfg, device, cfg.seed)
     params = lora_parameters(model)
     optimizer = make_optimizer(cfg, params, device)
     amp = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     step, last_ckpt = 0, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scaler, cfg, device)
+        state = load_checkpoint(resume_from, model, optimizer, scaler, cfg, device, objective.generators)
         step, last_ckpt = int(state["step"]), resume_from
         sampler.load_state_dict(state["sampler"], log=log)
         metrics.truncate_after(step)
@@ -134,7 +136,7 @@ def train(argv: list[str]) -> Path:
     def checkpoint():
         nonlocal last_ckpt
         last_ckpt = save_checkpoint(out, step, model, optimizer, scaler, {"sampler": sampler.state_dict()},
-                                    cfg, device)
+                                    cfg, device, objective.generators)
         prune_checkpoints(out, cfg.checkpoints_total_limit, log)
         metrics.write_curve()
         log(f"saved {last_ckpt}")
@@ -149,6 +151,8 @@ def train(argv: list[str]) -> Path:
         f"accumulation, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
         f"{'' if cfg.dynamo_backend == 'no' else ', blocks compiled (' + cfg.dynamo_backend + ')'}, on {device}")
+    if objective.describe():
+        log(f"objective: {objective.describe()}")
     if validator and cfg.validation_on_startup and step == 0:
         validation()
 
@@ -164,7 +168,8 @@ def train(argv: list[str]) -> Path:
             batch = {k: v.to(device, non_blocking=True) for k, v in dataset.batch(indices, epoch).items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
-                                        batch["muq_idx"], decoder_fraction=cfg.decoder_fraction)
+                                        batch["muq_idx"], decoder_fraction=cfg.decoder_fraction,
+                                        muq_embed=batch.get("muq_embed"), **objective.inputs(model, batch, step))
             scaler.scale(loss / accum).backward()
             losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() / accum
             frames += info["frames"]

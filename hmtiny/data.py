@@ -24,6 +24,9 @@ error naming the backend.
 Relative paths in a backend are looked up in the working directory (as SimpleTuner does), else beside the
 multidatabackend.json (the built-in configs under hmtiny/assets only beside it).
 
+A sample may carry a reference-audio embedding for the prompt's MuQ row (hmtiny/reference.py): NAME.muq.npy
+beside the audio, or a `muq_embedding` (list) / `muq_embedding_path` column; absent = zeros, as the release does.
+
 Token arrays are [frames, K] or [K, frames] integers in 0..codebook_size-1 (K = 8 codebooks). Every sample is
 checked when the data is loaded and every problem (missing file, ambiguous [8, 8] shape, other codebook count,
 ids out of range, non-integer or empty array, unreadable file) is reported in one error naming the file and
@@ -54,6 +57,7 @@ from .text import PromptTokenizer
 AUDIO_EXTENSIONS = (".wav", ".flac", ".aiff", ".aif", ".alac", ".mp3", ".ogg", ".m4a", ".aac", ".wma", ".opus")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 TOKEN_SUFFIXES = (".tokens.npy", ".tokens.npz")
+MUQ_SUFFIX = ".muq.npy"  # NAME.muq.npy: optional reference-audio embedding of NAME (hmtiny/reference.py)
 NPZ_KEYS = ("tokens", "audio_tokens")  # preferred array names inside an .npz
 SPLIT_NAMES = ("train", "validation", "valid", "test", "eval", "dev")
 HUB_SHARD = re.compile(r"data/[^/]+-\d{5}-of-\d{5}[^/]*")  # data/train-00000-of-00003.parquet
@@ -164,12 +168,13 @@ class Sample:
     tags: str
     lyrics: str
     audio_tokens: np.ndarray  # [frames, K], validated
+    muq_embedding: np.ndarray | None = None  # [muq_dim] reference-audio embedding; None = zeros (the release's)
 
 
 def build_example(prompt_tokens: torch.Tensor, prompt_mask: torch.Tensor, muq_idx: int,
-                  audio_tokens, empty_id: int = 0) -> dict:
+                  audio_tokens, empty_id: int = 0, muq_embedding: np.ndarray | None = None) -> dict:
     """Prompt rows followed by one row per audio frame (SPEC §3): audio rows have codebook columns 0..K-1 live
-    and the text column = empty_id, not live."""
+    and the text column = empty_id, not live. A reference embedding, when given, goes along as `muq_embed`."""
     audio = torch.as_tensor(np.asarray(audio_tokens), dtype=torch.long)
     T, K = audio.shape
     P, C = prompt_tokens.shape
@@ -180,14 +185,18 @@ def build_example(prompt_tokens: torch.Tensor, prompt_mask: torch.Tensor, muq_id
     audio_mask[:, -1] = False
     frame_mask = torch.zeros(P + T, dtype=torch.bool)
     frame_mask[P:] = True
-    return {"tokens": torch.cat([prompt_tokens.long(), audio_rows]),
-            "tokens_mask": torch.cat([prompt_mask.bool(), audio_mask]),
-            "audio_frame_mask": frame_mask, "muq_idx": int(muq_idx)}
+    example = {"tokens": torch.cat([prompt_tokens.long(), audio_rows]),
+               "tokens_mask": torch.cat([prompt_mask.bool(), audio_mask]),
+               "audio_frame_mask": frame_mask, "muq_idx": int(muq_idx)}
+    if muq_embedding is not None:
+        example["muq_embed"] = torch.as_tensor(muq_embedding, dtype=torch.float32)
+    return example
 
 
 def collate(examples: Sequence[dict], pad_to: int | None = None, empty_id: int = 0) -> dict:
     """Right-pad to the longest example (or pad_to): padding rows hold empty_id with nothing live.
-    -> tokens [B,S,9] long, tokens_mask [B,S,9] bool, audio_frame_mask [B,S] bool, muq_idx [B], lengths [B]."""
+    -> tokens [B,S,9] long, tokens_mask [B,S,9] bool, audio_frame_mask [B,S] bool, muq_idx [B], lengths [B], and
+    muq_embed [B, muq_dim] (zeros where absent) only when some example has a reference embedding."""
     lengths = [e["tokens"].shape[0] for e in examples]
     S = max(lengths)
     if pad_to is not None:
@@ -200,9 +209,14 @@ def collate(examples: Sequence[dict], pad_to: int | None = None, empty_id: int =
     frames = torch.zeros(B, S, dtype=torch.bool)
     for b, (e, n) in enumerate(zip(examples, lengths)):
         tokens[b, :n], mask[b, :n], frames[b, :n] = e["tokens"], e["tokens_mask"], e["audio_frame_mask"]
-    return {"tokens": tokens, "tokens_mask": mask, "audio_frame_mask": frames,
-            "muq_idx": torch.tensor([e["muq_idx"] for e in examples], dtype=torch.long),
-            "lengths": torch.tensor(lengths, dtype=torch.long)}
+    out = {"tokens": tokens, "tokens_mask": mask, "audio_frame_mask": frames,
+           "muq_idx": torch.tensor([e["muq_idx"] for e in examples], dtype=torch.long),
+           "lengths": torch.tensor(lengths, dtype=torch.long)}
+    refs = [e.get("muq_embed") for e in examples]
+    dim = next((r.shape[0] for r in refs if r is not None), None)
+    if dim is not None:
+        out["muq_embed"] = torch.stack([torch.zeros(dim) if r is None else r for r in refs])
+    return out
 
 
 # ---------------------------------------------------------------- multidatabackend.json
@@ -311,6 +325,26 @@ def _tokens_from_row(row: dict, base: Path, where: str, inside: bool = False) ->
     raise ValueError(f"{where} has neither audio_tokens nor audio_tokens_path")
 
 
+def sample_muq_embedding(row: dict, base: Path, beside: Path | None, dim: int) -> np.ndarray | None:
+    """A sample's optional reference-audio embedding: NAME.muq.npy beside the audio, else the row's `muq_embedding`
+    (a list) or `muq_embedding_path` (relative to `base`); None when there is none. ValueError names the file."""
+    from .reference import check_muq_embedding, read_muq_embedding
+    if beside is not None and beside.is_file():
+        return read_muq_embedding(beside, dim)
+    if row.get("muq_embedding") is not None:
+        value = row["muq_embedding"]
+        if isinstance(value, str):  # csv cell: a JSON list
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("muq_embedding is not a JSON list") from None
+        return check_muq_embedding(value, dim, f"muq_embedding of {row.get('_where', 'this row')}")
+    if row.get("muq_embedding_path"):
+        p = Path(row["muq_embedding_path"]).expanduser()
+        return read_muq_embedding(p if p.is_absolute() else base / p, dim)
+    return None
+
+
 def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[str]) -> list[Sample]:
     bid = backend.get("id", "?")
     if "instance_data_dir" not in backend:
@@ -359,7 +393,12 @@ def load_local_backend(backend: dict, base: Path, cfg: ModelConfig, problems: li
         except ValueError as e:
             problems.append(f"{where}: {e}")
             continue
-        samples.append(Sample(str(audio), tags, lyrics or "", tokens))
+        try:
+            muq = sample_muq_embedding(row, folder, Path(f"{stem}{MUQ_SUFFIX}"), cfg.muq_dim)
+        except ValueError as e:
+            problems.append(f"{audio}: {e}")
+            continue
+        samples.append(Sample(str(audio), tags, lyrics or "", tokens, muq))
     return samples
 
 
@@ -518,7 +557,12 @@ def load_hf_backend(backend: dict, base: Path, cfg: ModelConfig, problems: list[
         except (ValueError, FileNotFoundError) as e:
             problems.append(f"{where}: {e}")
             continue
-        samples.append(Sample(where, tags, lyrics, tokens))
+        try:
+            muq = sample_muq_embedding(row, root, None, cfg.muq_dim)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        samples.append(Sample(where, tags, lyrics, tokens, muq))
     return samples
 
 
@@ -643,7 +687,7 @@ class AudioTokenDataset:
         if len(audio) > keep:  # random window, a pure function of (seed, epoch, i): resumes crop the same way
             start = int(np.random.default_rng([self.seed % 2**63, epoch, i]).integers(0, len(audio) - keep + 1))
             audio = audio[start:start + keep]
-        return build_example(tokens, mask, muq_idx, audio, self.empty_id)
+        return build_example(tokens, mask, muq_idx, audio, self.empty_id, self.samples[i].muq_embedding)
 
     def batch(self, indices: Sequence[int], epoch: int = 0, pad_to: int | None = None) -> dict:
         return collate([self.example(i, epoch) for i in indices], pad_to=pad_to, empty_id=self.empty_id)

@@ -35,7 +35,7 @@ from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
 from .model import HeartMuLa, KVCache, Transformer
 
-Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int)
+Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int[, reference MuQ embedding [muq_dim]])
 
 
 # ---------------------------------------------------------------- fused inference weights
@@ -349,7 +349,7 @@ class Engine:
         """The prompt prefill (slots 0..P-1, each song at its own positions 0..n-1), then the first frame from the
         backbone's state at the last prompt row. Reads the request buffers, so a CUDA graph can replay it."""
         r = self.request
-        x = self.model.embed_rows(r["tokens"], r["tmask"], r["muq"], r["uncond"]).to(self.dtype)
+        x = self.model.embed_rows(r["tokens"], r["tmask"], r["muq"], r["uncond"], r["ref"]).to(self.dtype)
         pos = (r["rows"][None] - self.pad[:, None]).clamp(min=0)
         h = self.backbone(x, pos, r["rows"], self.pad, prompt=True)[:, -1]
         self._record(self._frame_from_hidden(h, self._draw_noise()))
@@ -433,18 +433,20 @@ class Engine:
         tmask = torch.zeros(Bs, P, self.K + 1, dtype=torch.bool)
         pad = torch.tensor([P - n for n in lens])
         muq = torch.tensor([int(p[2]) for p in prompts]) + pad
-        for b, (t, mk, _) in enumerate(prompts):
+        for b, (t, mk) in enumerate(p[:2] for p in prompts):
             tokens[b, P - lens[b]:] = t.cpu()
             tmask[b, P - lens[b]:] = mk.cpu()
         uncond = torch.zeros(Bs, dtype=torch.bool)
+        ref = reference_embeddings(prompts, m.cfg.muq_dim)
         if self.cfg_on:
             tokens, tmask, pad, muq = (torch.cat([t, t]) for t in (tokens, tmask, pad, muq))
             uncond = torch.cat([uncond, ~uncond])
+            ref = None if ref is None else torch.cat([ref, ref])
         B2 = tokens.shape[0]
         tokens, tmask, uncond, muq = tokens.to(dev), tmask.to(dev), uncond.to(dev), muq.to(dev)
         self.Bs = Bs
 
-        key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, max_frames)
+        key = (B2, L, P, self.cfg_on, self.cfg_scale, self.topk, self.temperature, max_frames, ref is not None)
         if key != self._graph_key:
             self._graph = self._first_graph = None
             self.backbone.setup_cache(B2, L, self.dtype, dev)
@@ -459,7 +461,8 @@ class Engine:
             self.pad = torch.zeros(B2, dtype=torch.long, device=dev)
             self.request = {"tokens": tokens.new_zeros(tokens.shape), "tmask": tmask.new_zeros(tmask.shape),
                             "muq": muq.new_zeros(muq.shape), "uncond": uncond.new_zeros(uncond.shape),
-                            "rows": torch.arange(P, device=dev)}
+                            "rows": torch.arange(P, device=dev),
+                            "ref": None if ref is None else torch.zeros(ref.shape, device=dev)}
             self.state = {"prev": torch.zeros(Bs, self.K, dtype=torch.long, device=dev),
                           "slot": torch.zeros(1, dtype=torch.long, device=dev),
                           "idx": torch.zeros(1, dtype=torch.long, device=dev),
@@ -469,8 +472,9 @@ class Engine:
                           "done": torch.zeros(Bs, dtype=torch.bool, device=dev)}
         s = self.state
         self.pad.copy_(pad)  # each song's left padding (its own positions start there)
-        for name, t in (("tokens", tokens), ("tmask", tmask), ("muq", muq), ("uncond", uncond)):
-            self.request[name].copy_(t)
+        for name, t in (("tokens", tokens), ("tmask", tmask), ("muq", muq), ("uncond", uncond), ("ref", ref)):
+            if t is not None:
+                self.request[name].copy_(t)
         s["slot"].fill_(P)
         s["idx"].zero_()
         s["length"].fill_(max_frames)
@@ -573,6 +577,15 @@ class Engine:
         return graph
 
 
+def reference_embeddings(prompts: list[Prompt], dim: int) -> torch.Tensor | None:
+    """[B, dim] float32 reference embeddings of the prompts that carry one (zeros for the others), None if none do."""
+    refs = [p[3] if len(p) > 3 else None for p in prompts]
+    if all(r is None for r in refs):
+        return None
+    return torch.stack([torch.zeros(dim) if r is None else torch.as_tensor(r, dtype=torch.float32).reshape(dim).cpu()
+                        for r in refs])
+
+
 def _default_generator(device: torch.device) -> torch.Generator | None:
     """The generator torch.manual_seed seeds, for CPU and CUDA (other devices: None, their global RNG is used)."""
     if device.type == "cuda":
@@ -611,7 +624,7 @@ def generate(model: HeartMuLa, prompts: list[Prompt], max_frames: int, cfg_scale
              temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
              fast=None, eos_check_every: int = 32, progress: Callable[[int, int], None] | None = None,
              stop_on_eos: bool = True) -> list[torch.Tensor]:
-    """Generate audio frames for each prompt (tokens [P,9], tokens_mask [P,9], muq_idx).
+    """Generate audio frames for each prompt (tokens [P,9], tokens_mask [P,9], muq_idx[, reference embedding]).
 
     Returns one LongTensor [n_i, 8] (CPU) per prompt: n_i <= max_frames frames, the EOS frame excluded, every id
     < codebook_size. seed / generator make sampling reproducible (same device, same mode). topk 1 = greedy;

@@ -211,12 +211,14 @@ class HeartMuLa(nn.Module):
         return self.audio_embeddings(ids + codebook * self.cfg.audio_vocab_size)
 
     def embed_rows(self, tokens: torch.Tensor, tokens_mask: torch.Tensor,
-                   muq_idx: torch.Tensor | None = None, uncond: torch.Tensor | None = None) -> torch.Tensor:
+                   muq_idx: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+                   muq_embed: torch.Tensor | None = None) -> torch.Tensor:
         """Backbone input [B,S,D]: sum of the live columns' embeddings per row.
 
-        muq_idx [B]: the MuQ row of each sample, overwritten by muq_linear(0) (= its bias: reference-audio
-        conditioning is not released), as the official generation does. uncond [B] bool: these samples use
-        the unconditional text embedding for every text column and the MuQ row (classifier-free guidance).
+        muq_idx [B]: the MuQ row of each sample, overwritten by muq_linear(muq_embed), as the official generation
+        does; muq_embed [B, muq_dim] is a reference song's MuQ-MuLan embedding, None = zeros (muq_linear's bias,
+        what the official release uses). uncond [B] bool: these samples use the unconditional text embedding for
+        every text column and the MuQ row (classifier-free guidance, caption dropout).
         """
         text = self.text_embeddings(tokens[..., -1])
         if uncond is not None:
@@ -225,7 +227,10 @@ class HeartMuLa(nn.Module):
         cols = torch.cat([audio, text.unsqueeze(-2)], dim=-2) * tokens_mask.unsqueeze(-1).to(text.dtype)
         h = cols.sum(dim=-2)
         if muq_idx is not None:
-            muq = self.muq_linear.bias.to(h.dtype).expand(h.shape[0], -1)  # muq_linear(zeros)
+            if muq_embed is None:
+                muq = self.muq_linear.bias.to(h.dtype).expand(h.shape[0], -1)  # muq_linear(zeros)
+            else:
+                muq = self.muq_linear(muq_embed.to(self.muq_linear.weight.dtype)).to(h.dtype)
             if uncond is not None:
                 muq = torch.where(uncond[:, None], self.unconditional_text_embedding.weight.to(h.dtype), muq)
             h = h.clone()
@@ -251,11 +256,15 @@ class HeartMuLa(nn.Module):
         return h, c0, dec.view(B, S - 1, *dec.shape[1:])
 
     def loss(self, tokens, tokens_mask, audio_frame_mask, muq_idx=None, decoder_fraction: float = 1.0,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, input_tokens: torch.Tensor | None = None,
+             uncond: torch.Tensor | None = None, muq_embed: torch.Tensor | None = None):
         """Training loss (SPEC §4): CE of codebook 0 over every row t whose row t+1 is an audio frame, plus the
         mean CE of codebooks 1..K-1 from the teacher-forced depth decoder. The depth decoder runs only on those
-        target rows (and, with decoder_fraction < 1, on a random subset of them: CSM's compute amortisation)."""
-        h = self.backbone(self.embed_rows(tokens, tokens_mask, muq_idx))
+        target rows (and, with decoder_fraction < 1, on a random subset of them: CSM's compute amortisation).
+        The targets are always `tokens`; the backbone reads `input_tokens` when given (scheduled sampling feeds
+        it frames of the model's own), uncond and muq_embed as in embed_rows (caption dropout, reference audio)."""
+        rows = tokens if input_tokens is None else input_tokens
+        h = self.backbone(self.embed_rows(rows, tokens_mask, muq_idx, uncond, muq_embed))
         target = audio_frame_mask[:, 1:]
         b_idx, t_idx = target.nonzero(as_tuple=True)
         n = b_idx.numel()

@@ -29,6 +29,9 @@ INT8_BASES = ("int8-quanto", "int8", "int8-torchao")
 DENSE_BASES = ("no_change", "bf16")
 DYNAMO_BACKENDS = ("no", "inductor", "aot_eager", "eager")  # the last two: torch.compile's debugging backends
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg", "opus")
+# scheduled_sampling_sampler: how rollout frames are drawn; SimpleTuner's diffusion solver names map to "topk"
+SAMPLERS = ("topk", "greedy")
+DIFFUSION_SOLVERS = ("unipc", "euler", "heun", "dpm", "dpm++", "rk4", "ddim")
 ADAMW_NAMES = ("adamw", "adamw_bf16", "adamw_torch", "adamw_torch_fused", "adamw_schedulefree", "optimi-adamw")
 
 
@@ -104,6 +107,16 @@ class TrainConfig:
     logging_dir: str = "logs"  # TensorBoard's folder, under output_dir
     tracker_project_name: str | None = None  # W&B project (None: "hmtiny")
     tracker_run_name: str | None = None
+    # ---- training objective (hmtiny/objective.py)
+    caption_dropout_probability: float = 0.0  # per sample: train on the unconditional prompt (CFG's other branch)
+    scheduled_sampling_max_step_offset: int = 0  # K rollout passes without gradient; 0 = off
+    scheduled_sampling_probability: float = 0.0  # per audio frame: chance its input is the model's own frame
+    scheduled_sampling_ramp_steps: int = 0  # > 0: p goes prob_start -> prob_end over these steps (then stays)
+    scheduled_sampling_prob_start: float = 0.0
+    scheduled_sampling_prob_end: float = 0.5
+    scheduled_sampling_start_step: int = 0  # p is 0 before this optimizer step
+    scheduled_sampling_ramp_shape: str = "linear"  # linear | cosine
+    scheduled_sampling_sampler: str = "topk"  # topk (validation_topk / validation_temperature) | greedy
     # ---- accepted for SimpleTuner compatibility
     resolution: float | None = None  # ignored: audio has no resolution
 
@@ -424,6 +437,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
              f"num_validation_images is the number of validation clips)")
     cfg = TrainConfig(**values)
     cfg.config_path = str(path)
+    if cfg.scheduled_sampling_sampler.lower() in DIFFUSION_SOLVERS:
+        warn(f"scheduled_sampling_sampler {cfg.scheduled_sampling_sampler!r} is a diffusion solver; HeartMuLa is "
+             f"autoregressive: its rollout frames are drawn like validation's (top-k {cfg.validation_topk}, "
+             f"temperature {cfg.validation_temperature:g}), i.e. 'topk'; 'greedy' takes the most likely ids")
+        cfg.scheduled_sampling_sampler = "topk"
     validate(cfg)
     return cfg
 
@@ -488,6 +506,17 @@ def validate(cfg: TrainConfig):
         raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
     if not 0 <= cfg.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    for key in ("caption_dropout_probability", "scheduled_sampling_probability", "scheduled_sampling_prob_start",
+                "scheduled_sampling_prob_end"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {getattr(cfg, key)}")
+    for key in ("scheduled_sampling_max_step_offset", "scheduled_sampling_ramp_steps",
+                "scheduled_sampling_start_step"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    _choice(cfg, "scheduled_sampling_ramp_shape", ("linear", "cosine"))
+    _choice(cfg, "scheduled_sampling_sampler", SAMPLERS,
+            f" (diffusion solvers {list(DIFFUSION_SOLVERS)} mean 'topk' here)")
     if not 0 < cfg.decoder_fraction <= 1:
         raise ConfigError(f"decoder_fraction must be in (0, 1], got {cfg.decoder_fraction}")
     for key in ("adam_beta1", "adam_beta2"):

@@ -246,9 +246,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.de
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state: dict, cfg: TrainConfig,
-                    device: torch.device) -> Path:
-    """output_dir/checkpoint-STEP/: LoRA, optimizer moments, RNG states, data position and step. Built in a
-    hidden temporary folder and renamed into place, so a crash never leaves a half checkpoint behind."""
+                    device: torch.device, generators: dict[str, torch.Generator] | None = None) -> Path:
+    """output_dir/checkpoint-STEP/: LoRA, optimizer moments, RNG states (the global ones and the named
+    `generators`), data position and step. Built in a hidden temporary folder and renamed into place, so a crash
+    never leaves a half checkpoint behind."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
@@ -265,6 +266,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
                         else v.detach().contiguous().cpu()
         save_file(moments, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
         rng_tensors, rng_meta = rng_state(device)
+        rng_tensors |= {f"generator_{name}": g.get_state() for name, g in (generators or {}).items()}
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
         full = dict(state, step=step, rng=rng_meta, optimizer_groups=groups,
                     scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -356,9 +358,11 @@ def check_resume(folder: Path, cfg: TrainConfig) -> dict:
     return state
 
 
-def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, device: torch.device) -> dict:
-    """Restore LoRA weights, optimizer moments, grad scaler and RNG states; return the saved state (step, data
-    position). The run's LoRA shape must equal the checkpoint's."""
+def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, device: torch.device,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore LoRA weights, optimizer moments, grad scaler and RNG states (and those of the named `generators`
+    that the checkpoint holds); return the saved state (step, data position). The run's LoRA shape must equal the
+    checkpoint's."""
     state = check_resume(folder, cfg)
     load_lora_into(model, folder / LORA_WEIGHTS_NAME)
     moments = read_safetensors(folder / "optimizer.safetensors")
@@ -379,7 +383,11 @@ def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, de
     optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(read_safetensors(folder / "rng.safetensors"), state["rng"], device)
+    rng = read_safetensors(folder / "rng.safetensors")
+    set_rng_state(rng, state["rng"], device)
+    for name, g in (generators or {}).items():
+        if f"generator_{name}" in rng:
+            g.set_state(rng[f"generator_{name}"])
     return state
 
 
