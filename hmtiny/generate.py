@@ -386,12 +386,9 @@ class Engine:
         sample.py does: under autocast a captured graph would read autocast's cached casts of float32 weights (the
         LoRA factors), which are freed when the caller's autocast region ends and stale after an optimizer step."""
         kind = self.device.type
-        if torch.is_autocast_enabled(kind):
-            with torch.autocast(kind, enabled=False):
-                return self._generate(prompts, max_frames, cfg_scale, topk, temperature, generator,
-                                      eos_check_every, progress, stop_on_eos)
-        return self._generate(prompts, max_frames, cfg_scale, topk, temperature, generator, eos_check_every,
-                              progress, stop_on_eos)
+        with torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext():
+            return self._generate(prompts, max_frames, cfg_scale, topk, temperature, generator, eos_check_every,
+                                  progress, stop_on_eos)
 
     def _generate(self, prompts, max_frames, cfg_scale, topk, temperature, generator, eos_check_every, progress,
                   stop_on_eos):
