@@ -77,7 +77,8 @@ def parse_args(argv=None):
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
     ap.add_argument("--codec-dtype", choices=["fp32", "tf32", "bf16"],
-                    help="HeartCodec precision (default fp32 on CPU or with --dtype fp32, else bf16)")
+                    help="HeartCodec precision (default tf32 on CUDA: 3 min of audio in ~2.8 s on an H100; fp32 on "
+                         "CPU or with --dtype fp32; bf16: fastest, 1.1e-2 rel. error)")
     return ap.parse_args(argv)
 
 
@@ -433,10 +434,11 @@ def run(a) -> int:
         return 0
 
     from hmtiny.codec import load_codec, write_audio
+    from hmtiny.codec.precision import default_codec_dtype
     t0 = time.time()
     try:
-        # unless --codec-dtype: fp32 with --dtype fp32 or on CPU, else bf16 (fp16 is never checked for the codec)
-        codec_dtype = a.codec_dtype or ("fp32" if dtype == torch.float32 or device.type == "cpu" else "bf16")
+        # unless --codec-dtype: fp32 with --dtype fp32, else the device's default (tf32 on CUDA; codec.precision)
+        codec_dtype = a.codec_dtype or ("fp32" if dtype == torch.float32 else default_codec_dtype(device))
         codec = load_codec(codec_where, device, codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None

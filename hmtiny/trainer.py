@@ -524,7 +524,7 @@ class Validator:
                     # and decodes stage by stage on the GPU (each stage's weights are copied over for the stage):
                     # between validations it takes no GPU memory at all
                     cuda = self.device.type == "cuda"
-                    name = self.cfg.validation_codec_dtype or default_codec_dtype(self.device)
+                    name = self.cfg.validation_codec_dtype or default_codec_dtype(self.device, validation=True)
                     self._codec = load_codec(where, "cpu" if cuda else self.device, name)
                     if cuda:
                         self._codec.pin_memory_()

@@ -142,7 +142,7 @@ def test_sample_takes_a_peft_folder(tmp_path):
     import sample
     handwritten_peft(tmp_path / "st", {"r": 4, "lora_alpha": 4})
     path, scale = sample.parse_lora(f"{tmp_path / 'st'}:0.5")
-    assert (path.name, scale) == ("adapter_model.safetensors", 0.5)
+    assert (Path(path.path).name, scale) == ("adapter_model.safetensors", 0.5)  # read and checked already
     with pytest.raises(sample.UsageError, match="neither adapter_model.safetensors"):
         sample.parse_lora(str(tmp_path))
 

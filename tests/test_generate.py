@@ -283,7 +283,7 @@ def test_cuda_kernel_layers_match_torch_layers(monkeypatch):
     slot = torch.tensor([P], device="cuda")
     outs = []
     for e, dtype in ((ref, torch.float32), (eng, torch.bfloat16)):
-        e.model.setup_caches(B, 32, dtype=dtype, device="cuda")
+        e.backbone.setup_cache(B, 32, dtype, "cuda")  # the engine keeps its own cache
         e.backbone(x[:, :P].to(dtype), pos[:, :P], torch.arange(P, device="cuda"), start, prompt=True)
         outs.append(e.backbone(x[:, P:].to(dtype), pos[:, P:], slot, start, prompt=e is ref))
     want, got = outs[0], outs[1].float()
