@@ -313,6 +313,10 @@ def main(argv=None) -> int:
     except (UsageError, OSError) as e:  # OSError: a full disk, a folder gone while writing
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; songs already written are complete files, the others were not written",
+              file=sys.stderr)
+        return 1
 
 
 def run(a) -> int:
