@@ -100,7 +100,8 @@ def text_or_file(value: str | None, flag: str) -> str:
         try:
             return p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(f"{flag} {value}: the file is not UTF-8 text (offset {e.start}); save it as UTF-8") from None
+            raise UsageError(f"{flag} {value}: the file is not UTF-8 text (offset {e.start}); "
+                             f"save it as UTF-8") from None
         except OSError as e:
             raise UsageError(f"{flag} {value}: cannot read the file ({e.strerror or e})") from None
     if one_line and (p.suffix.lower() in TEXT_FILE_SUFFIXES or value.startswith(("/", "./", "../", "~/"))):
@@ -344,6 +345,10 @@ def main(argv=None) -> int:
         return run(a)
     except (UsageError, OSError) as e:  # OSError: a full disk, a folder gone while writing
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; songs already written are complete files, the others were not written",
+              file=sys.stderr)
         return 1
 
 

@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, TrainingError, OSError) as e:  # OSError: a full disk, a vanished folder
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume from the last checkpoint in output_dir",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

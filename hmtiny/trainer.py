@@ -212,7 +212,8 @@ def remove_temporaries(output_dir: Path, log=print):
         else:
             p.unlink(missing_ok=True)
     if stale:
-        log(f"removed {len(stale)} temporary file(s) left by an interrupted save: {', '.join(p.name for p in stale[:4])}")
+        log(f"removed {len(stale)} temporary file(s) left by an interrupted save: "
+            f"{', '.join(p.name for p in stale[:4])}")
 
 
 # ---------------------------------------------------------------- RNG states
@@ -332,7 +333,8 @@ def check_resume(folder: Path, cfg: TrainConfig) -> dict:
     damaged = f"checkpoint {folder} is damaged"
     start_over = (f"resume from an earlier checkpoint (--resume_from_checkpoint=checkpoint-N) or remove "
                   f"{folder.name}")
-    missing = [k for k in ("step", "rng", "optimizer_groups", "sampler") if not isinstance(state, dict) or k not in state]
+    missing = [k for k in ("step", "rng", "optimizer_groups", "sampler")
+               if not isinstance(state, dict) or k not in state]
     if missing:
         raise ConfigError(f"resume_from_checkpoint: {damaged}: {STATE_NAME} lacks {missing}; {start_over}")
     try:

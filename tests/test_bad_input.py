@@ -37,8 +37,8 @@ def make_run(folder: Path, tracks=("01", "02", "03"), **overrides) -> Path:
             shutil.copy(f, data / f.name)
     (folder / "multidatabackend.json").write_text(json.dumps([
         {"id": "tiny", "type": "local", "dataset_type": "audio", "instance_data_dir": str(data)}]))
-    cfg = {"pretrained_model_name_or_path": str(TINY / "model"), "data_backend_config": str(folder / "multidatabackend.json"),
-           "output_dir": str(folder / "out"), "mixed_precision": "no", "seed": 3, "train_batch_size": 1,
+    cfg = {"pretrained_model_name_or_path": str(TINY / "model"),
+           "data_backend_config": str(folder / "multidatabackend.json"), "output_dir": str(folder / "out"), "mixed_precision": "no", "seed": 3, "train_batch_size": 1,
            "learning_rate": 3e-3, "lr_scheduler": "constant", "max_train_steps": 2, "num_train_epochs": 0,
            "lora_rank": 4, "lora_dropout": 0.0, "gradient_checkpointing": False, "checkpointing_steps": 1,
            "checkpoints_total_limit": None, "validation_prompt": None}
@@ -289,8 +289,8 @@ def complete_checkpoints(out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "training_state.json").is_file())
 
 
-def run_and_kill(cfg: Path, after_step: int, delay: float) -> str:
-    """Start training, SIGKILL it `delay` seconds after it logs `step N/`: lands in the step, the save or the log."""
+def run_and_kill(cfg: Path, after_step: int, delay: float, sig=signal.SIGKILL) -> str:
+    """Start training, send `sig` `delay` seconds after it logs `step N/`: lands in the step, the save or the log."""
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(cfg)], cwd=cfg.parent, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = []
@@ -298,11 +298,13 @@ def run_and_kill(cfg: Path, after_step: int, delay: float) -> str:
         log.append(line)
         if line.startswith(f"step {after_step}/"):
             time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
-    log += proc.stdout.read()
-    proc.wait(timeout=60)
-    return "".join(log)
+    log = "".join(log) + proc.stdout.read()
+    rc = proc.wait(timeout=60)
+    if sig == signal.SIGINT and rc != 0:  # Ctrl-C (unless the run had finished): a message, no traceback
+        assert rc == 1 and "error: interrupted" in log and "Traceback" not in log, log
+    return log
 
 
 def test_killed_runs_resume_from_the_last_complete_checkpoint(tmp_path):
@@ -320,11 +322,11 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, str(cfg)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert list(out.glob(".checkpoint-2.*.tmp")) and complete_checkpoints(out) == [1]
-    # 2, 3: killed at random moments after a step (in the save, the pruning, the metrics line or the next step);
-    # a torn last metrics line (a kill mid-write) must not stop the resume
-    for after_step in (3, 5):
+    # 2, 3: killed (kill -9, then Ctrl-C) at random moments after a step (in the save, the pruning, the metrics line
+    # or the next step); a torn last metrics line (a kill mid-write) must not stop the resume
+    for after_step, sig in ((3, signal.SIGKILL), (5, signal.SIGINT)):
         expected = complete_checkpoints(out)[-1]
-        log = run_and_kill(cfg, after_step, rng.uniform(0, 0.05))
+        log = run_and_kill(cfg, after_step, rng.uniform(0, 0.05), sig)
         restart_resumes(log, expected)
         with (out / "metrics.jsonl").open("a") as f:
             f.write('{"step": 7, "loss": 1.2')
