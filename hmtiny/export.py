@@ -28,17 +28,17 @@ from safetensors.torch import save_file
 
 from .checkpoint import (MODEL_SUBFOLDERS, atomic_write, find_codec_beside, find_model_folder, load_heartmula,
                          resolve_folder, save_json, save_weights)
-from .lora import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LoRAWeights, apply_loras, read_lora
+from .lora import HF_NAMES, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LoRAWeights, apply_loras, read_lora
 
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model: its module paths start here
 SIMPLETUNER_INIT_NAME = "simpletuner_init_lora.safetensors"
 SIMPLETUNER_INIT_PREFIX = "transformer." + PEFT_PREFIX  # SimpleTuner's init_lora names the PeftModel "transformer"
 # our module names -> the Hugging Face Llama names of SimpleTuner's port (the same weights, no permutation)
-HF_NAMES = {"attn": "self_attn", "output_proj": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()} | {"attn": "self_attn"}
 
 
 def hf_module_path(path: str) -> str:
-    return ".".join(HF_NAMES.get(p, p) for p in path.split("."))
+    return ".".join(OURS_TO_HF.get(p, p) for p in path.split("."))
 
 
 # ---------------------------------------------------------------- LoRA -> PEFT folder
