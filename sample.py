@@ -71,7 +71,8 @@ def parse_args(argv=None):
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
     ap.add_argument("--codec-dtype", choices=["fp32", "tf32", "bf16"],
-                    help="HeartCodec precision (default fp32 on CPU or with --dtype fp32, else bf16)")
+                    help="HeartCodec precision (default: --config's validation_codec_dtype, else fp32 on CPU "
+                         "or with --dtype fp32, else bf16)")
     return ap.parse_args(argv)
 
 
@@ -89,14 +90,8 @@ def text_or_file(value: str | None) -> str:
 
 
 def parse_lora(spec: str) -> tuple[Path, float]:
-    path, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not Path(spec).exists():
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            pass
-    from hmtiny.lora import lora_file
+    from hmtiny.lora import lora_file, split_lora_spec
+    path, scale = split_lora_spec(spec)
     try:
         return lora_file(path), scale  # a folder: its PEFT adapter_model.safetensors, else pytorch_lora_weights
     except FileNotFoundError as e:
@@ -120,7 +115,7 @@ def settings(a) -> dict:
     """Merge defaults, --demo, --config and explicit options (explicit wins)."""
     s = {"model": DEFAULT_MODEL, "codec": None, "tokenizer": None, "tags": None, "lyrics": "", "duration": 30.0,
          "cfg": 1.5, "topk": 50, "temperature": 1.0, "seed": None, "loras": [], "int8": a.int8, "out": "song.wav",
-         "stop_on_eos": not a.ignore_eos, "tokenizer_obj": None}
+         "stop_on_eos": not a.ignore_eos, "tokenizer_obj": None, "codec_dtype": a.codec_dtype}
     if a.demo and (a.model or a.config):
         raise UsageError("--demo uses the built-in tiny model: drop --model/--config")
     if a.demo:
@@ -138,7 +133,8 @@ def settings(a) -> dict:
         s.update(model=str(resolve_input(cfg, "pretrained_model_name_or_path", must_exist=False)),
                  codec=find_codec_folder(cfg), lyrics=cfg.validation_lyrics or "", cfg=max(1.0, cfg.validation_guidance),
                  duration=cfg.validation_audio_duration, topk=cfg.validation_topk,
-                 temperature=cfg.validation_temperature, seed=cfg.validation_seed, int8=a.int8 or cfg.int8_base)
+                 temperature=cfg.validation_temperature, seed=cfg.validation_seed, int8=a.int8 or cfg.int8_base,
+                 codec_dtype=a.codec_dtype or cfg.validation_codec_dtype)
         if cfg.validation_prompt:
             s["tags"] = cfg.validation_prompt
         trained = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
@@ -307,7 +303,7 @@ def run(a) -> int:
     t0 = time.time()
     try:
         # unless --codec-dtype: fp32 with --dtype fp32 or on CPU, else bf16 (fp16 is never checked for the codec)
-        codec_dtype = a.codec_dtype or ("fp32" if dtype == torch.float32 or device.type == "cpu" else "bf16")
+        codec_dtype = s["codec_dtype"] or ("fp32" if dtype == torch.float32 or device.type == "cpu" else "bf16")
         codec = load_codec(codec_where, device, codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None

@@ -268,6 +268,17 @@ def _meta_number(meta: dict, name: str) -> float | None:
     return None
 
 
+def split_lora_spec(spec: str) -> tuple[str, float]:
+    """A command line's `PATH[:SCALE]` -> (PATH, SCALE); a path that exists as given keeps its colons."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def lora_file(path: str | Path) -> Path:
     """The weights file of a LoRA given as a file or a folder (PEFT's adapter_model.safetensors, else ours)."""
     path = Path(path).expanduser()
