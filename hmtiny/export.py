@@ -33,7 +33,7 @@ from .lora import (HF_NAMES, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LoRAWeights, a
 
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model: its module paths start here
 SIMPLETUNER_INIT_NAME = "simpletuner_init_lora.safetensors"
-SIMPLETUNER_INIT_PREFIX = "transformer." + PEFT_PREFIX  # SimpleTuner's init_lora names the PeftModel "transformer"
+SIMPLETUNER_PREFIX = "transformer."  # SimpleTuner's init_lora looks for the PeftModel's keys under this name
 # our module names -> the Hugging Face Llama names of SimpleTuner's port (the same weights, no permutation)
 OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()} | {"attn": "self_attn"}
 
@@ -74,7 +74,7 @@ def write_peft(lora: LoRAWeights | str | Path, out: str | Path, base_model: str 
     tensors, config = peft_adapter(lora, base_model)
     meta = {"format": "pt"}
     atomic_write(out / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
-    init = {"transformer." + k: v for k, v in tensors.items()}
+    init = {SIMPLETUNER_PREFIX + k: v for k, v in tensors.items()}
     atomic_write(out / SIMPLETUNER_INIT_NAME, lambda p: save_file(init, str(p), metadata=meta))
     save_json(config, out / PEFT_CONFIG_NAME)
     return out
