@@ -309,7 +309,7 @@ def read_peft_config(weights: Path) -> dict | None:
     if kind != "LORA":
         raise ValueError(f"LoRA config {path}: peft_type {kind!r} (LyCORIS-style adapter) is not supported: "
                          f"only plain LoRA applies here")
-    refused = {"use_dora": "DoRA (use_dora) rescales each weight column, which plain LoRA layers cannot do",
+    refused = {"use_dora": "DoRA (use_dora) rescales every output by a learned magnitude, which a plain LoRA update cannot express",
                "rank_pattern": "per-layer ranks (rank_pattern) are not supported",
                "alpha_pattern": "per-layer alphas (alpha_pattern) are not supported",
                "fan_in_fan_out": "fan_in_fan_out weights (Conv1D layers) do not fit these linear layers"}
