@@ -77,8 +77,9 @@ def parse_args(argv=None):
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
     ap.add_argument("--codec-dtype", choices=["fp32", "tf32", "bf16"],
-                    help="HeartCodec precision (default tf32 on CUDA: 3 min of audio in ~2.8 s on an H100; fp32 on "
-                         "CPU or with --dtype fp32; bf16: fastest, 1.1e-2 rel. error)")
+                    help="HeartCodec precision (default: --config's validation_codec_dtype, else tf32 on CUDA: 3 min "
+                         "of audio in ~2.8 s on an H100; fp32 on CPU or with --dtype fp32; bf16: fastest, 1.1e-2 "
+                         "rel. error)")
     return ap.parse_args(argv)
 
 
@@ -111,16 +112,10 @@ def text_or_file(value: str | None, flag: str) -> str:
 
 def parse_lora(spec: str):
     """PATH[:SCALE] -> (LoRAWeights, scale): the file is read and checked now, before any model loads."""
-    path, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not Path(spec).exists():
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            pass
+    from hmtiny.lora import lora_file, split_lora_spec
+    path, scale = split_lora_spec(spec)
     if not math.isfinite(scale):
         raise UsageError(f"--lora {spec}: the scale must be a finite number, got {scale}")
-    from hmtiny.lora import lora_file
     try:
         p = lora_file(path)  # a folder: its PEFT adapter_model.safetensors, else pytorch_lora_weights
     except FileNotFoundError as e:
@@ -153,7 +148,7 @@ def settings(a) -> dict:
     """Merge defaults, --demo, --config and explicit options (explicit wins)."""
     s = {"model": DEFAULT_MODEL, "codec": None, "tokenizer": None, "tags": None, "lyrics": "", "duration": 30.0,
          "cfg": 1.5, "topk": 50, "temperature": 1.0, "seed": None, "loras": [], "int8": a.int8, "out": "song.wav",
-         "stop_on_eos": not a.ignore_eos, "tokenizer_obj": None}
+         "stop_on_eos": not a.ignore_eos, "tokenizer_obj": None, "codec_dtype": a.codec_dtype}
     if a.demo and (a.model or a.config):
         raise UsageError("--demo uses the built-in tiny model: drop --model/--config")
     if a.demo:
@@ -171,7 +166,8 @@ def settings(a) -> dict:
         s.update(model=str(resolve_input(cfg, "pretrained_model_name_or_path", must_exist=False)),
                  codec=find_codec_folder(cfg), lyrics=cfg.validation_lyrics or "", cfg=max(1.0, cfg.validation_guidance),
                  duration=cfg.validation_audio_duration, topk=cfg.validation_topk,
-                 temperature=cfg.validation_temperature, seed=cfg.validation_seed, int8=a.int8 or cfg.int8_base)
+                 temperature=cfg.validation_temperature, seed=cfg.validation_seed, int8=a.int8 or cfg.int8_base,
+                 codec_dtype=a.codec_dtype or cfg.validation_codec_dtype)
         if cfg.validation_prompt:
             s["tags"] = cfg.validation_prompt
         trained = Path(cfg.output_dir) / "pytorch_lora_weights.safetensors"
@@ -442,8 +438,9 @@ def run(a) -> int:
     from hmtiny.codec.precision import default_codec_dtype
     t0 = time.time()
     try:
-        # unless --codec-dtype: fp32 with --dtype fp32, else the device's default (tf32 on CUDA; codec.precision)
-        codec_dtype = a.codec_dtype or ("fp32" if dtype == torch.float32 else default_codec_dtype(device))
+        # unless --codec-dtype (or --config's validation_codec_dtype): fp32 with --dtype fp32, else the device's
+        # default (tf32 on CUDA; hmtiny.codec.precision)
+        codec_dtype = s["codec_dtype"] or ("fp32" if dtype == torch.float32 else default_codec_dtype(device))
         codec = load_codec(codec_where, device, codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None

@@ -28,17 +28,18 @@ from safetensors.torch import save_file
 
 from .checkpoint import (MODEL_SUBFOLDERS, atomic_write, find_codec_beside, find_model_folder, load_heartmula,
                          resolve_folder, save_json, save_weights)
-from .lora import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LoRAWeights, apply_loras, read_lora
+from .lora import (HF_NAMES, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, LoRAWeights, apply_loras, read_lora,
+                   split_lora_spec)
 
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model: its module paths start here
 SIMPLETUNER_INIT_NAME = "simpletuner_init_lora.safetensors"
-SIMPLETUNER_INIT_PREFIX = "transformer." + PEFT_PREFIX  # SimpleTuner's init_lora names the PeftModel "transformer"
+SIMPLETUNER_PREFIX = "transformer."  # SimpleTuner's init_lora looks for the PeftModel's keys under this name
 # our module names -> the Hugging Face Llama names of SimpleTuner's port (the same weights, no permutation)
-HF_NAMES = {"attn": "self_attn", "output_proj": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+OURS_TO_HF = {ours: hf for hf, ours in HF_NAMES.items()} | {"attn": "self_attn"}
 
 
 def hf_module_path(path: str) -> str:
-    return ".".join(HF_NAMES.get(p, p) for p in path.split("."))
+    return ".".join(OURS_TO_HF.get(p, p) for p in path.split("."))
 
 
 # ---------------------------------------------------------------- LoRA -> PEFT folder
@@ -73,7 +74,7 @@ def write_peft(lora: LoRAWeights | str | Path, out: str | Path, base_model: str 
     tensors, config = peft_adapter(lora, base_model)
     meta = {"format": "pt"}
     atomic_write(out / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
-    init = {"transformer." + k: v for k, v in tensors.items()}
+    init = {SIMPLETUNER_PREFIX + k: v for k, v in tensors.items()}
     atomic_write(out / SIMPLETUNER_INIT_NAME, lambda p: save_file(init, str(p), metadata=meta))
     save_json(config, out / PEFT_CONFIG_NAME)
     return out
@@ -124,17 +125,6 @@ def _complete_ckpt_layout(model_path, source: Path, out: Path, log):
 
 
 # ---------------------------------------------------------------- command line
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """PATH or PATH:SCALE (a path that exists as given wins over the split)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and not Path(spec).exists():
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hmtiny.export", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -157,7 +147,7 @@ def run(a) -> Path:
     if a.format:
         if len(a.lora) != 1 or a.model or a.ckpt_layout:
             raise ValueError("--format peft converts one --lora (no --model, --ckpt-layout or :SCALE)")
-        path, scale = parse_lora_spec(a.lora[0])
+        path, scale = split_lora_spec(a.lora[0])
         if scale != 1.0:
             raise ValueError("--format peft writes the LoRA as trained: drop the :SCALE")
         folder = write_peft(path, out)
@@ -165,7 +155,7 @@ def run(a) -> Path:
         return folder
     if not a.model:
         raise ValueError("--merge needs --model (the base the LoRAs were trained on)")
-    loras = [(read_lora(p), s) for p, s in map(parse_lora_spec, a.lora)]
+    loras = [(read_lora(p), s) for p, s in map(split_lora_spec, a.lora)]
     folder = export_merged(a.model, loras, out, a.ckpt_layout)
     print(f"wrote {folder / 'model.safetensors'} and {folder / 'config.json'} "
           f"({', '.join(f'{Path(l.path).name}:{s:g}' for l, s in loras)} merged)")

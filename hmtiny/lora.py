@@ -268,6 +268,17 @@ def _meta_number(meta: dict, name: str) -> float | None:
     return None
 
 
+def split_lora_spec(spec: str) -> tuple[str, float]:
+    """A command line's `PATH[:SCALE]` -> (PATH, SCALE); a path that exists as given keeps its colons."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def lora_file(path: str | Path) -> Path:
     """The weights file of a LoRA given as a file or a folder (PEFT's adapter_model.safetensors, else ours)."""
     path = Path(path).expanduser()
@@ -298,7 +309,7 @@ def read_peft_config(weights: Path) -> dict | None:
     if kind != "LORA":
         raise ValueError(f"LoRA config {path}: peft_type {kind!r} (LyCORIS-style adapter) is not supported: "
                          f"only plain LoRA applies here")
-    refused = {"use_dora": "DoRA (use_dora) rescales each weight column, which plain LoRA layers cannot do",
+    refused = {"use_dora": "DoRA (use_dora) rescales every output by a learned magnitude, which a plain LoRA update cannot express",
                "rank_pattern": "per-layer ranks (rank_pattern) are not supported",
                "alpha_pattern": "per-layer alphas (alpha_pattern) are not supported",
                "fan_in_fan_out": "fan_in_fan_out weights (Conv1D layers) do not fit these linear layers"}

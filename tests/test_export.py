@@ -1,5 +1,6 @@
 """LoRAs both ways: PEFT folders (SimpleTuner's naming) in and out, and LoRAs merged into a full checkpoint."""
 import json
+from pathlib import Path
 
 import pytest
 import torch

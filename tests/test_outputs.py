@@ -99,3 +99,10 @@ def test_codec_dtype_choices(monkeypatch):
     with tf32_math(False):
         assert not torch.backends.cudnn.allow_tf32
     assert torch.backends.cudnn.allow_tf32 == before[1]
+
+
+def test_sample_config_brings_its_codec_dtype(tmp_path):
+    cfg = make_run(tmp_path, validation_prompt="pop", validation_codec_dtype="tf32")
+    assert sample.settings(sample.parse_args(["--config", str(cfg)]))["codec_dtype"] == "tf32"
+    explicit = sample.parse_args(["--config", str(cfg), "--codec-dtype", "fp32"])
+    assert sample.settings(explicit)["codec_dtype"] == "fp32"
