@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hmtiny.generate import Engine, default_mode  # noqa: E402
+from hmtiny.tiny import ASSETS as TINY, is_builtin  # noqa: E402
 from kernels import gemv  # noqa: E402
 
 FRAME_RATE = 12.5
-TINY = Path(__file__).resolve().parent / "hmtiny" / "assets" / "tiny"
 DEFAULT_MODEL = "HeartMuLa/HeartMuLa-oss-3B"
 DOWNLOAD_HELP = """Download the official files (heartlib's ckpt/ layout) with:
   hf download HeartMuLa/HeartMuLa-oss-3B --local-dir ckpt/HeartMuLa-oss-3B
@@ -183,7 +183,7 @@ def settings(a) -> dict:
         s["lyrics"] = text_or_file(a.lyrics, "--lyrics")
     if a.lora:
         s["loras"] = [parse_lora(x) for x in a.lora]
-    if s["stop_on_eos"] and is_tiny(s["model"]):
+    if s["stop_on_eos"] and is_builtin(s["model"]):
         s["stop_on_eos"] = False
         print("note: the built-in tiny model has random weights, its EOS means nothing: every song is --duration long")
 
@@ -218,13 +218,6 @@ def settings(a) -> dict:
         raise UsageError(f"--out {out} is a folder: give a file name such as {out / 'song.wav'}")
     s["out"] = out
     return s
-
-
-def is_tiny(model) -> bool:
-    try:
-        return Path(model).expanduser().resolve() in (TINY, TINY / "model")
-    except OSError:
-        return False
 
 
 def check_writable(path: Path, flag: str):

@@ -38,6 +38,15 @@ from .checkpoint import save_heartmula
 from .config import GenConfig, ModelConfig, StackConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
+
+
+def is_builtin(model_path) -> bool:
+    """The built-in tiny model's folder (or the folder holding it): its weights are random, so its EOS means nothing
+    and generation should run to the asked length."""
+    try:
+        return Path(model_path).expanduser().resolve() in (ASSETS, ASSETS / "model")
+    except OSError:
+        return False
 SEED = 20260125
 NUM_TRACKS = 12
 CODEBOOK_SIZE = 64  # the tiny codec's codebook size

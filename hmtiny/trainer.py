@@ -512,6 +512,9 @@ class Validator:
         self.folder = Path(cfg.output_dir) / "validation"
         self._codec, self._codec_tried, self._said_no_wav, self._said_short = None, False, False, False
         self.prompt = tokenizer.prompt(cfg.validation_prompt, cfg.validation_lyrics)
+        from .tiny import is_builtin
+        # the built-in tiny model's random weights say EOS at once: give it clips of the asked length instead
+        self.stop_on_eos = not is_builtin(model_folder(cfg))
 
     def codec(self):
         if not self._codec_tried:
@@ -562,7 +565,8 @@ class Validator:
         try:
             return engine.generate(prompts, max_frames, cfg_scale=max(1.0, cfg.validation_guidance),
                                    topk=cfg.validation_topk, temperature=cfg.validation_temperature,
-                                   generator=torch.Generator(self.device).manual_seed(seed))
+                                   generator=torch.Generator(self.device).manual_seed(seed),
+                                   stop_on_eos=self.stop_on_eos)
         finally:
             del engine
             model.train(was_training)
