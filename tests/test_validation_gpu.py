@@ -96,3 +96,29 @@ def test_train_py_validates_several_times_on_cuda(tmp_path):
     assert clips == [f"step-{s}-0.wav" for s in (2, 4, 6, 8)], clips
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and all(l == l for l in losses)
+
+
+def test_codec_kept_on_the_host_decodes_as_on_the_gpu():
+    """Validation's codec stays in pinned host memory and copies each stage's weights to the GPU for the stage: the
+    audio equals a codec that lives on the GPU, every time, and the host copy is left as it was."""
+    from hmtiny.codec import HeartCodec
+    from hmtiny.tiny import ASSETS, CODEBOOK_SIZE
+    on_gpu = HeartCodec.load(ASSETS / "codec", device="cuda", dtype=torch.bfloat16)
+    host = HeartCodec.load(ASSETS / "codec", device="cpu", dtype=torch.bfloat16).pin_memory_()
+    codes = torch.randint(0, CODEBOOK_SIZE, (8, 100), generator=torch.Generator().manual_seed(0))
+    want = on_gpu.decode(codes, steps=3, seed=0)
+    for _ in range(2):  # the second decode captures a new estimator graph on new copies
+        assert torch.equal(host.decode(codes, steps=3, seed=0, device="cuda"), want)
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in host.parameters())
+
+
+def test_reference_embedding_through_the_graph_engine(fixtures):
+    """A prompt's reference (MuQ) embedding reaches the captured prefill: graph == eager, and it changes the song."""
+    model = load_heartmula(fixtures / "heartmula", dtype=torch.float32, device="cuda")
+    prompt = prompt_rows([500, 272, 410, 62, 501], [500, 137, 278, 184, 501])
+    emb = torch.randn(model.cfg.muq_dim, generator=torch.Generator().manual_seed(0)) * 4
+    kw = dict(max_frames=12, cfg_scale=1.5, topk=1)
+    graph = Engine(model, "graph")
+    with_ref = graph.generate([prompt + (emb,)], **kw)
+    assert torch.equal(with_ref[0], Engine(model, "eager").generate([prompt + (emb,)], **kw)[0])
+    assert not torch.equal(with_ref[0], graph.generate([prompt], **kw)[0])
