@@ -98,13 +98,11 @@ def text_or_file(value: str | None, flag: str) -> str:
     except OSError:  # e.g. a name too long to be a file: it is text
         is_file = False
     if is_file:
+        from hmtiny.data import read_utf8
         try:
-            return p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{flag} {value}: the file is not UTF-8 text (offset {e.start}); "
-                             f"save it as UTF-8") from None
-        except OSError as e:
-            raise UsageError(f"{flag} {value}: cannot read the file ({e.strerror or e})") from None
+            return read_utf8(p)
+        except ValueError as e:  # not UTF-8, unreadable: the message names the file
+            raise UsageError(f"{flag}: {e}") from None
     if one_line and (p.suffix.lower() in TEXT_FILE_SUFFIXES or value.startswith(("/", "./", "../", "~/"))):
         raise UsageError(f"{flag} {value}: no such file (looks like a path; give the text itself or an existing file)")
     return value
