@@ -62,21 +62,27 @@ def load_mulan(device="cpu"):
     return MuQMuLan.from_pretrained(MULAN_REPO).to(device).eval()
 
 
+def resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """A 1-D signal from `rate` to `target` Hz by the Fourier method (an ideal low-pass: the spectrum is cut or
+    zero-padded), numpy only; exact for band-limited signals, and a whole song is one FFT."""
+    n = wav.shape[-1]
+    m = max(1, round(n * target / rate))
+    spectrum = np.fft.rfft(wav.astype(np.float64))
+    kept = np.zeros(m // 2 + 1, dtype=spectrum.dtype)
+    k = min(len(kept), len(spectrum))
+    kept[:k] = spectrum[:k]
+    return (np.fft.irfft(kept, n=m) * (m / n)).astype(np.float32)
+
+
 def read_mono(path: str | Path, sample_rate: int) -> np.ndarray:
-    """The audio file as float32 mono at `sample_rate` (channels averaged; polyphase resampling)."""
+    """The audio file as float32 mono at `sample_rate` (channels averaged; Fourier resampling)."""
     import soundfile as sf
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read reference audio {path} ({type(e).__name__}: {e})") from None
     wav = wav.mean(axis=1)
-    if sr != sample_rate:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-        g = gcd(sr, sample_rate)
-        wav = resample_poly(wav, sample_rate // g, sr // g).astype(np.float32)
-    return wav
+    return resample(wav, sr, sample_rate) if sr != sample_rate else wav
 
 
 def embed_audio(path: str | Path, encoder=None, device="cpu") -> np.ndarray:

@@ -146,3 +146,14 @@ def test_embedding_files_for_a_training_folder(tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "b.muq.npy", np.zeros(4, np.float32))
     assert reference.main([str(tmp_path / "b.wav")]) == 0 and "skipped" in capsys.readouterr().out
     assert np.load(tmp_path / "b.muq.npy").tolist() == [0.0] * 4
+
+
+def test_resample_keeps_what_fits_and_drops_what_does_not():
+    """48 kHz -> 24 kHz (MuQ's rate): a 440 Hz tone comes through exactly, a 15 kHz one (above the new Nyquist) goes."""
+    t = np.arange(48000) / 48000
+    t2 = np.arange(24000) / 24000
+    low = reference.resample(np.sin(2 * np.pi * 440 * t), 48000, 24000)
+    assert low.shape == (24000,) and np.abs(low - np.sin(2 * np.pi * 440 * t2)).max() < 1e-5
+    high = reference.resample(np.sin(2 * np.pi * 15000 * t), 48000, 24000)
+    assert np.abs(high).max() < 1e-5
+    assert reference.resample(np.sin(2 * np.pi * 440 * t), 48000, 44100).shape == (44100,)
