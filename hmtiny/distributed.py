@@ -56,8 +56,15 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+_stopping_together = False  # set when every rank raised at the same point (together, stop)
+
+
 def close():
+    """Leave the process group. After an error every rank raised at once, the ranks first wait for each other,
+    so the one that reports it has printed before a launcher ends the rest."""
     if dist.is_initialized():
+        if _stopping_together:
+            dist.all_reduce(torch.zeros(1))
         dist.destroy_process_group()
 
 
@@ -109,6 +116,8 @@ def broadcast_parameters(params: list[torch.nn.Parameter]):
 
 def stop(error: Exception):
     """Raise an error that every rank found alike (a NaN loss after the all-reduce): rank 0 reports it."""
+    global _stopping_together
+    _stopping_together = world() > 1
     raise error if is_main() else StoppedElsewhere(str(error))
 
 
@@ -132,6 +141,8 @@ def together(work: Callable[[], object], what: str, rank0_only: bool = False):
     failing = failed.nonzero().flatten().tolist()
     if not failing:
         return result
+    global _stopping_together
+    _stopping_together = True
     if failing[0] == rank():
         raise error
     raise StoppedElsewhere(f"rank {failing[0]} failed while {what}")
