@@ -114,6 +114,19 @@ def check_everything(argv: list[str]):
     return cfg, device, resume_from, tokenizer, dataset
 
 
+def next_share(sampler: BucketBatchSampler, dataset):
+    """(epoch, this rank's part of the next batch or None, its loss weight, the whole batch's audio frames).
+    The weight is the part's share of the batch's frames times the number of ranks: the loss is a mean over
+    frames, so with the gradients then averaged over ranks a step equals one process's on the whole batch
+    (one process: weight 1)."""
+    epoch, indices = sampler.next_batch()
+    mine = distributed.my_share(indices)
+    part = dataset.batch(mine, epoch) if mine else None
+    my_frames = int(part["audio_frame_mask"][:, 1:].sum()) if part is not None else 0
+    all_frames = int(distributed.all_reduce_sum(torch.tensor([my_frames])))
+    return epoch, part, my_frames * distributed.world() / all_frames, all_frames
+
+
 def train(argv: list[str]) -> Path:
     world = distributed.init()
     cfg, device, resume_from, tokenizer, dataset = distributed.together(lambda: check_everything(argv),
@@ -211,35 +224,30 @@ def train(argv: list[str]) -> Path:
         t0 = time.time()
         losses, frames = torch.zeros(3, device=device), 0
         for _ in range(accum):
-            epoch, indices = sampler.next_batch()
-            mine = distributed.my_share(indices)
-            cpu_batch = dataset.batch(mine, epoch) if mine else None
-            # weight: this rank's share of the global batch's frames (x world, as the gradients are averaged), so
-            # the ranks together step exactly as one process on the whole batch would (its loss is a frame mean)
-            my_frames = int(cpu_batch["audio_frame_mask"][:, 1:].sum()) if cpu_batch else 0
-            all_frames = int(distributed.all_reduce_sum(torch.tensor([my_frames]))) if world > 1 else my_frames
-            frames += all_frames
-            if cpu_batch is None:
+            epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset)
+            frames += batch_frames
+            if cpu_batch is None:  # a short last batch of the epoch left this rank no clip
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
                                         batch["muq_idx"], decoder_fraction=cfg.decoder_fraction,
                                         muq_embed=batch.get("muq_embed"), **objective.inputs(model, batch, step))
-            weight = my_frames * world / all_frames
             scaler.scale(loss * weight / accum).backward()
             losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() * weight / accum
         distributed.average_gradients(params)
         loss_val, loss_c0, loss_rest = (distributed.all_reduce_sum(losses) / world).tolist()  # one host sync
         if not math.isfinite(loss_val):  # the same value on every rank: they all stop here, rank 0 says why
-            distributed.stop(TrainingError(f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good "
-                                f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; try a lower "
-                                f"learning_rate, mixed_precision bf16 instead of fp16, or check the data"))
+            distributed.stop(TrainingError(
+                f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good checkpoint is "
+                f"{last_ckpt or 'none (no checkpoint was written yet)'}; try a lower learning_rate, mixed_precision "
+                f"bf16 instead of fp16, or check the data"))
         scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
         if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            distributed.stop(TrainingError(f"gradient norm is {grad_norm} at step {step + 1}: stopping before the update. The "
-                                f"last good checkpoint is {last_ckpt or 'none'}; try a lower learning_rate"))
+            distributed.stop(TrainingError(
+                f"gradient norm is {grad_norm} at step {step + 1}: stopping before the update. The last good "
+                f"checkpoint is {last_ckpt or 'none'}; try a lower learning_rate"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
