@@ -213,6 +213,10 @@ def train(argv: list[str]) -> Path:
         f"{'' if cfg.dynamo_backend == 'no' else ', blocks compiled (' + cfg.dynamo_backend + ')'}, on {device}")
     if objective.describe():
         log(f"objective: {objective.describe()}")
+    if world > 1 and (cfg.lora_dropout > 0 or cfg.decoder_fraction < 1 or objective.describe()):
+        log("note: the ranks draw from the same seeded random streams (dropout, decoder_fraction, objective) and a "
+            "resume gives every rank rank 0's saved streams: with these on, a resumed run goes on like the "
+            "uninterrupted one in distribution, not draw for draw")
     if validate and cfg.validation_on_startup and step == 0:
         validation()
 
