@@ -56,7 +56,8 @@ LoRA fine-tuning of HeartMuLa from a SimpleTuner-style config.json.
 
 Every key, its default and its meaning: the TrainConfig fields in hmtiny/train_config.py; the README's
 "Training your own LoRA" and "When something goes wrong" sections explain the outputs and resuming.
-Rerunning the same command resumes from the latest checkpoint in output_dir."""
+Rerunning the same command resumes from the latest checkpoint in output_dir.
+Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU)."""
 
 
 def log(msg: str):

@@ -5,8 +5,9 @@ LoRA gradients are averaged by one flat all-reduce after backward rather than DD
 one buffer, a rank with no clip in the last, short batch of an epoch still joins the reduction (DDP would wait for
 its forward), and the model stays a plain module (checkpoints, validation and the engine see the same names).
 
-Rank 0 alone writes; `together` is the one synchronisation point: a step whose work fails on any rank (rank 0's
-checkpoint on a full disk, a bad config everywhere) makes every rank raise instead of waiting forever.
+Rank 0 alone writes. Work that may fail (the config and data checks on every rank; rank 0's checkpoint, metrics
+and validation while the others wait) runs through `together`: a failure on any rank makes every rank raise,
+none waits forever, and one rank reports it.
 """
 from __future__ import annotations
 
