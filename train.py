@@ -8,6 +8,11 @@
 Writes output_dir/pytorch_lora_weights.safetensors, checkpoint-STEP/ folders, metrics.jsonl, loss.svg and
 validation/step-STEP-N.wav. Rerunning the same command resumes from the latest checkpoint
 (resume_from_checkpoint defaults to "latest", as in SimpleTuner).
+
+    torchrun --nproc_per_node 4 train.py my.json        # one process per GPU, train_batch_size clips each
+
+Several processes (hmtiny/distributed.py) split every batch of train_batch_size x processes clips between them,
+average the LoRA gradients, and leave every file to rank 0.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 
+from hmtiny import distributed
 from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
 from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
 from hmtiny.model import HeartMuLa
@@ -50,11 +56,13 @@ LoRA fine-tuning of HeartMuLa from a SimpleTuner-style config.json.
 
 Every key, its default and its meaning: the TrainConfig fields in hmtiny/train_config.py; the README's
 "Training your own LoRA" and "When something goes wrong" sections explain the outputs and resuming.
-Rerunning the same command resumes from the latest checkpoint in output_dir."""
+Rerunning the same command resumes from the latest checkpoint in output_dir.
+Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU)."""
 
 
 def log(msg: str):
-    print(msg, flush=True)
+    if distributed.is_main():  # one voice for the run: every rank computes the same messages
+        print(msg, flush=True)
 
 
 def fmt_time(seconds: float) -> str:
@@ -77,13 +85,18 @@ def check_lora_plan(cfg, model_cfg):
             raise ConfigError(f"init_lora: {e}") from None
 
 
-def train(argv: list[str]) -> Path:
+def check_everything(argv: list[str]):
+    """Everything that can fail cheaply, before the model is loaded (on every rank: each needs the data)."""
     config_path, overrides = parse_cli(argv)
     cfg = load_config(config_path, overrides)
     log(f"config: {cfg.config_path}" + (f" with overrides {sorted(overrides)}" if overrides else ""))
-
-    # ---- everything that can fail cheaply happens before the model is loaded
     device = pick_device(cfg)
+    if distributed.world() > 1:
+        if device.type not in ("cuda", "cpu"):
+            raise ConfigError(f"device {cfg.device!r}: several processes train on CUDA (NCCL) or CPU (gloo), "
+                              f"not {device.type}")
+        if device.type == "cuda":
+            device = torch.device("cuda", distributed.local_rank())
     check_int8_available(cfg)
     resume_from = check_output_dir(cfg)
     saved_seed = check_resume(resume_from, cfg)["config"].get("seed") if resume_from is not None else None
@@ -99,17 +112,41 @@ def train(argv: list[str]) -> Path:
     tokenizer = load_tokenizer(cfg)
     dataset = load_dataset(cfg.data_backend_config, tokenizer, model_cfg, seed=cfg.seed, log=log)
     log(f"data: {dataset.summary()}")
-    sampler = BucketBatchSampler(dataset.lengths, cfg.train_batch_size, seed=cfg.seed)
+    return cfg, device, resume_from, tokenizer, dataset
+
+
+def next_share(sampler: BucketBatchSampler, dataset):
+    """(epoch, this rank's part of the next batch or None, its loss weight, the whole batch's audio frames).
+    The weight is the part's share of the batch's frames times the number of ranks: the loss is a mean over
+    frames, so with the gradients then averaged over ranks a step equals one process's on the whole batch
+    (one process: weight 1)."""
+    epoch, indices = sampler.next_batch()
+    mine = distributed.my_share(indices)
+    part = dataset.batch(mine, epoch) if mine else None
+    my_frames = int(part["audio_frame_mask"][:, 1:].sum()) if part is not None else 0
+    all_frames = int(distributed.all_reduce_sum(torch.tensor([my_frames])))
+    return epoch, part, my_frames * distributed.world() / all_frames, all_frames
+
+
+def train(argv: list[str]) -> Path:
+    world = distributed.init()
+    cfg, device, resume_from, tokenizer, dataset = distributed.together(lambda: check_everything(argv),
+                                                                        "checking the config and data")
+    cfg.seed = distributed.rank0_value(cfg.seed)  # one data order and LoRA start, also when drawn at random
+    # one global batch of train_batch_size clips per rank; each rank trains on its share (distributed.my_share)
+    sampler = BucketBatchSampler(dataset.lengths, cfg.train_batch_size * world, seed=cfg.seed)
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(sampler) / accum)
     total = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     validate = cfg.validation_prompt is not None and not cfg.validation_disable
     memory = PeakMemory(device)
-    validator = Validator(cfg, tokenizer, device, log, memory) if validate else None
+    rank0 = distributed.is_main()  # rank 0 alone writes files; the others wait for it in distributed.together
+    validator = Validator(cfg, tokenizer, device, log, memory) if validate and rank0 else None
     out = Path(cfg.output_dir)
     metrics = Metrics(out)
-    remove_temporaries(out, log)
-    trackers = Trackers(cfg, log)  # report_to: TensorBoard / W&B beside metrics.jsonl
+    if rank0:
+        remove_temporaries(out, log)
+    trackers = Trackers(cfg, log) if rank0 else None  # report_to: TensorBoard / W&B beside metrics.jsonl
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.seed)
@@ -118,6 +155,7 @@ def train(argv: list[str]) -> Path:
     model = build_model(cfg, device, log)
     objective = Objective(cfg, device, cfg.seed)
     params = lora_parameters(model)
+    distributed.broadcast_parameters(params)
     optimizer = make_optimizer(cfg, params, device)
     amp = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
@@ -126,34 +164,61 @@ def train(argv: list[str]) -> Path:
         state = load_checkpoint(resume_from, model, optimizer, scaler, cfg, device, objective.generators)
         step, last_ckpt = int(state["step"]), resume_from
         sampler.load_state_dict(state["sampler"], log=log)
-        metrics.truncate_after(step)
+        if state.get("world_size", 1) != world:
+            log(f"note: {resume_from.name} was trained by {state.get('world_size', 1)} process(es), this run has "
+                f"{world}: the batch is now {cfg.train_batch_size} x {world} clips")
+        if rank0:
+            metrics.truncate_after(step)
         log(f"resumed from {resume_from} at step {step} (epoch {sampler.epoch}, batch {sampler.index})")
     elif cfg.init_lora:
         load_lora_into(model, cfg.init_lora)
         log(f"LoRA initialised from {cfg.init_lora}")
     model.train()
 
-    def checkpoint():
-        nonlocal last_ckpt
-        last_ckpt = save_checkpoint(out, step, model, optimizer, scaler, {"sampler": sampler.state_dict()},
-                                    cfg, device, objective.generators)
+    def checkpoint():  # every rank keeps the same data position and step: rank 0's files serve a resume on any
+        nonlocal last_ckpt  # number of processes
+        last_ckpt = out / f"checkpoint-{step}"
+        distributed.together(save, f"saving {last_ckpt}", rank0_only=True)
+
+    def save():
+        position = {"sampler": sampler.state_dict()} | ({"world_size": world} if world > 1 else {})
+        save_checkpoint(out, step, model, optimizer, scaler, position, cfg, device, objective.generators)
         prune_checkpoints(out, cfg.checkpoints_total_limit, log)
         metrics.write_curve()
         log(f"saved {last_ckpt}")
 
     def validation():
+        distributed.together(validate_on_rank0, f"validating at step {step}", rank0_only=True)
+
+    def validate_on_rank0():
         # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             clips = validator.run(model, step)
         trackers.audio(clips, step)
 
+    def finish(lora_path: Path):
+        save_lora(model, lora_path, cfg.lora_target_modules, {"step": step})
+        metrics.write_curve()
+        log(f"saved {lora_path}")
+
+    def report(record: dict):
+        metrics.append(record)
+        trackers.log(record)
+        log(f"step {step}/{total} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+            f"{record['frames_per_s']:,.0f} audio frames/s | ETA {fmt_time(eta)}")
+
     log(f"training {total} steps ({steps_per_epoch} per epoch) of {cfg.train_batch_size} clip(s) x {accum} "
-        f"accumulation, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
+        f"accumulation{f' x {world} processes' if world > 1 else ''} = {cfg.train_batch_size * accum * world} "
+        f"clip(s) per step, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
         f"{'' if cfg.dynamo_backend == 'no' else ', blocks compiled (' + cfg.dynamo_backend + ')'}, on {device}")
     if objective.describe():
         log(f"objective: {objective.describe()}")
-    if validator and cfg.validation_on_startup and step == 0:
+    if world > 1 and (cfg.lora_dropout > 0 or cfg.decoder_fraction < 1 or objective.describe()):
+        log("note: the ranks draw from the same seeded random streams (dropout, decoder_fraction, objective) and a "
+            "resume gives every rank rank 0's saved streams: with these on, a resumed run goes on like the "
+            "uninterrupted one in distribution, not draw for draw")
+    if validate and cfg.validation_on_startup and step == 0:
         validation()
 
     start_step, t_start, train_s = step, time.time(), 0.0  # train_s: step time only, for an ETA without validation
@@ -164,25 +229,30 @@ def train(argv: list[str]) -> Path:
         t0 = time.time()
         losses, frames = torch.zeros(3, device=device), 0
         for _ in range(accum):
-            epoch, indices = sampler.next_batch()
-            batch = {k: v.to(device, non_blocking=True) for k, v in dataset.batch(indices, epoch).items()}
+            epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset)
+            frames += batch_frames
+            if cpu_batch is None:  # a short last batch of the epoch left this rank no clip
+                continue
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
                                         batch["muq_idx"], decoder_fraction=cfg.decoder_fraction,
                                         muq_embed=batch.get("muq_embed"), **objective.inputs(model, batch, step))
-            scaler.scale(loss / accum).backward()
-            losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() / accum
-            frames += info["frames"]
-        loss_val, loss_c0, loss_rest = losses.tolist()  # the step's one host sync
-        if not math.isfinite(loss_val):
-            raise TrainingError(f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good "
-                                f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; try a lower "
-                                f"learning_rate, mixed_precision bf16 instead of fp16, or check the data")
+            scaler.scale(loss * weight / accum).backward()
+            losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() * weight / accum
+        distributed.average_gradients(params)
+        loss_val, loss_c0, loss_rest = (distributed.all_reduce_sum(losses) / world).tolist()  # one host sync
+        if not math.isfinite(loss_val):  # the same value on every rank: they all stop here, rank 0 says why
+            distributed.stop(TrainingError(
+                f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good checkpoint is "
+                f"{last_ckpt or 'none (no checkpoint was written yet)'}; try a lower learning_rate, mixed_precision "
+                f"bf16 instead of fp16, or check the data"))
         scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
         if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            raise TrainingError(f"gradient norm is {grad_norm} at step {step + 1}: stopping before the update. The "
-                                f"last good checkpoint is {last_ckpt or 'none'}; try a lower learning_rate")
+            distributed.stop(TrainingError(
+                f"gradient norm is {grad_norm} at step {step + 1}: stopping before the update. The last good "
+                f"checkpoint is {last_ckpt or 'none'}; try a lower learning_rate"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -195,13 +265,10 @@ def train(argv: list[str]) -> Path:
         record = {"step": step, "epoch": epoch, "loss": loss_val, "loss_c0": loss_c0, "loss_rest": loss_rest,
                   "lr": lr, "grad_norm": grad_norm, "frames": frames, "frames_per_s": frames / dt,
                   "step_s": dt, "elapsed_s": elapsed}
-        metrics.append(record)
-        trackers.log(record)
-        log(f"step {step}/{total} | epoch {epoch} | loss {loss_val:.4f} | lr {lr:.2e} | "
-            f"{frames / dt:,.0f} audio frames/s | ETA {fmt_time(eta)}")
+        distributed.together(lambda: report(record), f"writing step {step}'s metrics", rank0_only=True)
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             checkpoint()
-        if validator and cfg.validation_step_interval and step % cfg.validation_step_interval == 0 and step < total:
+        if validate and cfg.validation_step_interval and step % cfg.validation_step_interval == 0 and step < total:
             validation()
 
     # ---- the end: final checkpoint, the LoRA, a last validation
@@ -209,16 +276,17 @@ def train(argv: list[str]) -> Path:
         log(f"training already finished at step {step}")
     if cfg.checkpointing_steps and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
         checkpoint()
-    lora_path = save_lora(model, out / LORA_WEIGHTS_NAME, cfg.lora_target_modules, {"step": step})
-    metrics.write_curve()
-    log(f"saved {lora_path}")
-    if validator and not any((out / "validation").glob(f"step-{step}-*")):
+    lora_path = out / LORA_WEIGHTS_NAME
+    distributed.together(lambda: finish(lora_path), "saving the LoRA", rank0_only=True)
+    if validate and not any((out / "validation").glob(f"step-{step}-*")):  # read after rank 0 wrote (a barrier)
         validation()
     memory.close("training")
     if memory.summary():
         log(memory.summary())
-    trackers.close()
+    if trackers:
+        trackers.close()
     return lora_path
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(argv)
+    except distributed.StoppedElsewhere:  # another rank printed the error
+        return 1
     except (ConfigError, DatasetError, TrainingError, OSError) as e:  # OSError: a full disk, a vanished folder
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -235,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; rerun the same command to resume from the last checkpoint in output_dir",
               file=sys.stderr, flush=True)
         return 1
+    finally:
+        distributed.close()
     return 0
 
 
