@@ -54,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
     ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 1 (default 1.5; 1 = off)")
-    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy)")
+    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy, 0 = no top-k)")
     ap.add_argument("--temperature", type=float, help="sampling temperature > 0 (default 1.0)")
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     ap.add_argument("--num", type=int, default=1, help="songs to make in one batch (default 1)")
@@ -99,13 +99,11 @@ def text_or_file(value: str | None, flag: str) -> str:
     except OSError:  # e.g. a name too long to be a file: it is text
         is_file = False
     if is_file:
+        from hmtiny.data import read_utf8
         try:
-            return p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{flag} {value}: the file is not UTF-8 text (offset {e.start}); "
-                             f"save it as UTF-8") from None
-        except OSError as e:
-            raise UsageError(f"{flag} {value}: cannot read the file ({e.strerror or e})") from None
+            return read_utf8(p)
+        except ValueError as e:  # not UTF-8, or unreadable: the message names the file
+            raise UsageError(f"{flag}: {e}") from None
     if one_line and (p.suffix.lower() in TEXT_FILE_SUFFIXES or value.startswith(("/", "./", "../", "~/"))):
         raise UsageError(f"{flag} {value}: no such file (looks like a path; give the text itself or an existing file)")
     return value
