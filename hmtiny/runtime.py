@@ -1,6 +1,6 @@
 """What sample.py and training's validation share: device and dtype choice, the frame rate, sampling-argument rules,
-and finding, loading and running the codec. Errors are ValueErrors without the caller's option name; each script
-adds its own (--topk, validation_topk) when it reports them.
+and finding, loading and running the codec. Errors are ValueErrors; each script reports them in its own words
+(check_sampling takes the option names: --topk for sample.py, validation_topk for the config).
 """
 from __future__ import annotations
 

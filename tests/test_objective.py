@@ -207,8 +207,7 @@ def test_training_with_both_features_resumes_exactly(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_checkpoint", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([str(resumed)])
+    assert train.main([str(resumed)]) == 1  # Ctrl-C: an error message, exit 1
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     assert train.main([str(resumed)]) == 0
     a, b = (lora(tmp_path / f"{r}/out/pytorch_lora_weights.safetensors") for r in "ab")
