@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hmtiny import runtime  # noqa: E402
 from hmtiny.generate import Engine, default_mode  # noqa: E402
+from hmtiny.runtime import FRAME_RATE  # noqa: E402
 from hmtiny.tiny import ASSETS as TINY, is_builtin  # noqa: E402
 from kernels import gemv  # noqa: E402
 
-FRAME_RATE = 12.5
 DEFAULT_MODEL = "HeartMuLa/HeartMuLa-oss-3B"
 DOWNLOAD_HELP = """Download the official files (heartlib's ckpt/ layout) with:
   hf download HeartMuLa/HeartMuLa-oss-3B --local-dir ckpt/HeartMuLa-oss-3B
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
     ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 1 (default 1.5; 1 = off)")
-    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy)")
+    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy, 0 = no top-k)")
     ap.add_argument("--temperature", type=float, help="sampling temperature > 0 (default 1.0)")
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     ap.add_argument("--num", type=int, default=1, help="songs to make in one batch (default 1)")
@@ -155,14 +156,14 @@ def settings(a) -> dict:
                  duration=4.0, out="demo.wav", stop_on_eos=False)  # a random model: EOS means nothing
     if a.config:
         from hmtiny.train_config import ConfigError, load_config, resolve_input
-        from hmtiny.trainer import find_codec_folder, load_tokenizer
+        from hmtiny.runtime import find_codec_folder, load_tokenizer
         try:
             cfg = load_config(a.config)
             s["tokenizer_obj"] = None if a.tokenizer else load_tokenizer(cfg)
         except ConfigError as e:
             raise UsageError(f"--config {a.config}: {e}") from None
         s.update(model=str(resolve_input(cfg, "pretrained_model_name_or_path", must_exist=False)),
-                 codec=find_codec_folder(cfg), lyrics=cfg.validation_lyrics or "", cfg=max(1.0, cfg.validation_guidance),
+                 codec=find_codec_folder(cfg), lyrics=cfg.validation_lyrics or "", cfg=cfg.validation_cfg_scale,
                  duration=cfg.validation_audio_duration, topk=cfg.validation_topk,
                  temperature=cfg.validation_temperature, seed=cfg.validation_seed, int8=a.int8 or cfg.int8_base,
                  codec_dtype=a.codec_dtype or cfg.validation_codec_dtype)
@@ -187,18 +188,15 @@ def settings(a) -> dict:
 
     if not s["tags"] or not s["tags"].strip():
         raise UsageError("give --tags (e.g. --tags \"pop, piano, happy\"), or --config with a validation_prompt")
-    for flag, value in (("--duration", s["duration"]), ("--cfg", s["cfg"]), ("--temperature", s["temperature"]),
-                        ("--codec-guidance", a.codec_guidance)):
+    for flag, value in (("--duration", s["duration"]), ("--codec-guidance", a.codec_guidance)):
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
     if not s["duration"] > 0:
         raise UsageError(f"--duration must be > 0 seconds, got {s['duration']}")
-    if s["cfg"] < 1.0:
-        raise UsageError(f"--cfg must be >= 1 (1 turns guidance off), got {s['cfg']}")
-    if s["topk"] < 0:
-        raise UsageError(f"--topk must be >= 0 (0 = no top-k), got {s['topk']}")
-    if not s["temperature"] > 0:
-        raise UsageError(f"--temperature must be > 0, got {s['temperature']}")
+    try:
+        runtime.check_sampling(s["topk"], s["temperature"], s["cfg"], names=("--topk", "--temperature", "--cfg"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if a.num < 1:
         raise UsageError(f"--num must be >= 1, got {a.num}")
     if a.codec_steps < 1:
@@ -223,19 +221,6 @@ def check_writable(path: Path, flag: str):
     problem = writable_folder_problem(path.parent)
     if problem:
         raise UsageError(f"{flag} {path}: cannot write there ({problem})")
-
-
-def pick_device(a):
-    if a.device:
-        dev = torch.device(a.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def check_files(s, need_codec: bool):
@@ -341,9 +326,11 @@ def main(argv=None) -> int:
 
 def run(a) -> int:
     s = settings(a)
-    device = pick_device(a)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        a.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    try:
+        device = runtime.pick_device(a.device)
+    except ValueError as e:
+        raise UsageError(f"--device {a.device}: {e}") from None
+    dtype = runtime.DTYPES[a.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     seed = s["seed"] if s["seed"] is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     max_frames = max(1, round(s["duration"] * FRAME_RATE))
     # choose every output name now, so a long run never ends in a name clash
@@ -417,22 +404,17 @@ def run(a) -> int:
 
     if token_paths:
         import numpy as np
-        from hmtiny.trainer import save_npy
         for frames, p in zip(songs, token_paths):
             p.parent.mkdir(parents=True, exist_ok=True)
-            save_npy(p, frames.numpy().astype(np.int16))
+            runtime.save_npy(p, frames.numpy().astype(np.int16))
             print(f"tokens: {p}")
     if a.tokens_only:
         return 0
 
-    from hmtiny.codec import load_codec, write_audio
-    from hmtiny.codec.precision import default_codec_dtype
+    from hmtiny.codec import write_audio
     t0 = time.time()
     try:
-        # unless --codec-dtype (or --config's validation_codec_dtype): fp32 with --dtype fp32, else the device's
-        # default (tf32 on CUDA; hmtiny.codec.precision)
-        codec_dtype = s["codec_dtype"] or ("fp32" if dtype == torch.float32 else default_codec_dtype(device))
-        codec = load_codec(codec_where, device, codec_dtype)
+        codec = runtime.load_codec_for(codec_where, device, runtime.codec_dtype_name(device, s["codec_dtype"], dtype))
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
     except ValueError as e:  # keys or shapes that do not match its config.json
@@ -444,7 +426,7 @@ def run(a) -> int:
         if frames.shape[0] < max_frames:
             print(f"song {i + 1}: the model ended it after {frames.shape[0] / FRAME_RATE:.1f} s (EOS)")
         t1 = time.time()
-        wav = codec.decode(frames.T.contiguous(), steps=a.codec_steps, guidance=a.codec_guidance, seed=seed + i)
+        wav = runtime.decode_frames(codec, frames, a.codec_steps, a.codec_guidance, seed + i, device)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_audio(out, wav, codec.sample_rate)
         print(f"decoded song {i + 1} in {time.time() - t1:.1f} s -> {out} ({wav.shape[1] / codec.sample_rate:.1f} s, "

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hmtiny.codec.config import FRAME_RATE  # noqa: E402
 from hmtiny.config import ModelConfig  # noqa: E402
 from hmtiny.generate import Engine  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 from hmtiny.text import prompt_rows  # noqa: E402
 from kernels.topk_sample import sample_ref  # noqa: E402
-
-FRAME_RATE = 12.5
 
 
 def synthetic_prompt(cfg: ModelConfig, rows: int = 200, tag_rows: int = 24, seed: int = 0):

@@ -51,6 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .codec.config import FRAME_RATE
 from .config import ModelConfig
 from .text import PromptTokenizer
 
@@ -695,7 +696,7 @@ class AudioTokenDataset:
     def summary(self) -> str:
         frames = sum(self.frames(i) for i in range(len(self)))
         instrumental = sum(1 for s in self.samples if not s.lyrics.strip())
-        return (f"{len(self)} clips, {frames} audio frames ({frames / 12.5 / 60:.1f} min), "
+        return (f"{len(self)} clips, {frames} audio frames ({frames / FRAME_RATE / 60:.1f} min), "
                 f"{instrumental} instrumental, longest {max(self.lengths)} rows")
 
 

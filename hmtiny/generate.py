@@ -34,6 +34,7 @@ from kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
 from .model import HeartMuLa, KVCache, Transformer
+from .runtime import check_sampling
 
 Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int[, reference MuQ embedding [muq_dim]])
 
@@ -397,12 +398,7 @@ class Engine:
             raise ValueError("no prompt given")
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-        if cfg_scale < 1.0:
-            raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if topk < 0:
-            raise ValueError(f"topk must be >= 0 (0 = no top-k), got {topk}")
+        check_sampling(topk, temperature, cfg_scale)
         self.refresh()
         self.bias[self.eos] = 0.0 if stop_on_eos else -math.inf  # in place: a captured graph sees it
         self.cfg_on, self.cfg_scale = cfg_scale != 1.0, float(cfg_scale)

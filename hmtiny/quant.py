@@ -21,22 +21,6 @@ DEFAULT_TARGETS = tuple(f"{stack}.layers.*.{leaf}" for stack in ("backbone", "de
                         for leaf in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj",
                                      "mlp.w1", "mlp.w2", "mlp.w3"))
 
-# base_model_precision values (SimpleTuner names) that select this int8 path / keep the model as it is
-INT8_PRECISIONS = ("int8", "int8-quanto", "int8-torchao")
-DENSE_PRECISIONS = ("no_change", "bf16", "fp32", "none")
-
-
-def wants_int8(base_model_precision: str | None) -> bool:
-    """True for "int8", "int8-quanto", "int8-torchao"; False for "no_change"/"bf16"/None; error otherwise."""
-    name = (base_model_precision or "no_change").lower()
-    if name in INT8_PRECISIONS:
-        return True
-    if name in DENSE_PRECISIONS:
-        return False
-    raise ValueError(f"unsupported base_model_precision {base_model_precision!r}: "
-                     f"use one of {INT8_PRECISIONS + DENSE_PRECISIONS}")
-
-
 def quantize_weight(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8: w [N, K] -> (q int8 [N, K], scale fp32 [N] or [N, K // group_size]), w ~= q * scale."""
     n, k = w.shape

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .checkpoint import save_heartmula
+from .codec.config import FRAME_RATE
 from .config import GenConfig, ModelConfig, StackConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
@@ -51,7 +52,6 @@ SEED = 20260125
 NUM_TRACKS = 12
 CODEBOOK_SIZE = 64  # the tiny codec's codebook size
 NUM_CODEBOOKS = 8
-FRAME_RATE = 12.5
 SPECIALS = ["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>", "<tag>", "</tag>"]
 GEN = GenConfig(text_bos_id=1, text_eos_id=2, audio_eos_id=CODEBOOK_SIZE + 1, empty_id=0)
 

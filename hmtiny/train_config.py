@@ -97,7 +97,7 @@ class TrainConfig:
     validation_disable: bool = False
     validation_on_startup: bool = False
     validation_temperature: float = 1.0
-    validation_topk: int = 50
+    validation_topk: int = 50  # 0 = no top-k, 1 = greedy
     validation_codec_steps: int = 10
     validation_codec_guidance: float = 1.25
     validation_codec_dtype: str | None = None  # fp32 | tf32 | bf16; None: bf16 on CUDA, fp32 elsewhere
@@ -126,6 +126,11 @@ class TrainConfig:
     @property
     def alpha(self) -> float:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def validation_cfg_scale(self) -> float:
+        """validation_guidance as the sampler's scale: below 1 (SimpleTuner allows 0) means no guidance."""
+        return max(1.0, self.validation_guidance)
 
     @property
     def int8_base(self) -> bool:
@@ -486,11 +491,16 @@ def validate(cfg: TrainConfig):
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                 "validation_audio_duration": cfg.validation_audio_duration,
                 "num_validation_images": cfg.num_validation_images, "adam_epsilon": cfg.adam_epsilon,
-                "validation_topk": cfg.validation_topk, "validation_codec_steps": cfg.validation_codec_steps,
-                "validation_temperature": cfg.validation_temperature}
+                "validation_codec_steps": cfg.validation_codec_steps}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key} must be > 0, got {v}")
+    from .runtime import check_sampling
+    try:
+        check_sampling(cfg.validation_topk, cfg.validation_temperature,
+                       names=("validation_topk", "validation_temperature", "validation_guidance"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     non_negative = {"lr_warmup_steps": cfg.lr_warmup_steps, "max_train_steps": cfg.max_train_steps,
                     "num_train_epochs": cfg.num_train_epochs, "max_grad_norm": cfg.max_grad_norm,
                     "adam_weight_decay": cfg.adam_weight_decay, "checkpointing_steps": cfg.checkpointing_steps,

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import (atomic_write, check_weight_files, find_codec_beside, find_model_folder, fsync, load_heartmula,
+from .checkpoint import (atomic_write, check_weight_files, find_model_folder, fsync, load_heartmula,
                          open_safetensors, read_safetensors, resolve_folder, usual_mode, writable_folder_problem)
 from .config import ModelConfig
 from .lora import (LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_layers, mark_only_lora_trainable,
                    normalize_targets, read_lora, save_lora)
+from . import runtime
+from .runtime import FRAME_RATE, find_codec_folder, save_npy
 from .train_config import ConfigError, TrainConfig
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -54,19 +56,14 @@ def lr_factor(name: str, step: int, warmup: int, total: int) -> float:
 
 # ---------------------------------------------------------------- set-up
 def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device != "auto":
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    try:
+        return runtime.pick_device(None if cfg.device == "auto" else cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"device {cfg.device!r}: {e}") from None
 
 
 def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    return None if cfg.mixed_precision == "no" else runtime.DTYPES[cfg.mixed_precision]
 
 
 def base_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -106,19 +103,6 @@ def check_int8_available(cfg: TrainConfig):
     except ImportError as e:
         raise ConfigError(f"base_model_precision {cfg.base_model_precision!r} needs the int8 base (hmtiny.quant), "
                           f"which cannot be imported here ({e}); use 'no_change' or 'bf16'") from None
-
-
-def load_tokenizer(cfg: TrainConfig):
-    from .text import PromptTokenizer, find_text_assets
-    try:
-        if cfg.tokenizer_path and cfg.gen_config_path:
-            return PromptTokenizer.load(cfg.tokenizer_path, cfg.gen_config_path)
-        tok, gen = find_text_assets(cfg.tokenizer_path or cfg.pretrained_model_name_or_path)
-        return PromptTokenizer.load(tok, cfg.gen_config_path or gen)
-    except (FileNotFoundError, ValueError) as e:
-        key = "tokenizer_path" if cfg.tokenizer_path else "pretrained_model_name_or_path"
-        raise ConfigError(f"{key}: no usable tokenizer.json + gen_config.json ({e}); set tokenizer_path "
-                          f"(and gen_config_path) to HeartMuLaGen's files") from None
 
 
 def build_model(cfg: TrainConfig, device: torch.device, log=print):
@@ -492,16 +476,6 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------- validation
-def save_npy(path: Path, array: np.ndarray):
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
-        np.save(f, array)
-
-
-def find_codec_folder(cfg: TrainConfig) -> Path | str | None:
-    """codec_path, else the codec found beside the model (hmtiny.checkpoint.find_codec_beside)."""
-    return cfg.codec_path or find_codec_beside(cfg.pretrained_model_name_or_path)
-
-
 class Validator:
     """Generates validation clips with the LoRA-applied model and writes output_dir/validation/step-STEP-N.wav
     (or .npy tokens when no codec weights can be found: said once)."""
@@ -523,16 +497,9 @@ class Validator:
             reason = "no codec folder found (set codec_path)"
             if where is not None:
                 try:
-                    from .codec import load_codec
-                    from .codec.precision import default_codec_dtype
-                    # validation_codec_dtype, default bf16 on CUDA. On CUDA the codec stays in pinned host memory
-                    # and decodes stage by stage on the GPU (each stage's weights are copied over for the stage):
-                    # between validations it takes no GPU memory at all
-                    cuda = self.device.type == "cuda"
-                    name = self.cfg.validation_codec_dtype or default_codec_dtype(self.device, validation=True)
-                    self._codec = load_codec(where, "cpu" if cuda else self.device, name)
-                    if cuda:
-                        self._codec.pin_memory_()
+                    name = runtime.codec_dtype_name(self.device, self.cfg.validation_codec_dtype,
+                                                    beside_training=True)
+                    self._codec = runtime.load_codec_for(where, self.device, name, beside_training=True)
                 except Exception as e:  # missing package piece, offline hub, bad weights: tokens still get saved
                     reason = f"could not load HeartCodec from {where} ({type(e).__name__}: {e})"
             if self._codec is None:
@@ -563,7 +530,7 @@ class Validator:
         model.eval()  # no LoRA dropout
         engine = Engine(model, default_mode(self.device), copy_weights=False)
         try:
-            return engine.generate(prompts, max_frames, cfg_scale=max(1.0, cfg.validation_guidance),
+            return engine.generate(prompts, max_frames, cfg_scale=cfg.validation_cfg_scale,
                                    topk=cfg.validation_topk, temperature=cfg.validation_temperature,
                                    generator=torch.Generator(self.device).manual_seed(seed),
                                    stop_on_eos=self.stop_on_eos)
@@ -582,7 +549,7 @@ class Validator:
     def run(self, model, step: int) -> list[Path]:
         cfg = self.cfg
         t0 = time.time()
-        max_frames = max(1, round(cfg.validation_audio_duration * 12.5))
+        max_frames = max(1, round(cfg.validation_audio_duration * FRAME_RATE))
         room = model.cfg.backbone.max_seq_len - len(self.prompt[0]) - 1  # the engine needs one spare position
         if max_frames > room:
             if not self._said_short:
@@ -604,8 +571,8 @@ class Validator:
                 continue
             path = None
             if codec is not None:
-                wav = codec.decode(frames.T.contiguous(), steps=cfg.validation_codec_steps,
-                                   guidance=cfg.validation_codec_guidance, seed=seed + i, device=self.device)
+                wav = runtime.decode_frames(codec, frames, cfg.validation_codec_steps, cfg.validation_codec_guidance,
+                                            seed + i, self.device)
                 path = self.write_wav(stem, wav, getattr(codec, "sample_rate", 48000))
             if path is None:
                 path = stem.with_suffix(".npy")
@@ -616,5 +583,5 @@ class Validator:
         self.free_cuda_cache()
         self.memory.close("validation decoding")
         self.log(f"validation at step {step}: {len(written)} clip(s), "
-                 f"{sum(len(c) for c in clips) / 12.5:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
+                 f"{sum(len(c) for c in clips) / FRAME_RATE:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")
         return written

@@ -182,6 +182,8 @@ def test_bad_arguments(mula):
         generate(model, p, max_frames=0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, p, max_frames=4, temperature=0)
+    with pytest.raises(ValueError, match="topk must be an integer >= 0"):
+        generate(model, p, max_frames=4, topk=-1)
     with pytest.raises(ValueError, match="context"):
         generate(model, p, max_frames=model.cfg.backbone.max_seq_len)
     with pytest.raises(ValueError, match="no prompt"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hmtiny.quant import DEFAULT_TARGETS, Int8Linear, quantize_model, quantize_weight, wants_int8  # noqa: E402
+from hmtiny.quant import DEFAULT_TARGETS, Int8Linear, quantize_model, quantize_weight  # noqa: E402
 from kernels import int8_matmul as K  # noqa: E402
 
 FIXTURES = Path(os.environ.get("HMTINY_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "heartmula"
@@ -325,13 +325,6 @@ def test_int8_linear_group_size_and_autocast():
         y = per_channel(x)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, per_channel(x)) < 1e-2
-
-
-def test_wants_int8():
-    assert wants_int8("int8-quanto") and wants_int8("int8") and wants_int8("int8-torchao")
-    assert not wants_int8("no_change") and not wants_int8("bf16") and not wants_int8(None)
-    with pytest.raises(ValueError):
-        wants_int8("fp8-quanto")
 
 
 # ----------------------------------------------------------------------------- a quantised tiny HeartMuLa

@@ -126,12 +126,27 @@ def test_env_shorthand():
     ("max_grad_norm", -1, "max_grad_norm must be >= 0"),
     ("checkpoints_total_limit", 0, "checkpoints_total_limit"),
     ("validation_audio_duration", 0, "validation_audio_duration"),
+    ("validation_topk", -1, "validation_topk must be an integer >= 0"),
+    ("validation_temperature", 0, "validation_temperature must be > 0"),
     ("lora_target_modules", 5, "lora_target_modules must be a list"),
     ("lora_type", "lycoris", "lora_type"),
 ])
 def test_bad_values_name_the_key(cfg_dir, key, value, match):
     with pytest.raises(ConfigError, match=match):
         load(cfg_dir, **{key: value})
+
+
+def test_validation_topk_zero_means_no_topk_as_in_sample_py(cfg_dir):
+    assert load(cfg_dir, validation_topk=0)[0].validation_topk == 0
+
+
+def test_int8_precision_names(cfg_dir):
+    for name in ("int8-quanto", "int8", "int8-torchao"):
+        assert load(cfg_dir, base_model_precision=name)[0].int8_base
+    for name in ("no_change", "bf16"):
+        assert not load(cfg_dir, base_model_precision=name)[0].int8_base
+    with pytest.raises(ConfigError, match="base_model_precision"):
+        load(cfg_dir, base_model_precision="fp8-quanto")
 
 
 def test_epochs_zero_means_max_train_steps(cfg_dir):

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .. import device as device_rules
 from ..checkpoint import CODEC_SUBFOLDERS, find_model_folder, load_weights, resolve_folder, save_json, save_weights
-from .config import CODES_PER_SECOND, HeartCodecConfig
+from .config import FRAME_RATE, HeartCodecConfig
 from .estimator import Estimator
 from .flow import solve_euler
 from .graph import GraphedEstimator
@@ -79,10 +79,10 @@ def plan_windows(num_codes: int, window: int = DEFAULT_WINDOW_CODES, sample_rate
     if test % hop > 0:
         length = math.ceil((length - overlap) / hop) * hop + overlap
     starts = tuple(range(0, length - hop + 1, hop))
-    window_samples = int(window / CODES_PER_SECOND * sample_rate)
+    window_samples = int(window / FRAME_RATE * sample_rate)
     hop_samples = window_samples // 93 * 80
     return WindowPlan(num_codes, window, hop, overlap, length, starts, window_samples, hop_samples,
-                      window_samples - hop_samples, int(num_codes / CODES_PER_SECOND * sample_rate))
+                      window_samples - hop_samples, int(num_codes / FRAME_RATE * sample_rate))
 
 
 def draw_noise(plan: WindowPlan, channels: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:

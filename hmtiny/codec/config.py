@@ -13,7 +13,7 @@ REQUIRED = ("dim", "codebook_size", "codebook_dim", "num_quantizers", "attention
             "upsample_factors", "upsample_kernel_sizes", "latent_hidden_dim", "default_kernel_size",
             "delay_kernel_size", "init_channel", "res_kernel_size")
 
-CODES_PER_SECOND = 12.5  # one code frame per 80 ms; latents run at twice that
+FRAME_RATE = 12.5  # one code frame per 80 ms; latents run at twice that
 
 
 @dataclass

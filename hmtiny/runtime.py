@@ -1,0 +1,114 @@
+"""What sample.py and training's validation share: device and dtype choice, the frame rate, sampling-argument rules,
+and finding, loading and running the codec. Errors are ValueErrors; each script reports them in its own words
+(check_sampling takes the option names: --topk for sample.py, validation_topk for the config).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import find_codec_beside
+from .codec.config import FRAME_RATE  # noqa: F401  (audio frames per second, for both scripts)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(asked: str | None = None) -> torch.device:
+    """`asked` (cpu, cuda[:N], mps), else the best available: CUDA, then MPS, then the CPU."""
+    if asked:
+        try:
+            device = torch.device(asked)
+        except RuntimeError:
+            raise ValueError(f"{asked!r} is not a device: cpu, cuda[:N] or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def check_sampling(topk, temperature: float, cfg_scale: float = 1.0,
+                   names: tuple[str, str, str] = ("topk", "temperature", "cfg_scale")):
+    """The one rule for sampling arguments (ValueError otherwise): topk an integer >= 0 (0 = no top-k, 1 = greedy),
+    temperature finite and > 0, cfg_scale finite and >= 1 (1 = no guidance). `names` name them in the message."""
+    k, t, c = names
+    for name, value in ((t, temperature), (c, cfg_scale)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    try:
+        whole = operator.index(topk) >= 0
+    except TypeError:
+        whole = False
+    if not whole:
+        raise ValueError(f"{k} must be an integer >= 0 (0 = no top-k, 1 = greedy), got {topk!r}")
+    if not temperature > 0:
+        raise ValueError(f"{t} must be > 0, got {temperature}")
+    if cfg_scale < 1:
+        raise ValueError(f"{c} must be >= 1 (1 = no guidance), got {cfg_scale}")
+
+
+# ---------------------------------------------------------------- a training config's tokenizer and codec
+def load_tokenizer(cfg):
+    """The PromptTokenizer a TrainConfig names (tokenizer_path / gen_config_path, else found from the model)."""
+    from .text import PromptTokenizer, find_text_assets
+    from .train_config import ConfigError
+    try:
+        if cfg.tokenizer_path and cfg.gen_config_path:
+            return PromptTokenizer.load(cfg.tokenizer_path, cfg.gen_config_path)
+        tok, gen = find_text_assets(cfg.tokenizer_path or cfg.pretrained_model_name_or_path)
+        return PromptTokenizer.load(tok, cfg.gen_config_path or gen)
+    except (FileNotFoundError, ValueError) as e:
+        key = "tokenizer_path" if cfg.tokenizer_path else "pretrained_model_name_or_path"
+        raise ConfigError(f"{key}: no usable tokenizer.json + gen_config.json ({e}); set tokenizer_path "
+                          f"(and gen_config_path) to HeartMuLaGen's files") from None
+
+
+def find_codec_folder(cfg) -> Path | str | None:
+    """A TrainConfig's codec_path, else the codec found beside its model (hmtiny.checkpoint.find_codec_beside)."""
+    return cfg.codec_path or find_codec_beside(cfg.pretrained_model_name_or_path)
+
+
+# ---------------------------------------------------------------- the codec
+def codec_dtype_name(device: torch.device, asked: str | None = None, model_dtype: torch.dtype | None = None,
+                     beside_training: bool = False) -> str:
+    """`asked` wins; else fp32 beside an fp32 model (its user wants exact numbers); else the device's default
+    (hmtiny.codec.precision: tf32 on CUDA for sample.py, bf16 on CUDA beside training, fp32 elsewhere)."""
+    from .codec.precision import default_codec_dtype
+    if asked:
+        return asked
+    if model_dtype == torch.float32:
+        return "fp32"
+    return default_codec_dtype(device, validation=beside_training)
+
+
+def load_codec_for(where, device: torch.device, dtype_name: str, beside_training: bool = False):
+    """HeartCodec for decoding on `device`. Beside training on CUDA it stays in pinned host memory and decodes stage
+    by stage on the GPU (each stage's weights are copied over for the stage): between validations it takes no GPU
+    memory at all. Elsewhere it lives on `device`."""
+    from .codec import load_codec
+    on_host = beside_training and device.type == "cuda"
+    codec = load_codec(where, "cpu" if on_host else device, dtype_name)
+    if on_host:
+        codec.pin_memory_()
+    return codec
+
+
+def decode_frames(codec, frames: torch.Tensor, steps: int, guidance: float, seed: int,
+                  device: torch.device) -> torch.Tensor:
+    """Generated frames [T, 8] -> float32 CPU waveform [2, samples], computed on `device` (a codec kept on the
+    host copies each stage's weights there)."""
+    staged = codec.device.type != device.type
+    return codec.decode(frames.T.contiguous(), steps=steps, guidance=guidance, seed=seed,
+                        device=device if staged else None)
+
+
+def save_npy(path: Path, array: np.ndarray):
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
+        np.save(f, array)
