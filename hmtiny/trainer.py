@@ -462,7 +462,8 @@ class PeakMemory:
         """Count the peak since the previous close towards `phase`, and measure afresh from here."""
         if self.device is None:
             return
-        now = (torch.cuda.max_memory_allocated(self.device) / 2**30, torch.cuda.max_memory_reserved(self.device) / 2**30)
+        now = (torch.cuda.max_memory_allocated(self.device) / 2**30,
+               torch.cuda.max_memory_reserved(self.device) / 2**30)
         before = self.peaks.get(phase, (0.0, 0.0))
         self.peaks[phase] = (max(before[0], now[0]), max(before[1], now[1]))
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -520,8 +521,8 @@ class Validator:
     @torch.no_grad()
     def generate(self, model, max_frames: int, seed: int) -> list[torch.Tensor]:
         """The validation clips' frames. The engine lives for this call only: its KV cache and captured graphs are
-        freed before training goes on (recapturing costs well under a second; keeping them would hold memory
-        through every training step, and they must never outlive the memory they read)."""
+        freed before training goes on (keeping them would hold memory through every training step; a whole 30 s
+        validation, capture included, measured 5.5-6.3 s on an H100, bench/NOTES.md)."""
         from .generate import Engine, default_mode
         cfg = self.cfg
         prompts = [tuple(x.to(self.device) if torch.is_tensor(x) else x for x in self.prompt)] \
@@ -578,9 +579,7 @@ class Validator:
                 path = stem.with_suffix(".npy")
                 atomic_write(path, lambda p, f=frames: save_npy(p, f.cpu().numpy()))
             written.append(path)
-        if codec is not None:
-            codec.release_graph()
-        self.free_cuda_cache()
+        self.free_cuda_cache()  # a codec kept on the host freed its estimator graph itself (HeartCodec.detokenize)
         self.memory.close("validation decoding")
         self.log(f"validation at step {step}: {len(written)} clip(s), "
                  f"{sum(len(c) for c in clips) / FRAME_RATE:.1f}s of audio in {time.time() - t0:.1f}s -> {self.folder}")

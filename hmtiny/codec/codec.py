@@ -260,10 +260,10 @@ class HeartCodec(nn.Module):
                 latents.append(solve_euler(estimator, noise[i].to(device), incontext, n_incontext,
                                            cond[:, 2 * start: 2 * start + frames], steps, guidance))
             del estimator, cond
-            if staged:  # the graph reads the staged weights, which go with the stage
-                self.release_graph()
-        if staged and device.type == "cuda":
-            torch.cuda.empty_cache()  # the estimator's copy and graph pool, free for the ScalarModel's working memory
+        if staged:  # the graph read the stage's weight copies, now gone: free it, and on CUDA give the copies and the
+            self.release_graph()  # graph's pool back for the ScalarModel's working memory
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         with weights_on(self.scalar_model, device) if staged else contextlib.nullcontext():
             wav = crossfade_windows(self.latents_to_windows(torch.cat(latents), plan, decode_batch), plan)
         return (wav, latents) if return_latents else wav
