@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 # Expandable segments (unless you set PYTORCH_CUDA_ALLOC_CONF yourself): the CUDA allocator maps memory into one
@@ -32,8 +33,10 @@ import numpy as np
 import torch
 
 from hmtiny import distributed
+from hmtiny.captured_step import CapturedStep
 from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
-from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
+from hmtiny.lora import (LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora,
+                         set_dropout_seed)
 from hmtiny.model import HeartMuLa
 from hmtiny.trackers import Trackers
 from hmtiny.objective import Objective
@@ -59,6 +62,9 @@ Every key, its default and its meaning: the TrainConfig fields in hmtiny/train_c
 "Training your own LoRA" and "When something goes wrong" sections explain the outputs and resuming.
 Rerunning the same command resumes from the latest checkpoint in output_dir.
 Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU)."""
+
+
+CAPTURED_STEP_DEVICES = {"cuda"}  # elsewhere it would run uncaptured: the same maths, no gain (tests add "cpu")
 
 
 def log(msg: str):
@@ -116,6 +122,11 @@ def check_everything(argv: list[str]):
     return cfg, device, resume_from, tokenizer, dataset
 
 
+def dropout_seed(run_seed: int, step: int, micro: int, rank: int) -> int:
+    """The LoRA dropout seed of one micro-batch: a resumed run draws the masks an uninterrupted one would."""
+    return zlib.crc32(f"{run_seed}/{step}/{micro}/{rank}".encode())
+
+
 def next_share(sampler: BucketBatchSampler, dataset):
     """(epoch, this rank's part of the next batch or None, its loss weight, the whole batch's audio frames).
     The weight is the part's share of the batch's frames times the number of ranks: the loss is a mean over
@@ -160,6 +171,11 @@ def train(argv: list[str]) -> Path:
     optimizer = make_optimizer(cfg, params, device)
     amp = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    # CUDA: forward + backward replayed from captured graphs (the eager step is host-bound); fp16's loss scaling
+    # and torch.compile'd blocks keep the eager step
+    captured = (CapturedStep(model, params, amp, cfg.decoder_fraction, log=log)
+                if device.type in CAPTURED_STEP_DEVICES and cfg.cuda_graphs and not scaler.is_enabled()
+                and cfg.dynamo_backend == "no" else None)
     step, last_ckpt = 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scaler, cfg, device, objective.generators)
@@ -189,6 +205,8 @@ def train(argv: list[str]) -> Path:
         log(f"saved {last_ckpt}")
 
     def validation():
+        if captured is not None:
+            captured.release()  # its graphs' memory goes to generation and the codec; the next step captures again
         distributed.together(validate_on_rank0, f"validating at step {step}", rank0_only=True)
 
     def validate_on_rank0():
@@ -229,10 +247,17 @@ def train(argv: list[str]) -> Path:
             g["lr"] = lr
         t0 = time.time()
         losses, frames = torch.zeros(3, device=device), 0
-        for _ in range(accum):
+        for micro in range(accum):
             epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset)
             frames += batch_frames
             if cpu_batch is None:  # a short last batch of the epoch left this rank no clip
+                continue
+            set_dropout_seed(model, dropout_seed(cfg.seed, step, micro, distributed.rank()))
+            if captured is not None:
+                batch = ({k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+                         if objective.describe() else {})
+                three = captured(cpu_batch, weight / accum, objective.inputs(model, batch, step) if batch else {})
+                losses += three * (weight / accum)  # [loss, loss_c0, loss_rest]
                 continue
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -256,7 +281,7 @@ def train(argv: list[str]) -> Path:
                 f"checkpoint is {last_ckpt or 'none'}; try a lower learning_rate"))
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=captured is None)  # the captured step accumulates into these tensors
         step += 1
 
         dt = time.time() - t0
@@ -284,6 +309,9 @@ def train(argv: list[str]) -> Path:
     memory.close("training")
     if memory.summary():
         log(memory.summary())
+    if captured is not None and captured.captures:
+        log(f"captured the step {captured.captures} time(s) for {len(captured.shapes)} batch shape(s) in use, "
+            f"{captured.capture_s:.1f} s in all")
     if trackers:
         trackers.close()
     return lora_path

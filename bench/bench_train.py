@@ -3,11 +3,10 @@ bf16 (or int8) frozen base, float32 LoRA rank 16 on q/k/v/o + w1/w2/w3 of both s
 SimpleTuner default), bf16 autocast, fused AdamW, grad-norm clipping. Synthetic 30 s clips: 200 prompt rows +
 375 audio frames each.
 
-    python bench/bench_train.py                 # every variant; table last, JSON in $OUT/bench_train.json
-    python bench/bench_train.py --only eager    # skip the torch.compile and int8 variants
+    python bench/bench_train.py                          # captured (train.py's step), eager, int8; JSON in $OUT
+    python bench/bench_train.py --variants captured,profile
 
-Compare with ../shared/SPEC.md §8 (SimpleTuner + PEFT on an H100): 1 clip w/ checkpointing 361.5 ms, 1,037
-frames/s, 11.5 GiB; 4 clips w/o checkpointing 339.5 ms, 4,419 frames/s, 31.6 GiB; 4 clips w/ 527 ms, 2,846, 18.4.
+SimpleTuner + PEFT on the same batches, measured beside this on an H100: see bench/NOTES.md.
 """
 import argparse
 import gc
@@ -22,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.config import ModelConfig  # noqa: E402
-from hmtiny.lora import inject_lora, lora_parameters, mark_only_lora_trainable  # noqa: E402
+from hmtiny.captured_step import CapturedStep  # noqa: E402
+from hmtiny.lora import inject_lora, lora_parameters, mark_only_lora_trainable, set_dropout_seed  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 
 PROMPT, FRAMES = 200, 375
@@ -45,24 +45,48 @@ def synthetic_batch(cfg: ModelConfig, batch: int, seed: int = 0, device="cuda"):
     return [t.to(device) for t in (tokens, mask, frames, muq)]
 
 
-def train_flops(cfg: ModelConfig, batch: int, ckpt: bool) -> float:
-    """Matmul FLOPs of one step with a frozen base: forward + input-gradient backward (2x forward) + a second
-    forward of each block under checkpointing. LoRA and attention scores are small and left out."""
-    def stack(st, rows):
-        per_layer = st.embed_dim * (2 * st.num_heads * st.head_dim + 2 * st.num_kv_heads * st.head_dim
-                                    + 3 * st.intermediate_dim)
-        return 2 * rows * st.num_layers * per_layer
-    n = batch * FRAMES
-    fwd_blocks = stack(cfg.backbone, batch * (PROMPT + FRAMES)) + stack(cfg.decoder, n * 8)
-    heads = 2 * n * cfg.dim * cfg.audio_vocab_size * 8 + 2 * n * 8 * cfg.dim * cfg.decoder.embed_dim
-    return 3 * (fwd_blocks + heads) + (fwd_blocks if ckpt else 0)
+def train_flops(cfg: ModelConfig, batch: int, ckpt: bool, rank: int = 16) -> float:
+    """FLOPs of one step with a frozen base. The frozen matmuls' backward computes input gradients only: one
+    matmul per forward matmul, so they cost 2x the forward (3x under checkpointing, which runs each block's
+    forward again). The LoRA matmuls also compute weight gradients (3x, 4x). Attention scores (causal: half of
+    S x S) cost 2 matmuls forward, 5 in FlashAttention's backward."""
+    def linear(st):  # matmul width of one block: sum of in x out over q, k, v, o, w1, w2, w3
+        return st.embed_dim * (2 * st.num_heads * st.head_dim + 2 * st.num_kv_heads * st.head_dim
+                               + 3 * st.intermediate_dim)
+
+    def lora(st):  # sum of r x (in + out) over the same layers
+        return rank * (st.embed_dim * 7 + 2 * st.num_heads * st.head_dim + 2 * st.num_kv_heads * st.head_dim
+                       + 3 * st.intermediate_dim)
+
+    def attention(st, seqs, length):  # causal QK^T and PV, forward
+        return 2 * seqs * length * length * st.num_heads * st.head_dim * st.num_layers
+
+    n, S = batch * FRAMES, PROMPT + FRAMES
+    bb, dec = cfg.backbone, cfg.decoder
+    blocks = 2 * (batch * S * bb.num_layers * linear(bb) + n * 8 * dec.num_layers * linear(dec))
+    adapters = 2 * (batch * S * bb.num_layers * lora(bb) + n * 8 * dec.num_layers * lora(dec))
+    attn = attention(bb, batch, S) + attention(dec, n, 8)
+    heads = 2 * n * cfg.dim * cfg.audio_vocab_size + 2 * n * 7 * dec.embed_dim * cfg.audio_vocab_size \
+        + 2 * n * 8 * cfg.dim * dec.embed_dim
+    again = 1 if ckpt else 0  # checkpointing: every block's forward twice
+    return (2 + again) * blocks + (3 + again) * adapters + (1 + 2.5 + again) * attn + 2 * heads
 
 
-def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False):
+def peak_tflops() -> float:
+    """Dense bf16 tensor-core peak of the card (H100/H200 SXM: 989 TFLOP/s), for MFU."""
+    name = torch.cuda.get_device_name()
+    return 989.0 if ("H100" in name or "H200" in name) else float("nan")
+
+
+def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, captured=False):
+    """Steps as train.py runs them: eager, or (captured) forward+backward replayed from CUDA graphs."""
     model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = ckpt
     params = lora_parameters(model)
+    for p in params:
+        p.grad = None
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=True)
-    data = [synthetic_batch(cfg, batch, seed=s) for s in range(3)]  # rotate inputs
+    data = [synthetic_batch(cfg, batch, seed=s, device="cpu" if captured else "cuda") for s in range(3)]
+    step_fn = CapturedStep(model, params, torch.bfloat16) if captured else None
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -72,12 +96,16 @@ def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False):
         tokens, mask, frames, muq = data[i % len(data)]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, info = model.loss(tokens, mask, frames, muq)
-        loss.backward()
+        set_dropout_seed(model, i)
+        if step_fn is not None:
+            loss = step_fn({"tokens": tokens, "tokens_mask": mask, "audio_frame_mask": frames, "muq_idx": muq})[0]
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, info = model.loss(tokens, mask, frames, muq)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=step_fn is None)
         losses.append(loss.item())  # one host sync per step, as train.py
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -85,12 +113,16 @@ def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False):
             warm_s = time.perf_counter() - t_first
     med = statistics.median(times[warmup:])
     spread = (min(times[warmup:]), max(times[warmup:]))
+    flops = train_flops(cfg, batch, ckpt) / med
     r = {"variant": name, "batch": batch, "ckpt": ckpt, "compiled": compiled, "ms_per_step": 1e3 * med,
          "ms_min_max": [1e3 * spread[0], 1e3 * spread[1]], "audio_frames_per_s": batch * FRAMES / med,
          "peak_GiB": torch.cuda.max_memory_allocated() / GiB,
          "reserved_GiB": torch.cuda.max_memory_reserved() / GiB, "warmup_s": warm_s,
-         "tflops": train_flops(cfg, batch, ckpt) / med / 1e12, "loss_first_last": [losses[0], losses[-1]],
+         "tflops": flops / 1e12, "mfu": flops / 1e12 / peak_tflops(), "loss_first_last": [losses[0], losses[-1]],
          "finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses))}
+    if step_fn is not None:
+        r["capture_s"] = step_fn.capture_s
+        step_fn.release()
     print(json.dumps(r), flush=True)
     del opt
     return r
@@ -138,50 +170,58 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--only", choices=["all", "eager"], default="all")
+    ap.add_argument("--variants", default="captured,eager,int8",
+                    help="comma list of captured (train.py's default step), eager, int8 (captured), int8-eager, "
+                         "profile (eager, 1 clip), compile (blocks torch.compile'd, eager step)")
     ap.add_argument("--budget_s", type=float, default=240, help="skip compiled variants past this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    variants = set(args.variants.split(","))
     t_start = time.time()
     cfg = ModelConfig.official_3b()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(info, flush=True)
     results = []
+    shapes = ((1, True), (4, False), (4, True), (1, False))
 
     model = build(cfg)
     info["weights_GiB"] = torch.cuda.memory_allocated() / GiB
     info["lora_params_M"] = sum(p.numel() for p in lora_parameters(model)) / 1e6
-    for name, batch, ckpt in (("bf16", 1, True), ("bf16", 4, False), ("bf16", 4, True), ("bf16", 1, False)):
-        results.append(run_variant(model, cfg, name, batch, ckpt, args.steps, args.warmup))
-    table, n_kernels = profile_top(model, cfg)
-    info["kernels_per_step_b1"] = n_kernels
-    print(table, flush=True)
-    Path(args.out, "profile_b1.txt").write_text(table)
-
+    for mode in ("captured", "eager"):
+        if mode in variants:
+            for batch, ckpt in shapes:
+                results.append(run_variant(model, cfg, f"bf16 {mode}", batch, ckpt, args.steps, args.warmup,
+                                           captured=mode == "captured"))
+    if "profile" in variants:
+        table, n_kernels = profile_top(model, cfg)
+        info["kernels_per_step_b1"] = n_kernels
+        print(table, flush=True)
+        Path(args.out, "profile_b1.txt").write_text(table)
     del model
-    if args.only == "all":
-        try:
-            model = build(cfg, int8=True)
-            info["int8_weights_GiB"] = torch.cuda.memory_allocated() / GiB
-            results.append(run_variant(model, cfg, "int8", 1, True, args.steps, args.warmup))
-            del model
-        except Exception as e:
-            print(f"int8 variant failed: {type(e).__name__}: {e}", flush=True)
 
-        # torch.compile of every block (LoRA layers inside): last, time-boxed, failures reported not fatal
+    if variants & {"int8", "int8-eager"}:
+        model = build(cfg, int8=True)
+        info["int8_weights_GiB"] = torch.cuda.memory_allocated() / GiB
+        for mode in ("int8", "int8-eager"):
+            if mode in variants:
+                results.append(run_variant(model, cfg, mode, 1, True, args.steps, args.warmup,
+                                           captured=mode == "int8"))
+        del model
+
+    if "compile" in variants:  # torch.compile of every block (LoRA layers inside): time-boxed, failures reported
         from torch import _dynamo
         _dynamo.config.cache_size_limit = 64
         model = build(cfg)
         for stack in (model.backbone, model.decoder):
             for layer in stack.layers:
                 layer.compile()
-        for batch, ckpt in ((1, True), (4, False), (4, True)):
+        for batch, ckpt in shapes[:3]:
             if time.time() - t_start > args.budget_s:
                 print(f"skipping compiled b{batch} ckpt={ckpt}: past the time budget", flush=True)
                 continue
             try:
                 results.append(run_variant(model, cfg, "bf16+compile", batch, ckpt, args.steps, args.warmup, True))
-            except Exception as e:  # report, keep the eager numbers
+            except Exception as e:  # report, keep the other numbers
                 print(f"compiled variant failed: {type(e).__name__}: {e}", flush=True)
                 break
         del model
@@ -190,11 +230,11 @@ def main():
     Path(args.out, "bench_train.json").write_text(json.dumps(info, indent=1))
     print(f"\n{info['device']}, torch {info['torch']}, weights {info['weights_GiB']:.2f} GiB, "
           f"LoRA {info['lora_params_M']:.1f}M params; {args.steps} steps after {args.warmup} warm-up, median")
-    print("| variant | clips | ckpt | ms/step | audio frames/s | peak GiB | TFLOP/s | first/last loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | clips | ckpt | ms/step | audio frames/s | peak GiB | TFLOP/s | MFU | first/last loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['variant']} | {r['batch']} | {'yes' if r['ckpt'] else 'no'} | {r['ms_per_step']:.1f} | "
-              f"{r['audio_frames_per_s']:,.0f} | {r['peak_GiB']:.2f} | {r['tflops']:.0f} | "
+              f"{r['audio_frames_per_s']:,.0f} | {r['peak_GiB']:.2f} | {r['tflops']:.0f} | {r['mfu']:.1%} | "
               f"{r['loss_first_last'][0]:.3f}/{r['loss_first_last'][1]:.3f} |")
     print(f"total {time.time() - t_start:.0f}s")
 

@@ -88,7 +88,11 @@ def average_gradients(params: list[torch.nn.Parameter]):
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p)  # views of the one buffer: no second copy
+        mean = flat[offset:offset + n].view_as(p)
+        if p.grad is None:
+            p.grad = mean  # a view of the one buffer: no second copy
+        else:
+            p.grad.copy_(mean)  # in place: a captured step (hmtiny/captured_step.py) accumulates into p.grad
         offset += n
 
 

@@ -1,7 +1,10 @@
 """LoRA: low-rank adapters on chosen linear layers, saved as PEFT-style safetensors.
 
 y = base(x) + (alpha / r) * B(A(dropout(x))), A [r, in] kaiming-uniform, B [out, r] zero (so a fresh adapter
-changes nothing). The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
+changes nothing). Dropout (training mode only) is seeded (kernels/dropout.py): its mask is a hash of a seed that
+the trainer sets once per micro-batch (`set_dropout_seed`), the layer's index and the element's position, so
+gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph draws a new
+one on every replay. The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
 hmtiny.quant.Int8Linear). A wrapped layer keeps its module path, so file keys are
 `<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
 
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.dropout import seeded_dropout
+
 from .checkpoint import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -33,6 +38,18 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"
 # SimpleTuner's HeartMuLa port uses Hugging Face Llama module names; these are the same layers.
 HF_NAMES = {"o_proj": "output_proj", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 FILE_PREFIXES = ("transformer.", "base_model.model.", "model.")
+
+
+class DropoutSeed:
+    """The seed every LoRA layer of one model reads: a one-element int32 tensor, changed in place."""
+
+    def __init__(self, device=None):
+        self.tensor = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self.tensor.device != device:
+            self.tensor = self.tensor.to(device)
+        return self.tensor
 
 
 class LoRALinear(nn.Module):
@@ -50,7 +67,9 @@ class LoRALinear(nn.Module):
         device = _module_device(base)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
+        self.salt = 0  # the layer's index: its masks differ from every other layer's under one seed
+        self.seed = DropoutSeed(device)  # inject_lora gives all layers of a model one shared seed
         self.reset_lora()
 
     def reset_lora(self):
@@ -64,7 +83,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         # without autocast, run the adapter in its own (float32) dtype; under autocast F.linear picks the dtype
-        h = self.dropout(x)
+        h = x
+        if self.training and self.dropout_p > 0:
+            h = seeded_dropout(x, self.seed.on(x.device), self.salt, self.dropout_p)
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.lora_A.weight.dtype)
         update = F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight)
@@ -73,7 +94,7 @@ class LoRALinear(nn.Module):
         return torch.add(y, update, alpha=self.scaling)  # one kernel for scale + add (launch-bound at batch 1)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}"
+        return f"rank={self.rank}, alpha={self.alpha:g}" + (f", dropout={self.dropout_p:g}" if self.dropout_p else "")
 
 
 def _module_device(m: nn.Module) -> torch.device:
@@ -146,9 +167,21 @@ def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout
         raise ValueError("the model already carries LoRA layers")
     alpha = float(rank if alpha is None else alpha)
     paths = target_paths(model, targets)
-    for p in paths:
-        _set_module(model, p, LoRALinear(model.get_submodule(p), rank, alpha, dropout, dtype))
+    seed = None
+    for i, p in enumerate(paths):
+        layer = LoRALinear(model.get_submodule(p), rank, alpha, dropout, dtype)
+        seed = seed or layer.seed
+        layer.salt, layer.seed = i, seed
+        _set_module(model, p, layer)
     return paths
+
+
+def set_dropout_seed(model: nn.Module, seed: int):
+    """The seed of the model's LoRA dropout masks, for the next forward (and its recomputation/backward). In
+    place, no host sync: a captured graph reads the new value on its next replay."""
+    seeds = {id(m.seed): m.seed for m in lora_layers(model).values()}
+    for s in seeds.values():
+        s.tensor.fill_(seed & 0x7FFFFFFF)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

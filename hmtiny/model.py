@@ -177,7 +177,9 @@ class Transformer(nn.Module):
             rope, mask = self.rope[pos], self.causal_mask[pos]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, pos, mask, use_reentrant=False)
+                # a block draws no random numbers (LoRA dropout is seeded, hmtiny/lora.py), so recomputing it
+                # needs no saved RNG state, and the step stays capturable in a CUDA graph
+                x = checkpoint(layer, x, rope, pos, mask, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = layer(x, rope, pos, mask)
         return self.norm(x)

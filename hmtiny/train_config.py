@@ -74,6 +74,7 @@ class TrainConfig:
     decoder_fraction: float = 1.0  # < 1: depth decoder on that share of frames (CSM compute amortisation, SPEC §4)
     dynamo_backend: str = "no"  # "inductor": torch.compile each transformer block (SimpleTuner's option name)
     dynamo_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    cuda_graphs: bool = True  # CUDA: replay the step's forward+backward as captured graphs (hmtiny/captured_step.py)
     # ---- LoRA
     lora_type: str = "standard"
     lora_rank: int = 16

@@ -285,7 +285,7 @@ def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
 # where and how fast it runs. Every other setting must equal the checkpoint's.
 CHANGEABLE_ON_RESUME = {"max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
                         "resume_from_checkpoint", "resume_anyway", "init_lora", "output_dir", "device",
-                        "dynamo_backend", "dynamo_mode", "gradient_checkpointing", "codec_path", "resolution",
+                        "dynamo_backend", "dynamo_mode", "cuda_graphs", "gradient_checkpointing", "codec_path", "resolution",
                         "num_validation_images"}
 PATH_KEYS = {"pretrained_model_name_or_path", "data_backend_config", "tokenizer_path", "gen_config_path"}
 

@@ -1,0 +1,207 @@
+"""The training step's forward and backward, captured as CUDA graphs (one per padded batch shape) and replayed.
+
+Why: with a frozen base and a LoRA, one clip's step is thousands of small kernels (the adapters' matmuls, dtype
+casts, norms), and an eager step spends longer issuing them from Python than the GPU spends running them. A
+replayed graph issues the whole forward and backward at once, so the step takes the GPU's time.
+
+A graph replays fixed shapes and cannot read device values on the host, so this computes what `model.loss`
+(the plain reference; tests hold this to it) computes, in a form with static shapes:
+- the rows of a batch are padded up to a multiple of `bucket` (pad rows are empty: a zero embedding after every
+  real row, which causal attention keeps out of the real rows);
+- the frames the loss reads (rows whose next row is audio) are chosen on the host from the CPU batch, as index
+  lists padded to a multiple of `bucket` with weight-0 entries; the loss divides by the real count.
+Different lengths map to few shapes (bucketed), each captured once, on its first batch, after one eager
+warm-up; graphs share one memory pool, so memory is that of the largest shape, not the sum. `release()` frees
+them all (validation does, to give the memory to generation); the next step captures again.
+
+Gradients accumulate into the parameters' existing `.grad` tensors, which must stay in place: the trainer zeroes
+them in place (`zero_grad(set_to_none=False)`). Gradient accumulation, clipping and the optimizer stay eager.
+Without CUDA (`capture=False`) the same code runs eagerly: that is how the CPU tests check it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .model import HeartMuLa
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class Rows:
+    """Which rows the loss reads, as the host computed them. *_b, *_t: batch and row index of each target row
+    (the frame predicted is row t + 1), *_w: 1 for a real entry, 0 for padding."""
+    c0_b: torch.Tensor
+    c0_t: torch.Tensor
+    c0_w: torch.Tensor
+    dec_b: torch.Tensor
+    dec_t: torch.Tensor
+    dec_w: torch.Tensor
+    frames: int  # real entries of c0 (every target frame)
+    decoded: int  # real entries of dec (decoder_fraction of them)
+
+
+def _padded(b: torch.Tensor, t: torch.Tensor, bucket: int):
+    n = b.numel()
+    pad = round_up(n, bucket) - n
+    w = torch.cat([torch.ones(n), torch.zeros(pad)])
+    zeros = torch.zeros(pad, dtype=torch.long)  # row 0 of sample 0: any valid row, weighted 0
+    return torch.cat([b, zeros]), torch.cat([t, zeros]), w
+
+
+def plan_rows(audio_frame_mask: torch.Tensor, decoder_fraction: float, bucket: int) -> Rows:
+    """The loss rows of a CPU batch, in model.loss's order; decoder_fraction < 1 draws the same subset as
+    model.loss does (torch.randperm on the global CPU generator)."""
+    b, t = audio_frame_mask[:, 1:].nonzero(as_tuple=True)
+    n = b.numel()
+    if n == 0:
+        raise ValueError("batch has no audio frame to predict")
+    db, dt = b, t
+    if decoder_fraction < 1.0:
+        m = max(1, int(round(n * decoder_fraction)))
+        keep = torch.randperm(n, device="cpu")[:m]
+        db, dt = b[keep], t[keep]
+    c0 = _padded(b, t, bucket)
+    dec = _padded(db, dt, bucket)
+    return Rows(*c0, *dec, frames=n, decoded=db.numel())
+
+
+def padded_loss(model: HeartMuLa, tokens, tokens_mask, input_tokens, muq_idx, uncond, muq_embed, rows: Rows):
+    """model.loss on a padded batch with host-chosen rows: (loss, loss_c0, loss_rest), no host sync."""
+    h = model.backbone(model.embed_rows(input_tokens, tokens_mask, muq_idx, uncond, muq_embed))
+    codes = tokens[rows.c0_b, rows.c0_t + 1, :-1]
+    ce0 = F.cross_entropy(model.codebook0_head(h[rows.c0_b, rows.c0_t]).float(), codes[:, 0], reduction="none")
+    loss_c0 = (ce0 * rows.c0_w).sum() / rows.frames
+    codes = tokens[rows.dec_b, rows.dec_t + 1, :-1]
+    dec = model.depth_logits(h[rows.dec_b, rows.dec_t], codes).float()  # [M, K-1, V]
+    ce = F.cross_entropy(dec.flatten(0, 1), codes[:, 1:].flatten(), reduction="none").view(codes.shape[0], -1)
+    loss_rest = (ce * rows.dec_w[:, None]).sum() / (rows.decoded * ce.shape[1])
+    return loss_c0 + loss_rest, loss_c0, loss_rest
+
+
+class _Shape:
+    """Static inputs, the captured graph and its output for one padded batch shape."""
+
+    def __init__(self, key, device, muq_dim: int):
+        B, S, n_c0, n_dec, has_ref = key
+        self.tokens = torch.zeros(B, S, 9, dtype=torch.long, device=device)
+        self.input_tokens = torch.zeros_like(self.tokens)
+        self.tokens_mask = torch.zeros(B, S, 9, dtype=torch.bool, device=device)
+        self.uncond = torch.zeros(B, dtype=torch.bool, device=device)
+        self.muq_embed = torch.zeros(B, muq_dim, device=device) if has_ref else None
+        # one int and one float buffer: one host-to-device copy each per step
+        self.ints = torch.zeros(B + 2 * n_c0 + 2 * n_dec, dtype=torch.long, device=device)
+        self.floats = torch.zeros(n_c0 + n_dec + 3, device=device)
+        i, f = self.ints, self.floats
+        self.muq_idx = i[:B]
+        c0_b, c0_t, dec_b, dec_t = i[B:].split([n_c0, n_c0, n_dec, n_dec])
+        c0_w, dec_w, self.counts = f.split([n_c0, n_dec, 3])
+        self.rows = Rows(c0_b, c0_t, c0_w, dec_b, dec_t, dec_w, self.counts[0], self.counts[1])
+        self.scale = self.counts[2]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+    def load(self, cpu: dict, rows: Rows, scale: float, extra: dict):
+        S = cpu["tokens"].shape[1]
+        pad = self.tokens.shape[1] - S
+        tokens = F.pad(cpu["tokens"], (0, 0, 0, pad))
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.tokens_mask.copy_(F.pad(cpu["tokens_mask"], (0, 0, 0, pad)), non_blocking=True)
+        if "input_tokens" in extra:  # scheduled sampling: the backbone reads the model's own frames
+            self.input_tokens.copy_(F.pad(extra["input_tokens"], (0, 0, 0, pad)))
+        else:
+            self.input_tokens.copy_(self.tokens)
+        if "uncond" in extra:
+            self.uncond.copy_(extra["uncond"])
+        else:
+            self.uncond.zero_()
+        if self.muq_embed is not None:
+            self.muq_embed.copy_(cpu["muq_embed"], non_blocking=True)
+        self.ints.copy_(torch.cat([cpu["muq_idx"], rows.c0_b, rows.c0_t, rows.dec_b, rows.dec_t]), non_blocking=True)
+        counts = torch.tensor([rows.frames, rows.decoded, scale], dtype=torch.float32)
+        self.floats.copy_(torch.cat([rows.c0_w, rows.dec_w, counts]), non_blocking=True)
+
+
+class CapturedStep:
+    """Forward + backward of one micro-batch: `step(cpu_batch, scale, extra)` adds scale x d(loss) to every
+    parameter's .grad and returns the device tensor [loss, loss_c0, loss_rest] (read it before the next call)."""
+
+    def __init__(self, model: HeartMuLa, params: list[torch.nn.Parameter], amp_dtype: torch.dtype | None,
+                 decoder_fraction: float = 1.0, bucket: int = 64, max_shapes: int = 8, capture: bool = True,
+                 log=print):
+        self.model, self.params, self.amp_dtype = model, params, amp_dtype
+        self.decoder_fraction, self.bucket, self.max_shapes = decoder_fraction, bucket, max_shapes
+        self.device = model.codebook0_head.weight.device
+        self.capture = capture and self.device.type == "cuda"
+        self.log = log
+        self.shapes: dict[tuple, _Shape] = {}
+        self.pool = None
+        self.captures, self.capture_s = 0, 0.0
+        for p in params:  # the graphs accumulate into these very tensors
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def _run(self, s: _Shape) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss, c0, rest = padded_loss(self.model, s.tokens, s.tokens_mask, s.input_tokens, s.muq_idx, s.uncond,
+                                         s.muq_embed, s.rows)
+        (loss * s.scale).backward()
+        return torch.stack([loss.detach(), c0.detach(), rest.detach()]).float()
+
+    def _capture(self, s: _Shape):
+        t0 = time.perf_counter()
+        saved = [p.grad.clone() for p in self.params]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation, autotuning, cuBLAS workspaces
+            self._run(s)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-up's activations: the graph's pool gets that memory instead
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        s.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s.graph, pool=self.pool):
+            s.out = self._run(s)
+        with torch.no_grad():
+            for p, g in zip(self.params, saved):  # undo the warm-up's gradient
+                p.grad.copy_(g)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+        B, S = s.tokens.shape[:2]
+        self.log(f"captured the training step for {B} x {S} rows in {time.perf_counter() - t0:.1f} s")
+
+    def __call__(self, cpu_batch: dict, scale: float = 1.0, extra: dict | None = None) -> torch.Tensor:
+        extra = extra or {}
+        rows = plan_rows(cpu_batch["audio_frame_mask"], self.decoder_fraction, self.bucket)
+        B, S = cpu_batch["audio_frame_mask"].shape
+        S_pad = max(S, min(round_up(S, self.bucket), self.model.cfg.backbone.max_seq_len))
+        key = (B, S_pad, rows.c0_b.numel(), rows.dec_b.numel(), "muq_embed" in cpu_batch)
+        s = self.shapes.get(key)
+        if s is None:
+            if len(self.shapes) >= self.max_shapes:  # least recently used goes; its memory returns to the pool
+                self.shapes.pop(next(iter(self.shapes)))
+            s = _Shape(key, self.device, self.model.cfg.muq_dim)
+        else:
+            self.shapes.pop(key)
+        self.shapes[key] = s  # most recently used last
+        s.load(cpu_batch, rows, scale, extra)
+        if not self.capture:
+            return self._run(s)
+        if s.graph is None:
+            self._capture(s)
+        s.graph.replay()
+        return s.out
+
+    def release(self):
+        """Free every graph and its memory (before validation); later calls capture again."""
+        self.shapes.clear()
+        self.pool = None
+        torch.cuda.empty_cache()

@@ -1,0 +1,174 @@
+"""The captured training step (hmtiny/captured_step.py) against the plain reference, model.loss: same loss and
+same gradients on padded batches of several lengths, with decoder_fraction, caption dropout, scheduled-sampling
+inputs, reference embeddings and LoRA dropout. On CPU the step runs uncaptured (the same code); the CUDA test
+replays real graphs."""
+import pytest
+import torch
+
+from hmtiny.captured_step import CapturedStep, padded_loss, plan_rows
+from hmtiny.checkpoint import load_heartmula
+from hmtiny.data import load_dataset
+from hmtiny.lora import inject_lora, mark_only_lora_trainable, set_dropout_seed
+from hmtiny.text import PromptTokenizer, find_text_assets
+from hmtiny.train_config import BUILTIN_CONFIG
+
+TINY = BUILTIN_CONFIG.parent
+
+
+def tiny_lora(dropout=0.0, device="cpu", checkpointing=False):
+    torch.manual_seed(0)
+    model = load_heartmula(TINY / "model", dtype=torch.float32).to(device)
+    inject_lora(model, rank=4, alpha=8, dropout=dropout)
+    params = mark_only_lora_trainable(model)
+    with torch.no_grad():
+        for p in params:  # a trained-looking adapter, so its gradients are not trivially zero
+            p.normal_(0, 0.05)
+    model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = checkpointing
+    return model.train(), params
+
+
+@pytest.fixture(scope="module")
+def data():
+    tok = PromptTokenizer.load(*find_text_assets(TINY))
+    model = load_heartmula(TINY / "model", dtype=torch.float32)
+    return load_dataset(TINY / "multidatabackend.json", tok, model.cfg, seed=0, log=lambda m: None)
+
+
+def reference(model, params, batch, scale=1.0, **kw):
+    for p in params:
+        p.grad = None
+    loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"], batch["muq_idx"],
+                            muq_embed=batch.get("muq_embed"), **kw)
+    (loss * scale).backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]), grads
+
+
+def test_plan_rows_pads_with_weight_zero():
+    frames = torch.zeros(2, 10, dtype=torch.bool)
+    frames[0, 3:8] = True
+    frames[1, 2:10] = True
+    rows = plan_rows(frames, 1.0, bucket=8)
+    # row t is a target when row t + 1 is a frame: rows 2..6 of sample 0, 1..8 of sample 1
+    assert rows.frames == 5 + 8 and rows.c0_b.numel() == 16 and rows.c0_w.sum() == 13
+    assert rows.c0_t[:5].tolist() == [2, 3, 4, 5, 6] and rows.c0_b[5:13].tolist() == [1] * 8
+    with pytest.raises(ValueError, match="no audio frame"):
+        plan_rows(torch.zeros(1, 5, dtype=torch.bool), 1.0, 8)
+
+
+@pytest.mark.parametrize("indices,decoder_fraction", [([0], 1.0), ([0, 3, 5], 1.0), ([1, 2], 0.5)])
+def test_step_equals_model_loss(data, indices, decoder_fraction):
+    model, params = tiny_lora()
+    batch = data.batch(indices)
+    torch.manual_seed(7)
+    want, want_grads = reference(model, params, batch, scale=0.5, decoder_fraction=decoder_fraction)
+    step = CapturedStep(model, params, None, decoder_fraction=decoder_fraction, bucket=16)
+    torch.manual_seed(7)  # decoder_fraction draws its subset from the global CPU generator, as model.loss
+    got = step(batch, scale=0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip([p.grad for p in params], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert S_padded(step) % 16 == 0
+
+
+def S_padded(step):
+    return next(iter(step.shapes.values())).tokens.shape[1]
+
+
+def test_step_accumulates_and_reuses_shapes(data):
+    model, params = tiny_lora()
+    step = CapturedStep(model, params, None, bucket=64)
+    a, b = data.batch([0]), data.batch([1])
+    step(a, scale=0.25)
+    step(b, scale=0.75)
+    got = [p.grad.clone() for p in params]
+    _, ga = reference(model, params, a, 0.25)
+    _, gb = reference(model, params, b, 0.75)
+    for g, x, y in zip(got, ga, gb):
+        torch.testing.assert_close(g, x + y, rtol=1e-4, atol=1e-7)
+    assert len(step.shapes) <= 2
+
+
+def test_objective_inputs_and_reference_embedding(data):
+    """uncond (caption dropout), input_tokens (scheduled sampling) and muq_embed reach the model as in model.loss."""
+    model, params = tiny_lora()
+    batch = dict(data.batch([0, 4]))
+    batch["muq_embed"] = torch.randn(2, model.cfg.muq_dim)
+    uncond = torch.tensor([True, False])
+    noisy = batch["tokens"].clone()
+    frames = batch["audio_frame_mask"]
+    noisy[..., :8][frames] = (noisy[..., :8][frames] + 1) % model.cfg.codebook_size
+    want, want_grads = reference(model, params, batch, uncond=uncond, input_tokens=noisy)
+    step = CapturedStep(model, params, None, bucket=32)
+    got = step(batch, extra={"uncond": uncond, "input_tokens": noisy})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip([p.grad for p in params], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_lora_dropout_and_checkpointing(data):
+    """Seeded LoRA dropout: one clip gives the same masks padded or not (the element positions of real rows do
+    not move), so the step equals model.loss under the same seed, with checkpointing recomputing the masks."""
+    model, params = tiny_lora(dropout=0.3, checkpointing=True)
+    batch = data.batch([2])
+    set_dropout_seed(model, 1234)
+    want, want_grads = reference(model, params, batch)
+    model_nock, _ = tiny_lora(dropout=0.3)
+    set_dropout_seed(model_nock, 1234)
+    other, _ = reference(model_nock, [p for p in model_nock.parameters() if p.requires_grad], batch)
+    torch.testing.assert_close(other, want, rtol=1e-5, atol=1e-6)  # checkpointing recomputes the same masks
+    step = CapturedStep(model, params, None, bucket=32)
+    got = step(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip([p.grad for p in params], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    set_dropout_seed(model, 1235)  # another seed, other masks
+    for p in params:
+        p.grad = None
+    moved, _ = reference(model, params, batch)
+    assert not torch.allclose(moved, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_captured_graphs_equal_eager_on_cuda(data):
+    """Real capture and replay, bf16 autocast, checkpointing and dropout: every replay equals the uncaptured step
+    on the same inputs (same kernels), across two shapes, shapes revisited, and a release."""
+    model, params = tiny_lora(dropout=0.1, device="cuda", checkpointing=True)
+    eager = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=False)
+    graphed = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=True, log=lambda m: None)
+    for i, idx in enumerate([[0], [1, 2], [0], [3], [1, 2]]):
+        batch = data.batch(idx)
+        set_dropout_seed(model, 100 + i)
+        for p in params:
+            p.grad.zero_()
+        want = eager(batch, scale=0.5).clone()
+        want_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad.zero_()
+        got = graphed(batch, scale=0.5).clone()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
+        if i == 2:
+            graphed.release()
+    assert graphed.captures == 4  # shapes [0] and [1,2] twice (released in between), [3] once... at most
+
+
+@pytest.mark.parametrize("accum,checkpointing", [(1, True), (2, False)])
+def test_train_py_with_the_captured_step_equals_the_eager_step(tmp_path, monkeypatch, accum, checkpointing):
+    """train.py's captured-step path (grads kept in place, zeroed in place, accumulation, seeded LoRA dropout)
+    trains the same LoRA as its eager path. On CPU the step runs uncaptured; the device run captures it."""
+    import train
+    from tests.test_train import lora, make_run
+    kw = dict(lora_dropout=0.1, gradient_checkpointing=checkpointing, gradient_accumulation_steps=accum,
+              decoder_fraction=0.5)
+    eager = train.train([str(make_run(tmp_path / "eager", **kw))])
+    monkeypatch.setattr(train, "CAPTURED_STEP_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    captured = train.train([str(make_run(tmp_path / "captured", **kw))])
+    a, b = lora(eager), lora(captured)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
