@@ -220,11 +220,34 @@ def train(argv: list[str]) -> Path:
         metrics.write_curve()
         log(f"saved {lora_path}")
 
-    def report(record: dict):
+    def report(record: dict, eta: float):
         metrics.append(record)
         trackers.log(record)
-        log(f"step {step}/{total} | epoch {epoch} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-            f"{record['frames_per_s']:,.0f} audio frames/s | ETA {fmt_time(eta)}")
+        log(f"step {record['step']}/{total} | epoch {record['epoch']} | loss {record['loss']:.4f} | "
+            f"lr {record['lr']:.2e} | {record['frames_per_s']:,.0f} audio frames/s | ETA {fmt_time(eta)}")
+
+    def check_finite(loss_val: float, grad_norm: float, at_step: int):
+        if not math.isfinite(loss_val):  # the same value on every rank: they all stop here, rank 0 says why
+            distributed.stop(TrainingError(
+                f"loss is {loss_val} at step {at_step}: stopping before the update. The last good checkpoint is "
+                f"{last_ckpt or 'none (no checkpoint was written yet)'}; try a lower learning_rate, mixed_precision "
+                f"bf16 instead of fp16, or check the data"))
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            distributed.stop(TrainingError(
+                f"gradient norm is {grad_norm} at step {at_step}: stopping before the update. The last good "
+                f"checkpoint is {last_ckpt or 'none'}; try a lower learning_rate"))
+
+    def settle(done: dict, now: float):
+        """Read a queued step's numbers (a host sync), stop if one is not finite, log and record it."""
+        nonlocal train_s
+        loss_val, loss_c0, loss_rest, grad_norm = done.pop("values").tolist()
+        check_finite(loss_val, grad_norm, done["step"])
+        dt = now - done.pop("t0")
+        train_s += dt
+        eta = train_s / (done["step"] - start_step) * (total - done["step"])
+        record = dict(done, loss=loss_val, loss_c0=loss_c0, loss_rest=loss_rest, grad_norm=grad_norm,
+                      frames_per_s=done["frames"] / dt, step_s=dt, elapsed_s=now - t_start)
+        distributed.together(lambda: report(record, eta), f"writing step {done['step']}'s metrics", rank0_only=True)
 
     log(f"training {total} steps ({steps_per_epoch} per epoch) of {cfg.train_batch_size} clip(s) x {accum} "
         f"accumulation{f' x {world} processes' if world > 1 else ''} = {cfg.train_batch_size * accum * world} "
@@ -240,6 +263,13 @@ def train(argv: list[str]) -> Path:
     if validate and cfg.validation_on_startup and step == 0:
         validation()
 
+    # With fused AdamW a step's loss and gradient norm are read one step late, once the next step is queued, so
+    # the GPU does not wait for Python between steps. A non-finite step still changes nothing: `bad` turns on
+    # (and stays on) on the device, and the optimizer skips its update while it is on (AdamW's `found_inf`, as
+    # GradScaler uses it); the host stops at the next read. Otherwise the numbers are read before the update.
+    read_late = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
+    bad = torch.zeros((), device=device)
+    queued = None  # the step whose numbers are not read yet
     start_step, t_start, train_s = step, time.time(), 0.0  # train_s: step time only, for an ETA without validation
     while step < total:
         lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler, step, cfg.lr_warmup_steps, total)
@@ -267,34 +297,35 @@ def train(argv: list[str]) -> Path:
             scaler.scale(loss * weight / accum).backward()
             losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() * weight / accum
         distributed.average_gradients(params)
-        loss_val, loss_c0, loss_rest = (distributed.all_reduce_sum(losses) / world).tolist()  # one host sync
-        if not math.isfinite(loss_val):  # the same value on every rank: they all stop here, rank 0 says why
-            distributed.stop(TrainingError(
-                f"loss is {loss_val} at step {step + 1}: stopping before the update. The last good checkpoint is "
-                f"{last_ckpt or 'none (no checkpoint was written yet)'}; try a lower learning_rate, mixed_precision "
-                f"bf16 instead of fp16, or check the data"))
+        losses = distributed.all_reduce_sum(losses) / world
+        if not read_late:
+            loss_val = losses[0].item()
+            check_finite(loss_val, 0.0, step + 1)
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            distributed.stop(TrainingError(
-                f"gradient norm is {grad_norm} at step {step + 1}: stopping before the update. The last good "
-                f"checkpoint is {last_ckpt or 'none'}; try a lower learning_rate"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        values = torch.cat([losses, grad_norm.reshape(1).float()])
+        if read_late:
+            bad.add_((~values.isfinite().all()).float()).clamp_(max=1)
+            optimizer.found_inf = bad
+        else:
+            check_finite(loss_val, float(grad_norm), step + 1)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=captured is None)  # the captured step accumulates into these tensors
         step += 1
 
-        dt = time.time() - t0
-        elapsed = time.time() - t_start
-        train_s += dt
-        eta = train_s / (step - start_step) * (total - step)
-        record = {"step": step, "epoch": epoch, "loss": loss_val, "loss_c0": loss_c0, "loss_rest": loss_rest,
-                  "lr": lr, "grad_norm": grad_norm, "frames": frames, "frames_per_s": frames / dt,
-                  "step_s": dt, "elapsed_s": elapsed}
-        distributed.together(lambda: report(record), f"writing step {step}'s metrics", rank0_only=True)
-        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+        if queued is not None:
+            settle(queued, t0)  # the previous step, long finished on the GPU: no wait
+        queued = {"step": step, "epoch": epoch, "lr": lr, "frames": frames, "t0": t0, "values": values}
+        save_now = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
+        validate_now = (validate and cfg.validation_step_interval and step % cfg.validation_step_interval == 0
+                        and step < total)
+        if not read_late or save_now or validate_now or step == total:
+            settle(queued, time.time())
+            queued = None
+        if save_now:
             checkpoint()
-        if validate and cfg.validation_step_interval and step % cfg.validation_step_interval == 0 and step < total:
+        if validate_now:
             validation()
 
     # ---- the end: final checkpoint, the LoRA, a last validation

@@ -304,3 +304,37 @@ def test_checkpoint_pruning_and_contents(tmp_path):
     state = json.loads((ck / "training_state.json").read_text())
     assert state["step"] == 5 and state["lora"]["rank"] == 4 and "epoch" in state["sampler"]
     assert lora(ck / "pytorch_lora_weights.safetensors").keys() == lora(out / "pytorch_lora_weights.safetensors").keys()
+
+
+def test_nan_read_one_step_late_still_skips_the_update(tmp_path, monkeypatch, capsys):
+    """With fused AdamW (CUDA's optimizer) train.py reads a step's loss one step late; a NaN at step 3 must still
+    leave the LoRA as it was after step 2: the optimizer skips its update on the device from the bad step on."""
+    from hmtiny import trainer
+    from hmtiny.lora import lora_state_dict
+    cfg = make_run(tmp_path, max_train_steps=6, checkpointing_steps=2, lora_dropout=0.1)
+    real_loss, real_opt, real_build = HeartMuLa.loss, trainer.make_optimizer, train.build_model
+    calls, models = {"n": 0}, []
+
+    def loss_going_nan(self, *args, **kwargs):
+        loss, info = real_loss(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] == 3 else loss), info
+
+    def fused(cfg, params, device):
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay, fused=True)
+        return opt
+
+    monkeypatch.setattr(HeartMuLa, "loss", loss_going_nan)
+    monkeypatch.setattr(train, "make_optimizer", fused)
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: models.append(real_build(*a, **k)) or models[-1])
+    assert train.main([str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 3" in err and "checkpoint-2" in err
+    out = tmp_path / "out"
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    after_2 = lora(next(out.glob("checkpoint-2/*lora*.safetensors")))
+    now = lora_state_dict(models[0])
+    assert after_2.keys() == now.keys()
+    for k in now:  # steps 3 and 4 (queued before the NaN was read) changed nothing
+        assert torch.equal(now[k].float(), after_2[k]), k
