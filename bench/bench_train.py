@@ -143,23 +143,33 @@ def build(cfg, int8=False, seed=0):
     return model
 
 
-def profile_top(model, cfg, batch=1, ckpt=False, rows=25):
-    """The kernels that take the time in one step (CUDA time, descending)."""
+def profile_top(model, cfg, batch=1, ckpt=False, rows=25, captured=False):
+    """The kernels that take the time in one step (CUDA time, descending); captured: inside the replayed graph."""
     from torch.profiler import ProfilerActivity, profile
     model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = ckpt
-    tokens, mask, frames, muq = synthetic_batch(cfg, batch)
-    for _ in range(2):
+    params = lora_parameters(model)
+    tokens, mask, frames, muq = synthetic_batch(cfg, batch, device="cpu" if captured else "cuda")
+    cpu_batch = {"tokens": tokens, "tokens_mask": mask, "audio_frame_mask": frames, "muq_idx": muq}
+    step_fn = CapturedStep(model, params, torch.bfloat16) if captured else None
+
+    def one():
+        if step_fn is not None:
+            step_fn(cpu_batch)
+            return
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = model.loss(tokens, mask, frames, muq)
         loss.backward()
-        model.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        one()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = model.loss(tokens, mask, frames, muq)
-        loss.backward()
+        one()
         torch.cuda.synchronize()
-    model.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+    if step_fn is not None:
+        step_fn.release()
     events = prof.key_averages()
     n_kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
     table = events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
@@ -172,7 +182,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="captured,eager,int8",
                     help="comma list of captured (train.py's default step), eager, int8 (captured), int8-eager, "
-                         "profile (eager, 1 clip), compile (blocks torch.compile'd, eager step)")
+                         "profile / profile-captured (1 clip, checkpointing), compile (blocks torch.compile'd, eager step)")
     ap.add_argument("--budget_s", type=float, default=240, help="skip compiled variants past this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -192,11 +202,12 @@ def main():
             for batch, ckpt in shapes:
                 results.append(run_variant(model, cfg, f"bf16 {mode}", batch, ckpt, args.steps, args.warmup,
                                            captured=mode == "captured"))
-    if "profile" in variants:
-        table, n_kernels = profile_top(model, cfg)
-        info["kernels_per_step_b1"] = n_kernels
-        print(table, flush=True)
-        Path(args.out, "profile_b1.txt").write_text(table)
+    for mode in ("profile", "profile-captured"):  # 1 clip with checkpointing: the quickstart's step
+        if mode in variants:
+            table, n_kernels = profile_top(model, cfg, ckpt=True, captured=mode == "profile-captured")
+            info[f"kernels_per_step_b1_{mode}"] = n_kernels
+            print(table, flush=True)
+            Path(args.out, f"{mode}_b1.txt").write_text(table)
     del model
 
     if variants & {"int8", "int8-eager"}:
