@@ -35,51 +35,49 @@ def round_up(n: int, multiple: int) -> int:
 
 @dataclass
 class Rows:
-    """Which rows the loss reads, as the host computed them. *_b, *_t: batch and row index of each target row
-    (the frame predicted is row t + 1), *_w: 1 for a real entry, 0 for padding."""
-    c0_b: torch.Tensor
-    c0_t: torch.Tensor
+    """Which rows the loss reads, as the host computed them: *_at is b * row_stride + t for the target row t of
+    sample b (the frame predicted is row t + 1), *_w is 1 for a real entry and 0 for padding. Flat indices make
+    the gathers index_select, whose backward (index_add) needs no host sync."""
+    c0_at: torch.Tensor
     c0_w: torch.Tensor
-    dec_b: torch.Tensor
-    dec_t: torch.Tensor
+    dec_at: torch.Tensor
     dec_w: torch.Tensor
     frames: int  # real entries of c0 (every target frame)
     decoded: int  # real entries of dec (decoder_fraction of them)
 
 
-def _padded(b: torch.Tensor, t: torch.Tensor, bucket: int):
-    n = b.numel()
+def _padded(at: torch.Tensor, bucket: int):
+    n = at.numel()
     pad = round_up(n, bucket) - n
-    w = torch.cat([torch.ones(n), torch.zeros(pad)])
-    zeros = torch.zeros(pad, dtype=torch.long)  # row 0 of sample 0: any valid row, weighted 0
-    return torch.cat([b, zeros]), torch.cat([t, zeros]), w
+    # padding reads row 0 of sample 0 (any valid row) with weight 0
+    return torch.cat([at, torch.zeros(pad, dtype=torch.long)]), torch.cat([torch.ones(n), torch.zeros(pad)])
 
 
-def plan_rows(audio_frame_mask: torch.Tensor, decoder_fraction: float, bucket: int) -> Rows:
+def plan_rows(audio_frame_mask: torch.Tensor, decoder_fraction: float, bucket: int, row_stride: int) -> Rows:
     """The loss rows of a CPU batch, in model.loss's order; decoder_fraction < 1 draws the same subset as
     model.loss does (torch.randperm on the global CPU generator)."""
     b, t = audio_frame_mask[:, 1:].nonzero(as_tuple=True)
     n = b.numel()
     if n == 0:
         raise ValueError("batch has no audio frame to predict")
-    db, dt = b, t
+    at = b * row_stride + t
+    dec = at
     if decoder_fraction < 1.0:
         m = max(1, int(round(n * decoder_fraction)))
-        keep = torch.randperm(n, device="cpu")[:m]
-        db, dt = b[keep], t[keep]
-    c0 = _padded(b, t, bucket)
-    dec = _padded(db, dt, bucket)
-    return Rows(*c0, *dec, frames=n, decoded=db.numel())
+        dec = at[torch.randperm(n, device="cpu")[:m]]
+    return Rows(*_padded(at, bucket), *_padded(dec, bucket), frames=n, decoded=dec.numel())
 
 
 def padded_loss(model: HeartMuLa, tokens, tokens_mask, input_tokens, muq_idx, uncond, muq_embed, rows: Rows):
     """model.loss on a padded batch with host-chosen rows: (loss, loss_c0, loss_rest), no host sync."""
-    h = model.backbone(model.embed_rows(input_tokens, tokens_mask, muq_idx, uncond, muq_embed))
-    codes = tokens[rows.c0_b, rows.c0_t + 1, :-1]
-    ce0 = F.cross_entropy(model.codebook0_head(h[rows.c0_b, rows.c0_t]).float(), codes[:, 0], reduction="none")
+    h = model.backbone(model.embed_rows(input_tokens, tokens_mask, muq_idx, uncond, muq_embed)).flatten(0, 1)
+    frames = tokens.flatten(0, 1)[:, :-1]  # [B*S, K]
+    codes = frames.index_select(0, rows.c0_at + 1)
+    ce0 = F.cross_entropy(model.codebook0_head(h.index_select(0, rows.c0_at)).float(), codes[:, 0],
+                          reduction="none")
     loss_c0 = (ce0 * rows.c0_w).sum() / rows.frames
-    codes = tokens[rows.dec_b, rows.dec_t + 1, :-1]
-    dec = model.depth_logits(h[rows.dec_b, rows.dec_t], codes).float()  # [M, K-1, V]
+    codes = frames.index_select(0, rows.dec_at + 1)
+    dec = model.depth_logits(h.index_select(0, rows.dec_at), codes).float()  # [M, K-1, V]
     ce = F.cross_entropy(dec.flatten(0, 1), codes[:, 1:].flatten(), reduction="none").view(codes.shape[0], -1)
     loss_rest = (ce * rows.dec_w[:, None]).sum() / (rows.decoded * ce.shape[1])
     return loss_c0 + loss_rest, loss_c0, loss_rest
@@ -96,13 +94,11 @@ class _Shape:
         self.uncond = torch.zeros(B, dtype=torch.bool, device=device)
         self.muq_embed = torch.zeros(B, muq_dim, device=device) if has_ref else None
         # one int and one float buffer: one host-to-device copy each per step
-        self.ints = torch.zeros(B + 2 * n_c0 + 2 * n_dec, dtype=torch.long, device=device)
+        self.ints = torch.zeros(B + n_c0 + n_dec, dtype=torch.long, device=device)
         self.floats = torch.zeros(n_c0 + n_dec + 3, device=device)
-        i, f = self.ints, self.floats
-        self.muq_idx = i[:B]
-        c0_b, c0_t, dec_b, dec_t = i[B:].split([n_c0, n_c0, n_dec, n_dec])
-        c0_w, dec_w, self.counts = f.split([n_c0, n_dec, 3])
-        self.rows = Rows(c0_b, c0_t, c0_w, dec_b, dec_t, dec_w, self.counts[0], self.counts[1])
+        self.muq_idx, c0_at, dec_at = self.ints.split([B, n_c0, n_dec])
+        c0_w, dec_w, self.counts = self.floats.split([n_c0, n_dec, 3])
+        self.rows = Rows(c0_at, c0_w, dec_at, dec_w, self.counts[0], self.counts[1])
         self.scale = self.counts[2]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -123,7 +119,7 @@ class _Shape:
             self.uncond.zero_()
         if self.muq_embed is not None:
             self.muq_embed.copy_(cpu["muq_embed"], non_blocking=True)
-        self.ints.copy_(torch.cat([cpu["muq_idx"], rows.c0_b, rows.c0_t, rows.dec_b, rows.dec_t]), non_blocking=True)
+        self.ints.copy_(torch.cat([cpu["muq_idx"], rows.c0_at, rows.dec_at]), non_blocking=True)
         counts = torch.tensor([rows.frames, rows.decoded, scale], dtype=torch.float32)
         self.floats.copy_(torch.cat([rows.c0_w, rows.dec_w, counts]), non_blocking=True)
 
@@ -180,10 +176,10 @@ class CapturedStep:
 
     def __call__(self, cpu_batch: dict, scale: float = 1.0, extra: dict | None = None) -> torch.Tensor:
         extra = extra or {}
-        rows = plan_rows(cpu_batch["audio_frame_mask"], self.decoder_fraction, self.bucket)
         B, S = cpu_batch["audio_frame_mask"].shape
         S_pad = max(S, min(round_up(S, self.bucket), self.model.cfg.backbone.max_seq_len))
-        key = (B, S_pad, rows.c0_b.numel(), rows.dec_b.numel(), "muq_embed" in cpu_batch)
+        rows = plan_rows(cpu_batch["audio_frame_mask"], self.decoder_fraction, self.bucket, S_pad)
+        key = (B, S_pad, rows.c0_at.numel(), rows.dec_at.numel(), "muq_embed" in cpu_batch)
         s = self.shapes.get(key)
         if s is None:
             if len(self.shapes) >= self.max_shapes:  # least recently used goes; its memory returns to the pool

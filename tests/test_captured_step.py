@@ -50,12 +50,13 @@ def test_plan_rows_pads_with_weight_zero():
     frames = torch.zeros(2, 10, dtype=torch.bool)
     frames[0, 3:8] = True
     frames[1, 2:10] = True
-    rows = plan_rows(frames, 1.0, bucket=8)
-    # row t is a target when row t + 1 is a frame: rows 2..6 of sample 0, 1..8 of sample 1
-    assert rows.frames == 5 + 8 and rows.c0_b.numel() == 16 and rows.c0_w.sum() == 13
-    assert rows.c0_t[:5].tolist() == [2, 3, 4, 5, 6] and rows.c0_b[5:13].tolist() == [1] * 8
+    rows = plan_rows(frames, 1.0, bucket=8, row_stride=16)
+    # row t is a target when row t + 1 is a frame: rows 2..6 of sample 0, 1..8 of sample 1 (flat: 16 + t)
+    assert rows.frames == 5 + 8 and rows.c0_at.numel() == 16 and rows.c0_w.sum() == 13
+    assert rows.c0_at[:13].tolist() == [2, 3, 4, 5, 6] + [16 + t for t in range(1, 9)]
+    assert rows.c0_w[13:].sum() == 0 and torch.equal(rows.dec_at, rows.c0_at)
     with pytest.raises(ValueError, match="no audio frame"):
-        plan_rows(torch.zeros(1, 5, dtype=torch.bool), 1.0, 8)
+        plan_rows(torch.zeros(1, 5, dtype=torch.bool), 1.0, 8, 5)
 
 
 @pytest.mark.parametrize("indices,decoder_fraction", [([0], 1.0), ([0, 3, 5], 1.0), ([1, 2], 0.5)])
