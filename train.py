@@ -31,7 +31,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 
-from hmtiny import distributed
+from hmtiny import distributed, full_finetune
 from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
 from hmtiny.lora import LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora
 from hmtiny.model import HeartMuLa
@@ -109,22 +109,26 @@ def check_everything(argv: list[str]):
         log(f"note: resuming from {resume_from}: init_lora is not used")
         cfg.init_lora = None
     model_cfg = read_model_config(cfg)
-    check_lora_plan(cfg, model_cfg)
+    if cfg.model_type == "full":
+        full_finetune.check(cfg, distributed.world())
+    else:
+        check_lora_plan(cfg, model_cfg)
     tokenizer = load_tokenizer(cfg)
     dataset = load_dataset(cfg.data_backend_config, tokenizer, model_cfg, seed=cfg.seed, log=log)
     log(f"data: {dataset.summary()}")
     return cfg, device, resume_from, tokenizer, dataset
 
 
-def next_share(sampler: BucketBatchSampler, dataset):
+def next_share(sampler: BucketBatchSampler, dataset, every_rank_computes: bool = False):
     """(epoch, this rank's part of the next batch or None, its loss weight, the whole batch's audio frames).
     The weight is the part's share of the batch's frames times the number of ranks: the loss is a mean over
     frames, so with the gradients then averaged over ranks a step equals one process's on the whole batch
-    (one process: weight 1)."""
+    (one process: weight 1). every_rank_computes (FSDP, whose forward and backward are collectives): a rank
+    left without a clip gets the batch's first one at weight 0."""
     epoch, indices = sampler.next_batch()
     mine = distributed.my_share(indices)
-    part = dataset.batch(mine, epoch) if mine else None
-    my_frames = int(part["audio_frame_mask"][:, 1:].sum()) if part is not None else 0
+    part = dataset.batch(mine or indices[:1], epoch) if mine or every_rank_computes else None
+    my_frames = int(part["audio_frame_mask"][:, 1:].sum()) if mine else 0
     all_frames = int(distributed.all_reduce_sum(torch.tensor([my_frames])))
     return epoch, part, my_frames * distributed.world() / all_frames, all_frames
 
@@ -153,10 +157,12 @@ def train(argv: list[str]) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    model = build_model(cfg, device, log)
+    full = cfg.model_type == "full"  # every weight trains (hmtiny/full_finetune.py; FSDP2 when world > 1)
+    model = full_finetune.build(cfg, device, log) if full else build_model(cfg, device, log)
     objective = Objective(cfg, device, cfg.seed)
-    params = lora_parameters(model)
-    distributed.broadcast_parameters(params)
+    params = list(model.parameters()) if full else lora_parameters(model)
+    if not full:  # a full fine-tune starts from the same pretrained weights on every rank
+        distributed.broadcast_parameters(params)
     optimizer = make_optimizer(cfg, params, device)
     amp = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
@@ -179,28 +185,35 @@ def train(argv: list[str]) -> Path:
     def checkpoint():  # every rank keeps the same data position and step: rank 0's files serve a resume on any
         nonlocal last_ckpt  # number of processes
         last_ckpt = out / f"checkpoint-{step}"
-        distributed.together(save, f"saving {last_ckpt}", rank0_only=True)
+        gathered = full_finetune.gather(model, optimizer) if full else None  # every rank: FSDP gathers to rank 0
+        distributed.together(lambda: save(gathered), f"saving {last_ckpt}", rank0_only=True)
 
-    def save():
+    def save(gathered):
         position = {"sampler": sampler.state_dict()} | ({"world_size": world} if world > 1 else {})
-        save_checkpoint(out, step, model, optimizer, scaler, position, cfg, device, objective.generators)
+        save_checkpoint(out, step, model, optimizer, scaler, position, cfg, device, objective.generators,
+                        gathered)
         prune_checkpoints(out, cfg.checkpoints_total_limit, log)
         metrics.write_curve()
         log(f"saved {last_ckpt}")
 
     def validation():
-        distributed.together(validate_on_rank0, f"validating at step {step}", rank0_only=True)
+        # a full fine-tune validates a copy in the validation dtype (gathered to rank 0 under FSDP)
+        generator = full_finetune.validation_model(model, cfg, device) if full else model
+        distributed.together(lambda: validate_on_rank0(generator), f"validating at step {step}", rank0_only=True)
 
-    def validate_on_rank0():
+    def validate_on_rank0(generator):
         # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            clips = validator.run(model, step)
+            clips = validator.run(generator, step)
         trackers.audio(clips, step)
 
-    def finish(lora_path: Path):
-        save_lora(model, lora_path, cfg.lora_target_modules, {"step": step})
+    def finish(result: Path, gathered):
+        if full:
+            full_finetune.save_model(gathered.weights, out, cfg, log)
+        else:
+            save_lora(model, result, cfg.lora_target_modules, {"step": step})
         metrics.write_curve()
-        log(f"saved {lora_path}")
+        log(f"saved {result}")
 
     def report(record: dict):
         metrics.append(record)
@@ -230,7 +243,7 @@ def train(argv: list[str]) -> Path:
         t0 = time.time()
         losses, frames = torch.zeros(3, device=device), 0
         for _ in range(accum):
-            epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset)
+            epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset, full and world > 1)
             frames += batch_frames
             if cpu_batch is None:  # a short last batch of the epoch left this rank no clip
                 continue
@@ -241,7 +254,8 @@ def train(argv: list[str]) -> Path:
                                         muq_embed=batch.get("muq_embed"), **objective.inputs(model, batch, step))
             scaler.scale(loss * weight / accum).backward()
             losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() * weight / accum
-        distributed.average_gradients(params)
+        if not full:  # FSDP averages a full fine-tune's gradients itself
+            distributed.average_gradients(params)
         loss_val, loss_c0, loss_rest = (distributed.all_reduce_sum(losses) / world).tolist()  # one host sync
         if not math.isfinite(loss_val):  # the same value on every rank: they all stop here, rank 0 says why
             distributed.stop(TrainingError(
@@ -277,8 +291,9 @@ def train(argv: list[str]) -> Path:
         log(f"training already finished at step {step}")
     if cfg.checkpointing_steps and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
         checkpoint()
-    lora_path = out / LORA_WEIGHTS_NAME
-    distributed.together(lambda: finish(lora_path), "saving the LoRA", rank0_only=True)
+    result = out / (full_finetune.MODEL_NAME if full else LORA_WEIGHTS_NAME)
+    gathered = full_finetune.gather(model) if full else None  # every rank: FSDP gathers to rank 0
+    distributed.together(lambda: finish(result, gathered), f"saving {result.name}", rank0_only=True)
     if validate and not any((out / "validation").glob(f"step-{step}-*")):  # read after rank 0 wrote (a barrier)
         validation()
     memory.close("training")
@@ -286,7 +301,7 @@ def train(argv: list[str]) -> Path:
         log(memory.summary())
     if trackers:
         trackers.close()
-    return lora_path
+    return result
 
 
 

@@ -193,7 +193,7 @@ def bad_token_file(folder: Path) -> Path:
     (["--lora_rank=0"], ["lora_rank must be > 0"]),
     (["--lr_scheduler=polynomial"], ["lr_scheduler 'polynomial'"]),
     (["--model_family=flux"], ["model_family"]),
-    (["--model_type=full"], ["model_type 'full'", "not supported yet"]),
+    (["--model_type=full"], ["model_type", "trained with 'lora'", "asks for 'full'"]),  # not a LoRA resume
     (["--data_backend_config=missing.json"], ["data_backend_config", "missing.json"]),
     (["--init_lora=nowhere.safetensors"], ["init_lora", "nowhere.safetensors"]),
     (["--lora_target_modules=q_projj"], ["q_projj"]),
