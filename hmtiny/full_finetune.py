@@ -139,7 +139,10 @@ def load_checkpoint_weights(folder: Path, state: dict, model, optimizer):
         osd = {"state": entries, "param_groups": [dict(g, betas=tuple(g["betas"])) for g in state["optimizer_groups"]]}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed.world() > 1)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, osd, options=options)
+    # not strict: a parameter that never had a gradient (muq_linear's weight without reference audio) has no
+    # moments yet, as in the uninterrupted run
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=distributed.world() > 1, strict=False))
 
 
 # ---------------------------------------------------------------- validation and the final model
