@@ -154,10 +154,8 @@ def validation_model(model, cfg: TrainConfig, device: torch.device) -> HeartMuLa
     dtype = base_dtype(cfg)
     if not sharded(model) and model.codebook0_head.weight.dtype == dtype:
         return model
-    weights = gather(model).weights if sharded(model) else dict(model.state_dict())
-    if not distributed.is_main():
-        return None
-    return plain_model(model.cfg, weights, dtype, device)
+    gathered = gather(model) if sharded(model) else Gathered(model.state_dict(), {}, [])
+    return plain_model(model.cfg, gathered.weights, dtype, device) if gathered is not None else None
 
 
 def plain_model(model_cfg, weights: dict[str, torch.Tensor], dtype: torch.dtype, device) -> HeartMuLa:

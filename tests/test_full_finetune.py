@@ -85,9 +85,11 @@ def fsdp_runs_on_gloo() -> str | None:
 
 
 # 9 clips in global batches of 4: each epoch's third batch holds one clip, so one rank computes a stand-in at
-# weight 0; gradient checkpointing recomputes the sharded blocks
+# weight 0; gradient checkpointing recomputes the sharded blocks; validation at step 2 generates with the weights
+# gathered to rank 0, and training goes on unchanged
 RUN = dict(FULL, tracks=tuple(f"{i:02d}" for i in range(1, 10)), max_train_steps=4, checkpointing_steps=2,
-           gradient_checkpointing=True)
+           gradient_checkpointing=True, validation_prompt="pop", validation_audio_duration=0.4,
+           validation_step_interval=2, validation_codec_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,7 @@ def fsdp_runs(tmp_path_factory):
 def test_fsdp_on_two_processes_trains_as_one_with_twice_the_batch(fsdp_runs):
     root, _, log = fsdp_runs
     assert "FSDP2 over 2 processes" in log and "2 clip(s) x 1 accumulation x 2 processes = 4 clip(s)" in log
+    assert sorted(p.name.split(".")[0] for p in (root / "two" / "validation").iterdir()) == ["step-2-0", "step-4-0"]
     one, two = weights(root / "one" / "model.safetensors"), weights(root / "two" / "model.safetensors")
     assert max_difference(one, two) < 1e-5
     assert [m["loss"] for m in metrics(root / "two")] == pytest.approx([m["loss"] for m in metrics(root / "one")],
