@@ -13,6 +13,11 @@ validation/step-STEP-N.wav. Rerunning the same command resumes from the latest c
 
 Several processes (hmtiny/distributed.py) split every batch of train_batch_size x processes clips between them,
 average the LoRA gradients, and leave every file to rank 0.
+
+    python train.py my.json --model_type=full            # every weight trains: output_dir/model.safetensors
+    torchrun --nproc_per_node 4 train.py my.json --model_type=full    # the same, sharded with FSDP2
+
+Full fine-tuning lives in hmtiny/full_finetune.py.
 """
 from __future__ import annotations
 
@@ -58,7 +63,8 @@ LoRA fine-tuning of HeartMuLa from a SimpleTuner-style config.json.
 Every key, its default and its meaning: the TrainConfig fields in hmtiny/train_config.py; the README's
 "Training your own LoRA" and "When something goes wrong" sections explain the outputs and resuming.
 Rerunning the same command resumes from the latest checkpoint in output_dir.
-Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU)."""
+Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU).
+Full fine-tuning: --model_type=full (one process, or FSDP2 under torchrun); writes output_dir/model.safetensors."""
 
 
 def log(msg: str):

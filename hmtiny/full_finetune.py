@@ -184,7 +184,7 @@ def save_model(weights: dict[str, torch.Tensor], out: Path, cfg: TrainConfig, lo
     codec = find_codec_folder(cfg)
     link = out / "HeartCodec-oss"
     if isinstance(codec, Path) or (codec is not None and Path(codec).is_dir()):
-        if not link.exists():
+        if not (link.exists() or link.is_symlink()):
             link.symlink_to(Path(codec).resolve(), target_is_directory=True)  # large and unchanged: not copied
     else:
         log(f"note: no local codec to link beside {out}; sample with --codec {codec or 'HeartMuLa/HeartCodec-oss'}")
