@@ -14,7 +14,8 @@ from safetensors import safe_open
 import sample
 import train
 from hmtiny.checkpoint import iter_tensors
-from hmtiny.full_finetune import memory_estimate
+from hmtiny.full_finetune import check, memory_estimate
+from hmtiny.train_config import ConfigError, load_config
 from test_distributed import max_difference, ok, torchrun
 from test_train import TINY, lora as weights, make_run, metrics
 
@@ -64,6 +65,15 @@ def test_output_dir_is_a_model_folder_for_sample_py(tmp_path, fixtures, capsys):
     log = capsys.readouterr()
     assert rc == 0, log.out + log.err
     assert song.is_file() and "10 frames" in log.out
+
+
+def test_what_fsdp_refuses_is_a_config_error(tmp_path):
+    for key, value, match in (("mixed_precision", "fp16", "use 'bf16'"),
+                              ("scheduled_sampling_max_step_offset", 1, "train on one process")):
+        cfg = load_config(make_run(tmp_path, **FULL, **{key: value}), warn=lambda _: None)
+        check(cfg, 1)  # one process runs both
+        with pytest.raises(ConfigError, match=f"{key}.*model_type 'full' over several processes.*{match}"):
+            check(cfg, 2)
 
 
 def test_memory_estimate_of_the_3b():
