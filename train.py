@@ -13,6 +13,11 @@ validation/step-STEP-N.wav. Rerunning the same command resumes from the latest c
 
 Several processes (hmtiny/distributed.py) split every batch of train_batch_size x processes clips between them,
 average the LoRA gradients, and leave every file to rank 0.
+
+    python train.py my.json --model_type=full            # every weight trains: output_dir/model.safetensors
+    torchrun --nproc_per_node 4 train.py my.json --model_type=full    # the same, sharded with FSDP2
+
+Full fine-tuning lives in hmtiny/full_finetune.py.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np
 import torch
 
-from hmtiny import distributed
+from hmtiny import distributed, full_finetune
 from hmtiny.captured_step import CapturedStep
 from hmtiny.data import BucketBatchSampler, DatasetError, load_dataset
 from hmtiny.lora import (LORA_WEIGHTS_NAME, inject_lora, load_lora_into, lora_parameters, read_lora, save_lora,
@@ -61,7 +66,8 @@ LoRA fine-tuning of HeartMuLa from a SimpleTuner-style config.json.
 Every key, its default and its meaning: the TrainConfig fields in hmtiny/train_config.py; the README's
 "Training your own LoRA" and "When something goes wrong" sections explain the outputs and resuming.
 Rerunning the same command resumes from the latest checkpoint in output_dir.
-Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU)."""
+Several GPUs: torchrun --nproc_per_node N train.py CONFIG.json (train_batch_size is per GPU).
+Full fine-tuning: --model_type=full (one process, or FSDP2 under torchrun); writes output_dir/model.safetensors."""
 
 
 CAPTURED_STEP_DEVICES = {"cuda"}  # elsewhere it would run uncaptured: the same maths, no gain (tests add "cpu")
@@ -115,7 +121,10 @@ def check_everything(argv: list[str]):
         log(f"note: resuming from {resume_from}: init_lora is not used")
         cfg.init_lora = None
     model_cfg = read_model_config(cfg)
-    check_lora_plan(cfg, model_cfg)
+    if cfg.model_type == "full":
+        full_finetune.check(cfg, distributed.world())
+    else:
+        check_lora_plan(cfg, model_cfg)
     tokenizer = load_tokenizer(cfg)
     dataset = load_dataset(cfg.data_backend_config, tokenizer, model_cfg, seed=cfg.seed, log=log)
     log(f"data: {dataset.summary()}")
@@ -127,15 +136,16 @@ def dropout_seed(run_seed: int, step: int, micro: int, rank: int) -> int:
     return zlib.crc32(f"{run_seed}/{step}/{micro}/{rank}".encode())
 
 
-def next_share(sampler: BucketBatchSampler, dataset):
+def next_share(sampler: BucketBatchSampler, dataset, every_rank_computes: bool = False):
     """(epoch, this rank's part of the next batch or None, its loss weight, the whole batch's audio frames).
     The weight is the part's share of the batch's frames times the number of ranks: the loss is a mean over
     frames, so with the gradients then averaged over ranks a step equals one process's on the whole batch
-    (one process: weight 1)."""
+    (one process: weight 1). every_rank_computes (FSDP, whose forward and backward are collectives): a rank
+    left without a clip gets the batch's first one at weight 0."""
     epoch, indices = sampler.next_batch()
     mine = distributed.my_share(indices)
-    part = dataset.batch(mine, epoch) if mine else None
-    my_frames = int(part["audio_frame_mask"][:, 1:].sum()) if part is not None else 0
+    part = dataset.batch(mine or indices[:1], epoch) if mine or every_rank_computes else None
+    my_frames = int(part["audio_frame_mask"][:, 1:].sum()) if mine else 0
     all_frames = int(distributed.all_reduce_sum(torch.tensor([my_frames])))
     return epoch, part, my_frames * distributed.world() / all_frames, all_frames
 
@@ -164,18 +174,20 @@ def train(argv: list[str]) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
-    model = build_model(cfg, device, log)
+    full = cfg.model_type == "full"  # every weight trains (hmtiny/full_finetune.py; FSDP2 when world > 1)
+    model = full_finetune.build(cfg, device, log) if full else build_model(cfg, device, log)
     objective = Objective(cfg, device, cfg.seed)
-    params = lora_parameters(model)
-    distributed.broadcast_parameters(params)
+    params = list(model.parameters()) if full else lora_parameters(model)
+    if not full:  # a full fine-tune starts from the same pretrained weights on every rank
+        distributed.broadcast_parameters(params)
     optimizer = make_optimizer(cfg, params, device)
     amp = autocast_dtype(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    # CUDA: forward + backward replayed from captured graphs (the eager step is host-bound); fp16's loss scaling
-    # and torch.compile'd blocks keep the eager step
+    # CUDA: forward + backward replayed from captured graphs (the eager step is host-bound); fp16's loss scaling,
+    # torch.compile'd blocks and full fine-tuning (FSDP's hooks and collectives) keep the eager step
     captured = (CapturedStep(model, params, amp, cfg.decoder_fraction, log=log)
                 if device.type in CAPTURED_STEP_DEVICES and cfg.cuda_graphs and not scaler.is_enabled()
-                and cfg.dynamo_backend == "no" else None)
+                and cfg.dynamo_backend == "no" and not full else None)
     step, last_ckpt = 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scaler, cfg, device, objective.generators)
@@ -195,11 +207,13 @@ def train(argv: list[str]) -> Path:
     def checkpoint():  # every rank keeps the same data position and step: rank 0's files serve a resume on any
         nonlocal last_ckpt  # number of processes
         last_ckpt = out / f"checkpoint-{step}"
-        distributed.together(save, f"saving {last_ckpt}", rank0_only=True)
+        gathered = full_finetune.gather(model, optimizer) if full else None  # every rank: FSDP gathers to rank 0
+        distributed.together(lambda: save(gathered), f"saving {last_ckpt}", rank0_only=True)
 
-    def save():
+    def save(gathered):
         position = {"sampler": sampler.state_dict()} | ({"world_size": world} if world > 1 else {})
-        save_checkpoint(out, step, model, optimizer, scaler, position, cfg, device, objective.generators)
+        save_checkpoint(out, step, model, optimizer, scaler, position, cfg, device, objective.generators,
+                        gathered)
         prune_checkpoints(out, cfg.checkpoints_total_limit, log)
         metrics.write_curve()
         log(f"saved {last_ckpt}")
@@ -207,18 +221,23 @@ def train(argv: list[str]) -> Path:
     def validation():
         if captured is not None:
             captured.release()  # its graphs' memory goes to generation and the codec; the next step captures again
-        distributed.together(validate_on_rank0, f"validating at step {step}", rank0_only=True)
+        # a full fine-tune validates a copy in the validation dtype (gathered to rank 0 under FSDP)
+        generator = full_finetune.validation_model(model, cfg, device) if full else model
+        distributed.together(lambda: validate_on_rank0(generator), f"validating at step {step}", rank0_only=True)
 
-    def validate_on_rank0():
+    def validate_on_rank0(generator):
         # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            clips = validator.run(model, step)
+            clips = validator.run(generator, step)
         trackers.audio(clips, step)
 
-    def finish(lora_path: Path):
-        save_lora(model, lora_path, cfg.lora_target_modules, {"step": step})
+    def finish(result: Path, gathered):
+        if full:
+            full_finetune.save_model(gathered.weights, out, cfg, log)
+        else:
+            save_lora(model, result, cfg.lora_target_modules, {"step": step})
         metrics.write_curve()
-        log(f"saved {lora_path}")
+        log(f"saved {result}")
 
     def report(record: dict, eta: float):
         metrics.append(record)
@@ -267,7 +286,7 @@ def train(argv: list[str]) -> Path:
     # the GPU does not wait for Python between steps. A non-finite step still changes nothing: `bad` turns on
     # (and stays on) on the device, and the optimizer skips its update while it is on (AdamW's `found_inf`, as
     # GradScaler uses it); the host stops at the next read. Otherwise the numbers are read before the update.
-    read_late = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled()
+    read_late = bool(optimizer.defaults.get("fused")) and not scaler.is_enabled() and not full
     bad = torch.zeros((), device=device)
     queued = None  # the step whose numbers are not read yet
     start_step, t_start, train_s = step, time.time(), 0.0  # train_s: step time only, for an ETA without validation
@@ -278,7 +297,7 @@ def train(argv: list[str]) -> Path:
         t0 = time.time()
         losses, frames = torch.zeros(3, device=device), 0
         for micro in range(accum):
-            epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset)
+            epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset, full and world > 1)
             frames += batch_frames
             if cpu_batch is None:  # a short last batch of the epoch left this rank no clip
                 continue
@@ -296,13 +315,16 @@ def train(argv: list[str]) -> Path:
                                         muq_embed=batch.get("muq_embed"), **objective.inputs(model, batch, step))
             scaler.scale(loss * weight / accum).backward()
             losses += torch.stack([loss.detach(), info["loss_c0"], info["loss_rest"]]).float() * weight / accum
-        distributed.average_gradients(params)
+        if not full:  # FSDP averages a full fine-tune's gradients itself
+            distributed.average_gradients(params)
         losses = distributed.all_reduce_sum(losses) / world
         if not read_late:
             loss_val = losses[0].item()
             check_finite(loss_val, 0.0, step + 1)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP's sharded parameters give a DTensor
+            grad_norm = grad_norm.full_tensor()
         values = torch.cat([losses, grad_norm.reshape(1).float()])
         if read_late:
             bad.add_((~values.isfinite().all()).float()).clamp_(max=1)
@@ -333,8 +355,9 @@ def train(argv: list[str]) -> Path:
         log(f"training already finished at step {step}")
     if cfg.checkpointing_steps and (last_ckpt is None or last_ckpt.name != f"checkpoint-{step}"):
         checkpoint()
-    lora_path = out / LORA_WEIGHTS_NAME
-    distributed.together(lambda: finish(lora_path), "saving the LoRA", rank0_only=True)
+    result = out / (full_finetune.MODEL_NAME if full else LORA_WEIGHTS_NAME)
+    gathered = full_finetune.gather(model) if full else None  # every rank: FSDP gathers to rank 0
+    distributed.together(lambda: finish(result, gathered), f"saving {result.name}", rank0_only=True)
     if validate and not any((out / "validation").glob(f"step-{step}-*")):  # read after rank 0 wrote (a barrier)
         validation()
     memory.close("training")
@@ -345,7 +368,7 @@ def train(argv: list[str]) -> Path:
             f"{captured.capture_s:.1f} s in all")
     if trackers:
         trackers.close()
-    return lora_path
+    return result
 
 
 

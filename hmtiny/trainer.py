@@ -231,33 +231,33 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.de
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state: dict, cfg: TrainConfig,
-                    device: torch.device, generators: dict[str, torch.Generator] | None = None) -> Path:
-    """output_dir/checkpoint-STEP/: LoRA, optimizer moments, RNG states (the global ones and the named
-    `generators`), data position and step. Built in a hidden temporary folder and renamed into place, so a crash
-    never leaves a half checkpoint behind."""
+                    device: torch.device, generators: dict[str, torch.Generator] | None = None,
+                    gathered=None) -> Path:
+    """output_dir/checkpoint-STEP/: LoRA (or, for model_type full, the whole model: `gathered`, a
+    full_finetune.Gathered), optimizer moments, RNG states (the global ones and the named `generators`), data
+    position and step. Built in a hidden temporary folder and renamed into place, so a crash never leaves a half
+    checkpoint behind."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=output_dir))
     try:
-        save_lora(model, tmp / LORA_WEIGHTS_NAME, cfg.lora_target_modules, {"step": step})
-        names = dict(zip((id(p) for p in model.parameters()), (n for n, _ in model.named_parameters())))
-        moments, groups = {}, []
-        for g in optimizer.param_groups:
-            hyper = {k: v for k, v in g.items() if k != "params"}
-            groups.append(hyper | {"params": [names[id(p)] for p in g["params"]]})
-            for p in g["params"]:
-                for k, v in optimizer.state.get(p, {}).items():
-                    moments[f"{names[id(p)]}::{k}"] = v.detach().float().reshape(-1).cpu() if k == "step" \
-                        else v.detach().contiguous().cpu()
+        if gathered is not None:
+            from .full_finetune import write_checkpoint_weights
+            write_checkpoint_weights(gathered, tmp)
+            moments, groups = gathered.moments, gathered.groups
+        else:
+            save_lora(model, tmp / LORA_WEIGHTS_NAME, cfg.lora_target_modules, {"step": step})
+            moments, groups = lora_moments(model, optimizer)
         save_file(moments, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
         rng_tensors, rng_meta = rng_state(device)
         rng_tensors |= {f"generator_{name}": g.get_state() for name, g in (generators or {}).items()}
         save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
         full = dict(state, step=step, rng=rng_meta, optimizer_groups=groups,
                     scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                    lora={"rank": cfg.lora_rank, "alpha": cfg.alpha,
-                          "targets": normalize_targets(cfg.lora_target_modules)},
-                    config=cfg.to_dict())
+                    model_type=cfg.model_type, config=cfg.to_dict())
+        if gathered is None:
+            full["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.alpha,
+                            "targets": normalize_targets(cfg.lora_target_modules)}
         (tmp / STATE_NAME).write_text(json.dumps(full, indent=1))  # last: marks the folder complete
         usual_mode(tmp, *tmp.iterdir())
         for f in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
@@ -270,6 +270,20 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scaler, state
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def lora_moments(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer's moments by "parameter name::key", and its param groups with parameters by name."""
+    names = dict(zip((id(p) for p in model.parameters()), (n for n, _ in model.named_parameters())))
+    moments, groups = {}, []
+    for g in optimizer.param_groups:
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        groups.append(hyper | {"params": [names[id(p)] for p in g["params"]]})
+        for p in g["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                moments[f"{names[id(p)]}::{k}"] = v.detach().float().reshape(-1).cpu() if k == "step" \
+                    else v.detach().contiguous().cpu()
+    return moments, groups
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
@@ -296,6 +310,8 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     for key, now in cfg.to_dict().items():
         if key in CHANGEABLE_ON_RESUME or key.startswith("validation_") or key not in saved:
             continue
+        if cfg.model_type == "full" and key.startswith("lora_"):  # unused by a full fine-tune
+            continue
         old = saved[key]
         if key == "seed" and now is None:  # a resumed run takes the checkpoint's seed
             continue
@@ -321,9 +337,15 @@ def check_resume(folder: Path, cfg: TrainConfig) -> dict:
                if not isinstance(state, dict) or k not in state]
     if missing:
         raise ConfigError(f"resume_from_checkpoint: {damaged}: {STATE_NAME} lacks {missing}; {start_over}")
+    saved_type = state.get("model_type", (state.get("config") or {}).get("model_type", "lora"))
+    if saved_type != cfg.model_type:
+        raise ConfigError(f"model_type: checkpoint {folder} was trained with {saved_type!r}, this run asks for "
+                          f"{cfg.model_type!r}; use the same value to resume, or a new output_dir")
+    full = cfg.model_type == "full"
     try:
-        read_lora(folder / LORA_WEIGHTS_NAME)
-        for name in ("optimizer.safetensors", "rng.safetensors"):
+        if not full:
+            read_lora(folder / LORA_WEIGHTS_NAME)
+        for name in ("model.safetensors",) * full + ("optimizer.safetensors", "rng.safetensors"):
             with open_safetensors(folder / name):
                 pass
     except (ValueError, FileNotFoundError) as e:
@@ -331,7 +353,7 @@ def check_resume(folder: Path, cfg: TrainConfig) -> dict:
     saved = state.get("lora", {})
     want = {"rank": cfg.lora_rank, "alpha": cfg.alpha, "targets": normalize_targets(cfg.lora_target_modules)}
     for key, name in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("targets", "lora_target_modules")):
-        if saved.get(key) != want[key]:
+        if not full and saved.get(key) != want[key]:
             raise ConfigError(f"{name}: checkpoint {folder} was trained with {saved.get(key)!r}, this run asks for "
                               f"{want[key]!r}; use the same value to resume, or a new output_dir")
     differences = config_differences(state.get("config") or {}, cfg)
@@ -346,10 +368,26 @@ def check_resume(folder: Path, cfg: TrainConfig) -> dict:
 
 def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, device: torch.device,
                     generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Restore LoRA weights, optimizer moments, grad scaler and RNG states (and those of the named `generators`
-    that the checkpoint holds); return the saved state (step, data position). The run's LoRA shape must equal the
-    checkpoint's."""
+    """Restore LoRA weights (model_type full: the whole model), optimizer moments, grad scaler and RNG states (and
+    those of the named `generators` that the checkpoint holds); return the saved state (step, data position). The
+    run's LoRA shape must equal the checkpoint's."""
     state = check_resume(folder, cfg)
+    if cfg.model_type == "full":  # every rank calls this: under FSDP the ranks receive their shards
+        from .full_finetune import load_checkpoint_weights
+        load_checkpoint_weights(folder, state, model, optimizer)
+    else:
+        load_lora_and_moments(folder, state, model, optimizer)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = read_safetensors(folder / "rng.safetensors")
+    set_rng_state(rng, state["rng"], device)
+    for name, g in (generators or {}).items():
+        if f"generator_{name}" in rng:
+            g.set_state(rng[f"generator_{name}"])
+    return state
+
+
+def load_lora_and_moments(folder: Path, state: dict, model, optimizer):
     load_lora_into(model, folder / LORA_WEIGHTS_NAME)
     moments = read_safetensors(folder / "optimizer.safetensors")
     params = dict(model.named_parameters())
@@ -367,14 +405,6 @@ def load_checkpoint(folder: Path, model, optimizer, scaler, cfg: TrainConfig, de
                 opt_state[pid] = entry
         g.update({k: v for k, v in saved_g.items() if k != "params"})
     optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rng = read_safetensors(folder / "rng.safetensors")
-    set_rng_state(rng, state["rng"], device)
-    for name, g in (generators or {}).items():
-        if f"generator_{name}" in rng:
-            g.set_state(rng[f"generator_{name}"])
-    return state
 
 
 # ---------------------------------------------------------------- metrics

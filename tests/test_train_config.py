@@ -117,7 +117,7 @@ def test_env_shorthand():
     ("gradient_checkpointing", "maybe", "gradient_checkpointing must be true or false"),
     ("lr_scheduler", "sine", "lr_scheduler 'sine' is not supported"),
     ("model_family", "flux", "model_family 'flux' is not supported"),
-    ("model_type", "full", "not supported yet"),
+    ("model_type", "dora", "model_type 'dora' is not supported"),
     ("model_flavour", "7b", "model_flavour"),
     ("mixed_precision", "fp8", "mixed_precision"),
     ("base_model_precision", "nf4-bnb", "base_model_precision"),
@@ -210,3 +210,15 @@ def test_coerce_types():
 def test_to_dict_round_trip_keys():
     d = TrainConfig().to_dict()
     assert "config_path" not in d and d["lora_rank"] == 16
+
+
+def test_full_fine_tuning_keys(cfg_dir):
+    cfg, warnings = load(cfg_dir, model_type="full", lora_rank=8, lora_alpha=8)
+    assert cfg.model_type == "full"
+    assert warnings == ["model_type 'full' trains every weight, no LoRA: ignoring lora_alpha, lora_rank"]
+    assert load(cfg_dir, model_type="full")[1] == []
+    with pytest.raises(ConfigError, match="base_model_precision 'int8-quanto' cannot go with model_type 'full'"):
+        load(cfg_dir, model_type="full", base_model_precision="int8-quanto")
+    (cfg_dir / "old.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="init_lora cannot go with model_type 'full'.*--merge"):
+        load(cfg_dir, model_type="full", init_lora=str(cfg_dir / "old.safetensors"))
