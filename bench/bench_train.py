@@ -182,7 +182,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="captured,eager,int8",
                     help="comma list of captured (train.py's default step), eager, int8 (captured), int8-eager, "
-                         "profile / profile-captured (1 clip, checkpointing), compile (blocks torch.compile'd, eager step)")
+                         "profile / profile-captured (1 clip, checkpointing), "
+                         "compile (blocks torch.compile'd, eager step)")
     ap.add_argument("--budget_s", type=float, default=240, help="skip compiled variants past this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

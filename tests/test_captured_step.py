@@ -5,7 +5,7 @@ replays real graphs."""
 import pytest
 import torch
 
-from hmtiny.captured_step import CapturedStep, padded_loss, plan_rows
+from hmtiny.captured_step import CapturedStep, plan_rows
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
 from hmtiny.lora import inject_lora, mark_only_lora_trainable, set_dropout_seed
