@@ -1,23 +1,20 @@
-"""Fast HeartMuLa generation: prompt prefill, then one frame per step over a static KV cache.
+"""The fast generation engine: the same songs as hmtiny/generate.py's loop (the tests hold it to that file), made
+fast on CUDA. Prompt prefill, then one frame per step over a static KV cache of its own.
 
-A frame is: one backbone step on the previous frame's row -> codebook 0 from `codebook0_head`, then 7 depth-decoder
-steps -> codebooks 1..7, each sampled with top-k + temperature (exponential race) after classifier-free guidance.
-
-What makes it fast (SPEC §5, §10), and how it differs from the official loop:
-- the KV cache is sized to the request (prompt + frames), not to 8192 positions;
-- q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), and the
-  few-row decode matmuls run through kernels.gemv (a Triton GEMV tuned per shape, bf16 or int8 weights) on CUDA;
-  in compile mode outputs that feed a fused torch op may be split along K, the slices summed inside that op;
+How it differs from the plain loop (none of it changes a token):
+- the KV cache is sized to the request (prompt + frames) and several songs run as one batch: prompts left-padded,
+  each song at its own positions, each stopping on its own;
+- q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), the output
+  heads padded to a multiple of 64 rows; on CUDA the few-row decode matmuls run through kernels.gemv (a Triton GEMV
+  whose tile is timed per shape, bf16 or int8 weights), whose outputs may stay split along K, the slices summed by
+  the next kernel;
 - one kernel per layer does RoPE + the KV-cache write + attention over the valid slots (kernels.decode_attention),
-  one kernel per codebook does CFG mix + allowed ids + top-k + the draw (kernels.topk_sample); on CPU/MPS both
-  run their plain-torch references;
-- the whole frame step is captured once in a CUDA graph (optionally after torch.compile fuses the elementwise
-  work) and replayed; the host only checks for EOS every `eos_check_every` frames;
-- ids the codec cannot decode (codebook_size, codebook_size+2..) are never sampled, EOS frames are never returned.
-
-Stop rule (as the official pipeline): a song ends at the first frame in which any codebook is EOS; that frame is
-dropped. Several songs run as one batch (left-padded prompts, per-song positions) and stop independently.
-On CPU/MPS the same step runs eagerly: same code, same results.
+  one adds the residual and normalises (kernels.add_rmsnorm), one per codebook does the guidance mix + allowed ids
+  + top-k + the draw (kernels.topk_sample); on CPU/MPS each runs its plain-torch reference;
+- mode "graph" (CUDA) captures the prompt prefill with the first frame, and the frame step, in CUDA graphs whose
+  kernels are chained with programmatic dependent launch (kernels/pdl.py); the host checks for EOS only every
+  `eos_check_every` frames. Mode "eager" runs the same step without graphs (any device): the tests' reference for
+  the graph.
 """
 from __future__ import annotations
 
@@ -29,14 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import gemv, pdl
-from kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref
+from kernels import gemv
+from kernels.add_rmsnorm import add_rmsnorm
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
+
+from .generate import Prompt, allowed_ids
 from .model import HeartMuLa, KVCache, Transformer
 from .runtime import check_sampling
 
-Prompt = tuple  # (tokens [P,9] long, tokens_mask [P,9] bool, muq_idx int[, reference MuQ embedding [muq_dim]])
+MODES = ("eager", "graph")
 
 
 # ---------------------------------------------------------------- fused inference weights
@@ -142,7 +141,7 @@ class Fused(nn.Module):
 
     def swiglu(self, x):
         """silu(gate) * up for this layer's [gate; up] outputs (SwiGLU's w1 | w3): with a `glu` tile one GEMV
-        forms the product in its epilogue, else torch ops (which inductor fuses in compile mode)."""
+        forms the product in its epilogue, else torch ops."""
         if self._tiled(x) and self.tile_glu:
             w, scale = self.gemv_weight()
             return gemv.linear_tiled(x, w, self.tile, scale, glu=True)
@@ -168,7 +167,6 @@ class FastLayer(nn.Module):
         self.wo = Fused([a.output_proj], fuse, copy)
         self.w13 = Fused([m.w1, m.w3], fuse, copy)
         self.w2 = Fused([m.w2], fuse, copy)
-        self.fused_norm = True  # kernels.add_rmsnorm; False: its torch reference (for inductor to fuse)
         # the engine's own KV cache (not the model's): a captured graph writes here, so nothing outside the engine
         # may free it (model.drop_caches does not touch it)
         self.cache: KVCache | None = None
@@ -181,13 +179,12 @@ class FastLayer(nn.Module):
         + the cache write + attention, the GEMVs leave K slices (gate/up's ends in SwiGLU's silu(g) * u); a whole
         prompt: the same operations in plain torch (decode_attention's reference: left-pad rows see themselves)."""
         b = self.block
-        add_norm = add_rmsnorm if self.fused_norm else add_rmsnorm_ref
-        x, n = add_norm(x, pending, b.sa_norm.scale, b.sa_norm.eps)
+        x, n = add_rmsnorm(x, pending, b.sa_norm.scale, b.sa_norm.eps)
         qkv = self.qkv(n) if prompt else self.qkv.partials(n)  # decode_attention adds the K slices
         cache = self.cache
         attend = decode_attention_ref if prompt else decode_attention
         y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
-        x, n = add_norm(x, self.wo.partials(y), b.mlp_norm.scale, b.mlp_norm.eps)
+        x, n = add_rmsnorm(x, self.wo.partials(y), b.mlp_norm.scale, b.mlp_norm.eps)
         return x, self.w2.partials(self.w13.swiglu(n))
 
 
@@ -196,18 +193,11 @@ class FastStack(nn.Module):
         super().__init__()
         self.stack = stack
         self.layers = nn.ModuleList(FastLayer(b, fuse, copy) for b in stack.layers)
-        self.fused_norm = True
 
     def setup_cache(self, batch: int, length: int, dtype, device):
         cfg = self.stack.cfg
         for layer in self.layers:
             layer.cache = KVCache(batch, cfg.num_kv_heads, length, cfg.head_dim, dtype, device)
-
-    def use_fused_norm(self, on: bool):
-        """kernels.add_rmsnorm (True) or its torch reference, for inductor to fuse (False), in every norm."""
-        self.fused_norm = on
-        for layer in self.layers:
-            layer.fused_norm = on
 
     def forward(self, x, pos, slots, start, prompt: bool = False):
         """x [B,S,D] at positions pos [B,S], written to consecutive cache slots [S]; row i of song b sees cache
@@ -215,16 +205,15 @@ class FastStack(nn.Module):
         pending = None
         for layer in self.layers:
             x, pending = layer(x, pending, slots, pos, start, self.stack.rope, prompt)
-        add_norm = add_rmsnorm if self.fused_norm else add_rmsnorm_ref
-        return add_norm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]
+        return add_rmsnorm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]
 
 
 # ---------------------------------------------------------------- the engine
 class Engine:
-    """Holds the fused weights and, on CUDA, the captured frame step for one request shape.
+    """Holds the fused weights and, in graph mode, the captured steps for one request shape: keep the engine to
+    generate again without a new capture (each call re-reads the model's weights).
 
-    mode: "eager" (any device), "graph" (CUDA graph of the eager step), "compile" (torch.compile fuses the
-    elementwise work, then the compiled step is captured in a CUDA graph). fuse: concatenate q/k/v and gate/up
+    mode: "eager" (any device) or "graph" (CUDA graphs of the eager step). fuse: concatenate q/k/v and gate/up
     weights (a copy: about the size of the stacks' weights; share=True makes the model's own weights views of the
     fused ones instead, for callers that own the model and will not replace its parameters, e.g. sample.py;
     copy_weights=False fuses only what needs no copy of the stacks' weights, e.g. validation during training, whose
@@ -234,8 +223,8 @@ class Engine:
 
     def __init__(self, model: HeartMuLa, mode: str = "eager", fuse: bool = True, share: bool = False,
                  copy_weights: bool = True):
-        if mode not in ("eager", "graph", "compile"):
-            raise ValueError(f"mode must be eager, graph or compile, not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.model, self.mode = model, mode
         self.device = model.text_embeddings.weight.device
         self.dtype = model.text_embeddings.weight.dtype
@@ -249,11 +238,6 @@ class Engine:
         self.backbone = FastStack(model.backbone, fuse, copy_weights)
         self.decoder = FastStack(model.decoder, fuse, copy_weights)
         self.projection = Fused([model.projection], fuse)
-        # graph mode: every layer op is one of our kernels, chained with PDL (kernels/pdl.py). compile mode keeps
-        # the design it was measured with (bench/NOTES.md): inductor fuses the K-slice sums, norms and SwiGLU
-        # product into its own kernels, no PDL.
-        for st in (self.backbone, self.decoder):
-            st.use_fused_norm(self.kernel_layers)
         self.sources = self._sources()
         if share and fuse:  # the model's own q/k/v and gate/up weights become views of the fused matrices
             for f in self._fused():
@@ -265,22 +249,14 @@ class Engine:
             D = model.codebook0_head.in_features
             self.c0_w = torch.zeros(self.Vout, D, dtype=model.codebook0_head.weight.dtype, device=self.device)
             self.head_w = torch.zeros(self.K - 1, self.Vout, D, dtype=model.audio_head.dtype, device=self.device)
-        # only codec ids and EOS may be sampled
-        bias = torch.full((self.Vout,), -math.inf, device=self.device)
-        bias[: cfg.codebook_size] = 0.0
-        bias[self.eos] = 0.0
-        self.bias = bias
+        # hmtiny.generate's allowed ids, padded to the heads' width (EOS is set per request)
+        self.bias = torch.full((self.Vout,), -math.inf, device=self.device)
+        self.bias[: self.V] = allowed_ids(cfg)
         self._graph_key = None
         self._graph = self._first_graph = None
-        self._compiled = None
         self._planned = False
         self._rng = None  # see generate
         self.last_timing = None  # CUDA: prefill_and_first_frame_ms (+ captures on a first call), ms_per_frame_step
-
-    @property
-    def kernel_layers(self) -> bool:
-        """Layers made of our kernels chained with PDL (graph, eager), or left to inductor to fuse (compile)."""
-        return self.mode != "compile"
 
     def _sources(self):
         """The module objects the engine was built from (to notice LoRA wrapping, quantisation, merging)."""
@@ -291,9 +267,8 @@ class Engine:
                         b.mlp.w3]
         return out
 
-    def matches(self, model: HeartMuLa) -> bool:
-        if model is not self.model:
-            return False
+    def matches(self) -> bool:
+        """The model still has the layers the engine was built from."""
         now = self._sources()
         return len(now) == len(self.sources) and all(a is b for a, b in zip(now, self.sources))
 
@@ -355,9 +330,9 @@ class Engine:
         h = self.backbone(x, pos, r["rows"], self.pad, prompt=True)[:, -1]
         self._record(self._frame_from_hidden(h, self._draw_noise()))
 
-    def _step_core(self, noise):
+    def _step(self):
         """Feed the previous frame at the next cache slot, produce the next frame; all state on the device."""
-        s = self.state
+        s, noise = self.state, self._draw_noise()
         x = self.model.audio_embeddings(self._both(s["prev"]) + self.model.audio_offsets).sum(1, keepdim=True)
         slot = s["slot"]
         pos = (slot - self.pad)[:, None]  # [B2,1] each song's own position
@@ -374,16 +349,14 @@ class Engine:
         s["prev"].copy_(frame)
         s["idx"].add_(1)
 
-    def _step(self):
-        noise = self._draw_noise()
-        (self._compiled or self._step_core)(noise)
-
     # ------------------------------------------------------------ a request
     @torch.no_grad()
     def generate(self, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
                  temperature: float = 1.0, generator: torch.Generator | None = None, eos_check_every: int = 32,
                  progress: Callable[[int, int], None] | None = None, stop_on_eos: bool = True) -> list[torch.Tensor]:
-        """Frames for each prompt (see the module's `generate`). Runs in the weights' dtype with autocast off, as
+        """Frames for each prompt, as hmtiny.generate.generate makes them (same arguments; with one prompt and the
+        same generator state, the same tokens), the prompts in one batch. Runs in the weights' dtype with autocast
+        off, as
         sample.py does: under autocast a captured graph would read autocast's cached casts of float32 weights (the
         LoRA factors), which are freed when the caller's autocast region ends and stale after an optimizer step."""
         kind = self.device.type
@@ -396,6 +369,9 @@ class Engine:
         m = self.model
         if not prompts:
             raise ValueError("no prompt given")
+        if not self.matches():
+            raise ValueError("the model's layers were replaced since this engine was built (LoRA, quantisation, "
+                             "merge): build a new Engine")
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         check_sampling(topk, temperature, cfg_scale)
@@ -478,7 +454,7 @@ class Engine:
         if marks:
             marks[0].record()
         # prefill + first frame, then one step per frame: each a CUDA graph (captured on a request shape's first
-        # call) except in eager mode. A graph of the prefill spares ~300 launches from Python (~40-60 ms).
+        # call) except in eager mode. A graph of the prefill spares the host launching its hundreds of kernels.
         if self.mode == "eager":  # (its caches are set up again every call: no key kept)
             self._first_frame()
         else:
@@ -515,26 +491,23 @@ class Engine:
         return [out[b, : lengths[b]].clone() for b in range(Bs)]
 
     def _plan_tiles(self, rows: int | None = None):
-        """Time each decode matmul's tile once for `rows` input rows (default: this request's), before capture (and
-        before torch.compile bakes it in). Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along
-        K, and so may q/k/v (kernels.decode_attention sums them); gate/up stays whole for its SwiGLU epilogue
-        (compile mode: q/k/v whole, gate/up split, inductor fuses the slice sum into its SiLU-mul kernel)."""
+        """Time each decode matmul's tile once for `rows` input rows (default: this request's), before capture.
+        Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along K, and so may q/k/v
+        (kernels.decode_attention sums them); gate/up stays whole for its SwiGLU epilogue, and so does the
+        projection (nothing after it would sum slices)."""
         rows = rows or self.pad.shape[0]
-        kernels = self.kernel_layers  # else: inductor sums w13's slices inside its SiLU-mul kernel
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
-                layer.qkv.plan(rows, split=kernels, dtype=self.dtype)
+                layer.qkv.plan(rows, split=True, dtype=self.dtype)
                 layer.wo.plan(rows, split=True, dtype=self.dtype)
-                layer.w13.plan(rows, split=not kernels, dtype=self.dtype, glu=kernels)
+                layer.w13.plan(rows, split=False, dtype=self.dtype, glu=True)
                 layer.w2.plan(rows, split=True, dtype=self.dtype)
-        # its K-slice sum is a separate torch op in graph mode, fused by inductor in compile mode
-        self.projection.plan(rows, split=self.mode == "compile", dtype=self.dtype)
+        self.projection.plan(rows, split=False, dtype=self.dtype)
         self._planned = True
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        """Warm up fn (Triton and inductor compiles, cuBLAS handles), then record it in a CUDA graph; the request
-        state and the generators are restored around both, so the first replay is the request's real call.
-        Compile mode captures without PDL (the design it was measured with)."""
+        """Warm up fn (Triton compiles, cuBLAS handles), then record it in a CUDA graph; the request state and the
+        generators are restored around both, so the first replay is the request's real call."""
         s = self.state
         saved = {k: v.clone() for k, v in s.items()}
         gen_state = self.generator.get_state() if self.generator is not None else None
@@ -547,24 +520,20 @@ class Engine:
                 self.generator.set_state(gen_state)
             torch.cuda.set_rng_state(cuda_state, self.device)
 
-        # tiles are planned, and picked at capture, with the PDL setting the launches will have
-        with pdl.suspended() if self.mode == "compile" else contextlib.nullcontext():
-            if not self._planned:
-                self._plan_tiles()
-            if self.mode == "compile" and self._compiled is None:
-                self._compiled = torch.compile(self._step_core, fullgraph=True, dynamic=False)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # the prefill rewrites the same cache rows each time: safe to repeat
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            restore()
-            graph = torch.cuda.CUDAGraph()
-            if self.generator is not None and self.topk != 1:  # (one generator may serve several graphs)
-                graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph):
+        if not self._planned:
+            self._plan_tiles()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # the prefill rewrites the same cache rows each time: safe to repeat
+            for _ in range(2):
                 fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None and self.topk != 1:  # (one generator may serve several graphs)
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            fn()
         torch.cuda.synchronize(self.device)
         restore()
         return graph
@@ -585,56 +554,3 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.default_generators[index]
     return torch.default_generator if device.type == "cpu" else None
-
-
-# ---------------------------------------------------------------- the function most callers use
-def default_mode(device: torch.device) -> str:
-    """CUDA graphs of the prefill and of the frame step on CUDA: ~209 frames/s on an H100 (3B bf16, 30 s songs; ~295
-    int8); the first call takes ~10 s on a fresh H100 80GB HBM3 (bf16 and int8 tile picks shipped in
-    kernels/gemv_tiles.json, Triton compiles), 30-50 s on other cards (tile timing; cached on disk for later
-    processes). "compile" adds ~45 s of torch.compile to a first call and measured ~189 frames/s (bench/NOTES.md)."""
-    return "graph" if device.type == "cuda" else "eager"
-
-
-def engine_for(model: HeartMuLa, fast=None) -> Engine:
-    """The model's cached engine (rebuilt when the model's layers were replaced: LoRA, quantisation, merge).
-    fast: None/True = the best mode for the device, False = eager, or a mode name."""
-    device = model.text_embeddings.weight.device
-    if fast is None or fast is True:
-        mode = default_mode(device)
-    elif fast is False:
-        mode = "eager"
-    else:
-        mode = str(fast)
-    eng = getattr(model, "_hmtiny_engine", None)
-    if eng is None or eng.mode != mode or not eng.matches(model):
-        eng = Engine(model, mode)
-        object.__setattr__(model, "_hmtiny_engine", eng)  # not a submodule: keep it out of state_dict
-    return eng
-
-
-def generate(model: HeartMuLa, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
-             temperature: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
-             fast=None, eos_check_every: int = 32, progress: Callable[[int, int], None] | None = None,
-             stop_on_eos: bool = True) -> list[torch.Tensor]:
-    """Generate audio frames for each prompt (tokens [P,9], tokens_mask [P,9], muq_idx[, reference embedding]).
-
-    Returns one LongTensor [n_i, 8] (CPU) per prompt: n_i <= max_frames frames, the EOS frame excluded, every id
-    < codebook_size. seed / generator make sampling reproducible (same device, same mode). topk 1 = greedy;
-    topk 0 = no top-k. cfg_scale 1 = no guidance (no doubled batch). stop_on_eos False: EOS is never sampled, every
-    song gets max_frames frames (fixed-length output, e.g. for an untrained model).
-    fast: None/True = default_mode (CUDA graph of the frame step on CUDA, eager elsewhere); False = eager;
-    or "eager" / "graph" / "compile" (fastest per frame, ~1 min of torch.compile on the first call).
-    The engine is cached on the model and re-reads its weights every call."""
-    device = model.text_embeddings.weight.device
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-    eng = engine_for(model, fast)
-    was_training = model.training
-    model.eval()
-    try:
-        return eng.generate(prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature,
-                            generator=generator, eos_check_every=eos_check_every, progress=progress,
-                            stop_on_eos=stop_on_eos)
-    finally:
-        model.train(was_training)
