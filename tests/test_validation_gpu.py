@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hmtiny.checkpoint import load_heartmula
-from hmtiny.generate import Engine
+from hmtiny.engine import Engine
 from hmtiny.lora import inject_lora, lora_parameters, mark_only_lora_trainable
 from hmtiny.text import prompt_rows
 
