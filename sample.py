@@ -78,9 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
     ap.add_argument("--codec-dtype", choices=["fp32", "tf32", "bf16"],
-                    help="HeartCodec precision (default: --config's validation_codec_dtype, else tf32 on CUDA: 3 min "
-                         "of audio in ~2.8 s on an H100; fp32 on CPU or with --dtype fp32; bf16: fastest, 1.1e-2 "
-                         "rel. error)")
+                    help="HeartCodec precision (default: --config's validation_codec_dtype, else tf32 on CUDA; "
+                         "fp32 on CPU or with --dtype fp32; bf16: fastest, least exact; README gives the figures)")
     return ap.parse_args(argv)
 
 

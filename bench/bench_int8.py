@@ -115,9 +115,8 @@ def matmul_table(ms=MS, shapes=SHAPES):
                     row["tiles_cfg"] = list(gemv.plan(xs[0], wq, split=False, scale=s))
                 row["host_us_bf16"] = host_us(lambda i: xs[i] @ sets[i][3].T, n_sets)
                 row["host_us_int8"] = host_us(mm(None), n_sets)
-                K.FAST_LAUNCH = False
-                row["host_us_int8_triton_launch"] = host_us(mm(None), n_sets)
-                K.FAST_LAUNCH = True
+                with K.switches.overridden(HMTINY_INT8_FAST_LAUNCH="0"):
+                    row["host_us_int8_triton_launch"] = host_us(mm(None), n_sets)
             else:  # backward to the input at training sizes: dx = dy @ W
                 dys = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n_sets)]
                 ref_dx = dys[0].float() @ wd.float()
@@ -173,7 +172,7 @@ def tuned_configs():
             out[f"{regime} {key[:5]}"] = str(cfg)
     for key, cfg in K._gemv_tuned.cache.items():
         out[f"gemv {key[:3]}"] = str(cfg)
-    out.update({f"decode choice {key[2:5]}": v for key, v in K._decode_choice.items()})
+    out.update({f"decode choice {key[2:5]}": v for key, v in K.CACHE.decode_choice.items()})
     return out
 
 
