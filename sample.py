@@ -44,8 +44,10 @@ def parse_args(argv=None):
     ap.add_argument("--model", help=f"repo id, model folder or heartlib ckpt/ folder (default {DEFAULT_MODEL})")
     ap.add_argument("--config", help="a training config.json: model, validation prompt/lyrics/guidance/duration, "
                                      "and output_dir's LoRA unless --lora is given")
-    ap.add_argument("--codec", help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
-    ap.add_argument("--tokenizer", help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
+    ap.add_argument("--codec",
+                    help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
+    ap.add_argument("--tokenizer",
+                    help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="LoRA weights: a .safetensors file, or a folder (a PEFT adapter or one holding "
                          "pytorch_lora_weights.safetensors); repeatable")
@@ -53,7 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
     ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 1 (default 1.5; 1 = off)")
-    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy, 0 = no top-k)")
+    ap.add_argument("--topk", type=int,
+                    help="sample among the k most likely tokens (default 50; 1 = greedy, 0 = no top-k)")
     ap.add_argument("--temperature", type=float, help="sampling temperature > 0 (default 1.0)")
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     ap.add_argument("--num", type=int, default=1, help="songs to make in one batch (default 1)")
@@ -66,7 +69,8 @@ def parse_args(argv=None):
     ap.add_argument("--ref-audio", metavar="SONG.wav", help="compute that embedding from a song with MuQ-MuLan "
                                                             "(needs pip install -e \".[ref]\")")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model precision (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=list(runtime.DTYPES),
+                    help="model precision (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--int8", action="store_true", help="int8 weight-only stacks (less memory; LoRAs stay unmerged)")
     ap.add_argument("--demo", action="store_true", help="use the built-in tiny random model and codec (no download)")
     ap.add_argument("--tokens-only", action="store_true", help="skip the codec: save the tokens (.npy) only")

@@ -247,18 +247,19 @@ def main():
 
     print(f"\n{res['device']}, torch {res['torch']}, prompt {res['prompt_rows']} rows, cfg {args.cfg}, "
           f"top-k {args.topk}; floor ~{res['floor_ms']:.2f} ms/frame")
-    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} {'GiB':>6s} "
-          f"{'prefill ms':>10s} {'loop ms':>8s}")
+    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} "
+          f"{'GiB':>6s} {'prefill ms':>10s} {'loop ms':>8s}")
     for r in res["rows"]:
         if "error" in r:
             print(f"{r['label']:44s} ERROR {r['error'][:200]}")
             continue
+        nan = float("nan")
         print(f"{r['label']:44s} {r['frames']:6d} {r['frames_per_s']:9.1f} {r['ms_per_frame']:9.2f} "
-              f"{r['realtime_x']:7.1f} {r.get('first_call_s', float('nan')):10.1f} {r.get('peak_GiB', float('nan')):6.1f} "
-              f"{r.get('prefill_and_first_frame_ms', float('nan')):10.1f} {r.get('ms_per_frame_step', float('nan')):8.3f}")
+              f"{r['realtime_x']:7.1f} {r.get('first_call_s', nan):10.1f} {r.get('peak_GiB', nan):6.1f} "
+              f"{r.get('prefill_and_first_frame_ms', nan):10.1f} {r.get('ms_per_frame_step', nan):8.3f}")
     if "gemv" in res:
-        print(f"\n{'matmul (2 rows)':16s} {'N':>6s} {'K':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'gemv us':>8s} {'TB/s':>5s} "
-              f"{'rel err':>8s} tile")
+        print(f"\n{'matmul (2 rows)':16s} {'N':>6s} {'K':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'gemv us':>8s} "
+              f"{'TB/s':>5s} {'rel err':>8s} tile")
         for g in res["gemv"]:
             print(f"{g['shape']:16s} {g['N']:6d} {g['K']:5d} {g['cublas_us']:9.1f} {g['cublas_TBps']:5.2f} "
                   f"{g['gemv_us']:8.1f} {g['gemv_TBps']:5.2f} {g['rel_err']:8.1e} {g['tile']}")

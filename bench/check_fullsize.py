@@ -123,7 +123,8 @@ def tiny_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
              f"--validation_step_interval={a.every}", "--validation_codec_steps=2", "--device=cpu"]
     sample = ["--model", str(TINY / "model"), "--codec", str(TINY / "codec"), "--tokenizer",
               str(TINY / "tokenizer.json"), "--lora", str(run / "out" / "pytorch_lora_weights.safetensors"),
-              "--tags", "pop, piano", "--lyrics", "la la la", "--duration", "2", "--ignore-eos", "--seed", "1", "--codec-steps", "2",
+              "--tags", "pop, piano", "--lyrics", "la la la", "--duration", "2", "--ignore-eos", "--seed", "1",
+              "--codec-steps", "2",
               "--device", "cpu", "--out", str(run / "song.wav")]
     return train, sample, {"run": run, "out": run / "out", "frames_per_clip": None}
 

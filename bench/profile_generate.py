@@ -98,7 +98,7 @@ def main():
         for r in tab[:40]:
             print(f"{r['us_per_frame']:8.1f} us {r['calls_per_frame']:6.1f}x  {r['kernel']}")
         (out / "profile_generate.json").write_text(json.dumps(res, indent=1))
-        del eng
+        eng = None  # its graphs and cache freed before the next mode's
         torch.cuda.empty_cache()
 
 

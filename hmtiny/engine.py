@@ -243,7 +243,8 @@ class Engine:
             for f in self._fused():
                 f.share()
         # output heads padded to a multiple of 64 rows, [V, D] layout: aligned GEMVs (8197 columns are not)
-        self.heads_fused = fuse and type(model.codebook0_head) is nn.Linear and isinstance(model.audio_head, nn.Parameter)
+        self.heads_fused = (fuse and type(model.codebook0_head) is nn.Linear
+                            and isinstance(model.audio_head, nn.Parameter))
         self.Vout = -(-self.V // 64) * 64 if self.heads_fused else self.V
         if self.heads_fused:
             D = model.codebook0_head.in_features

@@ -48,7 +48,8 @@ def llama3_rope_frequencies(cfg: StackConfig) -> torch.Tensor:
         elif wavelen > low_wavelen:
             out.append(freq / cfg.scale_factor)
         else:
-            smooth = (cfg.old_context_len / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+            smooth = ((cfg.old_context_len / wavelen - cfg.low_freq_factor)
+                      / (cfg.high_freq_factor - cfg.low_freq_factor))
             out.append((1 - smooth) * freq / cfg.scale_factor + smooth * freq)
     return torch.stack(out).float()
 

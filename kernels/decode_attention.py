@@ -373,7 +373,8 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
         *parts.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
         S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
-        COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip, EXACT=not switches.interpreting(),
+        COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip,
+        EXACT=not switches.interpreting(),
         SK=SK, num_warps=num_warps, enable_fp_fusion=True, **pdl.launch_kwargs(qkv))
     return y
 

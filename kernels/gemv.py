@@ -1,9 +1,10 @@
 """y = x @ W.T for a few rows of x (decode: 2 rows with CFG), streaming W once at close to memory bandwidth.
 
 A decode frame is bound by reading the weights once, and cuBLAS reads them well below the memory's bandwidth on
-HeartMuLa's few-row decode shapes (bench/NOTES.md). This Triton kernel splits W into row blocks (optionally also into K slices, summed in a
-fixed order, deterministic, by the consumer or by the row block's last program) so that every SM keeps several
-loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the device.
+HeartMuLa's few-row decode shapes (bench/NOTES.md). This Triton kernel splits W into row blocks (optionally also
+into K slices, summed in a fixed order, deterministic, by the consumer or by the row block's last program) so that
+every SM keeps several loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the
+device.
 
 Weights may also be int8 with one float32 scale per output row (hmtiny.quant's per-channel Int8Linear): the tile
 is converted to the activation dtype in registers (exact) and the scale applied to the fp32 sums, so a decode step

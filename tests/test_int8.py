@@ -61,7 +61,8 @@ def kernel_errors(device: str, shapes, configs, dtypes=(torch.bfloat16, torch.fl
                 rows.append(dict(shape=[m, n, k], config=str(cfg), dtype=str(dt).split(".")[-1],
                                  fwd=rel_err(y, K.int8_matmul_ref(x.double(), wq, s.double())),
                                  dx=rel_err(dx, K.int8_matmul_dx_ref(dy.double(), wq, s.double())),
-                                 tol=TOL[dt], y_dtype=str(y.dtype), finite=bool(y.isfinite().all() and dx.isfinite().all())))
+                                 tol=TOL[dt], y_dtype=str(y.dtype),
+                                 finite=bool(y.isfinite().all() and dx.isfinite().all())))
     return rows
 
 
@@ -414,7 +415,8 @@ if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_
     rows = kernel_errors("cpu", SMALL_SHAPES, SMALL_CONFIGS)
     from hmtiny.quant import use_triton
     wq, s = random_int8_weight(37, 70)
-    print(json.dumps(dict(interpret=K.switches.interpreting(), kernels=rows, int8_linear=int8_linear_triton_vs_torch("cpu"),
+    print(json.dumps(dict(interpret=K.switches.interpreting(), kernels=rows,
+                          int8_linear=int8_linear_triton_vs_torch("cpu"),
                           int8_linear_used_triton=use_triton(torch.zeros(1, dtype=torch.bfloat16), None),
                           # fp32 exactly; (the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest)
                           dequantize_equal=torch.equal(K.dequantize(wq, s, torch.float32), K.dequantize_ref(wq, s)),
