@@ -6,7 +6,7 @@ SimpleTuner default), bf16 autocast, fused AdamW, grad-norm clipping. Synthetic 
     python bench/bench_train.py                 # every variant; table last, JSON in $OUT/bench_train.json
     python bench/bench_train.py --only eager    # skip the torch.compile and int8 variants
 
-Compare with ../shared/SPEC.md §8 (SimpleTuner + PEFT on an H100): 1 clip w/ checkpointing 361.5 ms, 1,037
+Compare with the SimpleTuner + PEFT anchors of bench/NOTES.md (H100): 1 clip w/ checkpointing 361.5 ms, 1,037
 frames/s, 11.5 GiB; 4 clips w/o checkpointing 339.5 ms, 4,419 frames/s, 31.6 GiB; 4 clips w/ 527 ms, 2,846, 18.4.
 """
 import argparse
