@@ -358,8 +358,8 @@ def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor |
 
 
 def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
-    """F.linear(x, w) via `partials`, the K-slice sum done here in torch ops, so that under torch.compile it fuses
-    into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own."""
+    """F.linear(x, w) via `partials`, the K slices summed here in torch ops: for a layer planned with split tiles
+    whose caller needs the whole output this time (the engine's q/k/v on a prompt of few rows)."""
     y = partials(x, w, cfg, scale)
     return y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
 
