@@ -320,7 +320,10 @@ class Engine:
     def _draw_noise(self):
         if self.topk == 1:
             return None
-        return torch.empty(self.K, self.Bs, self.Vout, device=self.device).exponential_(generator=self.generator)
+        # as wide as hmtiny.generate draws it (the padded heads' width), so that both draw the same numbers
+        width = -(-self.V // 64) * 64
+        noise = torch.empty(self.K, self.Bs, width, device=self.device).exponential_(generator=self.generator)
+        return noise if width == self.Vout else noise[..., : self.Vout]
 
     def _first_frame(self):
         """The prompt prefill (slots 0..P-1, each song at its own positions 0..n-1), then the first frame from the
@@ -355,9 +358,9 @@ class Engine:
     def generate(self, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1.5, topk: int = 50,
                  temperature: float = 1.0, generator: torch.Generator | None = None, eos_check_every: int = 32,
                  progress: Callable[[int, int], None] | None = None, stop_on_eos: bool = True) -> list[torch.Tensor]:
-        """Frames for each prompt, as hmtiny.generate.generate makes them (same arguments; with one prompt and the
-        same generator state, the same tokens), the prompts in one batch. Runs in the weights' dtype with autocast
-        off, as
+        """Frames for each prompt, as hmtiny.generate.generate makes them (same arguments), the prompts in one batch.
+        Greedy, the same tokens; sampled, the same tokens for one prompt and the same generator state (on the same
+        device: the generators of CPU and CUDA differ). Runs in the weights' dtype with autocast off, as
         sample.py does: under autocast a captured graph would read autocast's cached casts of float32 weights (the
         LoRA factors), which are freed when the caller's autocast region ends and stale after an optimizer step."""
         kind = self.device.type

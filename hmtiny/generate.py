@@ -50,7 +50,8 @@ def generate(model, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1
              progress=None) -> list[torch.Tensor]:
     """One LongTensor [n <= max_frames, 8] (CPU) per prompt, the prompts one after another. topk 1 = greedy, 0 = no
     top-k; cfg_scale 1 = no guidance; stop_on_eos False: EOS is never drawn, every song gets max_frames frames.
-    Draws come from `generator` (else torch's default one), Exp(1) noise [8, 1, V] at the start of every frame."""
+    Draws come from `generator` (else torch's default one): Exp(1) noise for the 8 codebooks at the start of every
+    frame, as wide as the vocabulary rounded up to 64 (hmtiny.engine's padded heads), so that both draw alike."""
     check_sampling(topk, temperature, cfg_scale)
     if not prompts or max_frames < 1:
         raise ValueError(f"need a prompt and max_frames >= 1, got {len(prompts)} prompt(s), max_frames {max_frames}")
@@ -61,6 +62,7 @@ def generate(model, prompts: list[Prompt], max_frames: int, cfg_scale: float = 1
 def _song(model, prompt, max_frames, cfg_scale, topk, temperature, generator, stop_on_eos, progress):
     cfg, dev = model.cfg, model.codebook0_head.weight.device
     K, V, B = cfg.audio_num_codebooks, cfg.audio_vocab_size, 1 if cfg_scale == 1.0 else 2
+    width = -(-V // 64) * 64  # of the noise: see generate
     tokens, mask, muq_idx = (torch.as_tensor(t).to(dev) for t in prompt[:3])
     ref = prompt[3] if len(prompt) > 3 else None
     ref = None if ref is None else torch.as_tensor(ref, dtype=torch.float32).reshape(1, -1).expand(B, -1).to(dev)
@@ -73,9 +75,9 @@ def _song(model, prompt, max_frames, cfg_scale, topk, temperature, generator, st
     try:
         for t in range(max_frames):
             h = model.backbone(x, pos)[:, -1]
-            noise = None if topk == 1 else torch.empty(K, 1, V, device=dev).exponential_(generator=generator)
+            noise = None if topk == 1 else torch.empty(K, 1, width, device=dev).exponential_(generator=generator)
             draw = lambda i, logits: sample_ids(logits, bias, cfg_scale, temperature, topk,
-                                                None if noise is None else noise[i])
+                                                None if noise is None else noise[i, :, :V])
             codes = [draw(0, model.codebook0_head(h))]
             seq = torch.stack([h, model.embed_audio(0, codes[0].repeat(B))], 1)
             for i in range(1, K):  # depth decoder: positions 0 and 1 first, then position i for codebook i-1

@@ -67,14 +67,15 @@ def test_engine_greedy_equals_plain_loop(mula, cfg_scale):
 
 @pytest.mark.parametrize("cfg_scale,topk,temperature", [(1.5, 50, 1.0), (1.0, 0, 1.3), (2.0, 5, 0.7)])
 def test_engine_samples_what_plain_loop_samples(mula, cfg_scale, topk, temperature):
-    """The same generator state, so the same Exp(1) draws (one prompt; unpadded heads, so the noise has the plain
-    loop's width): the same tokens. Under guidance, with a reference embedding, and with EOS ending songs."""
+    """The same generator state, so the same Exp(1) draws (one prompt): the same tokens, with the engine's padded
+    heads and without. Under guidance, with a reference embedding, and with EOS ending songs."""
     model, _ = mula
     prompt = (*some_prompts()[0], torch.randn(model.cfg.muq_dim, generator=torch.Generator().manual_seed(1)))
     kw = dict(max_frames=16, cfg_scale=cfg_scale, topk=topk, temperature=temperature)
     want = plain.generate(model, [prompt], generator=torch.Generator().manual_seed(3), **kw)[0]
-    got = Engine(model, fuse=False).generate([prompt], generator=torch.Generator().manual_seed(3), **kw)[0]
-    assert want.shape[0] > 0 and torch.equal(got, want)
+    for fuse in (True, False):
+        got = Engine(model, fuse=fuse).generate([prompt], generator=torch.Generator().manual_seed(3), **kw)[0]
+        assert want.shape[0] > 0 and torch.equal(got, want), fuse
     greedy = plain.generate(model, [prompt], topk=1, **{k: v for k, v in kw.items() if k != "topk"})[0]
     assert not (greedy.shape == want.shape and torch.equal(greedy, want))  # it really samples
 
