@@ -1,7 +1,8 @@
 """The fast generation engine: the same songs as hmtiny/generate.py's loop (the tests hold it to that file), made
 fast on CUDA. Prompt prefill, then one frame per step over a static KV cache of its own.
 
-How it differs from the plain loop (none of it changes a token):
+How it differs from the plain loop (the same arithmetic; on CUDA the kernels may round differently from torch in
+the last bits, which can flip a near-tie):
 - the KV cache is sized to the request (prompt + frames) and several songs run as one batch: prompts left-padded,
   each song at its own positions, each stopping on its own;
 - q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), the output
