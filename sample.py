@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hmtiny import runtime  # noqa: E402
-from hmtiny.generate import Engine, default_mode  # noqa: E402
 from hmtiny.runtime import FRAME_RATE  # noqa: E402
 from hmtiny.tiny import ASSETS as TINY, is_builtin  # noqa: E402
 from kernels import gemv  # noqa: E402
@@ -45,8 +44,10 @@ def parse_args(argv=None):
     ap.add_argument("--model", help=f"repo id, model folder or heartlib ckpt/ folder (default {DEFAULT_MODEL})")
     ap.add_argument("--config", help="a training config.json: model, validation prompt/lyrics/guidance/duration, "
                                      "and output_dir's LoRA unless --lora is given")
-    ap.add_argument("--codec", help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
-    ap.add_argument("--tokenizer", help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
+    ap.add_argument("--codec",
+                    help="HeartCodec folder or repo id (default: beside the model, else HeartMuLa/HeartCodec-oss)")
+    ap.add_argument("--tokenizer",
+                    help="tokenizer.json or its folder (gen_config.json beside it; default: found from the model)")
     ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                     help="LoRA weights: a .safetensors file, or a folder (a PEFT adapter or one holding "
                          "pytorch_lora_weights.safetensors); repeatable")
@@ -54,7 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--lyrics", help="lyrics text, or a file holding them (default: none, instrumental)")
     ap.add_argument("--duration", type=float, help="maximum length in seconds (default 30; the song may end sooner)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 1 (default 1.5; 1 = off)")
-    ap.add_argument("--topk", type=int, help="sample among the k most likely tokens (default 50; 1 = greedy, 0 = no top-k)")
+    ap.add_argument("--topk", type=int,
+                    help="sample among the k most likely tokens (default 50; 1 = greedy, 0 = no top-k)")
     ap.add_argument("--temperature", type=float, help="sampling temperature > 0 (default 1.0)")
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     ap.add_argument("--num", type=int, default=1, help="songs to make in one batch (default 1)")
@@ -67,20 +69,21 @@ def parse_args(argv=None):
     ap.add_argument("--ref-audio", metavar="SONG.wav", help="compute that embedding from a song with MuQ-MuLan "
                                                             "(needs pip install -e \".[ref]\")")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="model precision (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", choices=list(runtime.DTYPES),
+                    help="model precision (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--int8", action="store_true", help="int8 weight-only stacks (less memory; LoRAs stay unmerged)")
     ap.add_argument("--demo", action="store_true", help="use the built-in tiny random model and codec (no download)")
     ap.add_argument("--tokens-only", action="store_true", help="skip the codec: save the tokens (.npy) only")
     ap.add_argument("--ignore-eos", action="store_true", help="never stop early: always make --duration seconds")
-    ap.add_argument("--mode", choices=["auto", "eager", "graph", "compile"], default="auto",
-                    help="generation engine (default auto: CUDA graph of our kernels on CUDA, eager elsewhere; "
-                         "compile: torch.compile'd step, about as fast per frame, ~45 s more on its first call)")
+    ap.add_argument("--mode", choices=["auto", *runtime.GENERATION_MODES], default="auto",
+                    help="how to generate (default auto: graph on CUDA, plain elsewhere): plain = the readable loop "
+                         "of hmtiny/generate.py, eager = the fast engine without CUDA graphs, graph = the fast "
+                         "engine's CUDA graphs (CUDA only)")
     ap.add_argument("--codec-steps", type=int, default=10, help="HeartCodec flow-matching steps (default 10)")
     ap.add_argument("--codec-guidance", type=float, default=1.25, help="HeartCodec guidance (default 1.25)")
     ap.add_argument("--codec-dtype", choices=["fp32", "tf32", "bf16"],
-                    help="HeartCodec precision (default: --config's validation_codec_dtype, else tf32 on CUDA: 3 min "
-                         "of audio in ~2.8 s on an H100; fp32 on CPU or with --dtype fp32; bf16: fastest, 1.1e-2 "
-                         "rel. error)")
+                    help="HeartCodec precision (default: --config's validation_codec_dtype, else tf32 on CUDA; "
+                         "fp32 on CPU or with --dtype fp32; bf16: fastest, least exact; README gives the figures)")
     return ap.parse_args(argv)
 
 
@@ -331,6 +334,9 @@ def run(a) -> int:
     except ValueError as e:
         raise UsageError(f"--device {a.device}: {e}") from None
     dtype = runtime.DTYPES[a.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    mode = runtime.default_mode(device) if a.mode == "auto" else a.mode
+    if mode == "graph" and device.type != "cuda":
+        raise UsageError(f"--mode graph needs a CUDA device, not {device}")
     seed = s["seed"] if s["seed"] is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     max_frames = max(1, round(s["duration"] * FRAME_RATE))
     # choose every output name now, so a long run never ends in a name clash
@@ -375,8 +381,6 @@ def run(a) -> int:
         raise UsageError(f"--duration {s['duration']:g} s is {max_frames} frames, more than this model's context "
                          f"allows after the prompt ({limit} frames, {limit / FRAME_RATE:.1f} s)")
 
-    mode = default_mode(device) if a.mode == "auto" else a.mode
-    engine = Engine(model, mode, share=True)  # sample.py owns the model: fuse weights without a second copy
     generator = torch.Generator(device=device).manual_seed(seed)
     t0 = time.time()
 
@@ -385,20 +389,21 @@ def run(a) -> int:
         print(f"\r  frame {n}/{total}  {n / dt:6.1f} frames/s  {n / dt / FRAME_RATE:5.1f}x real time", end="",
               flush=True)
 
-    print(f"generating ({mode} engine)...")
+    print(f"generating ({mode})...")
     tiles = gemv.cache_file()
-    if mode != "eager" and (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(engine.device):
+    if mode == "graph" and (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(device):
         kept = "not kept" if tiles is None else f"kept in {tiles}"
         print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before the "
               f"first frame (a few minutes on a fresh H100); {kept} for later runs")
-    songs = engine.generate([prompt] * a.num, max_frames, cfg_scale=s["cfg"], topk=s["topk"],
-                            temperature=s["temperature"], generator=generator, progress=progress,
-                            stop_on_eos=s["stop_on_eos"])
+    # sample.py owns the model: the engine fuses its weights without a second copy (share)
+    songs = runtime.generate(model, [prompt] * a.num, max_frames, s["cfg"], s["topk"], s["temperature"], generator,
+                             mode=mode, stop_on_eos=s["stop_on_eos"], progress=progress,
+                             engine_options={"share": True})
     dt = time.time() - t0
     made = sum(x.shape[0] for x in songs)
     print(f"\n{made} frames ({made / FRAME_RATE:.1f} s of audio) in {dt:.1f} s: {made / dt:.1f} frames/s, "
-          f"{made / dt / FRAME_RATE:.1f}x real time (first call includes the engine's warm-up)")
-    del engine, model
+          f"{made / dt / FRAME_RATE:.1f}x real time (graph mode: includes the capture)")
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -47,8 +47,8 @@ from hmtiny.trackers import Trackers
 from hmtiny.objective import Objective
 from hmtiny.runtime import load_tokenizer
 from hmtiny.train_config import ConfigError, load_config, parse_cli
-from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model, check_int8_available,
-                            check_output_dir, check_resume, load_checkpoint, lr_factor,
+from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model,
+                            check_int8_available, check_output_dir, check_resume, load_checkpoint, lr_factor,
                             make_optimizer, pick_device, prune_checkpoints, read_model_config, remove_temporaries,
                             save_checkpoint)
 

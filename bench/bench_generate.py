@@ -1,11 +1,11 @@
 """Generation speed at full 3B size (random weights, built on the GPU), CFG on, a 200-row prompt, 30 s of audio.
 
-    python bench/bench_generate.py [--frames 375] [--modes plain,eager,graph,compile] [--int8]
+    python bench/bench_generate.py [--frames 375] [--modes plain,eager,graph] [--int8]
 
-Rows: `plain` is a straightforward loop over the model's own modules and static KV cache (no fused weights, no
-graph, one host sync per frame for the EOS test, as the reference pipelines do); the others are hmtiny.generate's
-Engine modes. frames/s is end to end (prefill + frames + copy back) on the second call; the first call's time
-(graph capture, torch.compile) is reported apart, and the engines' second call is split (CUDA events) into
+Rows: `plain` is hmtiny/generate.py's loop (the model's own modules and static KV cache, no fused weights, no
+graph); the others are hmtiny.engine's modes, built as sample.py builds them. frames/s is end to end (prefill +
+frames + copy back) on the second call; the first call's time (tile timing, graph capture) is reported apart, and
+the engines' second call is split (CUDA events) into
 "prefill ms" (prompt prefill + first frame) and "loop ms" (per later frame step). Random weights could emit EOS
 at any frame: EOS is masked out here so every run makes all its frames. JSON goes to $OUT/bench_generate.json
 when OUT is set.
@@ -24,56 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.codec.config import FRAME_RATE  # noqa: E402
 from hmtiny.config import ModelConfig  # noqa: E402
-from hmtiny.generate import Engine  # noqa: E402
+from hmtiny import generate as plain  # noqa: E402
+from hmtiny.engine import Engine  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 from hmtiny.text import prompt_rows  # noqa: E402
-from kernels.topk_sample import sample_ref  # noqa: E402
 
 
 def synthetic_prompt(cfg: ModelConfig, rows: int = 200, tag_rows: int = 24, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, cfg.text_vocab_size - 1000, (rows - 1,), generator=g).tolist()
     return prompt_rows(ids[:tag_rows], ids[tag_rows:])
-
-
-@torch.no_grad()
-def plain_generate(model, prompt, frames, cfg_scale, topk, temperature, generator):
-    """The obvious loop: model modules as they are, the model's own cache path, a host sync every frame."""
-    tokens, mask, muq = prompt
-    dev, K = model.codebook0_head.weight.device, model.cfg.audio_num_codebooks
-    P = tokens.shape[0]
-    eos = model.cfg.gen.audio_eos_id
-    model.setup_caches(2, P + frames)
-    x = model.embed_rows(tokens[None].repeat(2, 1, 1).to(dev), mask[None].repeat(2, 1, 1).to(dev),
-                         torch.full((2,), muq, device=dev), torch.tensor([False, True], device=dev))
-    h = model.backbone(x, torch.arange(P, device=dev))[:, -1]
-    allowed = torch.full((model.cfg.audio_vocab_size,), float("-inf"), device=dev)
-    allowed[: model.cfg.codebook_size] = 0  # EOS masked: random weights must not stop early
-
-    def pick(logits):  # CFG mix, allowed ids, top-k + temperature draw, in plain torch ops
-        noise = torch.empty(1, logits.shape[-1], device=dev).exponential_(generator=generator)
-        return sample_ref(logits, allowed, cfg_scale, temperature, topk, noise)
-
-    out = []
-    for t in range(frames):
-        c = pick(model.codebook0_head(h))
-        codes = [c]
-        seq = torch.stack([h, model.embed_audio(0, c.repeat(2))], 1)
-        dpos = torch.arange(2, device=dev)
-        for i in range(1, K):
-            d = model.decoder(model.projection(seq), dpos)[:, -1]
-            c = pick(model.audio_logits(i, d))
-            codes.append(c)
-            seq = model.embed_audio(i, c.repeat(2))[:, None]
-            dpos = torch.tensor([i + 1], device=dev)
-        frame = torch.stack(codes, -1)
-        if bool((frame >= eos).any()):  # the per-frame host sync of the reference loops
-            break
-        out.append(frame)
-        row = model.audio_embeddings(frame.repeat(2, 1) + model.audio_offsets).sum(1, keepdim=True)
-        h = model.backbone(row, torch.tensor([P + t], device=dev))[:, -1]
-    model.drop_caches()
-    return torch.cat(out).cpu()
 
 
 def copy_bandwidth(nbytes=2 << 30):
@@ -135,7 +95,7 @@ def tile_table(res, dev="cuda"):
     input dtype, partial = K slices summed by the consumer, glu = gate/up ending in SwiGLU's product, PDL), timed
     again inside a CUDA graph over weights that miss L2, with the same PDL setting."""
     import contextlib
-    from kernels import gemv, pdl
+    from kernels import gemv, switches
     rows = []
     for key, tile in list(gemv._best.items()):
         n, k, wdtype, xdtype, partial, glu, with_pdl = key
@@ -146,7 +106,7 @@ def tile_table(res, dev="cuda"):
             torch.randn(n, k, device=dev, dtype=wdtype)
         scale = torch.rand(n, device=dev) / 100 if int8 else None
         x = torch.randn(2, k, device=dev, dtype=xdtype)
-        with contextlib.nullcontext() if with_pdl else pdl.suspended():
+        with contextlib.nullcontext() if with_pdl else switches.overridden(HMTINY_PDL="0"):
             if partial:
                 t = gemv.time_in_graph(lambda wi: gemv.partials_op(x, wi, scale, *tile), w) * 1e6
             else:  # one whole output: K slices added inside the kernel
@@ -175,9 +135,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=375)
     ap.add_argument("--plain-frames", type=int, default=40)
-    ap.add_argument("--modes", default="plain,eager,graph,compile")
+    ap.add_argument("--modes", default="plain,eager,graph")
     ap.add_argument("--int8", action="store_true", help="then quantise the stacks and time the int8 engine too")
-    ap.add_argument("--int8-modes", default="graph,compile")
+    ap.add_argument("--int8-modes", default="graph")
     ap.add_argument("--gemv", action="store_true", help="first time each decode matmul shape: cuBLAS vs kernels.gemv")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--topk", type=int, default=50)
@@ -230,10 +190,11 @@ def main():
     modes = args.modes.split(",")
     if "plain" in modes:
         n = args.plain_frames
-        plain_generate(model, prompt, 4, args.cfg, args.topk, 1.0, torch.Generator(dev).manual_seed(0))  # warm-up
-        t, fr = timed(lambda: plain_generate(model, prompt, n, args.cfg, args.topk, 1.0,
-                                             torch.Generator(dev).manual_seed(1)))
-        row = {"label": "plain loop (model modules, sync per frame)", "mode": "plain", "frames": fr.shape[0],
+        call = lambda frames, seed: plain.generate(model, [prompt], frames, args.cfg, args.topk, 1.0,
+                                                   torch.Generator(dev).manual_seed(seed), stop_on_eos=False)[0]
+        call(4, 0)  # warm-up
+        t, fr = timed(lambda: call(n, 1))
+        row = {"label": "plain loop (hmtiny/generate.py)", "mode": "plain", "frames": fr.shape[0],
                "s": t, "frames_per_s": fr.shape[0] / t, "ms_per_frame": 1e3 * t / fr.shape[0],
                "realtime_x": fr.shape[0] / t / FRAME_RATE}
         res["rows"].append(row)
@@ -250,11 +211,11 @@ def main():
                                 "traceback": traceback.format_exc()[-4000:]})
             print("FAILED", mode, e, flush=True)
             save()
-    if {"graph", "compile"} & set(sampled):
+    if "graph" in sampled:
         tile_table(res)
         save()
     if "eager" in sampled:
-        # same seed, same frames? bf16 rounding differs between eager and fused/compiled kernels, so a near-tie
+        # same seed, same frames? bf16 rounding differs between eager and the graph's kernels, so a near-tie
         # can flip one draw and the songs diverge from there: report the length of the common prefix
         ref = sampled["eager"]
         res["same_seed_common_prefix_vs_eager"] = {}
@@ -280,24 +241,25 @@ def main():
         except Exception as e:
             res["int8_error"] = f"{type(e).__name__}: {e}"[:2000]
         save()
-    if any(r.get("mode") in ("graph", "compile") and "error" not in r for r in res["rows"]):
+    if any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
         from kernels import gemv  # this card's picks (bf16 and int8), in the format of gemv.SHIPPED
         (out_dir / "gemv_tiles.json").write_text(json.dumps(gemv.export_picks(), indent=0, sort_keys=True))
 
     print(f"\n{res['device']}, torch {res['torch']}, prompt {res['prompt_rows']} rows, cfg {args.cfg}, "
           f"top-k {args.topk}; floor ~{res['floor_ms']:.2f} ms/frame")
-    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} {'GiB':>6s} "
-          f"{'prefill ms':>10s} {'loop ms':>8s}")
+    print(f"{'what':44s} {'frames':>6s} {'frames/s':>9s} {'ms/frame':>9s} {'x real':>7s} {'1st call s':>10s} "
+          f"{'GiB':>6s} {'prefill ms':>10s} {'loop ms':>8s}")
     for r in res["rows"]:
         if "error" in r:
             print(f"{r['label']:44s} ERROR {r['error'][:200]}")
             continue
+        nan = float("nan")
         print(f"{r['label']:44s} {r['frames']:6d} {r['frames_per_s']:9.1f} {r['ms_per_frame']:9.2f} "
-              f"{r['realtime_x']:7.1f} {r.get('first_call_s', float('nan')):10.1f} {r.get('peak_GiB', float('nan')):6.1f} "
-              f"{r.get('prefill_and_first_frame_ms', float('nan')):10.1f} {r.get('ms_per_frame_step', float('nan')):8.3f}")
+              f"{r['realtime_x']:7.1f} {r.get('first_call_s', nan):10.1f} {r.get('peak_GiB', nan):6.1f} "
+              f"{r.get('prefill_and_first_frame_ms', nan):10.1f} {r.get('ms_per_frame_step', nan):8.3f}")
     if "gemv" in res:
-        print(f"\n{'matmul (2 rows)':16s} {'N':>6s} {'K':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'gemv us':>8s} {'TB/s':>5s} "
-              f"{'rel err':>8s} tile")
+        print(f"\n{'matmul (2 rows)':16s} {'N':>6s} {'K':>5s} {'cuBLAS us':>9s} {'TB/s':>5s} {'gemv us':>8s} "
+              f"{'TB/s':>5s} {'rel err':>8s} tile")
         for g in res["gemv"]:
             print(f"{g['shape']:16s} {g['N']:6d} {g['K']:5d} {g['cublas_us']:9.1f} {g['cublas_TBps']:5.2f} "
                   f"{g['gemv_us']:8.1f} {g['gemv_TBps']:5.2f} {g['rel_err']:8.1e} {g['tile']}")

@@ -55,7 +55,8 @@ def ceilings():
     y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     tm = bench(lambda i: x @ y, 1)
     out = {"copy_TBps": 2 * a.numel() * 2 / t / 1e6, "bf16_mm_TFLOPs": 2 * 8192 ** 3 / tm / 1e6}
-    print(f"ceilings: device copy {out['copy_TBps']:.2f} TB/s (read+write), bf16 8192^3 matmul {out['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    print(f"ceilings: device copy {out['copy_TBps']:.2f} TB/s (read+write), "
+          f"bf16 8192^3 matmul {out['bf16_mm_TFLOPs']:.0f} TFLOP/s")
     return out
 
 
@@ -102,7 +103,8 @@ def matmul_table(ms=MS, shapes=SHAPES):
             mm = lambda regime: (lambda i: K.int8_matmul(xs[i], sets[i][0], sets[i][1], regime=regime))
             row["bf16_us"] = gpu_us(lambda i: xs[i] @ sets[i][3].T, n_sets)
             row["bf16_eager_us"] = bench(lambda i: xs[i] @ sets[i][3].T, n_sets)
-            row["deq_mm_eager_us"] = bench(lambda i: xs[i] @ (sets[i][0].to(torch.bfloat16) * sets[i][2][:, None]).T, n_sets)
+            deq_mm = lambda i: xs[i] @ (sets[i][0].to(torch.bfloat16) * sets[i][2][:, None]).T
+            row["deq_mm_eager_us"] = bench(deq_mm, n_sets)
             # the default dispatch's decode candidates (with kernels.gemv's "tiles" where they divide the shape)
             regimes = K._decode_candidates(xs[0], wq, s) if m <= K.DECODE_MAX_M else ["train", "dequant"]
             for regime in regimes:
@@ -115,9 +117,8 @@ def matmul_table(ms=MS, shapes=SHAPES):
                     row["tiles_cfg"] = list(gemv.plan(xs[0], wq, split=False, scale=s))
                 row["host_us_bf16"] = host_us(lambda i: xs[i] @ sets[i][3].T, n_sets)
                 row["host_us_int8"] = host_us(mm(None), n_sets)
-                K.FAST_LAUNCH = False
-                row["host_us_int8_triton_launch"] = host_us(mm(None), n_sets)
-                K.FAST_LAUNCH = True
+                with K.switches.overridden(HMTINY_INT8_FAST_LAUNCH="0"):
+                    row["host_us_int8_triton_launch"] = host_us(mm(None), n_sets)
             else:  # backward to the input at training sizes: dx = dy @ W
                 dys = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n_sets)]
                 ref_dx = dys[0].float() @ wd.float()
@@ -129,8 +130,8 @@ def matmul_table(ms=MS, shapes=SHAPES):
                 del dys
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del xs
-        del sets
+            xs = None  # freed before the next shape's
+        sets = None
         torch.cuda.empty_cache()
     return rows
 
@@ -160,10 +161,12 @@ def print_table(rows):
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in big:
             best, bdx = min(r["train_us"], r["dequant_us"]), min(r["dx_train_us"], r["dx_dequant_us"])
-            print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r['train_us']:.1f} | {r['dequant_us']:.1f} | "
+            print(f"| {r['K']}->{r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r['train_us']:.1f} | "
+                  f"{r['dequant_us']:.1f} | "
                   f"{r['bf16_us'] / best:.2f}x | {2 * r['M'] * r['N'] * r['K'] / best / 1e6:.0f} | "
                   f"{r['bf16_eager_us']:.1f} | {r['int8_eager_us']:.1f} | {r['deq_mm_eager_us']:.1f} | "
-                  f"{r['bf16_dx_us']:.1f} | {r['dx_train_us']:.1f} | {r['dx_dequant_us']:.1f} | {r['bf16_dx_us'] / bdx:.2f}x |")
+                  f"{r['bf16_dx_us']:.1f} | {r['dx_train_us']:.1f} | {r['dx_dequant_us']:.1f} | "
+                  f"{r['bf16_dx_us'] / bdx:.2f}x |")
 
 
 def tuned_configs():
@@ -173,7 +176,7 @@ def tuned_configs():
             out[f"{regime} {key[:5]}"] = str(cfg)
     for key, cfg in K._gemv_tuned.cache.items():
         out[f"gemv {key[:3]}"] = str(cfg)
-    out.update({f"decode choice {key[2:5]}": v for key, v in K._decode_choice.items()})
+    out.update({f"decode choice {key[2:5]}": v for key, v in K.CACHE.decode_choice.items()})
     return out
 
 
@@ -276,7 +279,6 @@ def model_step(int8: bool, steps=8, warmup=3, rank=16, dequant_min_m=None, autoc
            "reserved_GiB": torch.cuda.max_memory_reserved() / 2 ** 30, "losses": losses,
            "audio_frames_per_s": 375 / statistics.median(times[warmup:])}
     print(json.dumps(out), flush=True)
-    del model, opt, params
     return out
 
 
@@ -368,7 +370,8 @@ def main():
                            model_step(True, dequant_min_m=1 << 30)]
         b, q = result["model"][:2]
         for r in result["model"][2:]:
-            print(f"int8 base, dequant+cuBLAS from M >= {r['dequant_min_m']}: {r['step_ms']:.1f} ms, {r['peak_GiB']:.2f} GiB")
+            print(f"int8 base, dequant+cuBLAS from M >= {r['dequant_min_m']}: {r['step_ms']:.1f} ms, "
+                  f"{r['peak_GiB']:.2f} GiB")
         print(f"\n3B LoRA r16 step, 575 rows (200 prompt + 375 audio), grad checkpointing: "
               f"bf16 base {b['step_ms']:.1f} ms {b['peak_GiB']:.2f} GiB peak | int8 base {q['step_ms']:.1f} ms "
               f"{q['peak_GiB']:.2f} GiB peak ({q['step_ms'] / b['step_ms']:.2f}x time)")

@@ -119,8 +119,9 @@ def fullsize_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
     (run / "config.json").write_text(json.dumps(cfg, indent=1))
     model = ["--model", str(run / "out")] if a.full else \
         ["--model", str(ckpt), "--lora", str(run / "out" / "pytorch_lora_weights.safetensors")]
-    sample = model + ["--tags", TAGS, "--lyrics", LYRICS, "--duration", str(a.sample_seconds), "--ignore-eos", "--seed", "1",
-              "--out", str(run / "song.wav")] + (["--int8"] if a.precision != "no_change" else [])
+    sample = model + ["--tags", TAGS, "--lyrics", LYRICS, "--duration", str(a.sample_seconds), "--ignore-eos",
+                      "--seed", "1", "--out", str(run / "song.wav")]
+    sample += ["--int8"] if a.precision != "no_change" else []
     return [str(run / "config.json")], sample, {"run": run, "out": run / "out", "frames_per_clip": FRAMES_30S}
 
 
@@ -134,8 +135,8 @@ def tiny_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
     model = ["--model", str(run / "out")] if a.full else [
         "--model", str(TINY / "model"), "--codec", str(TINY / "codec"), "--tokenizer", str(TINY / "tokenizer.json"),
         "--lora", str(run / "out" / "pytorch_lora_weights.safetensors")]
-    sample = model + ["--tags", "pop, piano", "--lyrics", "la la la", "--duration", "2", "--ignore-eos", "--seed", "1", "--codec-steps", "2",
-              "--device", "cpu", "--out", str(run / "song.wav")]
+    sample = model + ["--tags", "pop, piano", "--lyrics", "la la la", "--duration", "2", "--ignore-eos", "--seed", "1",
+                      "--codec-steps", "2", "--device", "cpu", "--out", str(run / "song.wav")]
     return train, sample, {"run": run, "out": run / "out", "frames_per_clip": None}
 
 

@@ -1,8 +1,8 @@
 """Where a generated frame's time goes: per-kernel GPU time of one frame step at full 3B size.
 
-    python bench/profile_generate.py [--modes graph,compile] [--frames 375] [--steps 20]
+    python bench/profile_generate.py [--frames 375] [--steps 20]
 
-For each Engine mode: one short request (200-row prompt, CFG on) to build and capture the step, then
+The engine's graph mode: one short request (200-row prompt, CFG on) to build and capture the step, then
 torch.profiler over `--steps` replays of the captured CUDA graph (CUPTI reports the kernels inside a graph), and
 over the same number of un-captured calls of the step (what the graph holds, launched one by one); before that,
 the replay's wall time with the cache at its start, middle and end (attention grows with the cache). Prints the
@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_generate import synthetic_prompt  # noqa: E402
 from hmtiny.config import ModelConfig  # noqa: E402
-from hmtiny.generate import Engine  # noqa: E402
+from hmtiny.engine import Engine  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 
 
@@ -44,7 +44,6 @@ def kernel_table(prof, steps):
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="graph,compile")
     ap.add_argument("--frames", type=int, default=375)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
@@ -52,7 +51,7 @@ def main():
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     model = build_random(ModelConfig.official_3b(), device="cuda", dtype=torch.bfloat16)
     prompt = synthetic_prompt(model.cfg)
-    for mode in args.modes.split(","):
+    for mode in ["graph"]:
         eng = Engine(model, mode)
         eng.generate([prompt], args.frames, generator=torch.Generator("cuda").manual_seed(0), stop_on_eos=False)
         P = int(prompt[0].shape[0])
@@ -99,7 +98,7 @@ def main():
         for r in tab[:40]:
             print(f"{r['us_per_frame']:8.1f} us {r['calls_per_frame']:6.1f}x  {r['kernel']}")
         (out / "profile_generate.json").write_text(json.dumps(res, indent=1))
-        del eng
+        eng = None  # its graphs and cache freed before the next mode's
         torch.cuda.empty_cache()
 
 

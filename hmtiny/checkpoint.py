@@ -56,7 +56,8 @@ def weight_files(folder: Path) -> list[Path]:
         files = sorted(folder.glob("*.safetensors"))
     missing = [str(f) for f in files if not f.exists()]
     if not files or missing:
-        raise FileNotFoundError(f"no safetensors weights in {folder}" + (f" (missing shards {missing})" if missing else ""))
+        raise FileNotFoundError(f"no safetensors weights in {folder}"
+                                + (f" (missing shards {missing})" if missing else ""))
     return files
 
 
@@ -138,7 +139,8 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype | None = No
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+            more = " ..." if len(unexpected) > 20 else ""
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{more}")
         if bad_shape:
             lines.append(f"  shape mismatches ({len(bad_shape)}): {bad_shape[:20]}")
         raise ValueError("\n".join(lines))

@@ -174,7 +174,7 @@ class Sample:
 
 def build_example(prompt_tokens: torch.Tensor, prompt_mask: torch.Tensor, muq_idx: int,
                   audio_tokens, empty_id: int = 0, muq_embedding: np.ndarray | None = None) -> dict:
-    """Prompt rows followed by one row per audio frame (SPEC §3): audio rows have codebook columns 0..K-1 live
+    """Prompt rows followed by one row per audio frame (docs/model.md): audio rows have codebook columns 0..K-1 live
     and the text column = empty_id, not live. A reference embedding, when given, goes along as `muq_embed`."""
     audio = torch.as_tensor(np.asarray(audio_tokens), dtype=torch.long)
     T, K = audio.shape

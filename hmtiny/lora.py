@@ -343,7 +343,8 @@ def read_peft_config(weights: Path) -> dict | None:
     if kind != "LORA":
         raise ValueError(f"LoRA config {path}: peft_type {kind!r} (LyCORIS-style adapter) is not supported: "
                          f"only plain LoRA applies here")
-    refused = {"use_dora": "DoRA (use_dora) rescales every output by a learned magnitude, which a plain LoRA update cannot express",
+    refused = {"use_dora": "DoRA (use_dora) rescales every output by a learned magnitude, which a plain LoRA update "
+                           "cannot express",
                "rank_pattern": "per-layer ranks (rank_pattern) are not supported",
                "alpha_pattern": "per-layer alphas (alpha_pattern) are not supported",
                "fan_in_fan_out": "fan_in_fan_out weights (Conv1D layers) do not fit these linear layers"}
@@ -411,7 +412,8 @@ def read_lora(path: str | Path) -> LoRAWeights:
             raise ValueError(f"LoRA file {path}: module {module} has rank {r} but {PEFT_CONFIG_NAME} says "
                              f"r = {peft['r']}")
         ranks.add(r)
-        # alpha: per-module tensor (kohya style), else the file's config/metadata, else alpha = rank (SimpleTuner's default)
+        # alpha: per-module tensor (kohya style), else the file's config/metadata, else alpha = rank (SimpleTuner's
+        # default)
         alpha = float(d["alpha"]) if "alpha" in d else (file_alpha if file_alpha is not None else float(r))
         # alpha 0 would silently zero the adapter, NaN/inf would turn every generated token into garbage
         if not (math.isfinite(alpha) and alpha > 0):

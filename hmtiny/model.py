@@ -48,7 +48,8 @@ def llama3_rope_frequencies(cfg: StackConfig) -> torch.Tensor:
         elif wavelen > low_wavelen:
             out.append(freq / cfg.scale_factor)
         else:
-            smooth = (cfg.old_context_len / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+            smooth = ((cfg.old_context_len / wavelen - cfg.low_freq_factor)
+                      / (cfg.high_freq_factor - cfg.low_freq_factor))
             out.append((1 - smooth) * freq / cfg.scale_factor + smooth * freq)
     return torch.stack(out).float()
 
@@ -260,7 +261,7 @@ class HeartMuLa(nn.Module):
     def loss(self, tokens, tokens_mask, audio_frame_mask, muq_idx=None, decoder_fraction: float = 1.0,
              generator: torch.Generator | None = None, input_tokens: torch.Tensor | None = None,
              uncond: torch.Tensor | None = None, muq_embed: torch.Tensor | None = None):
-        """Training loss (SPEC §4): CE of codebook 0 over every row t whose row t+1 is an audio frame, plus the
+        """Training loss (docs/model.md): CE of codebook 0 over every row t whose row t+1 is an audio frame, plus the
         mean CE of codebooks 1..K-1 from the teacher-forced depth decoder. The depth decoder runs only on those
         target rows (and, with decoder_fraction < 1, on a random subset of them: CSM's compute amortisation).
         The targets are always `tokens`; the backbone reads `input_tokens` when given (scheduled sampling feeds

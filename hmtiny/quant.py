@@ -8,7 +8,6 @@ Weights are frozen buffers; backward flows to the input only (dx = dy @ W), whic
 from __future__ import annotations
 
 import fnmatch
-import os
 
 import torch
 import torch.nn as nn
@@ -37,7 +36,7 @@ def use_triton(x: torch.Tensor, group_size: int | None) -> bool:
     """Triton on CUDA for bf16/fp16 per-channel weights; HMTINY_INT8_TRITON=1 forces it (tests, TRITON_INTERPRET=1)."""
     if K.triton is None or group_size is not None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    return x.is_cuda or os.environ.get("HMTINY_INT8_TRITON") == "1"
+    return x.is_cuda or K.switches.int8_triton_off_cuda()
 
 
 class Int8Matmul(torch.autograd.Function):

@@ -54,6 +54,40 @@ def check_sampling(topk, temperature: float, cfg_scale: float = 1.0,
         raise ValueError(f"{c} must be >= 1 (1 = no guidance), got {cfg_scale}")
 
 
+# ---------------------------------------------------------------- generation
+GENERATION_MODES = ("plain", "eager", "graph")
+
+
+def default_mode(device: torch.device) -> str:
+    """graph (hmtiny.engine's CUDA graphs) on CUDA; plain (hmtiny.generate's loop) elsewhere, where the engine's
+    kernels would run their torch references anyway."""
+    return "graph" if device.type == "cuda" else "plain"
+
+
+def generate(model, prompts, max_frames: int, cfg_scale: float, topk: int, temperature: float,
+             generator: torch.Generator | None = None, mode: str | None = None, stop_on_eos: bool = True,
+             progress=None, engine_options: dict | None = None) -> list[torch.Tensor]:
+    """Frames [n, 8] for each prompt, in eval mode (no LoRA dropout; the model's mode is restored after), through
+    `mode` (GENERATION_MODES; None: default_mode). plain: hmtiny.generate, one prompt at a time; eager / graph: an
+    hmtiny.engine.Engine for this call only (its cache and graphs are freed when it returns), the prompts in one
+    batch, built with `engine_options` (share=True: sample.py owns the model; copy_weights=False: beside training)."""
+    mode = mode or default_mode(model.codebook0_head.weight.device)
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(GENERATION_MODES)}, not {mode!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "plain":
+            from .generate import generate as plain
+            return plain(model, prompts, max_frames, cfg_scale, topk, temperature, generator, stop_on_eos, progress)
+        from .engine import Engine
+        return Engine(model, mode, **(engine_options or {})).generate(
+            prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature, generator=generator,
+            progress=progress, stop_on_eos=stop_on_eos)
+    finally:
+        model.train(was_training)
+
+
 # ---------------------------------------------------------------- a training config's tokenizer and codec
 def load_tokenizer(cfg):
     """The PromptTokenizer a TrainConfig names (tokenizer_path / gen_config_path, else found from the model)."""

@@ -1,6 +1,6 @@
 """Text side of a HeartMuLa prompt: tags and lyrics -> the [P, 9] prompt rows.
 
-Layout (SPEC §3, HeartMuLaGenPipeline.preprocess): tag ids, one MuQ row, lyric ids. Only the text column (8) is
+Layout (docs/model.md, as HeartMuLaGenPipeline.preprocess): tag ids, one MuQ row, lyric ids. Only the text column (8) is
 live on every prompt row, the MuQ row included; the MuQ row carries text id empty_id (0) and the model overwrites
 its embedding with muq_linear(0). Tags are lower-cased and wrapped as `<tag>...</tag>`; lyrics are lower-cased;
 both get BOS prepended / EOS appended when the tokenizer did not put them there (the Llama-3 tokenizer adds BOS

@@ -71,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 2.0  # 0 = no clipping
     gradient_checkpointing: bool = True
     seed: int | None = None  # None: a random seed, printed so the run can be repeated
-    decoder_fraction: float = 1.0  # < 1: depth decoder on that share of frames (CSM compute amortisation, SPEC §4)
+    decoder_fraction: float = 1.0  # < 1: depth decoder on that share of frames (CSM's amortisation, docs/model.md)
     dynamo_backend: str = "no"  # "inductor": torch.compile each transformer block (SimpleTuner's option name)
     dynamo_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     cuda_graphs: bool = True  # CUDA: replay the step's forward+backward as captured graphs (hmtiny/captured_step.py)

@@ -299,8 +299,8 @@ def prune_checkpoints(output_dir: Path, limit: int | None, log=print):
 # where and how fast it runs. Every other setting must equal the checkpoint's.
 CHANGEABLE_ON_RESUME = {"max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit",
                         "resume_from_checkpoint", "resume_anyway", "init_lora", "output_dir", "device",
-                        "dynamo_backend", "dynamo_mode", "cuda_graphs", "gradient_checkpointing", "codec_path", "resolution",
-                        "num_validation_images"}
+                        "dynamo_backend", "dynamo_mode", "cuda_graphs", "gradient_checkpointing", "codec_path",
+                        "resolution", "num_validation_images"}
 PATH_KEYS = {"pretrained_model_name_or_path", "data_backend_config", "tokenizer_path", "gen_config_path"}
 
 
@@ -550,24 +550,17 @@ class Validator:
 
     @torch.no_grad()
     def generate(self, model, max_frames: int, seed: int) -> list[torch.Tensor]:
-        """The validation clips' frames. The engine lives for this call only: its KV cache and captured graphs are
-        freed before training goes on (keeping them would hold memory through every training step; a whole 30 s
-        validation, capture included, measured 5.5-6.3 s on an H100, bench/NOTES.md)."""
-        from .generate import Engine, default_mode
+        """The validation clips' frames, as sample.py makes them (runtime.generate). On CUDA the engine lives for this
+        call only: its KV cache and captured graphs are freed before training goes on (kept, they would hold memory
+        through every training step)."""
         cfg = self.cfg
         prompts = [tuple(x.to(self.device) if torch.is_tensor(x) else x for x in self.prompt)] \
             * cfg.num_validation_images
-        was_training = model.training
-        model.eval()  # no LoRA dropout
-        engine = Engine(model, default_mode(self.device), copy_weights=False)
         try:
-            return engine.generate(prompts, max_frames, cfg_scale=cfg.validation_cfg_scale,
-                                   topk=cfg.validation_topk, temperature=cfg.validation_temperature,
-                                   generator=torch.Generator(self.device).manual_seed(seed),
-                                   stop_on_eos=self.stop_on_eos)
+            return runtime.generate(model, prompts, max_frames, cfg.validation_cfg_scale, cfg.validation_topk,
+                                    cfg.validation_temperature, torch.Generator(self.device).manual_seed(seed),
+                                    stop_on_eos=self.stop_on_eos, engine_options={"copy_weights": False})
         finally:
-            del engine
-            model.train(was_training)
             self.free_cuda_cache()
 
     def free_cuda_cache(self):

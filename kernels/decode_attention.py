@@ -36,13 +36,12 @@ torch path); the engine's prefill, whose left-pad rows attend only to themselves
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from . import pdl
+from . import pdl, switches
 from .counters import counters
 
 try:
@@ -64,22 +63,19 @@ class Cfg(NamedTuple):
 
 
 # Per-shape choices, first match wins: (B, KV, G, S, hd, max L) -> Cfg. Fill from `bench/bench_decode_attention.py
-# --sweep` (it prints lines for this table); shapes not listed use the rule in config().
+# --sweep` (it prints lines for this table, with their timings against the default rule for bench/NOTES.md);
+# shapes not listed use the rule in config().
 TABLE: list[tuple[tuple[int, int, int, int, int, int], Cfg]] = [
-    ((2, 8, 3, 1, 128, 1024), Cfg(32, 4, 3)),  # 9.19 µs (default 9.63)
-    ((2, 8, 3, 1, 128, 1 << 30), Cfg(64, 4, 1)),  # 26.82 µs (default 37.21)
-    ((2, 4, 2, 1, 384, 8), Cfg(8, 8, 2)),  # 2.38 µs (default 2.61)
-    ((2, 4, 2, 2, 384, 8), Cfg(8, 4, 2)),  # 2.41 µs (default 2.44)
+    ((2, 8, 3, 1, 128, 1024), Cfg(32, 4, 3)),
+    ((2, 8, 3, 1, 128, 1 << 30), Cfg(64, 4, 1)),
+    ((2, 4, 2, 1, 384, 8), Cfg(8, 8, 2)),
+    ((2, 4, 2, 2, 384, 8), Cfg(8, 4, 2)),
 ]
 
 
 # Triton < 3.7 orders the non-contiguous axes of a load's layout by ascending index, later ones by descending:
 # the kernel lays its tiles out accordingly (FLIP), for the same thread mapping with both (see _decode_kernel)
 _FLIP = triton is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 if triton is not None:
@@ -377,7 +373,8 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
         *parts.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
         S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
-        COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip, EXACT=not _interpreting(),
+        COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip,
+        EXACT=not switches.interpreting(),
         SK=SK, num_warps=num_warps, enable_fp_fusion=True, **pdl.launch_kwargs(qkv))
     return y
 

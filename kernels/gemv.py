@@ -1,9 +1,10 @@
 """y = x @ W.T for a few rows of x (decode: 2 rows with CFG), streaming W once at close to memory bandwidth.
 
-cuBLAS reaches only 1.1-1.7 TB/s on HeartMuLa's decode shapes (SPEC §10), so a frame that must read ~10.5 GB of
-weights takes ~6.7 ms there. This Triton kernel splits W into row blocks (optionally also into K slices, summed in a
-fixed order, deterministic, by the consumer or by the row block's last program) so that every SM keeps several
-loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the device.
+A decode frame is bound by reading the weights once, and cuBLAS reads them well below the memory's bandwidth on
+HeartMuLa's few-row decode shapes (bench/NOTES.md). This Triton kernel splits W into row blocks (optionally also
+into K slices, summed in a fixed order, deterministic, by the consumer or by the row block's last program) so that
+every SM keeps several loads in flight. Each shape's tile sizes are picked once by timing a few candidates on the
+device.
 
 Weights may also be int8 with one float32 scale per output row (hmtiny.quant's per-channel Int8Linear): the tile
 is converted to the activation dtype in registers (exact) and the scale applied to the fp32 sums, so a decode step
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import pdl
+from . import pdl, switches
 from .counters import counters
 from .timing import graph_time
 
@@ -41,14 +42,11 @@ except ImportError:  # CPU-only installs: F.linear everywhere
     triton = None
 
 MAX_ROWS = 16
-# (rows of W per program, K per step, K slices, warps). On an H100 a sweep over bn 16-128, bk 64-512, 1-8 K slices
-# and 4/8 warps picked only these neighbourhoods, so tuning tries just them. (That sweep summed K slices in a
-# second kernel; the kernel now adds them itself, which may favour more slices for the narrow shapes.)
-# HMTINY_GEMV_MAX_SPLIT (default 4) caps the K slices of these tiles: an A/B switch for bench_generate.py (1 = session
-# 3's tiles, whose K slices were never added inside the kernel; the narrow and one-shot tiles of `_candidates` are
-# not capped).
-CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4) for nw in (4, 8)
-              if sk <= int(os.environ.get("HMTINY_GEMV_MAX_SPLIT", "4"))]
+# (rows of W per program, K per step, K slices, warps). A sweep over bn 16-128, bk 64-512, 1-8 K slices and 4/8
+# warps on an H100 picked only these neighbourhoods, so tuning tries just them.
+# HMTINY_GEMV_MAX_SPLIT (kernels/switches.py) caps their K slices when tiles are timed: an A/B switch for
+# bench_generate.py (the narrow and one-shot tiles of `_candidates` are not capped).
+CANDIDATES = [(bn, bk, sk, nw) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4) for nw in (4, 8)]
 DEFAULT = (32, 128, 1, 4)
 # When the caller adds the K slices up itself (inside its next fused kernel, see `plan`), splitting K costs no
 # extra pass: more programs keep all 132 SMs streaming for the shapes with few row blocks (N = 3072: 96 programs
@@ -197,10 +195,11 @@ def _candidates(K: int, partial: bool) -> list[tuple]:
     (PARTIAL_CANDIDATES)."""
     one_shot = [(bn, K // sk, sk, nw) for sk in (3, 4, 6, 8, 12, 16) if K % sk == 0 and K // sk in (256, 512, 1024)
                 for bn in (16, 32) for nw in (4, 8)]
+    base = [c for c in CANDIDATES if c[2] <= switches.gemv_max_split()]
     if partial:
-        return CANDIDATES + PARTIAL_CANDIDATES + one_shot
+        return base + PARTIAL_CANDIDATES + one_shot
     narrow = [(16, bk, sk, 4) for bk in (128, 256) for sk in (1, 2, 4)]
-    return CANDIDATES + narrow + [c for c in one_shot if c[2] <= 8]
+    return base + narrow + [c for c in one_shot if c[2] <= 8]
 
 
 def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
@@ -211,14 +210,9 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
 
 
 def cache_file():
-    """Where the tiles picked on this machine are kept between processes (timing every candidate costs minutes of
-    Triton compiles on a fresh machine): $HMTINY_TILE_CACHE, or ~/.cache/hmtiny/gemv_tiles.json; "0" = none."""
-    path = os.environ.get("HMTINY_TILE_CACHE")
-    if path == "0":
-        return None
-    if path:
-        return Path(path)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmtiny" / "gemv_tiles.json"
+    """Where the tiles picked on this machine are kept between processes (timing every candidate means many Triton
+    compiles on a fresh machine): $HMTINY_TILE_CACHE, or ~/.cache/hmtiny/gemv_tiles.json; "0" = none."""
+    return switches.tile_cache_path()
 
 
 def _read_cache(path) -> dict:
@@ -364,8 +358,8 @@ def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor |
 
 
 def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
-    """F.linear(x, w) via `partials`, the K-slice sum done here in torch ops, so that under torch.compile it fuses
-    into the consumer's kernel (residual add, norm, SiLU) instead of costing a pass of its own."""
+    """F.linear(x, w) via `partials`, the K slices summed here in torch ops: for a layer planned with split tiles
+    whose caller needs the whole output this time (the engine's q/k/v on a prompt of few rows)."""
     y = partials(x, w, cfg, scale)
     return y[0] if cfg[2] == 1 else y.sum(0).to(x.dtype)
 

@@ -18,8 +18,6 @@ is also the CPU/MPS path.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -29,8 +27,8 @@ except ImportError:  # CPU/MPS installs without triton use the *_ref functions
     triton = None
 
 from . import gemv  # "tiles": the generation engine's few-row GEMV, which also takes int8 weights + row scales
+from . import switches
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)  # the interpreter cannot autotune (no CUDA timers)
 DECODE_MAX_M = 16
 
@@ -228,15 +226,13 @@ if triton is not None:
                 continue
         return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)
 
-    def set_autotune(enabled: bool):
-        """Autotune over each regime's config list (default), or use its first config only (fast tests)."""
-        global _tuned, _gemv_tuned
+    def _tuners(enabled: bool) -> dict:
+        """Each regime's autotuned kernel ("gemv" too) over its config list, or over its first config only."""
         pick = (lambda c: c) if enabled else (lambda c: c[:1])
-        _tuned = {name: _autotune(pick(cfgs), _KEY, ["c_ptr"] if "split" in name else None)(_kernel)
-                  for name, cfgs in _CONFIGS.items()}
-        _gemv_tuned = _autotune(pick(GEMV_CONFIGS), ["N", "K", "PAIR"])(_gemv_kernel)
-        _compiled.clear()
-        _decode_choice.clear()
+        tuned = {name: _autotune(pick(cfgs), _KEY, ["c_ptr"] if "split" in name else None)(_kernel)
+                 for name, cfgs in _CONFIGS.items()}
+        tuned["gemv"] = _autotune(pick(GEMV_CONFIGS), ["N", "K", "PAIR"])(_gemv_kernel)
+        return tuned
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -253,32 +249,58 @@ if triton is not None:
 # Above this many rows, dequantise the weight with one memory-bound pass and let cuBLAS do the product: Triton's
 # fused kernel (the int8 -> bf16 conversion sits inside the tensor-core loop) runs below cuBLAS at large M.
 DEQUANT_MIN_M = 1024
-# Remember each compiled kernel by everything Triton specialises on and launch it directly: Triton's own launch
-# path (argument binding, specialisation key, autotuner lookup) costs tens of µs of host time per call.
-FAST_LAUNCH = os.environ.get("HMTINY_INT8_FAST_LAUNCH", "1") == "1" and not INTERPRET
-_compiled: dict = {}
-# decode (M <= 16) has up to four kernels; which is fastest depends on the shape: timed once per shape, remembered
 GEMV_MAX_M = 2
-_decode_choice: dict = {}
-if triton is not None:
-    set_autotune(os.environ.get("HMTINY_INT8_AUTOTUNE", "1") == "1")
+
+
+class LaunchCache:
+    """What this module remembers in a process, in one object (`CACHE`; `set_autotune` starts it afresh):
+    - tuned: each regime's autotuned kernel, built on first use (HMTINY_INT8_AUTOTUNE is read then);
+    - compiled: each compiled kernel by everything Triton specialises on, launched directly: Triton's own launch
+      path (argument binding, specialisation key, autotuner lookup) costs much host time per call
+      (HMTINY_INT8_FAST_LAUNCH=0: always Triton's path; `direct` turns False for good if a Triton's launcher
+      refuses a direct launch);
+    - decode_choice: decode (M <= 16) has up to four kernels and the fastest depends on the shape: timed once per
+      shape."""
+
+    def __init__(self, autotune: bool | None = None):
+        self.autotune = autotune
+        self._tuned = None
+        self.compiled: dict = {}
+        self.decode_choice: dict = {}
+        self.direct = True
+
+    def tuned(self, regime: str):
+        if self._tuned is None:
+            self._tuned = _tuners(switches.int8_autotune() if self.autotune is None else self.autotune)
+        return self._tuned[regime]
+
+
+CACHE = LaunchCache()
+
+
+def set_autotune(enabled: bool | None):
+    """Autotune over each regime's config list (True), or use its first config only (False: fast tests); None:
+    as HMTINY_INT8_AUTOTUNE says. Forgets every remembered kernel and choice."""
+    global CACHE
+    CACHE = LaunchCache(enabled)
 
 
 def _cached_launch(key, args, slow):
     """Launch `args` with the kernel remembered under `key`; on a miss run slow() -> (kernel, grid, constexprs),
     Triton's normal launch (it compiles and autotunes), and remember what it launched."""
-    global FAST_LAUNCH
-    hit = _compiled.get(key) if FAST_LAUNCH else None
+    cache = CACHE
+    fast = cache.direct and switches.int8_fast_launch()
+    hit = cache.compiled.get(key) if fast else None
     if hit is not None:
         kernel, grid, consts = hit
         try:
             kernel[grid](*args, *consts)
             return
         except TypeError:  # a Triton whose launcher takes other arguments: use its normal path from now on
-            FAST_LAUNCH = False
+            cache.direct = fast = False
     kernel, grid, consts = slow()
-    if FAST_LAUNCH and hasattr(kernel, "function"):
-        _compiled[key] = (kernel, grid, consts)
+    if fast and hasattr(kernel, "function"):
+        cache.compiled[key] = (kernel, grid, consts)
 
 
 def _align_key(*tensors):
@@ -287,12 +309,13 @@ def _align_key(*tensors):
 
 def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """Dense weight Wq * s in `dtype`, one pass over the int8 weight (Triton on CUDA, torch elsewhere)."""
-    if triton is None or not (wq.is_cuda or INTERPRET) or scale.numel() != wq.shape[0] or not wq.is_contiguous():
+    interpreting = switches.interpreting()
+    if triton is None or not (wq.is_cuda or interpreting) or scale.numel() != wq.shape[0] or not wq.is_contiguous():
         return dequantize_ref(wq, scale, dtype)
     n, k = wq.shape
     w = torch.empty((n, k), device=wq.device, dtype=dtype)
     args = (wq, scale, w, n, k)
-    consts = (16, 512) if not INTERPRET else (16, 32)
+    consts = (16, 512) if not interpreting else (16, 32)
     grid = (triton.cdiv(n, consts[0]), triton.cdiv(k, consts[1]), 1)
 
     def slow():
@@ -314,7 +337,7 @@ def _gemv_launch(x2, wq, scale, out, config):
         return y
     pair = m > 1
     args = (x2, wq, scale, y, m, n, k, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1))
-    if config is not None or INTERPRET:
+    if config is not None or switches.interpreting():
         cfg = dict(config or {"BLOCK_N": 4, "BLOCK_K": 32})
         extra = {key: cfg.pop(key) for key in ("num_warps", "num_stages") if key in cfg}
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, 2))
@@ -323,8 +346,9 @@ def _gemv_launch(x2, wq, scale, out, config):
 
     def slow():
         grid_fn = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 2))
-        kernel = _gemv_tuned[grid_fn](*args, PAIR=pair)
-        cfg = _gemv_tuned.best_config.kwargs
+        tuner = CACHE.tuned("gemv")
+        kernel = tuner[grid_fn](*args, PAIR=pair)
+        cfg = tuner.best_config.kwargs
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, 2), 1)
         return kernel, grid, (pair, k % cfg["BLOCK_K"] == 0, cfg["BLOCK_N"], cfg["BLOCK_K"])
 
@@ -364,7 +388,7 @@ def _decode_regime(x2, wq, scale) -> str:
     # everything the candidates depend on, in cheap metadata (gemv.usable per call would cost host time)
     key = (x2.device, x2.dtype, triton.next_power_of_2(m), n, k, wq.stride(), scale.device, scale.dtype,
            scale.stride())
-    choice = _decode_choice.get(key)
+    choice = CACHE.decode_choice.get(key)
     if choice is None:
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time now: a default, not remembered
             return "decode"
@@ -376,14 +400,15 @@ def _decode_regime(x2, wq, scale) -> str:
                 continue
         if not times:
             raise RuntimeError(f"no int8 decode kernel ran for x {tuple(x2.shape)}, weight {tuple(wq.shape)}")
-        choice = _decode_choice[key] = min(times, key=times.get)
+        choice = CACHE.decode_choice[key] = min(times, key=times.get)
     return choice
 
 
 def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str, config: dict | None, out):
     """C[M, P] = A[M, R] @ B[R, P]; B is int8 read through `b_strides` = (stride along R, stride along P)."""
     m, r = a2.shape
-    if config is None and INTERPRET:
+    interpreting = switches.interpreting()
+    if config is None and interpreting:
         config = INTERPRET_CONFIG
     split = (config or {}).get("SPLIT_R", 1) > 1 or (config is None and regime == "decode_split")
     if split:
@@ -398,9 +423,9 @@ def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str, config: d
         cfg = {"GROUP_M": 8, "SPLIT_R": 1, "B_AS_LHS": False, **config}
         extra = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"])
-        _kernel[grid](*args, SCALE_ON_R=scale_on_r, UPCAST=INTERPRET, **cfg, **extra)
+        _kernel[grid](*args, SCALE_ON_R=scale_on_r, UPCAST=interpreting, **cfg, **extra)
     else:
-        tuner = _tuned[regime]
+        tuner = CACHE.tuned(regime)
 
         def slow():
             grid_fn = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), meta["SPLIT_R"])
@@ -439,7 +464,7 @@ def int8_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, regime: 
     x2 = x.reshape(-1, k)
     if regime is None:
         regime = _regime(x2.shape[0])
-        if regime == "decode" and config is None and x2.is_cuda and not INTERPRET and x2.shape[0] > 0:
+        if regime == "decode" and config is None and x2.is_cuda and not switches.interpreting() and x2.shape[0] > 0:
             regime = _decode_regime(x2, wq, scale.reshape(-1))
     if regime == "dequant" and config is None:
         y = torch.matmul(x2, dequantize(wq, scale, x.dtype).T, out=None if out is None else out.view(-1, n))

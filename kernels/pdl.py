@@ -1,6 +1,6 @@
 """Programmatic dependent launch (PDL, Hopper and later): a kernel may start while the one before it in the stream
 is still running, so its launch, its start-up and its loads of constant data (weights) overlap the previous
-kernel's tail instead of following it. A decode frame is ~400 kernels of 2-40 µs, so those gaps add up.
+kernel's tail instead of following it. A decode frame is hundreds of short kernels, so those gaps add up.
 
 Contract for a kernel launched with `launch_kwargs(...)` (it receives PDL=True):
 - before `tl.extra.cuda.gdc_wait()` it may only read data that no kernel of the step writes (weights, tables);
@@ -15,10 +15,9 @@ before it has finished (it waited for it before releasing its dependents). `HMTI
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
+
+from . import switches
 
 try:
     from triton.backends.nvidia.compiler import CUDAOptions
@@ -27,25 +26,9 @@ except Exception:  # no Triton, or a Triton without the option
     _SUPPORTED = False
 
 
-_suspended = 0
-
-
-@contextlib.contextmanager
-def suspended():
-    """Launch without PDL inside this block (e.g. while capturing a step that must match an earlier measurement)."""
-    global _suspended
-    _suspended += 1
-    try:
-        yield
-    finally:
-        _suspended -= 1
-
-
 def enabled(t: torch.Tensor) -> bool:
     """PDL for kernels working on t: a CUDA device of compute capability >= 9 and a Triton that can launch it."""
-    if _suspended or not (_SUPPORTED and t.is_cuda) or os.environ.get("HMTINY_PDL", "1") == "0":
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not (_SUPPORTED and t.is_cuda) or not switches.pdl_allowed() or switches.interpreting():
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9
 

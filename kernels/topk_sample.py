@@ -1,6 +1,6 @@
 """Sampling one codebook in one launch: CFG mix + bias + temperature + exact top-k + softmax + exponential race.
 
-torch.topk sorts (gatherTopK + radixSortKVInPlace, ~44 µs a call on an H100) only to read one number: the k-th
+torch.topk sorts (gatherTopK + radixSortKVInPlace) only to read one number: the k-th
 largest value. This Triton kernel runs one program per output row with the whole row in registers and finds the
 top k (ties at the k-th value all kept) without sorting, on int32 keys that order like the float32 values (sign
 bit clear: the bits; set: the bits with the other 31 flipped; -0.0 folded into +0.0 first, so equal floats have
@@ -12,11 +12,11 @@ maxima: k groups have an entry >= it), then the few entries >= lo (~63 of 8256 f
 compacted into a per-row scratch buffer and ranked all-pairs: an entry is kept iff fewer than k entries are
 strictly above it. A fixed number of block-wide steps (~10 reductions and scans, one barrier around the scratch),
 whatever the data; only when more than C (128) entries are >= lo does it bisect (rare: values crowded into few
-groups, or more than C entries tying at the k-th value; then the race runs over the whole row). It replaced a
-bisection over the key range that took ~17-32 dependent block-wide steps (26.6 µs vs 5.4 µs a call on an H100).
+groups, or more than C entries tying at the k-th value; then the race runs over the whole row). A bisection over
+the whole key range would take tens of dependent block-wide steps.
 
-`sample_ref` is the plain-torch definition (what the generation engine did before this kernel) and the
-fallback off CUDA.
+`sample_ref` is the plain-torch reference: hmtiny.generate.sample_ids, the sampling rule, with the bias and
+noise as the kernel takes them (tests/test_generate.py holds the two equal). It is the fallback off CUDA.
 `sample` dispatches; on CUDA it is a torch custom op, so torch.compile treats it as one opaque call and CUDA
 graphs capture it. `tests/test_topk_sample.py` checks the kernel against the reference (TRITON_INTERPRET=1 on
 CPU, Triton 3.6 and later: no scalar is loaded from memory, reductions only).

@@ -4,7 +4,6 @@ and the user's files untouched; a training run killed at any moment resumes from
 ends with the LoRA of an uninterrupted run."""
 import hashlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -38,7 +37,8 @@ def make_run(folder: Path, tracks=("01", "02", "03"), **overrides) -> Path:
     (folder / "multidatabackend.json").write_text(json.dumps([
         {"id": "tiny", "type": "local", "dataset_type": "audio", "instance_data_dir": str(data)}]))
     cfg = {"pretrained_model_name_or_path": str(TINY / "model"),
-           "data_backend_config": str(folder / "multidatabackend.json"), "output_dir": str(folder / "out"), "mixed_precision": "no", "seed": 3, "train_batch_size": 1,
+           "data_backend_config": str(folder / "multidatabackend.json"), "output_dir": str(folder / "out"),
+           "mixed_precision": "no", "seed": 3, "train_batch_size": 1,
            "learning_rate": 3e-3, "lr_scheduler": "constant", "max_train_steps": 2, "num_train_epochs": 0,
            "lora_rank": 4, "lora_dropout": 0.0, "gradient_checkpointing": False, "checkpointing_steps": 1,
            "checkpoints_total_limit": None, "validation_prompt": None}

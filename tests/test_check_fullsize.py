@@ -9,7 +9,8 @@ from conftest import REPO
 
 
 def test_tiny_workflow_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "check_fullsize.py"), "--tiny", "--work", str(tmp_path)],
+    script = str(REPO / "bench" / "check_fullsize.py")
+    proc = subprocess.run([sys.executable, script, "--tiny", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     report = json.loads((tmp_path / "report.json").read_text())
     assert proc.returncode == 0 and report["ok"], proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -62,7 +62,8 @@ def test_decode_output_and_seed(tiny):
 def test_no_guidance_branch_is_the_conditional_flow(tiny):
     """guidance <= 1 skips the CFG pair; it must integrate the conditional velocity (= CFG at g -> 1)."""
     g = torch.Generator().manual_seed(0)
-    noise, ic, cond = torch.randn(1, 20, 256, generator=g), torch.randn(1, 20, 256, generator=g), torch.randn(1, 20, 32, generator=g)
+    noise, ic = torch.randn(1, 20, 256, generator=g), torch.randn(1, 20, 256, generator=g)
+    cond = torch.randn(1, 20, 32, generator=g)
     ic[:, 6:] = 0
     est = tiny.flow_matching.estimator
     plain = solve_euler(est, noise, ic, 6, cond, 3, 1.0)
@@ -103,7 +104,8 @@ def test_save_load_round_trip(tiny, tmp_path):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name
     with torch.no_grad():
         x, t = torch.randn(2, 10, 544), torch.rand(2)
-        assert torch.allclose(tiny.flow_matching.estimator(x, t), back.flow_matching.estimator(x, t), rtol=1e-5, atol=1e-6)
+        est = lambda codec: codec.flow_matching.estimator(x, t)
+        assert torch.allclose(est(tiny), est(back), rtol=1e-5, atol=1e-6)
         latent = torch.randn(2, 128, 4) * 0.3
         assert torch.allclose(tiny.scalar_model(latent), back.scalar_model(latent), rtol=1e-4, atol=1e-6)
 

@@ -2,9 +2,6 @@
 model folder that sample.py loads (official key names), and under `torchrun --nproc_per_node 2` FSDP2 on gloo
 trains what one process trains with twice the batch, and resumes on either number of processes."""
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,12 +1,15 @@
-"""Generation engine: fixture parity (greedy frames of the official pipeline), sampling, batching, stop rule, LoRA."""
+"""The fast engine (hmtiny/engine.py), held to the plain loop (hmtiny/generate.py): greedy frames of the official
+pipeline, the same sampled tokens under a seed, batching, the stop rule, LoRA, int8."""
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from hmtiny import generate as plain
+from hmtiny import runtime
 from hmtiny.checkpoint import load_heartmula
-from hmtiny.generate import Engine, engine_for, generate
-from kernels.topk_sample import mix_ref, sample_ref
+from hmtiny.engine import Engine
 from hmtiny.text import prompt_rows
+from kernels.topk_sample import mix_ref, sample_ref
 
 CASES = {"generate_nocfg": 1.0, "generate_cfg": 1.5}
 
@@ -20,6 +23,13 @@ def mula(fixtures):
 def fixture_prompt(cases, name):
     """The official preprocess output, first row (the CFG copy is made by the engine)."""
     return cases[f"{name}.tokens"][0], cases[f"{name}.tokens_mask"][0], int(cases[f"{name}.muq_idx"][0])
+
+
+def generate(model, prompts, max_frames, seed=None, **kw):
+    """One request to a fresh eager engine (on this machine's CPU: the kernels' torch references)."""
+    if seed is not None:
+        kw["generator"] = torch.Generator().manual_seed(seed)
+    return Engine(model).generate(prompts, max_frames, **kw)
 
 
 def some_prompts():
@@ -36,6 +46,51 @@ def test_greedy_frames_match_official(mula, name):
     assert len(frames) == 1
     assert frames[0].dtype == torch.long
     assert torch.equal(frames[0], cases[f"{name}.frames"])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_plain_loop_greedy_frames_match_official(mula, name):
+    model, cases = mula
+    frames = plain.generate(model, [fixture_prompt(cases, name)], max_frames=6, cfg_scale=CASES[name], topk=1)
+    assert torch.equal(frames[0], cases[f"{name}.frames"])
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_engine_greedy_equals_plain_loop(mula, cfg_scale):
+    """Prompts of several lengths in one batch (left-padded in the engine) against the plain loop, one by one."""
+    model, _ = mula
+    prompts = some_prompts()
+    want = plain.generate(model, prompts, max_frames=24, cfg_scale=cfg_scale, topk=1)
+    got = generate(model, prompts, max_frames=24, cfg_scale=cfg_scale, topk=1)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("cfg_scale,topk,temperature", [(1.5, 50, 1.0), (1.0, 0, 1.3), (2.0, 5, 0.7)])
+def test_engine_samples_what_plain_loop_samples(mula, cfg_scale, topk, temperature):
+    """The same generator state, so the same Exp(1) draws (one prompt): the same tokens, with the engine's padded
+    heads and without. Under guidance, with a reference embedding, and with EOS ending songs."""
+    model, _ = mula
+    prompt = (*some_prompts()[0], torch.randn(model.cfg.muq_dim, generator=torch.Generator().manual_seed(1)))
+    kw = dict(max_frames=16, cfg_scale=cfg_scale, topk=topk, temperature=temperature)
+    want = plain.generate(model, [prompt], generator=torch.Generator().manual_seed(3), **kw)[0]
+    for fuse in (True, False):
+        got = Engine(model, fuse=fuse).generate([prompt], generator=torch.Generator().manual_seed(3), **kw)[0]
+        assert want.shape[0] > 0 and torch.equal(got, want), fuse
+    greedy = plain.generate(model, [prompt], topk=1, **{k: v for k, v in kw.items() if k != "topk"})[0]
+    assert not (greedy.shape == want.shape and torch.equal(greedy, want))  # it really samples
+
+
+def test_plain_sampling_is_the_kernels_reference():
+    """hmtiny.generate.sample_ids (the rule) and kernels.topk_sample.sample_ref (what the kernel is tested against)
+    are the same function."""
+    gen = torch.Generator().manual_seed(0)
+    bias = torch.zeros(300)
+    bias[250:] = float("-inf")
+    for cfg_scale, topk, temperature in [(1.0, 1, 1.0), (1.5, 50, 1.0), (1.0, 0, 0.8), (3.0, 7, 1.7)]:
+        logits = torch.randn(4 if cfg_scale != 1.0 else 2, 300, generator=gen)
+        noise = torch.empty(2, 300).exponential_(generator=gen)
+        want = sample_ref(logits, bias, cfg_scale, temperature, topk, noise)
+        assert torch.equal(plain.sample_ids(logits, bias, cfg_scale, temperature, topk, noise), want)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
@@ -190,6 +245,16 @@ def test_bad_arguments(mula):
         generate(model, [], max_frames=4)
     with pytest.raises(ValueError, match="CUDA"):
         Engine(model, mode="graph") if not torch.cuda.is_available() else (_ for _ in ()).throw(ValueError("CUDA"))
+    with pytest.raises(ValueError, match="mode must be one of eager, graph"):
+        Engine(model, mode="compile")
+    with pytest.raises(ValueError, match="mode must be one of plain, eager, graph"):
+        runtime.generate(model, p, 4, 1.5, 50, 1.0, mode="fast")
+    # the plain loop takes the same rules
+    for bad, match in ((dict(cfg_scale=0.5), "cfg_scale"), (dict(temperature=0), "temperature"),
+                       (dict(topk=-1), "topk must be an integer >= 0"), (dict(max_frames=0), "max_frames"),
+                       (dict(max_frames=model.cfg.backbone.max_seq_len), "context")):
+        with pytest.raises(ValueError, match=match):
+            plain.generate(model, p, **{"max_frames": 4, **bad})
 
 
 def test_lora_changes_tokens_zero_lora_does_not(fixtures):
@@ -199,8 +264,9 @@ def test_lora_changes_tokens_zero_lora_does_not(fixtures):
     base = generate(model, prompts, max_frames=10, topk=1)
     model.train()
     inject_lora(model, rank=4)  # B = 0: no change
-    zero = generate(model, prompts, max_frames=10, topk=1)
-    assert model.training  # generate() restores the mode it found
+    zero = runtime.generate(model, prompts, 10, 1.5, 1, 1.0, mode="eager")
+    assert model.training  # runtime.generate restores the mode it found
+    assert all(torch.equal(a, b) for a, b in zip(zero, runtime.generate(model, prompts, 10, 1.5, 1, 1.0)))
     assert all(torch.equal(a, b) for a, b in zip(base, zero))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -208,28 +274,31 @@ def test_lora_changes_tokens_zero_lora_does_not(fixtures):
             m.lora_B.weight.normal_(0, 0.5, generator=gen)
     unmerged = generate(model, prompts, max_frames=10, topk=1)
     assert not all(torch.equal(a, b) for a, b in zip(base, unmerged))
+    assert all(torch.equal(a, b) for a, b in zip(unmerged, plain.generate(model, prompts, max_frames=10, topk=1)))
     merge_lora(model)
-    merged = generate(model, prompts, max_frames=10, topk=1)  # engine rebuilt: layers were replaced
+    merged = generate(model, prompts, max_frames=10, topk=1)
     assert all(torch.equal(a, b) for a, b in zip(unmerged, merged))
 
 
-def test_engine_is_reused_and_rebuilt_when_layers_change(fixtures):
+def test_kept_engine_refuses_a_model_whose_layers_were_replaced(fixtures):
     from hmtiny.lora import inject_lora
     model = load_heartmula(fixtures / "heartmula", dtype=torch.float32)
-    e1 = engine_for(model)
-    assert engine_for(model) is e1
+    eng, p = Engine(model), some_prompts()[:1]
+    first = eng.generate(p, max_frames=4, topk=1)
+    assert all(torch.equal(a, b) for a, b in zip(first, eng.generate(p, max_frames=4, topk=1)))
     inject_lora(model, rank=2)
-    assert engine_for(model) is not e1
+    with pytest.raises(ValueError, match="replaced"):
+        eng.generate(p, max_frames=4, topk=1)
 
 
 def test_weights_changed_in_place_are_seen(fixtures):
     """Fused copies are refreshed each call (training changes weights between validations)."""
     model = load_heartmula(fixtures / "heartmula", dtype=torch.float32)
-    p = some_prompts()[:1]
-    before = generate(model, p, max_frames=8, topk=1)[0]
+    p, eng = some_prompts()[:1], Engine(model)  # kept, as a caller reusing its engine does
+    before = eng.generate(p, max_frames=8, topk=1)[0]
     with torch.no_grad():
         model.backbone.layers[0].mlp.w3.weight.mul_(-3.0)
-    after = generate(model, p, max_frames=8, topk=1)[0]
+    after = eng.generate(p, max_frames=8, topk=1)[0]
     fresh = Engine(load_heartmula(fixtures / "heartmula", dtype=torch.float32), fuse=False)
     with torch.no_grad():
         fresh.model.backbone.layers[0].mlp.w3.weight.mul_(-3.0)
@@ -238,19 +307,20 @@ def test_weights_changed_in_place_are_seen(fixtures):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
-@pytest.mark.parametrize("mode", ["graph", "compile"])
-def test_cuda_modes_match_eager(fixtures, mode):
+def test_cuda_graph_matches_eager_and_plain(fixtures):
     folder = fixtures / "heartmula"
     model = load_heartmula(folder, dtype=torch.float32, device="cuda")
     cases = load_file(str(folder / "cases.safetensors"))
     for name, cfg in CASES.items():
-        got = Engine(model, mode).generate([fixture_prompt(cases, name)], 6, cfg_scale=cfg, topk=1)[0]
+        got = Engine(model, "graph").generate([fixture_prompt(cases, name)], 6, cfg_scale=cfg, topk=1)[0]
         assert torch.equal(got, cases[f"{name}.frames"])
     prompts = some_prompts()
     kw = dict(max_frames=24, cfg_scale=1.5, topk=20, temperature=1.0)
     eager = Engine(model, "eager").generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
-    fast = Engine(model, mode).generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
+    fast = Engine(model, "graph").generate(prompts, generator=torch.Generator("cuda").manual_seed(3), **kw)
     assert all(torch.equal(a, b) for a, b in zip(eager, fast))
+    greedy = plain.generate(model, prompts, 24, cfg_scale=1.5, topk=1)
+    assert all(torch.equal(a, b) for a, b in zip(greedy, Engine(model, "graph").generate(prompts, 24, topk=1)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")

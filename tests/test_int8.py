@@ -61,7 +61,8 @@ def kernel_errors(device: str, shapes, configs, dtypes=(torch.bfloat16, torch.fl
                 rows.append(dict(shape=[m, n, k], config=str(cfg), dtype=str(dt).split(".")[-1],
                                  fwd=rel_err(y, K.int8_matmul_ref(x.double(), wq, s.double())),
                                  dx=rel_err(dx, K.int8_matmul_dx_ref(dy.double(), wq, s.double())),
-                                 tol=TOL[dt], y_dtype=str(y.dtype), finite=bool(y.isfinite().all() and dx.isfinite().all())))
+                                 tol=TOL[dt], y_dtype=str(y.dtype),
+                                 finite=bool(y.isfinite().all() and dx.isfinite().all())))
     return rows
 
 
@@ -134,7 +135,7 @@ def one_config_per_regime():
     """Awkward shapes each need their own tuning: test them with each regime's first config, then restore."""
     K.set_autotune(False)
     yield
-    K.set_autotune(True)
+    K.set_autotune(None)  # as HMTINY_INT8_AUTOTUNE says (default: autotune)
 
 
 @cuda
@@ -153,7 +154,7 @@ def test_kernels_cuda_autotuned_and_decode_choice():
     for m in (1, 2, 16):  # the default dispatch times the decode kernels once per shape, then remembers
         errs = [e for seed in (0, 1) for e in regime_errors("cuda", (m, 3072, 1024), [None], calls=1, seed=seed)]
         assert max(errs) < 1e-2, (m, errs)
-    assert {key[2] for key in K._decode_choice} >= {1, 2, 16}
+    assert {key[2] for key in K.CACHE.decode_choice} >= {1, 2, 16}
 
 
 # ----------------------------------------------------------------------------- "tiles": kernels/gemv.py's GEMV
@@ -193,7 +194,7 @@ def test_tiles_regime_plumbing_and_out(monkeypatch):
 def test_decode_choice_is_the_fastest_candidate_that_runs(monkeypatch):
     """The selection logic (CPU, timing stubbed): candidates by M and gemv.usable, fastest wins, a candidate that
     fails is skipped, the choice is remembered per shape."""
-    monkeypatch.setattr(K, "_decode_choice", {})
+    monkeypatch.setattr(K.CACHE, "decode_choice", {})
     monkeypatch.setattr(K.gemv, "usable", lambda x, w, scale=None: True)
     fake = {"decode": 3.0, "decode_split": 2.0, "gemv": 1.5, "tiles": 1.0}
     timed = []
@@ -248,11 +249,11 @@ def test_default_decode_dispatch_cuda_correct_whichever_regime(monkeypatch):
         assert "tiles" in K._decode_candidates(x, wq, s)
         assert rel_err(K.int8_matmul(x, wq, s), ref) < 1e-2, (m, n, k)  # timed choice
         for want in K._decode_candidates(x, wq, s):
-            monkeypatch.setattr(K, "_decode_choice", {})
+            monkeypatch.setattr(K.CACHE, "decode_choice", {})
             monkeypatch.setattr(K, "_time_regime", lambda x2, w, sc, regime: 0.0 if regime == want else 1.0)
             y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
             K.int8_matmul(x, wq, s, out=y)
-            assert list(K._decode_choice.values()) == [want]
+            assert list(K.CACHE.decode_choice.values()) == [want]
             assert rel_err(y, ref) < 1e-2, (m, n, k, want)
         monkeypatch.undo()
 
@@ -414,7 +415,8 @@ if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_
     rows = kernel_errors("cpu", SMALL_SHAPES, SMALL_CONFIGS)
     from hmtiny.quant import use_triton
     wq, s = random_int8_weight(37, 70)
-    print(json.dumps(dict(interpret=K.INTERPRET, kernels=rows, int8_linear=int8_linear_triton_vs_torch("cpu"),
+    print(json.dumps(dict(interpret=K.switches.interpreting(), kernels=rows,
+                          int8_linear=int8_linear_triton_vs_torch("cpu"),
                           int8_linear_used_triton=use_triton(torch.zeros(1, dtype=torch.bfloat16), None),
                           # fp32 exactly; (the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest)
                           dequantize_equal=torch.equal(K.dequantize(wq, s, torch.float32), K.dequantize_ref(wq, s)),

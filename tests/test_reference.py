@@ -50,7 +50,7 @@ def test_zero_embedding_is_todays_model_and_a_real_one_changes_only_the_muq_row(
         assert torch.equal(rows(model, prompt, ref, yes), rows(model, prompt, None, yes))
 
     def song(*extra):
-        return generate(model, [(*prompt, *extra)], 6, cfg_scale=1.5, topk=1, fast=False, stop_on_eos=False)[0]
+        return generate(model, [(*prompt, *extra)], 6, cfg_scale=1.5, topk=1, stop_on_eos=False)[0]
     plain = song()
     assert torch.equal(song(torch.zeros(DIM)), plain)
     assert torch.equal(song(None), plain)

@@ -113,6 +113,7 @@ def test_int8_base_with_an_unmerged_lora(tmp_path, capsys):
                                                          "--local-dir ckpt/HeartMuLa-oss-3B"),
     (["--model", "/nonexistent/ckpt"], "give --tags"),
     (["--demo", "--model", "x"], "--demo uses the built-in tiny model"),
+    (["--demo", "--device", "cpu", "--mode", "graph"], "--mode graph needs a CUDA device"),
 ])
 def test_bad_arguments_fail_clearly(tmp_path, capsys, args, message):
     rc, log = run(args + (["--out", str(tmp_path / "x.wav")] if "--out" not in args else []), capsys)

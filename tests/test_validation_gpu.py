@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hmtiny.checkpoint import load_heartmula
-from hmtiny.generate import Engine
+from hmtiny.engine import Engine
 from hmtiny.lora import inject_lora, lora_parameters, mark_only_lora_trainable
 from hmtiny.text import prompt_rows
 
@@ -54,7 +54,8 @@ def sample(model, engine, prompts):
     model.eval()
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return engine.generate(prompts, 16, cfg_scale=1.5, topk=20, generator=torch.Generator("cuda").manual_seed(3))
+            return engine.generate(prompts, 16, cfg_scale=1.5, topk=20,
+                                   generator=torch.Generator("cuda").manual_seed(3))
     finally:
         model.train()
 
@@ -64,7 +65,8 @@ def test_reused_engine_after_optimizer_steps_equals_a_fresh_one(fixtures, dtype)
     model = lora_model(fixtures, dtype)
     opt = torch.optim.AdamW(lora_parameters(model), lr=5e-2, fused=True)
     gen = torch.Generator("cuda").manual_seed(0)
-    prompts = [prompt_rows([500, 272, 410, 62, 501], [500, 137, 278, 184, 501]), prompt_rows([500, 17, 501], [500, 501])]
+    prompts = [prompt_rows([500, 272, 410, 62, 501], [500, 137, 278, 184, 501]),
+               prompt_rows([500, 17, 501], [500, 501])]
     engine = Engine(model, "graph")
     train_steps(model, opt, 2, gen)
     first = sample(model, engine, prompts)

@@ -236,8 +236,8 @@ class HeartCodec(nn.Module):
 
         Noise comes from `generator` (or torch's global CPU generator) in the reference's order, so after
         torch.manual_seed(s) this equals heartlib's detokenize(codes) with the same seed.
-        decode_batch: windows per ScalarModel call. 1 (default) was as fast as 4 on an H100 (3 min, bf16:
-        1.77 vs 1.78 s) with 1.9 instead of 7.5 GiB of working memory (bench/NOTES.md).
+        decode_batch: windows per ScalarModel call. 1 (default) is as fast as 4 with a quarter of the working
+        memory (bench/NOTES.md).
         device: where to compute, when the weights live elsewhere (a codec kept on the CPU beside training):
         each stage's weights are copied there for that stage only, so the device holds the flow stage's
         estimator (1.49 B parameters) or the ScalarModel and its working memory, never both. Same result.

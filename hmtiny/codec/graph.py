@@ -1,8 +1,8 @@
 """Replay the estimator as one CUDA graph.
 
-One estimator call is ~2,000 small kernel launches (30 blocks of norms, modulation, RoPE, matmuls); in
-eager mode the host issuing them is slower than the H100 running them (measured: 45 ms per call where
-the matmuls need ~8). A graph captured once per (shape, dtype, weights) replays them with one launch.
+One estimator call is thousands of small kernel launches (30 blocks of norms, modulation, RoPE, matmuls); in
+eager mode the host issuing them is slower than the GPU running them. A graph captured once per (shape, dtype,
+weights) replays them with one launch.
 """
 from __future__ import annotations
 

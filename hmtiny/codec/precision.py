@@ -14,10 +14,10 @@ CODEC_DTYPES = ("fp32", "tf32", "bf16")
 
 
 def default_codec_dtype(device, validation: bool = False) -> str:
-    """The most accurate choice that decodes 3 minutes of audio in under 5 s on an H100: tf32 on CUDA (2.8 s, rel.
-    RMS error 9.6e-4 against fp32; fp32 9.0 s; bf16 1.7 s at 1.1e-2, bench/NOTES.md). Validation during training
-    keeps bf16 on CUDA: half the weights' memory (2.8 instead of 5.5 GiB for the flow stage) beside the training
-    state, which is what lets an int8 run fit a 12 GB card. fp32 elsewhere (CPU bf16 convolutions are slow)."""
+    """On CUDA tf32: the most accurate choice that decodes minutes of audio in a few seconds (speed and error of
+    each choice: bench/NOTES.md). Validation during training keeps bf16 on CUDA: half the weights' memory beside
+    the training state, which is what lets an int8 run fit a 12 GB card. fp32 elsewhere (CPU bf16 convolutions
+    are slow)."""
     if torch.device(device).type != "cuda":
         return "fp32"
     return "bf16" if validation else "tf32"
