@@ -14,9 +14,9 @@ is the CUDA path and `tests/test_dropout.py` holds the two to each other (TRITON
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from . import switches
 
 try:
     import triton
@@ -76,10 +76,6 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(x.dtype), mask=inside)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def seeded_dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -93,7 +89,7 @@ def seeded_dropout_triton(x: torch.Tensor, seed: torch.Tensor, salt: int, p: flo
 
 def seeded_dropout_apply(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
     """No autograd: the kernel on CUDA (or under the interpreter), the reference elsewhere."""
-    if triton is not None and (x.is_cuda or _interpret()) and x.numel() < 2 ** 31:
+    if triton is not None and (x.is_cuda or switches.interpreting()) and x.numel() < 2 ** 31:
         return seeded_dropout_triton(x, seed, salt, p)
     return seeded_dropout_ref(x, seed, salt, p)
 
