@@ -154,21 +154,24 @@ class CapturedStep:
     def _capture(self, s: _Shape):
         t0 = time.perf_counter()
         saved = [p.grad.clone() for p in self.params]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: lazy initialisation, autotuning, cuBLAS workspaces
-            self._run(s)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()  # the warm-up's activations: the graph's pool gets that memory instead
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        s.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(s.graph, pool=self.pool):
-            s.out = self._run(s)
-        with torch.no_grad():
-            for p, g in zip(self.params, saved):  # undo the warm-up's gradient
-                p.grad.copy_(g)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation, autotuning, cuBLAS workspaces
+                self._run(s)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the warm-up's activations: the graph's pool gets that memory instead
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                s.out = self._run(s)
+            s.graph = graph
+        finally:
+            with torch.no_grad():
+                for p, g in zip(self.params, saved):  # undo the warm-up's gradient
+                    p.grad.copy_(g)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
         B, S = s.tokens.shape[:2]
@@ -192,7 +195,14 @@ class CapturedStep:
         if not self.capture:
             return self._run(s)
         if s.graph is None:
-            self._capture(s)
+            try:
+                self._capture(s)
+            except RuntimeError as e:  # something in this step cannot live in a graph: say so, run it eagerly
+                self.log(f"warning: the training step could not be captured in a CUDA graph ({e}); running it "
+                         f"eagerly from now on (cuda_graphs: false skips the attempt)")
+                self.capture = False
+                self.release()
+                return self._run(s)
         s.graph.replay()
         return s.out
 
@@ -200,4 +210,5 @@ class CapturedStep:
         """Free every graph and its memory (before validation); later calls capture again."""
         self.shapes.clear()
         self.pool = None
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
