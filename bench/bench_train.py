@@ -185,6 +185,7 @@ def main():
                     help="comma list of captured (train.py's default step), eager, int8 (captured), int8-eager, "
                          "profile / profile-captured (1 clip, checkpointing), "
                          "compile (blocks torch.compile'd, eager step)")
+    ap.add_argument("--shapes", default="1c,4,4c,1", help="clips per step, c = with checkpointing")
     ap.add_argument("--budget_s", type=float, default=240, help="skip compiled variants past this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -194,7 +195,7 @@ def main():
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(info, flush=True)
     results = []
-    shapes = ((1, True), (4, False), (4, True), (1, False))
+    shapes = [(int(x.rstrip("c")), x.endswith("c")) for x in args.shapes.split(",")]
 
     model = build(cfg)
     info["weights_GiB"] = torch.cuda.memory_allocated() / GiB
