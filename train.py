@@ -364,8 +364,8 @@ def train(argv: list[str]) -> Path:
     if memory.summary():
         log(memory.summary())
     if captured is not None and captured.captures:
-        log(f"captured the step {captured.captures} time(s) for {len(captured.shapes)} batch shape(s) in use, "
-            f"{captured.capture_s:.1f} s in all")
+        log(f"captured the training step {captured.captures} time(s) ({captured.capture_s:.1f} s in all; batch shapes "
+            f"are captured once, and again after each validation)")
     if trackers:
         trackers.close()
     return result

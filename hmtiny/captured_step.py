@@ -11,8 +11,9 @@ A graph replays fixed shapes and cannot read device values on the host, so this 
 - the frames the loss reads (rows whose next row is audio) are chosen on the host from the CPU batch, as index
   lists padded to a multiple of `bucket` with weight-0 entries; the loss divides by the real count.
 Different lengths map to few shapes (bucketed), each captured once, on its first batch, after one eager
-warm-up; graphs share one memory pool, so memory is that of the largest shape, not the sum. `release()` frees
-them all (validation does, to give the memory to generation); the next step captures again.
+warm-up (about a second), and kept; graphs share one memory pool, so memory is that of the largest shape, not
+the sum. `release()` frees them all (validation does, to give the memory to generation); later steps capture
+their shapes again.
 
 Gradients accumulate into the parameters' existing `.grad` tensors, which must stay in place: the trainer zeroes
 them in place (`zero_grad(set_to_none=False)`). Gradient accumulation, clipping and the optimizer stay eager.
@@ -129,10 +130,9 @@ class CapturedStep:
     parameter's .grad and returns the device tensor [loss, loss_c0, loss_rest] (read it before the next call)."""
 
     def __init__(self, model: HeartMuLa, params: list[torch.nn.Parameter], amp_dtype: torch.dtype | None,
-                 decoder_fraction: float = 1.0, bucket: int = 64, max_shapes: int = 8, capture: bool = True,
-                 log=print):
+                 decoder_fraction: float = 1.0, bucket: int = 64, capture: bool = True, log=print):
         self.model, self.params, self.amp_dtype = model, params, amp_dtype
-        self.decoder_fraction, self.bucket, self.max_shapes = decoder_fraction, bucket, max_shapes
+        self.decoder_fraction, self.bucket = decoder_fraction, bucket
         self.device = model.codebook0_head.weight.device
         self.capture = capture and self.device.type == "cuda"
         self.log = log
@@ -184,13 +184,8 @@ class CapturedStep:
         rows = plan_rows(cpu_batch["audio_frame_mask"], self.decoder_fraction, self.bucket, S_pad)
         key = (B, S_pad, rows.c0_at.numel(), rows.dec_at.numel(), "muq_embed" in cpu_batch)
         s = self.shapes.get(key)
-        if s is None:
-            if len(self.shapes) >= self.max_shapes:  # least recently used goes; its memory returns to the pool
-                self.shapes.pop(next(iter(self.shapes)))
-            s = _Shape(key, self.device, self.model.cfg.muq_dim)
-        else:
-            self.shapes.pop(key)
-        self.shapes[key] = s  # most recently used last
+        if s is None:  # every shape is kept: the graphs share one pool, so more shapes cost no more GPU memory
+            s = self.shapes[key] = _Shape(key, self.device, self.model.cfg.muq_dim)
         s.load(cpu_batch, rows, scale, extra)
         if not self.capture:
             return self._run(s)
