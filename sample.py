@@ -10,13 +10,16 @@ HeartCodec-oss/, tokenizer.json, gen_config.json side by side). --tags/--lyrics 
 """
 from __future__ import annotations
 
-import argparse
-import math
-import sys
 import time
-from pathlib import Path
 
-import torch
+STARTED = time.perf_counter()  # before the heavy imports: the closing breakdown counts them as start-up
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hmtiny import runtime  # noqa: E402
@@ -314,6 +317,23 @@ def reference_embedding(a, device):
     return None
 
 
+class Clock:
+    """Where a run's time goes: laps named as they end, printed as one line at the end."""
+
+    def __init__(self):
+        self.last, self.laps = STARTED, []
+
+    def lap(self, name: str):
+        now = time.perf_counter()
+        self.laps.append((name, now - self.last))
+        self.last = now
+
+    def summary(self) -> str:
+        total = sum(t for _, t in self.laps)
+        parts = ", ".join(f"{name} {t:.1f} s" for name, t in self.laps if t >= 0.05)
+        return f"time: {parts}; total {total:.1f} s"
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
@@ -362,8 +382,12 @@ def run(a) -> int:
         for p in token_paths:
             check_writable(p, "--save-tokens")
 
+    clock = Clock()
+    clock.lap("start-up (Python, imports, checks)")
     ref = reference_embedding(a, device)  # before the model: a missing `muq` fails fast
+    clock.lap("reference embedding")
     tok, model, codec_where = load_everything(s, a, device, dtype, need_codec=not a.tokens_only)
+    clock.lap("loading the model")
     prompt = tok.prompt(s["tags"], s["lyrics"])
     if ref is not None:
         from hmtiny.reference import check_muq_embedding
@@ -384,10 +408,16 @@ def run(a) -> int:
     generator = torch.Generator(device=device).manual_seed(seed)
     t0 = time.time()
 
+    counted = {"before": 0, "last": 0}  # the plain loop makes one song after another, each counting from 1
+
     def progress(n, total):
-        dt = time.time() - t0
-        print(f"\r  frame {n}/{total}  {n / dt:6.1f} frames/s  {n / dt / FRAME_RATE:5.1f}x real time", end="",
-              flush=True)
+        if n < counted["last"]:
+            counted["before"] += counted["last"]
+        counted["last"] = n
+        done, dt = counted["before"] + n, time.time() - t0
+        song = f"song {counted['before'] // total + 1}/{a.num} " if a.num > 1 and mode == "plain" else ""
+        print(f"\r  {song}frame {n}/{total}  {done / dt:6.1f} frames/s  {done / dt / FRAME_RATE:5.1f}x real time",
+              end="", flush=True)
 
     print(f"generating ({mode})...")
     tiles = gemv.cache_file()
@@ -400,9 +430,11 @@ def run(a) -> int:
                              mode=mode, stop_on_eos=s["stop_on_eos"], progress=progress,
                              engine_options={"share": True})
     dt = time.time() - t0
+    clock.lap("generation")
     made = sum(x.shape[0] for x in songs)
-    print(f"\n{made} frames ({made / FRAME_RATE:.1f} s of audio) in {dt:.1f} s: {made / dt:.1f} frames/s, "
-          f"{made / dt / FRAME_RATE:.1f}x real time (graph mode: includes the capture)")
+    together = f" for the {a.num} songs together" if a.num > 1 else ""
+    print(f"\n{made} frames ({made / FRAME_RATE:.1f} s of audio) in {dt:.1f} s: {made / dt:.1f} frames/s{together}, "
+          f"{made / dt / FRAME_RATE:.1f}x real time{' (includes the graph capture)' if mode == 'graph' else ''}")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -414,6 +446,8 @@ def run(a) -> int:
             runtime.save_npy(p, frames.numpy().astype(np.int16))
             print(f"tokens: {p}")
     if a.tokens_only:
+        clock.lap("writing tokens")
+        print(clock.summary())
         return 0
 
     from hmtiny.codec import write_audio
@@ -424,6 +458,7 @@ def run(a) -> int:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
     except ValueError as e:  # keys or shapes that do not match its config.json
         raise UsageError(f"--codec {codec_where}: {e}") from None
+    clock.lap("loading the codec")
     for i, (frames, out) in enumerate(zip(songs, outs)):
         if frames.shape[0] == 0:
             print(f"song {i + 1}: the model ended it at once (EOS at the first frame): nothing to decode, no file")
@@ -437,6 +472,8 @@ def run(a) -> int:
         print(f"decoded song {i + 1} in {time.time() - t1:.1f} s -> {out} ({wav.shape[1] / codec.sample_rate:.1f} s, "
               f"{codec.sample_rate} Hz, {wav.shape[0]} channels)")
     print(f"codec total {time.time() - t0:.1f} s")
+    clock.lap("decoding and writing audio")
+    print(clock.summary())
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")

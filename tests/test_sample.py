@@ -29,6 +29,10 @@ def test_demo_writes_48k_stereo_of_the_requested_duration(tmp_path, capsys):
     assert data.shape[0] == int(25 / 12.5 * 48000)  # 25 frames = 2 s
     assert np.isfinite(data).all() and np.abs(data).max() > 0
     assert "frames/s" in log and "real time" in log and str(out) in log
+    # where the time went, one line at the end: every phase named, and a total
+    times = next(line for line in log.splitlines() if line.startswith("time: "))
+    for phase in ("start-up", "loading the model", "generation", "decoding and writing audio", "total"):
+        assert phase in times, times
 
 
 def test_several_songs_are_numbered_and_nothing_is_overwritten(tmp_path, capsys):
