@@ -320,8 +320,8 @@ def reference_embedding(a, device):
 class Clock:
     """Where a run's time goes: laps named as they end, printed as one line at the end."""
 
-    def __init__(self):
-        self.last, self.laps = STARTED, []
+    def __init__(self, start: float):
+        self.last, self.laps = start, []
 
     def lap(self, name: str):
         now = time.perf_counter()
@@ -330,14 +330,16 @@ class Clock:
 
     def summary(self) -> str:
         total = sum(t for _, t in self.laps)
-        parts = ", ".join(f"{name} {t:.1f} s" for name, t in self.laps if t >= 0.05)
+        parts = ", ".join(f"{name} {t:.1f} s" for name, t in self.laps)
         return f"time: {parts}; total {total:.1f} s"
 
 
 def main(argv=None) -> int:
+    # run as a script, the start-up counts from the first line (imports included); called in-process, from here
+    started = STARTED if argv is None else time.perf_counter()
     a = parse_args(argv)
     try:
-        return run(a)
+        return run(a, Clock(started))
     except (UsageError, OSError) as e:  # OSError: a full disk, a folder gone while writing
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -347,7 +349,7 @@ def main(argv=None) -> int:
         return 1
 
 
-def run(a) -> int:
+def run(a, clock: Clock) -> int:
     s = settings(a)
     try:
         device = runtime.pick_device(a.device)
@@ -382,10 +384,10 @@ def run(a) -> int:
         for p in token_paths:
             check_writable(p, "--save-tokens")
 
-    clock = Clock()
     clock.lap("start-up (Python, imports, checks)")
     ref = reference_embedding(a, device)  # before the model: a missing `muq` fails fast
-    clock.lap("reference embedding")
+    if ref is not None:
+        clock.lap("reference embedding")
     tok, model, codec_where = load_everything(s, a, device, dtype, need_codec=not a.tokens_only)
     clock.lap("loading the model")
     prompt = tok.prompt(s["tags"], s["lyrics"])
