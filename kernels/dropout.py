@@ -10,7 +10,8 @@ on the input's device (the caller changes it per step); `salt` tells the layers 
 layer). fmix32 is MurmurHash3's finaliser: every input bit flips each output bit with probability ~1/2.
 
 `seeded_dropout_ref` computes the identical mask with plain torch int64 ops (the CPU/MPS path); the Triton kernel
-is the CUDA path and `tests/test_dropout.py` holds the two to each other (TRITON_INTERPRET=1 on CPU).
+is the CUDA path and `tests/test_dropout.py` holds the two to each other (TRITON_INTERPRET=1 on CPU);
+`bench/bench_dropout.py` times it against torch's own dropout on the device.
 """
 from __future__ import annotations
 
