@@ -282,6 +282,9 @@ def train(argv: list[str]) -> Path:
     if validate and cfg.validation_on_startup and step == 0:
         validation()
 
+    def on_device(cpu_batch: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+
     # With fused AdamW a step's loss and gradient norm are read one step late, once the next step is queued, so
     # the GPU does not wait for Python between steps. A non-finite step still changes nothing: `bad` turns on
     # (and stays on) on the device, and the optimizer skips its update while it is on (AdamW's `found_inf`, as
@@ -302,13 +305,11 @@ def train(argv: list[str]) -> Path:
             if cpu_batch is None:  # a short last batch of the epoch left this rank no clip
                 continue
             set_dropout_seed(model, dropout_seed(cfg.seed, step, micro, distributed.rank()))
-            if captured is not None:
-                batch = ({k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-                         if objective.describe() else {})
-                three = captured(cpu_batch, weight / accum, objective.inputs(model, batch, step) if batch else {})
-                losses += three * (weight / accum)  # [loss, loss_c0, loss_rest]
+            if captured is not None:  # it copies the CPU batch itself; the objective (when on) needs it on device
+                extra = objective.inputs(model, on_device(cpu_batch), step) if objective.describe() else {}
+                losses += captured(cpu_batch, weight / accum, extra) * (weight / accum)  # [loss, c0, rest]
                 continue
-            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+            batch = on_device(cpu_batch)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, info = model.loss(batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
                                         batch["muq_idx"], decoder_fraction=cfg.decoder_fraction,
@@ -318,9 +319,6 @@ def train(argv: list[str]) -> Path:
         if not full:  # FSDP averages a full fine-tune's gradients itself
             distributed.average_gradients(params)
         losses = distributed.all_reduce_sum(losses) / world
-        if not read_late:
-            loss_val = losses[0].item()
-            check_finite(loss_val, 0.0, step + 1)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP's sharded parameters give a DTensor
@@ -329,8 +327,9 @@ def train(argv: list[str]) -> Path:
         if read_late:
             bad.add_((~values.isfinite().all()).float()).clamp_(max=1)
             optimizer.found_inf = bad
-        else:
-            check_finite(loss_val, float(grad_norm), step + 1)
+        else:  # one host sync, before the update
+            loss_val, *_, norm_val = values.tolist()
+            check_finite(loss_val, norm_val, step + 1)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=captured is None)  # the captured step accumulates into these tensors
