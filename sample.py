@@ -232,8 +232,8 @@ def check_writable(path: Path, flag: str):
 def check_files(s, need_codec: bool):
     """Model, LoRAs and codec checked without loading them (config files, weight headers, LoRA layers against a
     weightless model): a bad file is named before minutes of loading and generating. -> the codec folder."""
-    from hmtiny.checkpoint import (CODEC_SUBFOLDERS, check_weight_files, find_codec_beside, find_model_folder,
-                                   resolve_folder)
+    from hmtiny.checkpoint import (CODEC_SUBFOLDERS, build_empty, check_weight_files, find_codec_beside,
+                                   find_model_folder, resolve_folder)
     from hmtiny.codec.config import HeartCodecConfig
     from hmtiny.config import ModelConfig
     from hmtiny.lora import apply_loras
@@ -250,11 +250,11 @@ def check_files(s, need_codec: bool):
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
     if s["loras"]:
-        with torch.device("meta"):
-            try:
-                apply_loras(HeartMuLa(model_cfg), s["loras"], merge=False)
-            except ValueError as e:
-                raise UsageError(f"--lora: {e}") from None
+        try:
+            with torch.device("meta"):
+                apply_loras(build_empty(HeartMuLa, model_cfg), s["loras"], merge=False)
+        except ValueError as e:
+            raise UsageError(f"--lora: {e}") from None
     codec_where = s["codec"] or find_codec_beside(s["model"])
     if not need_codec:
         return None

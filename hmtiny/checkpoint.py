@@ -1,7 +1,8 @@
 """Finding, loading and saving safetensors checkpoints (HeartMuLa and HeartCodec share this code).
 
-Weights are loaded into a model built on the meta device, tensor by tensor, so host memory never holds a
-second full copy; key/shape mismatches are reported all at once.
+Weights are loaded into a model built on the meta device (without its random init), tensor by tensor, so host
+memory never holds a second full copy; on CUDA safetensors puts each tensor on the GPU itself and any cast runs there.
+Key/shape mismatches are reported all at once.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -61,11 +63,12 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def open_safetensors(path: Path):
+def open_safetensors(path: Path, device="cpu"):
     """safe_open, with an error that names the file when it is not a whole safetensors file. Opening reads and
-    checks the header against the file size, so a truncated or garbage file fails here, cheaply."""
+    checks the header against the file size, so a truncated or garbage file fails here, cheaply. `device`: where
+    get_tensor puts the tensors (CUDA: safetensors copies each one over itself)."""
     try:
-        return safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt", device=str(device))
     except Exception as e:  # SafetensorError (truncated, garbage header), OSError
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or damaged: "
                          f"download or write it again") from None
@@ -85,12 +88,46 @@ def check_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time from every weight file of the checkpoint."""
+def iter_tensors(folder: Path, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time from every weight file of the checkpoint, read onto `device`."""
     for f in weight_files(folder):
-        with open_safetensors(f) as sf:
+        with open_safetensors(f, device) as sf:
             for key in sf.keys():
                 yield key, sf.get_tensor(key)
+
+
+def read_device(device) -> torch.device:
+    """Where load_weights reads tensors for a model on `device`: a CUDA device itself (no pageable host copy, casts
+    on the GPU), else the CPU. HMTINY_LOAD_VIA_HOST=1 reads on the CPU for CUDA too (to compare the two)."""
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("HMTINY_LOAD_VIA_HOST") == "1":
+        return torch.device("cpu")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+class _NoInit(TorchFunctionMode):
+    """Inside build_empty: torch.nn.init's fills and the random in-place fills do nothing, and arithmetic on meta
+    tensors (a buffer such as `arange(K) * V`, recomputed on the device after loading) returns an empty meta tensor
+    of the result's shape and dtype: every value on the meta device is a placeholder."""
+    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_}
+    ARITHMETIC = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__mul__", "__rmul__", "__truediv__"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if getattr(func, "__name__", None) in self.ARITHMETIC and not kwargs and len(args) == 2 and tensors \
+                and all(t.is_meta for t in tensors):
+            return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=torch.result_type(*args),
+                               device="meta")
+        return func(*args, **(kwargs or {}))
+
+
+def build_empty(cls, *args):
+    """cls(*args) on the meta device without its random init: a checkpoint sets every weight after, and torch's
+    meta kernels for normal_ and arithmetic import torch._dynamo on first use (about a second of start-up)."""
+    with torch.device("meta"), _NoInit():
+        return cls(*args)
 
 
 def _set_tensor(module: nn.Module, key: str, value: torch.Tensor):
@@ -112,10 +149,12 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype | None = No
     rename: map a stored key to the module's key (None drops it). transform: rewrite a tensor before casting
     (e.g. fold weight norm). ignore: stored keys that may be present but unused. Floating tensors are cast to
     `dtype`; integer/bool buffers keep theirs. Every missing, unexpected or mis-shaped key is listed in one error.
+    On CUDA each tensor is read straight onto the GPU in its stored dtype, then transformed and cast there
+    (read_device); elsewhere on the CPU, then moved.
     """
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     seen, unexpected, bad_shape = set(), [], []
-    for key, tensor in iter_tensors(folder):
+    for key, tensor in iter_tensors(folder, read_device(device)):
         if ignore and ignore(key):
             continue
         name = rename(key) if rename else key
@@ -267,14 +306,13 @@ def find_codec_beside(model_name_or_path) -> Path | str | None:
 
 
 def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False):
-    """Build HeartMuLa on the meta device and assign the checkpoint's tensors (no second full copy).
+    """Build HeartMuLa on the meta device (no random init) and assign the checkpoint's tensors (no second copy).
     quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read."""
     from .config import ModelConfig
     from .model import HeartMuLa
     folder = find_model_folder(resolve_folder(name_or_path))
     cfg = ModelConfig.from_file(folder / "config.json")
-    with torch.device("meta"):
-        model = HeartMuLa(cfg)
+    model = build_empty(HeartMuLa, cfg)
     transform = None
     if quantize:
         from .quant import quantize_on_load
