@@ -411,8 +411,14 @@ def run(a, clock: Clock) -> int:
     t0 = time.time()
 
     counted = {"before": 0, "last": 0}  # the plain loop makes one song after another, each counting from 1
+    codec_dtype = runtime.codec_dtype_name(device, s["codec_dtype"], dtype)
+    codec_job = []  # the codec loading in the background (CUDA), started at the first progress report
 
     def progress(n, total):
+        # by the first report the engine's graphs are captured: loading now cannot break a capture or skew the
+        # tile timing, and its copies overlap the frame loop
+        if not codec_job and not a.tokens_only and runtime.codec_in_background(device):
+            codec_job.append(runtime.Background(runtime.load_codec_beside_model, codec_where, device, codec_dtype))
         if n < counted["last"]:
             counted["before"] += counted["last"]
         counted["last"] = n
@@ -455,11 +461,18 @@ def run(a, clock: Clock) -> int:
     from hmtiny.codec import write_audio
     t0 = time.time()
     try:
-        codec = runtime.load_codec_for(codec_where, device, runtime.codec_dtype_name(device, s["codec_dtype"], dtype))
+        if codec_job:
+            codec = codec_job[0].result()
+            print(f"codec loaded in {codec_job[0].seconds:.1f} s, in the background during generation "
+                  f"(waited {time.time() - t0:.1f} s for it)")
+        else:
+            codec = runtime.load_codec_for(codec_where, device, codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
     except ValueError as e:  # keys or shapes that do not match its config.json
         raise UsageError(f"--codec {codec_where}: {e}") from None
+    if codec.device.type != device.type:  # no room beside the model: kept pinned on the host until the model was freed
+        codec = codec.to(device)
     clock.lap("loading the codec")
     for i, (frames, out) in enumerate(zip(songs, outs)):
         if frames.shape[0] == 0:

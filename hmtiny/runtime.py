@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import find_codec_beside
+from .checkpoint import CODEC_SUBFOLDERS, build_empty, find_codec_beside, find_model_folder, resolve_folder
 from .codec.config import FRAME_RATE  # noqa: F401  (audio frames per second, for both scripts)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -132,6 +134,65 @@ def load_codec_for(where, device: torch.device, dtype_name: str, beside_training
     if on_host:
         codec.pin_memory_()
     return codec
+
+
+def codec_nbytes(where, dtype_name: str) -> int:
+    """Bytes of HeartCodec's decoding weights at `dtype_name` (from its config, nothing loaded)."""
+    from .codec import HeartCodec, HeartCodecConfig
+    from .codec.precision import codec_torch_dtype
+    folder = find_model_folder(resolve_folder(where), CODEC_SUBFOLDERS)
+    codec = build_empty(HeartCodec, HeartCodecConfig.from_file(folder / "config.json"))
+    return sum(p.numel() for p in codec.parameters()) * codec_torch_dtype(dtype_name).itemsize
+
+
+def codec_in_background(device: torch.device) -> bool:
+    """sample.py loads the codec in a thread while a CUDA model generates: reading files and copying weights leave
+    the GPU's compute free. On the CPU or MPS the load would slow the generation it overlaps: it waits."""
+    return device.type == "cuda"
+
+
+def load_codec_beside_model(where, device: torch.device, dtype_name: str, margin: int = 2 * 2**30):
+    """HeartCodec for decoding on `device`, loaded while the model generates there (call it once generation's
+    memory is allocated, e.g. after the CUDA graphs' capture): on a CUDA device with room for its weights plus
+    `margin` bytes, it is read straight there, its copies on a stream of their own so they never wait for the
+    generation's kernels; without that room it is kept pinned in host memory (move it over once the model is freed).
+    Elsewhere: load_codec_for."""
+    if device.type != "cuda":
+        return load_codec_for(where, device, dtype_name)
+    with torch.cuda.device(device):
+        if torch.cuda.mem_get_info(device)[0] < codec_nbytes(where, dtype_name) + margin:
+            return load_codec_for(where, device, dtype_name, beside_training=True)
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            codec = load_codec_for(where, device, dtype_name)
+        side.synchronize()  # the weights are complete before another stream reads them
+        return codec
+
+
+class Background:
+    """fn(*args) run in a thread, started now. result() waits for it and returns its value, or raises its exception
+    in the caller's thread, as if the call had been made there. The thread is a daemon: a failure or Ctrl-C in the
+    caller never waits for it. `seconds`: how long fn ran."""
+
+    def __init__(self, fn, *args):
+        self.value = self.error = self.seconds = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                       name=f"hmtiny-{getattr(fn, '__name__', 'background')}")
+        self.thread.start()
+
+    def _run(self, fn, args):
+        t = time.perf_counter()
+        try:
+            self.value = fn(*args)
+        except BaseException as e:  # handed to result()
+            self.error = e
+        self.seconds = time.perf_counter() - t
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def decode_frames(codec, frames: torch.Tensor, steps: int, guidance: float, seed: int,
