@@ -37,7 +37,7 @@ def runs(host_load: bool) -> list[tuple[str, list[str], dict]]:
     out = [("bf16 first", [], {}), ("bf16 second", [], {}), ("int8 first", ["--int8"], {}),
            ("int8 second", ["--int8"], {}), ("bf16 --num 8", ["--num", "8"], {})]
     if host_load:
-        out.insert(2, ("bf16, host load", [], {"HMTINY_LOAD_VIA_HOST": "1"}))
+        out.insert(2, ("bf16 host load", [], {"HMTINY_LOAD_VIA_HOST": "1"}))
     return out
 
 
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     results = []
     for name, extra, env in chosen:
-        folder = work / "bench-sample" / name.replace(" ", "_").replace(",", "").replace("--", "")
+        folder = work / "bench-sample" / name.replace(" ", "_").replace("--", "")
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         r = run_one(name, base + extra + ["--out", str(folder / "song.wav")], {**cache_env, **env},
