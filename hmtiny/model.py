@@ -24,9 +24,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 whatever the activation dtype, as the official model does
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normalise in float32 whatever the activation dtype, as the official model does (torch.rms_norm: one
+        # fused kernel on CUDA for x * rsqrt(mean(x^2) + eps)), then round to x's dtype before the scale
+        normed = torch.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.scale
 
 
@@ -63,14 +63,13 @@ def rope_cache(cfg: StackConfig, length: int, device=None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate INTERLEAVED pairs (x[2i], x[2i+1]) of every head. x: [B, S, H, D]; rope: [S, D/2, 2] or [B, S, D/2, 2]."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    """Rotate INTERLEAVED pairs (x[2i], x[2i+1]) of every head. x: [B, S, H, D]; rope: [S, D/2, 2] or [B, S, D/2, 2].
+    A pair is a complex number x[2i] + i x[2i+1] times cos + i sin: (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    xs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     if rope.dim() == 3:
         rope = rope[None]
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    x0, x1 = xs[..., 0], xs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+    turn = torch.view_as_complex(rope.contiguous())[:, :, None]  # [B or 1, S, 1, D/2]
+    return torch.view_as_real(xs * turn).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
