@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hmtiny import runtime  # noqa: E402
 from hmtiny.runtime import FRAME_RATE  # noqa: E402
 from hmtiny.tiny import ASSETS as TINY, is_builtin  # noqa: E402
-from kernels import gemv  # noqa: E402
 
 DEFAULT_MODEL = "HeartMuLa/HeartMuLa-oss-3B"
 DOWNLOAD_HELP = """Download the official files (heartlib's ckpt/ layout) with:
@@ -334,6 +333,22 @@ class Clock:
         return f"time: {parts}; total {total:.1f} s"
 
 
+def generation_split(t: dict, total: float) -> dict | None:
+    """Where generation's seconds went, from the engine's last_timing (None for the plain loop): 'short' for the
+    closing time line, 'long' for the generation report. warm-up = everything before the first frame's replay
+    (engine build, tile plan, warm-up runs and captures); loop = the frames."""
+    if not t:
+        return None
+    warm, loop = total - t["loop_s"], t["loop_s"]
+    other = warm - t["build_s"] - t["plan_s"] - t["capture_s"]
+    gpu = f"; GPU {t['ms_per_frame_step']:.2f} ms per frame step" if "ms_per_frame_step" in t else ""
+    rate = t["frames"] / loop if loop > 0 else 0.0
+    return {"short": f"warm-up {warm:.1f} s + loop {loop:.1f} s",
+            "long": f"split: warm-up {warm:.2f} s (engine build {t['build_s']:.2f}, tile plan {t['plan_s']:.2f}, "
+                    f"warm-up runs + capture {t['capture_s']:.2f}, other {other:.2f}), loop {loop:.2f} s "
+                    f"({t['frames']} frames, {rate:.1f} frames/s{gpu})"}
+
+
 def main(argv=None) -> int:
     # run as a script, the start-up counts from the first line (imports included); called in-process, from here
     started = STARTED if argv is None else time.perf_counter()
@@ -385,6 +400,8 @@ def run(a, clock: Clock) -> int:
             check_writable(p, "--save-tokens")
 
     clock.lap("start-up (Python, imports, checks)")
+    # Triton's per-process set-up (import, cache keys) in a thread while the model loads; joined before generating
+    triton_job = runtime.Background(runtime.warm_triton) if mode != "plain" and device.type == "cuda" else None
     ref = reference_embedding(a, device)  # before the model: a missing `muq` fails fast
     if ref is not None:
         clock.lap("reference embedding")
@@ -428,21 +445,29 @@ def run(a, clock: Clock) -> int:
               end="", flush=True)
 
     print(f"generating ({mode})...")
-    tiles = gemv.cache_file()
-    if mode == "graph" and (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(device):
-        kept = "not kept" if tiles is None else f"kept in {tiles}"
-        print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before the "
-              f"first frame (a few minutes on a fresh H100); {kept} for later runs")
+    if triton_job is not None:
+        triton_job.result()  # (warm_triton never raises)
+    if mode == "graph":
+        from kernels import gemv
+        tiles = gemv.cache_file()
+        if (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(device):
+            kept = "not kept" if tiles is None else f"kept in {tiles}"
+            print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before "
+                  f"the first frame (a few minutes on a fresh H100); {kept} for later runs")
     # sample.py owns the model: the engine fuses its weights without a second copy (share)
+    timing: dict = {}
     songs = runtime.generate(model, [prompt] * a.num, max_frames, s["cfg"], s["topk"], s["temperature"], generator,
                              mode=mode, stop_on_eos=s["stop_on_eos"], progress=progress,
-                             engine_options={"share": True})
+                             engine_options={"share": True}, timing=timing)
     dt = time.time() - t0
-    clock.lap("generation")
+    split = generation_split(timing, dt)
+    clock.lap(f"generation ({split['short']})" if split else "generation")
     made = sum(x.shape[0] for x in songs)
     together = f" for the {a.num} songs together" if a.num > 1 else ""
     print(f"\n{made} frames ({made / FRAME_RATE:.1f} s of audio) in {dt:.1f} s: {made / dt:.1f} frames/s{together}, "
           f"{made / dt / FRAME_RATE:.1f}x real time{' (includes the graph capture)' if mode == 'graph' else ''}")
+    if split:
+        print(f"  {split['long']}")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -5,11 +5,11 @@
 
 Runs `sample.py --duration 30 --ignore-eos` as separate processes, in this order: bf16 (first: the Triton and GEMV
 tile caches start empty, as on a fresh machine; --drop-page-cache also empties the OS file cache when allowed),
-bf16 again (warm caches), --int8 twice, and --num 8 (bf16). --host-load adds a bf16 run reading the weights on the
-host first (HMTINY_LOAD_VIA_HOST=1) to compare the two ways of loading. Prints a markdown table: each process's
-wall time, its generation line (frames, seconds, frames/s; for --num 8 all songs together), model load, the
-codec's background load (and how long decoding waited for it), peak GPU memory and sample.py's closing time
-breakdown; writes DIR/bench_sample.json. A failing run prints the tail of its output and the others still run.
+bf16 again (warm caches), --int8 twice, and --num 8 (bf16). Prints a markdown table: each process's wall time, its
+generation line (frames, seconds, frames/s; for --num 8 all songs together) split into warm-up (engine build, tile
+plan, warm-up runs and graph captures) and the frame loop, model load, the codec's background load (and how long
+decoding waited for it), peak GPU memory and sample.py's closing time breakdown; writes DIR/bench_sample.json.
+A failing run prints the tail of its output and the others still run.
 """
 from __future__ import annotations
 
@@ -28,17 +28,15 @@ from check_fullsize import GENERATED, LYRICS, PEAK, REPO, TAGS, TINY, CheckFaile
 
 RATE = re.compile(r"in [\d.]+ s: ([\d.]+) frames/s")
 MODEL = re.compile(r"^model .* loaded in ([\d.]+) s", re.M)
+SPLIT = re.compile(r"split: warm-up ([\d.]+) s \((.*?)\), loop ([\d.]+) s \((\d+) frames, ([\d.]+) frames/s")
 CODEC = re.compile(r"codec loaded in ([\d.]+) s, in the background during generation \(waited ([\d.]+) s")
 TIMES = re.compile(r"^time: (.*)$", re.M)
 
 
-def runs(host_load: bool) -> list[tuple[str, list[str], dict]]:
+def runs() -> list[tuple[str, list[str], dict]]:
     """(name, extra sample.py arguments, extra environment) in the order they run."""
-    out = [("bf16 first", [], {}), ("bf16 second", [], {}), ("int8 first", ["--int8"], {}),
-           ("int8 second", ["--int8"], {}), ("bf16 --num 8", ["--num", "8"], {})]
-    if host_load:
-        out.insert(2, ("bf16 host load", [], {"HMTINY_LOAD_VIA_HOST": "1"}))
-    return out
+    return [("bf16 first", [], {}), ("bf16 second", [], {}), ("int8 first", ["--int8"], {}),
+            ("int8 second", ["--int8"], {}), ("bf16 --num 8", ["--num", "8"], {})]
 
 
 def drop_page_cache() -> str:
@@ -67,7 +65,8 @@ def run_one(name: str, argv: list[str], env: dict, log: Path, timeout: float) ->
     if gen:
         r["frames"], r["generation_s"] = int(gen[-1][0]), float(gen[-1][2])
         r["frames_per_s"] = float(RATE.findall(text)[-1])
-    for key, pattern in (("model_load_s", MODEL), ("codec_background", CODEC), ("times", TIMES), ("peak", PEAK)):
+    for key, pattern in (("model_load_s", MODEL), ("codec_background", CODEC), ("times", TIMES), ("peak", PEAK),
+                         ("split", SPLIT)):
         found = pattern.findall(text)
         if found:
             r[key] = found[-1]
@@ -81,14 +80,16 @@ def run_one(name: str, argv: list[str], env: dict, log: Path, timeout: float) ->
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| run | exit | wall s | frames | generation s | frames/s | model load s | codec in background s "
-            "(decoding waited) | peak GiB alloc / reserved | sample.py's time line |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | exit | wall s | frames | generation s | warm-up s (parts) | loop s (frames/s) | model load s | "
+            "codec in background s (decoding waited) | peak GiB alloc / reserved | sample.py's time line |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         bg = r.get("codec_background")
         peak = r.get("peak")
+        sp = r.get("split")
         rows.append(" | ".join(["", r["run"], str(r["rc"]), f"{r['wall_s']:.1f}", str(r.get("frames", "-")),
-                                str(r.get("generation_s", "-")), str(r.get("frames_per_s", "-")),
+                                str(r.get("generation_s", "-")), f"{sp[0]} ({sp[1]})" if sp else "-",
+                                f"{sp[2]} ({sp[4]})" if sp else "-",
                                 r.get("model_load_s", "-"), f"{bg[0]} ({bg[1]})" if bg else "-",
                                 f"{peak[0]} / {peak[1]}" if peak else "-",
                                 r.get("times", "-").replace("|", "/"), ""]).strip())
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
                     help="keep the Triton/tile caches of an earlier bench (the first run is then not a fresh one)")
     ap.add_argument("--drop-page-cache", action="store_true",
                     help="empty the OS file cache before the first run (needs root)")
-    ap.add_argument("--host-load", action="store_true",
-                    help="add a bf16 run that reads the weights on the host first (HMTINY_LOAD_VIA_HOST=1)")
+    ap.add_argument("--host-load", action="store_true",  # the host read is now the only one for the model
+                    help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per process (default 1200)")
     a = ap.parse_args(argv)
     device = a.device or ("cpu" if a.tiny else "cuda")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     if not a.keep_caches:
         shutil.rmtree(caches, ignore_errors=True)
     cache_env = {"TRITON_CACHE_DIR": str(caches / "triton"), "HMTINY_TILE_CACHE": str(caches / "gemv_tiles.json")}
-    chosen = runs(a.host_load)
+    chosen = runs()
     if a.only:
         names = {n.strip() for n in a.only.split(",")}
         chosen = [r for r in chosen if r[0] in names]

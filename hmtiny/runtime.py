@@ -68,11 +68,12 @@ def default_mode(device: torch.device) -> str:
 
 def generate(model, prompts, max_frames: int, cfg_scale: float, topk: int, temperature: float,
              generator: torch.Generator | None = None, mode: str | None = None, stop_on_eos: bool = True,
-             progress=None, engine_options: dict | None = None) -> list[torch.Tensor]:
+             progress=None, engine_options: dict | None = None, timing: dict | None = None) -> list[torch.Tensor]:
     """Frames [n, 8] for each prompt, in eval mode (no LoRA dropout; the model's mode is restored after), through
     `mode` (GENERATION_MODES; None: default_mode). plain: hmtiny.generate, one prompt at a time; eager / graph: an
     hmtiny.engine.Engine for this call only (its cache and graphs are freed when it returns), the prompts in one
-    batch, built with `engine_options` (share=True: sample.py owns the model; copy_weights=False: beside training)."""
+    batch, built with `engine_options` (share=True: sample.py owns the model; copy_weights=False: beside training).
+    timing: a dict that receives the engine's Engine.last_timing (where the seconds went; left empty by plain)."""
     mode = mode or default_mode(model.codebook0_head.weight.device)
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(GENERATION_MODES)}, not {mode!r}")
@@ -83,9 +84,12 @@ def generate(model, prompts, max_frames: int, cfg_scale: float, topk: int, tempe
             from .generate import generate as plain
             return plain(model, prompts, max_frames, cfg_scale, topk, temperature, generator, stop_on_eos, progress)
         from .engine import Engine
-        return Engine(model, mode, **(engine_options or {})).generate(
-            prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature, generator=generator,
-            progress=progress, stop_on_eos=stop_on_eos)
+        engine = Engine(model, mode, **(engine_options or {}))
+        frames = engine.generate(prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature,
+                                 generator=generator, progress=progress, stop_on_eos=stop_on_eos)
+        if timing is not None:
+            timing.update(engine.last_timing or {})
+        return frames
     finally:
         model.train(was_training)
 
@@ -167,6 +171,27 @@ def load_codec_beside_model(where, device: torch.device, dtype_name: str, margin
             codec = load_codec_for(where, device, dtype_name)
         side.synchronize()  # the weights are complete before another stream reads them
         return codec
+
+
+def warm_triton():
+    """Triton's once-per-process set-up, for a thread while the model loads (sample.py on CUDA): its import (~0.2 s),
+    the compiler's cache key (a hash of Triton's own files, libtriton's ~500 MB among them: ~0.4 s on this
+    repository's CPU machine), and the backend's key (`ptxas --version` in a subprocess). Otherwise the first kernel
+    launch of generation pays all of it, even when every kernel is already in Triton's disk cache. Best effort:
+    any failure here is left for that launch to meet and report. Imports only triton (never hmtiny or kernels
+    modules, which the loading thread imports: no two threads wait on each other's imports)."""
+    try:
+        import triton  # noqa: F401
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:  # older Tritons
+            from triton.compiler.compiler import triton_key
+        triton_key()
+        from triton.compiler.compiler import make_backend
+        from triton.runtime import driver
+        make_backend(driver.active.get_current_target()).hash()
+    except Exception:
+        pass
 
 
 class Background:

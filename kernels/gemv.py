@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -215,11 +216,30 @@ def cache_file():
     return switches.tile_cache_path()
 
 
+_warned: set = set()
+
+
 def _read_cache(path) -> dict:
+    """The picks kept in `path`; {} when there is none yet, or (with one warning per file) when it cannot be read
+    or is not a table of picks: its tiles are then timed again and the file rewritten."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, unreadable or damaged: time again
+        text = path.read_text()
+    except FileNotFoundError:
         return {}
+    except OSError as e:
+        problem = f"unreadable ({e})"
+    else:
+        try:
+            table = json.loads(text)
+            if isinstance(table, dict):
+                return table
+            problem = "not a JSON object"
+        except ValueError as e:
+            problem = f"damaged ({e})"
+    if path not in _warned:
+        _warned.add(path)
+        warnings.warn(f"GEMV tile cache {path} is {problem}: ignored, its tiles are timed again", stacklevel=2)
+    return {}
 
 
 def _remember(name: str, tile) -> None:

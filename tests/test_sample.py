@@ -150,3 +150,21 @@ def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
                    "--save-tokens", str(path)], capsys)
     assert rc == 0, log
     assert np.load(path).shape == (15, 8) and "random weights" in log
+
+
+def test_start_up_imports_no_triton():
+    """Triton (~0.2 s of imports) is not needed before the model loads: on CUDA it is imported in a thread while
+    the model loads (runtime.warm_triton), elsewhere only if the engine needs it."""
+    import subprocess
+    code = "import sys, sample; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
+
+
+def test_generation_line_splits_warm_up_and_loop(tmp_path, capsys):
+    path = tmp_path / "t.npy"
+    assert sample.main(["--demo", "--duration", "0.8", "--seed", "5", "--tokens-only", "--mode", "eager",
+                        "--save-tokens", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "split: warm-up " in out and "loop " in out
+    assert "generation (warm-up " in out.split("time: ")[-1]

@@ -172,7 +172,7 @@ class HeartCodec(nn.Module):
         codec = build_empty(cls, HeartCodecConfig.from_file(folder / "config.json"))
         rename, transform, ignore = loader_hooks(folder)
         load_weights(codec, folder, dtype=dtype, device=device, rename=rename, transform=transform,
-                     ignore=ignore, what="HeartCodec checkpoint")
+                     ignore=ignore, what="HeartCodec checkpoint", direct=True)
         return codec.eval()
 
     def save(self, folder) -> None:
