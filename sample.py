@@ -235,7 +235,6 @@ def check_files(s, need_codec: bool):
                                    find_model_folder, resolve_folder)
     from hmtiny.codec.config import HeartCodecConfig
     from hmtiny.config import ModelConfig
-    from hmtiny.lora import apply_loras
     from hmtiny.model import HeartMuLa
     try:
         folder = find_model_folder(resolve_folder(s["model"]))
@@ -249,6 +248,7 @@ def check_files(s, need_codec: bool):
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
     if s["loras"]:
+        from hmtiny.lora import apply_loras  # (imports Triton: only when there are LoRAs)
         try:
             with torch.device("meta"):
                 apply_loras(build_empty(HeartMuLa, model_cfg), s["loras"], merge=False)

@@ -152,11 +152,15 @@ def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
     assert np.load(path).shape == (15, 8) and "random weights" in log
 
 
-def test_start_up_imports_no_triton():
-    """Triton (~0.2 s of imports) is not needed before the model loads: on CUDA it is imported in a thread while
-    the model loads (runtime.warm_triton), elsewhere only if the engine needs it."""
+def test_start_up_and_loading_import_no_triton():
+    """Triton (~0.2 s of imports) is not needed before the model is loaded (without LoRAs or int8): on CUDA it is
+    imported in a thread meanwhile (runtime.warm_triton), elsewhere only if the engine needs it."""
     import subprocess
-    code = "import sys, sample; print('triton' in sys.modules)"
+    code = ("import sys, sample\n"
+            "from hmtiny.checkpoint import load_heartmula\n"
+            "s = {'model': str(sample.TINY / 'model'), 'codec': None, 'loras': []}\n"
+            "sample.check_files(s, True); load_heartmula(s['model'])\n"
+            "print('triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
 
