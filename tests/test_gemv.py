@@ -128,9 +128,9 @@ def test_tile_cache_that_is_not_a_table_is_ignored_with_one_warning(monkeypatch,
     path.write_text("[1, 2]")
     monkeypatch.setattr(gemv, "_warned", set())
     with pytest.warns(UserWarning, match="not a JSON object") as caught:
-        assert gemv._read_cache(path) == {} and gemv._read_cache(path) == {}
+        assert gemv.read_cache(path) == {} and gemv.read_cache(path) == {}
     assert len(caught) == 1
-    assert gemv._read_cache(tmp_path / "none.json") == {}  # none yet: no warning (pytest.warns above is closed)
+    assert gemv.read_cache(tmp_path / "none.json") == {}  # none yet: no warning (pytest.warns above is closed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
