@@ -117,8 +117,11 @@ class _NoInit(TorchFunctionMode):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if getattr(func, "__name__", None) in self.ARITHMETIC and not kwargs and len(args) == 2 and tensors \
                 and all(t.is_meta for t in tensors):
-            return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=torch.result_type(*args),
-                               device="meta")
+            # the result's dtype from the op itself on one-element CPU stand-ins (same dimensioned / 0-d kinds, so
+            # the same promotion): torch.result_type alone says int64 for int / int, where `/` gives a float
+            probe = func(*(torch.zeros((1,) if a.dim() else (), dtype=a.dtype, device="cpu")
+                           if isinstance(a, torch.Tensor) else a for a in args))
+            return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=probe.dtype, device="meta")
         return func(*args, **(kwargs or {}))
 
 

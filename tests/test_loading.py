@@ -66,6 +66,31 @@ def test_codec_weights_equal_a_plain_load():
     same_tensors(HeartCodec.load(folder).state_dict(), plain.state_dict())
 
 
+def test_build_empty_placeholders_have_the_dtype_and_shape_of_the_real_results():
+    """Arithmetic on meta inside build_empty returns placeholders: each must have the shape and dtype the real op
+    gives (int / int is a float; a 0-d tensor does not promote a dimensioned one), as a plain meta build has."""
+    import torch.nn as nn
+
+    from hmtiny.checkpoint import build_empty
+
+    class Buffers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            ints = torch.arange(4)
+            for name, value in {"true_div": ints / 4, "div_tensors": ints / torch.arange(1, 5),
+                                "times_float": ints * 0.5, "times_int": ints * 3, "plus_0d": ints + torch.tensor(1.5),
+                                "bf16_times_0d": torch.ones(2, 3, dtype=torch.bfloat16) * torch.tensor(2.0),
+                                "broadcast": torch.ones(3, 1) - torch.ones(4), "rdiv": 1.0 / (ints + 1)}.items():
+                self.register_buffer(name, value, persistent=False)
+
+    with torch.device("meta"):
+        plain = dict(Buffers().named_buffers())
+    empty = dict(build_empty(Buffers).named_buffers())
+    assert plain.keys() == empty.keys()
+    for k in plain:
+        assert (empty[k].dtype, empty[k].shape, empty[k].is_meta) == (plain[k].dtype, plain[k].shape, True), k
+
+
 def test_loading_does_not_import_dynamo():
     """Building on meta without random init keeps torch._dynamo (a second of imports) out of sample.py's start-up."""
     code = ("import sys, torch, sample\n"
