@@ -273,9 +273,9 @@ def train(argv: list[str]) -> Path:
         f"clip(s) per step, {cfg.lr_scheduler} lr {cfg.learning_rate:g}, {cfg.mixed_precision} autocast, "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
         f"{'' if cfg.dynamo_backend == 'no' else ', blocks compiled (' + cfg.dynamo_backend + ')'}, on {device}")
-    if objective.describe():
+    if objective.enabled:
         log(f"objective: {objective.describe()}")
-    if world > 1 and (cfg.lora_dropout > 0 or cfg.decoder_fraction < 1 or objective.describe()):
+    if world > 1 and (cfg.lora_dropout > 0 or cfg.decoder_fraction < 1 or objective.enabled):
         log("note: the ranks draw from the same seeded random streams (dropout, decoder_fraction, objective) and a "
             "resume gives every rank rank 0's saved streams: with these on, a resumed run goes on like the "
             "uninterrupted one in distribution, not draw for draw")
@@ -306,7 +306,7 @@ def train(argv: list[str]) -> Path:
                 continue
             set_dropout_seed(model, dropout_seed(cfg.seed, step, micro, distributed.rank()))
             if captured is not None:  # it copies the CPU batch itself; the objective (when on) needs it on device
-                extra = objective.inputs(model, on_device(cpu_batch), step) if objective.describe() else {}
+                extra = objective.inputs(model, on_device(cpu_batch), step) if objective.enabled else {}
                 losses += captured(cpu_batch, weight / accum, extra) * (weight / accum)  # [loss, c0, rest]
                 continue
             batch = on_device(cpu_batch)

@@ -129,7 +129,7 @@ def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, ca
     return r
 
 
-def build(cfg, int8=False, seed=0):
+def build(cfg, int8=False, seed=0, dropout=0.1):
     gc.collect()
     torch.cuda.empty_cache()
     torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def build(cfg, int8=False, seed=0):
     if int8:
         from hmtiny.quant import quantize_model
         quantize_model(model)
-    inject_lora(model, rank=16, alpha=16, dropout=0.1)
+    inject_lora(model, rank=16, alpha=16, dropout=dropout)
     mark_only_lora_trainable(model)
     model.train()
     torch.cuda.synchronize()
@@ -187,6 +187,8 @@ def main():
                          "compile (blocks torch.compile'd, eager step), "
                          "captured-compile (compiled blocks, captured step)")
     ap.add_argument("--shapes", default="1c,4,4c,1", help="clips per step, c = with checkpointing")
+    ap.add_argument("--profile_shapes", default="1c", help="shapes the profile variants profile (as --shapes)")
+    ap.add_argument("--lora_dropout", type=float, default=0.1, help="train.py's default is 0.1")
     ap.add_argument("--budget_s", type=float, default=240, help="skip compiled variants past this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -198,24 +200,28 @@ def main():
     results = []
     shapes = [(int(x.rstrip("c")), x.endswith("c")) for x in args.shapes.split(",")]
 
-    model = build(cfg)
+    model = build(cfg, dropout=args.lora_dropout)
     info["weights_GiB"] = torch.cuda.memory_allocated() / GiB
+    info["lora_dropout"] = args.lora_dropout
     info["lora_params_M"] = sum(p.numel() for p in lora_parameters(model)) / 1e6
     for mode in ("captured", "eager"):
         if mode in variants:
             for batch, ckpt in shapes:
                 results.append(run_variant(model, cfg, f"bf16 {mode}", batch, ckpt, args.steps, args.warmup,
                                            captured=mode == "captured"))
-    for mode in ("profile", "profile-captured"):  # 1 clip with checkpointing: the quickstart's step
+    for mode in ("profile", "profile-captured"):  # default: 1 clip with checkpointing, the quickstart's step
         if mode in variants:
-            table, n_kernels = profile_top(model, cfg, ckpt=True, captured=mode == "profile-captured")
-            info[f"kernels_per_step_b1_{mode}"] = n_kernels
-            print(table, flush=True)
-            Path(args.out, f"{mode}_b1.txt").write_text(table)
+            for shape in args.profile_shapes.split(","):
+                batch, ckpt = int(shape.rstrip("c")), shape.endswith("c")
+                table, n_kernels = profile_top(model, cfg, batch=batch, ckpt=ckpt,
+                                               captured=mode == "profile-captured")
+                info[f"kernels_per_step_{shape}_{mode}"] = n_kernels
+                print(table, flush=True)
+                Path(args.out, f"{mode}_{shape}.txt").write_text(table)
     del model
 
     if variants & {"int8", "int8-eager"}:
-        model = build(cfg, int8=True)
+        model = build(cfg, int8=True, dropout=args.lora_dropout)
         info["int8_weights_GiB"] = torch.cuda.memory_allocated() / GiB
         for mode in ("int8", "int8-eager"):
             if mode in variants:
@@ -230,7 +236,7 @@ def main():
             continue
         from torch import _dynamo
         _dynamo.config.cache_size_limit = 64
-        model = build(cfg)
+        model = build(cfg, dropout=args.lora_dropout)
         for stack in (model.backbone, model.decoder):
             for layer in stack.layers:
                 layer.compile()

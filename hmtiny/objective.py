@@ -120,6 +120,11 @@ class Objective:
             if on:
                 self.generators[name] = torch.Generator(device).manual_seed((seed * 1_000_003 + offset) % 2**63)
 
+    @property
+    def enabled(self) -> bool:
+        """Caption dropout or scheduled sampling is on: the step needs objective.inputs."""
+        return self.caption_p > 0 or self.passes > 0
+
     def describe(self) -> str | None:
         """One line for the training log, None when both features are off."""
         c, parts = self.cfg, []

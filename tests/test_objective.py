@@ -77,6 +77,11 @@ def test_features_off_leave_the_step_unchanged(tiny):
                 config(scheduled_sampling_max_step_offset=1, scheduled_sampling_probability=1,
                        scheduled_sampling_start_step=5)):
         assert Objective(cfg, cpu, seed=0).inputs(model, batch, step=0) == {}
+    # train.py asks `enabled` whether to call inputs at all: on exactly when the log line names a feature
+    for cfg, on in ((config(), False), (config(caption_dropout_probability=0.1), True),
+                    (config(scheduled_sampling_max_step_offset=1), True)):
+        objective = Objective(cfg, cpu, seed=0)
+        assert objective.enabled is on and (objective.describe() is not None) is on
     ref_loss, ref_grads = loss_and_grads(model, batch)
     mixed = rollout_inputs(model, batch["tokens"], batch["tokens_mask"], batch["audio_frame_mask"],
                            batch["muq_idx"], passes=2, p=0.0, generator=torch.Generator().manual_seed(0))
