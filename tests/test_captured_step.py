@@ -173,3 +173,29 @@ def test_train_py_with_the_captured_step_equals_the_eager_step(tmp_path, monkeyp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_step_casts_fresh_factor_copies(data):
+    """Under autocast the step casts every LoRA factor once per call (lora.FactorCopies) and the layers read those
+    copies: it equals model.loss under the same autocast, and after the factors change (as an optimizer step
+    changes them) the next call computes with the new values, never stale copies."""
+    model, params = tiny_lora(dropout=0.1, checkpointing=True)
+    batch = data.batch([2])
+    step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
+    losses = []
+    for _ in range(2):
+        set_dropout_seed(model, 7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, want_grads = reference(model, params, batch)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        got = step(batch)
+        torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
+        assert all(m.factor_copies is None for m in step.factor_copies.layers)  # only inside the step
+        losses.append(got[0].item())
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) * 0.3)
+    assert abs(losses[0] - losses[1]) > 0.1
