@@ -175,13 +175,19 @@ def test_train_py_with_the_captured_step_equals_the_eager_step(tmp_path, monkeyp
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
-def test_autocast_step_casts_fresh_factor_copies(data):
+def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
     """Under autocast the step casts every LoRA factor once per call (lora.FactorCopies) and the layers read those
     copies: it equals model.loss under the same autocast, and after the factors change (as an optimizer step
     changes them) the next call computes with the new values, never stale copies."""
+    from hmtiny import lora
     model, params = tiny_lora(dropout=0.1, checkpointing=True)
     batch = data.batch([2])
     step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
+    copies = {id(t) for t in step.factor_copies.dst}
+    read = []  # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself)
+    real_apply = lora.LoRAUpdate.apply
+    monkeypatch.setattr(lora.LoRAUpdate, "apply", lambda y, x, A, B, a, b, *rest: read.append(
+        a is not None and id(a) in copies and id(b) in copies) or real_apply(y, x, A, B, a, b, *rest))
     losses = []
     for _ in range(2):
         set_dropout_seed(model, 7)
@@ -189,7 +195,10 @@ def test_autocast_step_casts_fresh_factor_copies(data):
             want, want_grads = reference(model, params, batch)
         for p in params:
             p.grad = torch.zeros_like(p)
+        read.clear()
         got = step(batch)
+        # every layer call of the step (forward and checkpointing's recomputation) read the copies
+        assert read and all(read), read
         torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
         for g, w in zip([p.grad for p in params], want_grads):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
