@@ -135,7 +135,8 @@ def test_lora_dropout_and_checkpointing(data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_captured_graphs_equal_eager_on_cuda(data):
     """Real capture and replay, bf16 autocast, checkpointing and dropout: every replay equals the uncaptured step
-    on the same inputs (same kernels), across two shapes, shapes revisited, and a release."""
+    on the same inputs (same kernels), across two shapes, shapes revisited, and a release; the factors change
+    between calls, so a replay that read stale bf16 copies of them (FactorCopies) would differ."""
     model, params = tiny_lora(dropout=0.1, device="cuda", checkpointing=True)
     eager = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=False)
     graphed = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=True, log=lambda m: None)
@@ -154,6 +155,9 @@ def test_captured_graphs_equal_eager_on_cuda(data):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
         if i == 2:
             graphed.release()
+        with torch.no_grad():  # as an optimizer step: the next replay must cast these new factors (FactorCopies)
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.02)
     assert graphed.captures == 4  # shapes [0] and [1,2] twice (released in between), [3] once... at most
 
 
