@@ -218,12 +218,26 @@ def train(argv: list[str]) -> Path:
         metrics.write_curve()
         log(f"saved {last_ckpt}")
 
+    validation_need = None  # bytes the first validation needed beyond what training held (CUDA)
+
     def validation():
-        if captured is not None:
-            captured.release()  # its graphs' memory goes to generation and the codec; the next step captures again
+        nonlocal validation_need
+        if captured is not None and captured.shapes:
+            # the graphs' memory goes to generation and the codec unless the card has room for both: the first
+            # validation always frees it (and measures what it needs), later ones keep the graphs when it fits
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+            if validation_need is None or free < validation_need + 2**29:
+                captured.release()  # the next steps capture their shapes again
+        held = 0
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            held = torch.cuda.memory_reserved(device)
         # a full fine-tune validates a copy in the validation dtype (gathered to rank 0 under FSDP)
         generator = full_finetune.validation_model(model, cfg, device) if full else model
         distributed.together(lambda: validate_on_rank0(generator), f"validating at step {step}", rank0_only=True)
+        if device.type == "cuda" and validation_need is None:
+            peak = max((r for name, (_, r) in memory.peaks.items() if name.startswith("validation")), default=0.0)
+            validation_need = max(0, int(peak * 2**30) - held)
 
     def validate_on_rank0(generator):
         # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
@@ -363,8 +377,8 @@ def train(argv: list[str]) -> Path:
     if memory.summary():
         log(memory.summary())
     if captured is not None and captured.captures:
-        log(f"captured the training step {captured.captures} time(s) ({captured.capture_s:.1f} s in all; batch shapes "
-            f"are captured once, and again after each validation)")
+        log(f"captured the training step {captured.captures} time(s) ({captured.capture_s:.1f} s in all; each batch "
+            f"shape once, and again after a validation that needed the graphs' memory)")
     if trackers:
         trackers.close()
     return result

@@ -21,12 +21,14 @@ Without CUDA (`capture=False`) the same code runs eagerly: that is how the CPU t
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .lora import FactorCopies
 from .model import HeartMuLa
 
 
@@ -139,16 +141,19 @@ class CapturedStep:
         self.shapes: dict[tuple, _Shape] = {}
         self.pool = None
         self.captures, self.capture_s = 0, 0.0
+        # under autocast the LoRA factors are cast once per step (inside the graph), not in every layer call
+        self.factor_copies = FactorCopies(model, amp_dtype) if amp_dtype is not None else None
         for p in params:  # the graphs accumulate into these very tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
     def _run(self, s: _Shape) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss, c0, rest = padded_loss(self.model, s.tokens, s.tokens_mask, s.input_tokens, s.muq_idx, s.uncond,
-                                         s.muq_embed, s.rows)
-        (loss * s.scale).backward()
+        with self.factor_copies.active() if self.factor_copies is not None else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                loss, c0, rest = padded_loss(self.model, s.tokens, s.tokens_mask, s.input_tokens, s.muq_idx,
+                                             s.uncond, s.muq_embed, s.rows)
+            (loss * s.scale).backward()
         return torch.stack([loss.detach(), c0.detach(), rest.detach()]).float()
 
     def _capture(self, s: _Shape):

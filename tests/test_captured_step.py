@@ -135,7 +135,8 @@ def test_lora_dropout_and_checkpointing(data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_captured_graphs_equal_eager_on_cuda(data):
     """Real capture and replay, bf16 autocast, checkpointing and dropout: every replay equals the uncaptured step
-    on the same inputs (same kernels), across two shapes, shapes revisited, and a release."""
+    on the same inputs (same kernels), across two shapes, shapes revisited, and a release; the factors change
+    between calls, so a replay that read stale bf16 copies of them (FactorCopies) would differ."""
     model, params = tiny_lora(dropout=0.1, device="cuda", checkpointing=True)
     eager = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=False)
     graphed = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=True, log=lambda m: None)
@@ -154,6 +155,9 @@ def test_captured_graphs_equal_eager_on_cuda(data):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
         if i == 2:
             graphed.release()
+        with torch.no_grad():  # as an optimizer step: the next replay must cast these new factors (FactorCopies)
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.02)
     assert graphed.captures == 4  # shapes [0] and [1,2] twice (released in between), [3] once... at most
 
 
@@ -173,3 +177,38 @@ def test_train_py_with_the_captured_step_equals_the_eager_step(tmp_path, monkeyp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
+    """Under autocast the step casts every LoRA factor once per call (lora.FactorCopies) and the layers read those
+    copies: it equals model.loss under the same autocast, and after the factors change (as an optimizer step
+    changes them) the next call computes with the new values, never stale copies."""
+    from hmtiny import lora
+    model, params = tiny_lora(dropout=0.1, checkpointing=True)
+    batch = data.batch([2])
+    step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
+    copies = {id(t) for t in step.factor_copies.dst}
+    read = []  # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself)
+    real_apply = lora.LoRAUpdate.apply
+    monkeypatch.setattr(lora.LoRAUpdate, "apply", lambda y, x, A, B, a, b, *rest: read.append(
+        a is not None and id(a) in copies and id(b) in copies) or real_apply(y, x, A, B, a, b, *rest))
+    losses = []
+    for _ in range(2):
+        set_dropout_seed(model, 7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, want_grads = reference(model, params, batch)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        read.clear()
+        got = step(batch)
+        # every layer call of the step (forward and checkpointing's recomputation) read the copies
+        assert read and all(read), read
+        torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
+        assert all(m.factor_copies is None for m in step.factor_copies.layers)  # only inside the step
+        losses.append(got[0].item())
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) * 0.3)
+    assert abs(losses[0] - losses[1]) > 0.1
