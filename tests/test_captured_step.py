@@ -5,7 +5,7 @@ replays real graphs."""
 import pytest
 import torch
 
-from hmtiny.captured_step import CapturedStep, plan_rows
+from hmtiny.captured_step import CapturedStep, pad_frozen_heads, plan_rows
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
 from hmtiny.lora import inject_lora, mark_only_lora_trainable, set_dropout_seed
@@ -90,6 +90,41 @@ def test_step_accumulates_and_reuses_shapes(data):
     for g, x, y in zip(got, ga, gb):
         torch.testing.assert_close(g, x + y, rtol=1e-4, atol=1e-7)
     assert len(step.shapes) <= 2
+
+
+def test_one_shape_per_padded_length_with_room_for_the_most_loss_rows(data):
+    """Clips 4, 0 and 9 pad to 96 rows but have 26, 47 and 45 audio frames: one shape, rebuilt once with room for
+    clip 0's rows, then reused (padded further with weight 0) by the others; every step still equals model.loss."""
+    model, params = tiny_lora()
+    step = CapturedStep(model, params, None, bucket=32)
+    built = []
+    for i in [4, 0, 4, 9]:
+        batch = data.batch([i])
+        want, want_grads = reference(model, params, batch)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        got = step(batch)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+        (s,) = step.shapes.values()
+        built.append((id(s), s.tokens.shape[1], s.n_c0, s.n_dec))
+    assert [b[1:] for b in built] == [(96, 32, 32), (96, 64, 64), (96, 64, 64), (96, 64, 64)]
+    assert built[1][0] == built[2][0] == built[3][0] != built[0][0]
+
+
+def test_frozen_heads_get_padded_storage_with_the_same_values():
+    model, _ = tiny_lora()
+    c0, audio = model.codebook0_head.weight.detach().clone(), model.audio_head.detach().clone()
+    V = audio.shape[-1]
+    c0_pad, audio_pad = pad_frozen_heads(model, multiple=64)
+    assert c0_pad.shape == (128, c0.shape[1]) and audio_pad.shape == (*audio.shape[:-1], 128)
+    assert torch.equal(model.codebook0_head.weight, c0) and torch.equal(model.audio_head, audio)
+    assert torch.equal(c0_pad[:V], c0) and not c0_pad[V:].any() and not audio_pad[..., V:].any()
+    assert model.codebook0_head.weight.data_ptr() == c0_pad.data_ptr()  # a view: one copy of the weights
+    again = pad_frozen_heads(model, multiple=64)  # a second step on the same model: the same storage
+    assert again[0].data_ptr() == c0_pad.data_ptr() and torch.equal(again[1], audio_pad)
+    assert pad_frozen_heads(tiny_lora()[0].requires_grad_(True), multiple=64) is None  # heads that train: as they are
 
 
 def test_objective_inputs_and_reference_embedding(data):
