@@ -218,12 +218,26 @@ def train(argv: list[str]) -> Path:
         metrics.write_curve()
         log(f"saved {last_ckpt}")
 
+    validation_need = None  # bytes the first validation needed beyond what training held (CUDA)
+
     def validation():
-        if captured is not None:
-            captured.release()  # its graphs' memory goes to generation and the codec; the next step captures again
+        nonlocal validation_need
+        if captured is not None and captured.shapes:
+            # the graphs' memory goes to generation and the codec unless the card has room for both: the first
+            # validation always frees it (and measures what it needs), later ones keep the graphs when it fits
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+            if validation_need is None or free < validation_need + 2**29:
+                captured.release()  # the next steps capture their shapes again
+        held = 0
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            held = torch.cuda.memory_reserved(device)
         # a full fine-tune validates a copy in the validation dtype (gathered to rank 0 under FSDP)
         generator = full_finetune.validation_model(model, cfg, device) if full else model
         distributed.together(lambda: validate_on_rank0(generator), f"validating at step {step}", rank0_only=True)
+        if device.type == "cuda" and validation_need is None:
+            peak = max((r for name, (_, r) in memory.peaks.items() if name.startswith("validation")), default=0.0)
+            validation_need = max(0, int(peak * 2**30) - held)
 
     def validate_on_rank0(generator):
         # generation draws its own seeded noise; fork_rng keeps the training RNG streams untouched anyway
@@ -243,7 +257,8 @@ def train(argv: list[str]) -> Path:
         metrics.append(record)
         trackers.log(record)
         log(f"step {record['step']}/{total} | epoch {record['epoch']} | loss {record['loss']:.4f} | "
-            f"lr {record['lr']:.2e} | {record['frames_per_s']:,.0f} audio frames/s | ETA {fmt_time(eta)}")
+            f"lr {record['lr']:.2e} | {record['frames_per_s']:,.0f} audio frames/s"
+            f"{f' (+{c:.1f} s capturing)' if (c := record['capture_s']) else ''} | ETA {fmt_time(eta)}")
 
     def check_finite(loss_val: float, grad_norm: float, at_step: int):
         if not math.isfinite(loss_val):  # the same value on every rank: they all stop here, rank 0 says why
@@ -264,8 +279,10 @@ def train(argv: list[str]) -> Path:
         dt = now - done.pop("t0")
         train_s += dt
         eta = train_s / (done["step"] - start_step) * (total - done["step"])
+        # frames/s is the step's own speed: a graph capture (once per batch shape) is left out and shown apart
         record = dict(done, loss=loss_val, loss_c0=loss_c0, loss_rest=loss_rest, grad_norm=grad_norm,
-                      frames_per_s=done["frames"] / dt, step_s=dt, elapsed_s=now - t_start)
+                      frames_per_s=done["frames"] / max(dt - done["capture_s"], 1e-9), step_s=dt,
+                      elapsed_s=now - t_start)
         distributed.together(lambda: report(record, eta), f"writing step {done['step']}'s metrics", rank0_only=True)
 
     log(f"training {total} steps ({steps_per_epoch} per epoch) of {cfg.train_batch_size} clip(s) x {accum} "
@@ -298,6 +315,7 @@ def train(argv: list[str]) -> Path:
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.time()
+        capture_s0 = captured.capture_s if captured is not None else 0.0
         losses, frames = torch.zeros(3, device=device), 0
         for micro in range(accum):
             epoch, cpu_batch, weight, batch_frames = next_share(sampler, dataset, full and world > 1)
@@ -337,7 +355,8 @@ def train(argv: list[str]) -> Path:
 
         if queued is not None:
             settle(queued, t0)  # the previous step, long finished on the GPU: no wait
-        queued = {"step": step, "epoch": epoch, "lr": lr, "frames": frames, "t0": t0, "values": values}
+        queued = {"step": step, "epoch": epoch, "lr": lr, "frames": frames, "t0": t0, "values": values,
+                  "capture_s": (captured.capture_s - capture_s0) if captured is not None else 0.0}
         save_now = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
         validate_now = (validate and cfg.validation_step_interval and step % cfg.validation_step_interval == 0
                         and step < total)
@@ -363,8 +382,9 @@ def train(argv: list[str]) -> Path:
     if memory.summary():
         log(memory.summary())
     if captured is not None and captured.captures:
-        log(f"captured the training step {captured.captures} time(s) ({captured.capture_s:.1f} s in all; batch shapes "
-            f"are captured once, and again after each validation)")
+        log(f"captured the training step {captured.captures} time(s) ({captured.capture_s:.1f} s in all; each padded "
+            f"length once, again when a batch had more loss rows than its graph's room, and after a validation that "
+            f"needed the graphs' memory)")
     if trackers:
         trackers.close()
     return result

@@ -73,6 +73,11 @@ def train_flops(cfg: ModelConfig, batch: int, ckpt: bool, rank: int = 16) -> flo
     return (2 + again) * blocks + (3 + again) * adapters + (1 + 2.5 + again) * attn + 2 * heads
 
 
+def parse_shapes(text: str) -> list[tuple[int, bool]]:
+    """"1c,4" -> [(1, True), (4, False)]: clips per step, c = with checkpointing."""
+    return [(int(x.rstrip("c")), x.endswith("c")) for x in text.split(",")]
+
+
 def peak_tflops() -> float:
     """Dense bf16 tensor-core peak of the card (H100/H200 SXM: 989 TFLOP/s), for MFU."""
     name = torch.cuda.get_device_name()
@@ -198,7 +203,7 @@ def main():
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(info, flush=True)
     results = []
-    shapes = [(int(x.rstrip("c")), x.endswith("c")) for x in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
 
     model = build(cfg, dropout=args.lora_dropout)
     info["weights_GiB"] = torch.cuda.memory_allocated() / GiB
@@ -211,10 +216,10 @@ def main():
                                            captured=mode == "captured"))
     for mode in ("profile", "profile-captured"):  # default: 1 clip with checkpointing, the quickstart's step
         if mode in variants:
-            for shape in args.profile_shapes.split(","):
-                batch, ckpt = int(shape.rstrip("c")), shape.endswith("c")
+            for batch, ckpt in parse_shapes(args.profile_shapes):
                 table, n_kernels = profile_top(model, cfg, batch=batch, ckpt=ckpt,
                                                captured=mode == "profile-captured")
+                shape = f"{batch}{'c' if ckpt else ''}"
                 info[f"kernels_per_step_{shape}_{mode}"] = n_kernels
                 print(table, flush=True)
                 Path(args.out, f"{mode}_{shape}.txt").write_text(table)

@@ -176,8 +176,13 @@ def step_stats(metrics: Path, first_step: int) -> dict:
     if not timed:
         return {}
     step_s = statistics.median(r["step_s"] for r in timed)
+    steady = [r for r in timed if not r.get("capture_s")]  # steps without a graph capture
     return {"steps": len(rows), "median_step_ms": round(1e3 * step_s, 1),
             "median_frames_per_s": round(statistics.median(r["frames_per_s"] for r in timed)),
+            "steps_with_capture": sum(1 for r in rows if r.get("capture_s")),
+            "capture_s": round(sum(r.get("capture_s", 0.0) for r in rows), 1),
+            "steady_frames_per_s": round(sum(r["frames"] for r in steady) / sum(r["step_s"] for r in steady))
+            if steady else None,
             "last_loss": round(rows[-1]["loss"], 4)}
 
 

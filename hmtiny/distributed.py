@@ -11,6 +11,7 @@ none waits forever, and one rank reports it.
 """
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Callable
@@ -66,6 +67,9 @@ def close():
     if dist.is_initialized():
         if _stopping_together:
             dist.all_reduce(torch.zeros(1))
+        # FSDP's modules (reference cycles) keep the process group alive past destroy_process_group; freed at
+        # interpreter exit instead, gloo's worker threads can abort the process after a run that succeeded
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.dropout import seeded_dropout
+from kernels.dropout import seeded_dropout, seeded_dropout_apply
 
 from .checkpoint import atomic_write
 
@@ -70,6 +71,7 @@ class LoRALinear(nn.Module):
         self.dropout_p = float(dropout)
         self.salt = 0  # the layer's index: its masks differ from every other layer's under one seed
         self.seed = DropoutSeed(device)  # inject_lora gives all layers of a model one shared seed
+        self.factor_copies: tuple[torch.Tensor, torch.Tensor] | None = None  # see FactorCopies
         self.reset_lora()
 
     def reset_lora(self):
@@ -82,12 +84,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
+            # training: one autograd node for the whole adapter (LoRAUpdate below)
+            p = self.dropout_p if self.training else 0.0
+            a, b = self.factor_copies if self.factor_copies is not None else (None, None)
+            return LoRAUpdate.apply(y, x, self.lora_A.weight, self.lora_B.weight, a, b, self.scaling,
+                                    self.seed.on(x.device), self.salt, p)
         h = x
         if self.training and self.dropout_p > 0:
             h = seeded_dropout(x, self.seed.on(x.device), self.salt, self.dropout_p)
-        if torch.is_autocast_enabled(x.device.type):
-            # training: the second product accumulates straight into the base output (addmm, beta 1), so no
-            # update tensor is written and read back by a separate add
+        if torch.is_autocast_enabled(x.device.type):  # torch.compile traces this form
             low = F.linear(h, self.lora_A.weight).reshape(-1, self.rank)
             return torch.addmm(y.reshape(-1, y.shape[-1]), low, self.lora_B.weight.t(), alpha=self.scaling).view_as(y)
         # without autocast the adapter runs in its own (float32) dtype
@@ -96,6 +102,86 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}" + (f", dropout={self.dropout_p:g}" if self.dropout_p else "")
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """y + scaling * B(A(dropout(x))) in y's dtype, with a hand-written backward.
+
+    Autograd's own graph of this (casts of A and B, two matmuls, an add) costs, per layer and step, a cast back
+    and a gradient-accumulation kernel for each factor on top of the matmuls; 224 adapted layers make that
+    thousands of small kernels, a large part of a one-clip training step. Here the backward runs the four
+    matmuls and adds each factor's gradient into its float32 `.grad` in one kernel (cast, scale and accumulate
+    together), and rebuilds the dropout mask from its seed. The factors' gradients go straight into `.grad`
+    (autograd sees None for them), so no gradient hook runs for A and B; the trainer uses none. Held to the
+    plain composition by tests/test_lora.py.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float):
+        """a, b: A and B already in y's dtype (FactorCopies), or None to cast them here."""
+        dt = y.dtype  # the compute dtype autocast gave the base layer; no autocast inside (explicit casts)
+        with torch.autocast(y.device.type, enabled=False):
+            h = (seeded_dropout_apply(x, seed, salt, p) if p > 0 else x).to(dt)
+            a = A.to(dt) if a is None or a.dtype != dt else a
+            b = B.to(dt) if b is None or b.dtype != dt else b
+            low = h.reshape(-1, h.shape[-1]) @ a.t()  # [M, r]
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scaling).view_as(y)
+        ctx.save_for_backward(h, low, a, b, seed)
+        ctx.factors, ctx.scaling, ctx.salt, ctx.p, ctx.x_dtype = (A, B), scaling, salt, p, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, low, a, b, seed = ctx.saved_tensors
+        A, B = ctx.factors
+        with torch.autocast(g.device.type, enabled=False):
+            g2, h2 = g.reshape(-1, g.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1])
+            d_low = (g2 @ b).mul_(ctx.scaling)  # [M, r]
+            if B.requires_grad:
+                _accumulate(B, g2.t() @ low, ctx.scaling)
+            if A.requires_grad:
+                _accumulate(A, d_low.t() @ h2, 1.0)
+            dx = None
+            if ctx.needs_input_grad[1]:
+                dx = (d_low @ a).view(h.shape)
+                if ctx.p > 0:
+                    dx = seeded_dropout_apply(dx, seed, ctx.salt, ctx.p)
+                dx = dx.to(ctx.x_dtype)
+        return g, dx, None, None, None, None, None, None, None, None
+
+
+class FactorCopies:
+    """Every LoRA factor of a model cast to the compute dtype once per step instead of in every layer call.
+
+    `with copies.active():` copies the float32 factors into persistent low-precision buffers (one multi-tensor
+    copy) and lets the layers read them for the forward, checkpointing's recomputation and the backward inside
+    the block. Refreshed on entry, so the copies are never stale; inside a captured CUDA graph the copy is part of
+    the graph and runs on every replay."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.layers = list(lora_layers(model).values())
+        self.src = [w for m in self.layers for w in (m.lora_A.weight, m.lora_B.weight)]
+        self.dst = [torch.empty_like(w, dtype=dtype) for w in self.src]
+
+    @contextmanager
+    def active(self):
+        with torch.no_grad():
+            torch._foreach_copy_(self.dst, self.src)
+        for m, a, b in zip(self.layers, self.dst[0::2], self.dst[1::2]):
+            m.factor_copies = (a, b)
+        try:
+            yield
+        finally:
+            for m in self.layers:
+                m.factor_copies = None
+
+
+def _accumulate(p: torch.Tensor, grad: torch.Tensor, alpha: float):
+    """p.grad += alpha * grad in p's dtype: one kernel when .grad exists (the trainer keeps it allocated)."""
+    if p.grad is None:
+        p.grad = grad.to(p.dtype).mul_(alpha)
+    else:
+        p.grad.add_(grad, alpha=alpha)
 
 
 def _module_device(m: nn.Module) -> torch.device:

@@ -240,12 +240,17 @@ class HeartMuLa(nn.Module):
         return h
 
     # ---------------------------------------------------------------- training
-    def depth_logits(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced depth decoder. h [N,D] backbone states, codes [N,K] the next frame -> logits [N,K-1,V]."""
+    def depth_states(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced depth decoder. h [N,D] backbone states, codes [N,K] the next frame -> the decoder's output
+        states [N,K-1,D_dec] at positions 1..K-1 (each predicts its codebook through audio_head)."""
         K = self.cfg.audio_num_codebooks
         emb = self.audio_embeddings(codes[:, : K - 1] + self.audio_offsets[: K - 1])  # [N,K-1,D]
         seq = torch.cat([h.unsqueeze(1).to(emb.dtype), emb], dim=1)
-        out = self.decoder(self.projection(seq))[:, 1:]  # positions 1..K-1 predict codebooks 1..K-1
+        return self.decoder(self.projection(seq))[:, 1:]
+
+    def depth_logits(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced depth decoder logits [N,K-1,V] for backbone states h [N,D] and the next frame codes [N,K]."""
+        out = self.depth_states(h, codes)
         return torch.einsum("nkd,kdv->nkv", out, self.audio_head.to(out.dtype))
 
     def forward(self, tokens, tokens_mask, muq_idx=None):

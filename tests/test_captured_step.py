@@ -5,7 +5,7 @@ replays real graphs."""
 import pytest
 import torch
 
-from hmtiny.captured_step import CapturedStep, plan_rows
+from hmtiny.captured_step import CapturedStep, pad_frozen_heads, plan_rows
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
 from hmtiny.lora import inject_lora, mark_only_lora_trainable, set_dropout_seed
@@ -92,6 +92,41 @@ def test_step_accumulates_and_reuses_shapes(data):
     assert len(step.shapes) <= 2
 
 
+def test_one_shape_per_padded_length_with_room_for_the_most_loss_rows(data):
+    """Clips 4, 0 and 9 pad to 96 rows but have 26, 47 and 45 audio frames: one shape, rebuilt once with room for
+    clip 0's rows, then reused (padded further with weight 0) by the others; every step still equals model.loss."""
+    model, params = tiny_lora()
+    step = CapturedStep(model, params, None, bucket=32)
+    built = []
+    for i in [4, 0, 4, 9]:
+        batch = data.batch([i])
+        want, want_grads = reference(model, params, batch)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        got = step(batch)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+        (s,) = step.shapes.values()
+        built.append((id(s), s.tokens.shape[1], s.n_c0, s.n_dec))
+    assert [b[1:] for b in built] == [(96, 32, 32), (96, 64, 64), (96, 64, 64), (96, 64, 64)]
+    assert built[1][0] == built[2][0] == built[3][0] != built[0][0]
+
+
+def test_frozen_heads_get_padded_storage_with_the_same_values():
+    model, _ = tiny_lora()
+    c0, audio = model.codebook0_head.weight.detach().clone(), model.audio_head.detach().clone()
+    V = audio.shape[-1]
+    c0_pad, audio_pad = pad_frozen_heads(model, multiple=64)
+    assert c0_pad.shape == (128, c0.shape[1]) and audio_pad.shape == (*audio.shape[:-1], 128)
+    assert torch.equal(model.codebook0_head.weight, c0) and torch.equal(model.audio_head, audio)
+    assert torch.equal(c0_pad[:V], c0) and not c0_pad[V:].any() and not audio_pad[..., V:].any()
+    assert model.codebook0_head.weight.data_ptr() == c0_pad.data_ptr()  # a view: one copy of the weights
+    again = pad_frozen_heads(model, multiple=64)  # a second step on the same model: the same storage
+    assert again[0].data_ptr() == c0_pad.data_ptr() and torch.equal(again[1], audio_pad)
+    assert pad_frozen_heads(tiny_lora()[0].requires_grad_(True), multiple=64) is None  # heads that train: as they are
+
+
 def test_objective_inputs_and_reference_embedding(data):
     """uncond (caption dropout), input_tokens (scheduled sampling) and muq_embed reach the model as in model.loss."""
     model, params = tiny_lora()
@@ -135,7 +170,8 @@ def test_lora_dropout_and_checkpointing(data):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_captured_graphs_equal_eager_on_cuda(data):
     """Real capture and replay, bf16 autocast, checkpointing and dropout: every replay equals the uncaptured step
-    on the same inputs (same kernels), across two shapes, shapes revisited, and a release."""
+    on the same inputs (same kernels), across two shapes, shapes revisited, and a release; the factors change
+    between calls, so a replay that read stale bf16 copies of them (FactorCopies) would differ."""
     model, params = tiny_lora(dropout=0.1, device="cuda", checkpointing=True)
     eager = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=False)
     graphed = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=True, log=lambda m: None)
@@ -154,6 +190,9 @@ def test_captured_graphs_equal_eager_on_cuda(data):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
         if i == 2:
             graphed.release()
+        with torch.no_grad():  # as an optimizer step: the next replay must cast these new factors (FactorCopies)
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.02)
     assert graphed.captures == 4  # shapes [0] and [1,2] twice (released in between), [3] once... at most
 
 
@@ -173,3 +212,38 @@ def test_train_py_with_the_captured_step_equals_the_eager_step(tmp_path, monkeyp
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
+    """Under autocast the step casts every LoRA factor once per call (lora.FactorCopies) and the layers read those
+    copies: it equals model.loss under the same autocast, and after the factors change (as an optimizer step
+    changes them) the next call computes with the new values, never stale copies."""
+    from hmtiny import lora
+    model, params = tiny_lora(dropout=0.1, checkpointing=True)
+    batch = data.batch([2])
+    step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
+    copies = {id(t) for t in step.factor_copies.dst}
+    read = []  # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself)
+    real_apply = lora.LoRAUpdate.apply
+    monkeypatch.setattr(lora.LoRAUpdate, "apply", lambda y, x, A, B, a, b, *rest: read.append(
+        a is not None and id(a) in copies and id(b) in copies) or real_apply(y, x, A, B, a, b, *rest))
+    losses = []
+    for _ in range(2):
+        set_dropout_seed(model, 7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, want_grads = reference(model, params, batch)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        read.clear()
+        got = step(batch)
+        # every layer call of the step (forward and checkpointing's recomputation) read the copies
+        assert read and all(read), read
+        torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
+        assert all(m.factor_copies is None for m in step.factor_copies.layers)  # only inside the step
+        losses.append(got[0].item())
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) * 0.3)
+    assert abs(losses[0] - losses[1]) > 0.1

@@ -265,3 +265,67 @@ def test_bad_file_is_a_clear_error(tmp_path):
         read_lora(bad)
     with pytest.raises(FileNotFoundError, match="nope"):
         read_lora(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_update_backward_equals_autograd(p):
+    """LoRAUpdate (the training path under autocast: hand-written backward, factor gradients added straight into
+    .grad) against autograd's own graph of the same formula, in float64 so only the maths is compared; twice, so
+    the second backward must accumulate onto the first."""
+    from hmtiny.lora import LoRAUpdate
+    from kernels.dropout import seeded_dropout
+    g = torch.Generator().manual_seed(0)
+    M, n_in, n_out, r, scaling = 37, 23, 19, 4, 0.75
+    seed = torch.tensor([1234], dtype=torch.int32)
+    x = torch.randn(2, M, n_in, generator=g, dtype=torch.float64)
+    y0 = torch.randn(2, M, n_out, generator=g, dtype=torch.float64)
+    gout = torch.randn(2, M, n_out, generator=g, dtype=torch.float64)
+
+    def leaves():
+        torch.manual_seed(5)
+        return [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((r, n_in), (n_out, r))]
+
+    def run(fn):
+        A, B = leaves()
+        xs, ys = x.clone().requires_grad_(), y0.clone().requires_grad_()
+        for _ in range(2):
+            out = fn(ys, xs, A, B)
+            out.backward(gout)
+        return out.detach(), xs.grad, ys.grad, A.grad, B.grad
+
+    def plain(y, x_, A, B):
+        h = seeded_dropout(x_, seed, 3, p)
+        return y + scaling * (h @ A.t() @ B.t())
+
+    want = run(plain)
+    got = run(lambda y, x_, A, B: LoRAUpdate.apply(y, x_, A, B, None, None, scaling, seed, 3, p))
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, rtol=1e-10, atol=1e-12)
+
+
+def test_lora_layer_under_autocast_matches_the_plain_form():
+    """The layer's autocast path (LoRAUpdate) against the composition torch.compile traces (same formula through
+    autograd), bf16 autocast on the CPU: same output and gradients up to bf16 rounding."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=False)
+    layer = LoRALinear(base, rank=8, alpha=16, dropout=0.2).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    layer.seed.tensor.fill_(77)
+    x = torch.randn(3, 50, 48)
+
+    def grads(compiled_form: bool):
+        for prm in (layer.lora_A.weight, layer.lora_B.weight):
+            prm.grad = None
+        xs = x.clone().requires_grad_()
+        from unittest import mock
+        with mock.patch("torch.compiler.is_compiling", return_value=compiled_form), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xs)
+        out.float().square().sum().backward()
+        return out.float(), xs.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+    fused, plain = grads(False), grads(True)
+    assert fused[0].dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32
+    for f, q in zip(fused, plain):
+        torch.testing.assert_close(f, q, rtol=2e-2, atol=2e-2)
