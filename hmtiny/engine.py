@@ -20,7 +20,6 @@ the last bits, which can flip a near-tie):
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import time
 from typing import Callable
@@ -480,11 +479,10 @@ class Engine:
             self._first_frame()
         else:
             if self._first_graph is None or (max_frames > 1 and self._graph is None):
-                with _gc_frozen():
-                    if self._first_graph is None:
-                        self._first_graph = self._capture(self._first_frame)
-                    if max_frames > 1 and self._graph is None:
-                        self._graph = self._capture(self._step)
+                if self._first_graph is None:
+                    self._first_graph = self._capture(self._first_frame)
+                if max_frames > 1 and self._graph is None:
+                    self._graph = self._capture(self._step)
                 captured = time.perf_counter()
             self._first_graph.replay()
             self._graph_key = key
@@ -568,21 +566,6 @@ class Engine:
         torch.cuda.synchronize(self.device)
         restore()
         return graph
-
-
-@contextlib.contextmanager
-def _gc_frozen():
-    """The process's objects moved out of the garbage collector's sight for a block: torch.cuda.graph runs
-    gc.collect() before each capture, ~0.1 s over the ~200k objects of a process that imported torch and Triton.
-    Not when something else froze objects already (unfreezing would undo theirs)."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def reference_embeddings(prompts: list[Prompt], dim: int) -> torch.Tensor | None:

@@ -408,21 +408,3 @@ def test_last_timing_says_where_a_call_went(mula):
     runtime.generate(model, [fixture_prompt(cases, "generate_cfg")], 3, 1.5, 1, 1.0, mode="plain",
                      timing=plain_timing)
     assert plain_timing == {}
-
-
-def test_gc_frozen_block_leaves_other_freezes_alone():
-    import gc
-
-    from hmtiny.engine import _gc_frozen
-    assert gc.get_freeze_count() == 0
-    with _gc_frozen():
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
-    gc.freeze()  # someone else's freeze: kept as it was
-    try:
-        n = gc.get_freeze_count()
-        with _gc_frozen():
-            pass
-        assert gc.get_freeze_count() == n
-    finally:
-        gc.unfreeze()
