@@ -104,6 +104,19 @@ def read_device(device, direct: bool) -> torch.device:
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
+def checkpoint_tensors(folder: Path, device, direct: bool = False,
+                       staged: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (key, tensor) pairs load_weights assigns to a model on `device`. staged (None: on CUDA unless direct):
+    hmtiny.stream_load's threaded reads through pinned buffers, each tensor arriving on `device` in its stored dtype
+    (True on the CPU: the same reads into plain buffers). Else safetensors' own reads, onto read_device."""
+    if staged is None:
+        staged = torch.device(device).type == "cuda" and not direct
+    if staged:
+        from .stream_load import stream_tensors
+        return stream_tensors(weight_files(folder), device)
+    return iter_tensors(folder, read_device(device, direct))
+
+
 class _NoInit(TorchFunctionMode):
     """Inside build_empty: torch.nn.init's fills and the random in-place fills do nothing, and arithmetic on meta
     tensors (a buffer such as `arange(K) * V`, recomputed on the device after loading) returns an empty meta tensor
@@ -146,19 +159,20 @@ def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype | None = No
                  rename: Callable[[str], str | None] | None = None,
                  transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
                  ignore: Callable[[str], bool] | None = None, what: str = "checkpoint",
-                 direct: bool = False) -> nn.Module:
+                 direct: bool = False, staged: bool | None = None) -> nn.Module:
     """Assign the checkpoint's tensors to `module` (typically built on the meta device), one at a time.
 
     rename: map a stored key to the module's key (None drops it). transform: rewrite a tensor before casting
     (e.g. fold weight norm). ignore: stored keys that may be present but unused. Floating tensors are cast to
     `dtype`; integer/bool buffers keep theirs. Every missing, unexpected or mis-shaped key is listed in one error.
-    Each tensor is read on the CPU, transformed, cast, then moved to `device`. direct (CUDA): read straight onto
-    the GPU in its stored dtype, transformed and cast there (the codec's background load does this; for the model
-    the host read measured faster on an H100: 3.2 vs 3.8 s).
+    On the CPU and MPS each tensor is read on the CPU, transformed, cast, then moved to `device`. On CUDA
+    (checkpoint_tensors): read in chunks by several threads through pinned buffers, copied over on a side stream
+    while the next chunk is read, then transformed and cast on the GPU. direct (CUDA): safetensors reads each tensor
+    straight onto the GPU (the codec's background load, which needs no pinned buffers). staged=False: the host read.
     """
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     seen, unexpected, bad_shape = set(), [], []
-    for key, tensor in iter_tensors(folder, read_device(device, direct)):
+    for key, tensor in checkpoint_tensors(folder, device, direct, staged):
         if ignore and ignore(key):
             continue
         name = rename(key) if rename else key
@@ -309,9 +323,11 @@ def find_codec_beside(model_name_or_path) -> Path | str | None:
     return None
 
 
-def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False):
+def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False,
+                   staged: bool | None = None):
     """Build HeartMuLa on the meta device (no random init) and assign the checkpoint's tensors (no second copy).
-    quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read."""
+    quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read. staged: how
+    the files are read (load_weights; None: the pinned, threaded read on CUDA, the host read elsewhere)."""
     from .config import ModelConfig
     from .model import HeartMuLa
     folder = find_model_folder(resolve_folder(name_or_path))
@@ -321,7 +337,8 @@ def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu
     if quantize:
         from .quant import quantize_on_load
         transform = quantize_on_load(model, device)
-    load_weights(model, folder, dtype=dtype, device=device, transform=transform, what="HeartMuLa checkpoint")
+    load_weights(model, folder, dtype=dtype, device=device, transform=transform, what="HeartMuLa checkpoint",
+                 staged=staged)
     model.init_buffers(device)
     return model.eval()
 
