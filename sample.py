@@ -333,20 +333,25 @@ class Clock:
         return f"time: {parts}; total {total:.1f} s"
 
 
-def generation_split(t: dict, total: float) -> dict | None:
+def generation_split(t: dict, total: float, song_frames: list[int] | None = None) -> dict | None:
     """Where generation's seconds went, from the engine's last_timing (None for the plain loop): 'short' for the
     closing time line, 'long' for the generation report. warm-up = everything before the first frame's replay
-    (engine build, tile plan, warm-up runs and captures); loop = the frames."""
+    (engine build, tile plan, warm-up runs and captures); loop = the frames. With several songs (song_frames: each
+    one's frames) the loop's rate is given per song (frame steps / s) and for the batch (all frames / s)."""
     if not t:
         return None
     warm, loop = total - t["loop_s"], t["loop_s"]
     other = warm - t["build_s"] - t["plan_s"] - t["capture_s"]
     gpu = f"; GPU {t['ms_per_frame_step']:.2f} ms per frame step" if "ms_per_frame_step" in t else ""
-    rate = t["frames"] / loop if loop > 0 else 0.0
+    per_second = 1 / loop if loop > 0 else 0.0
+    rate = f"{t['frames']} frames, {t['frames'] * per_second:.1f} frames/s"
+    if song_frames and len(song_frames) > 1:
+        made = sum(song_frames)
+        rate += f" per song; {made} frames of {len(song_frames)} songs, {made * per_second:.1f} frames/s together"
     return {"short": f"warm-up {warm:.1f} s + loop {loop:.1f} s",
             "long": f"split: warm-up {warm:.2f} s (engine build {t['build_s']:.2f}, tile plan {t['plan_s']:.2f}, "
                     f"warm-up runs + capture {t['capture_s']:.2f}, other {other:.2f}), loop {loop:.2f} s "
-                    f"({t['frames']} frames, {rate:.1f} frames/s{gpu})"}
+                    f"({rate}{gpu})"}
 
 
 def main(argv=None) -> int:
@@ -460,7 +465,7 @@ def run(a, clock: Clock) -> int:
                              mode=mode, stop_on_eos=s["stop_on_eos"], progress=progress,
                              engine_options={"share": True}, timing=timing)
     dt = time.time() - t0
-    split = generation_split(timing, dt)
+    split = generation_split(timing, dt, [x.shape[0] for x in songs])
     clock.lap(f"generation ({split['short']})" if split else "generation")
     made = sum(x.shape[0] for x in songs)
     together = f" for the {a.num} songs together" if a.num > 1 else ""

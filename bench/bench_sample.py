@@ -29,6 +29,7 @@ from check_fullsize import GENERATED, LYRICS, PEAK, REPO, TAGS, TINY, CheckFaile
 RATE = re.compile(r"in [\d.]+ s: ([\d.]+) frames/s")
 MODEL = re.compile(r"^model .* loaded in ([\d.]+) s", re.M)
 SPLIT = re.compile(r"split: warm-up ([\d.]+) s \((.*?)\), loop ([\d.]+) s \((\d+) frames, ([\d.]+) frames/s")
+TOGETHER = re.compile(r"split: .*, ([\d.]+) frames/s together")
 CODEC = re.compile(r"codec loaded in ([\d.]+) s, in the background during generation \(waited ([\d.]+) s")
 TIMES = re.compile(r"^time: (.*)$", re.M)
 
@@ -66,7 +67,7 @@ def run_one(name: str, argv: list[str], env: dict, log: Path, timeout: float) ->
         r["frames"], r["generation_s"] = int(gen[-1][0]), float(gen[-1][2])
         r["frames_per_s"] = float(RATE.findall(text)[-1])
     for key, pattern in (("model_load_s", MODEL), ("codec_background", CODEC), ("times", TIMES), ("peak", PEAK),
-                         ("split", SPLIT)):
+                         ("split", SPLIT), ("loop_frames_per_s_together", TOGETHER)):
         found = pattern.findall(text)
         if found:
             r[key] = found[-1]
@@ -79,6 +80,15 @@ def run_one(name: str, argv: list[str], env: dict, log: Path, timeout: float) ->
     return r
 
 
+def loop_cell(r: dict) -> str:
+    """Loop seconds (frames/s; with several songs: per song, then all songs' frames / loop seconds)."""
+    sp = r.get("split")
+    if not sp:
+        return "-"
+    together = r.get("loop_frames_per_s_together")
+    return f"{sp[2]} ({sp[4]}" + (f" per song, {together} together)" if together else ")")
+
+
 def table(results: list[dict]) -> str:
     rows = ["| run | exit | wall s | frames | generation s | warm-up s (parts) | loop s (frames/s) | model load s | "
             "codec in background s (decoding waited) | peak GiB alloc / reserved | sample.py's time line |",
@@ -89,7 +99,7 @@ def table(results: list[dict]) -> str:
         sp = r.get("split")
         rows.append(" | ".join(["", r["run"], str(r["rc"]), f"{r['wall_s']:.1f}", str(r.get("frames", "-")),
                                 str(r.get("generation_s", "-")), f"{sp[0]} ({sp[1]})" if sp else "-",
-                                f"{sp[2]} ({sp[4]})" if sp else "-",
+                                loop_cell(r),
                                 r.get("model_load_s", "-"), f"{bg[0]} ({bg[1]})" if bg else "-",
                                 f"{peak[0]} / {peak[1]}" if peak else "-",
                                 r.get("times", "-").replace("|", "/"), ""]).strip())

@@ -1,4 +1,5 @@
 """sample.py end to end on the built-in tiny model and codec (CPU)."""
+import re
 import sys
 from pathlib import Path
 
@@ -172,3 +173,25 @@ def test_generation_line_splits_warm_up_and_loop(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "split: warm-up " in out and "loop " in out
     assert "generation (warm-up " in out.split("time: ")[-1]
+
+
+def test_batch_prints_its_frames_per_second_beside_the_per_song_rate(tmp_path, capsys):
+    """--num N: the loop's rate per song (frame steps / s) and for the batch (all songs' frames / loop seconds)."""
+    path = tmp_path / "t.npy"
+    assert sample.main(["--demo", "--duration", "0.8", "--seed", "5", "--tokens-only", "--mode", "eager", "--num", "3",
+                        "--save-tokens", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "split: warm-up" in x)
+    m = re.search(r"loop ([\d.]+) s \((\d+) frames, ([\d.]+) frames/s per song; (\d+) frames of 3 songs, "
+                  r"([\d.]+) frames/s together", line)
+    assert m, line
+    steps, per_song, made, together = int(m[2]), float(m[3]), int(m[4]), float(m[5])
+    assert (steps, made) == (10, 30)  # --demo never stops early: 10 frames each
+    assert together == pytest.approx(per_song * 3, rel=0.02, abs=0.2)
+
+
+def test_generation_split_rates():
+    t = {"loop_s": 2.0, "build_s": 0.1, "plan_s": 0.2, "capture_s": 0.3, "frames": 375}
+    one = sample.generation_split(t, 3.0, [375])["long"]
+    assert "(375 frames, 187.5 frames/s)" in one and "together" not in one
+    batch = sample.generation_split(t, 3.0, [375, 375, 100])["long"]
+    assert "(375 frames, 187.5 frames/s per song; 850 frames of 3 songs, 425.0 frames/s together)" in batch
