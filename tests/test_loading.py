@@ -109,7 +109,8 @@ def test_loading_does_not_import_dynamo():
 
 def test_sample_tokens_equal_the_plain_loading_path(tmp_path, capsys):
     path = tmp_path / "t.npy"
-    assert sample.main(["--demo", "--duration", "1.2", "--seed", "5", "--tokens-only", "--save-tokens", str(path)]) == 0
+    assert sample.main(["--demo", "--duration", "1.2", "--seed", "5", "--tokens-only", "--device", "cpu",
+                        "--save-tokens", str(path)]) == 0
     capsys.readouterr()
     tok = PromptTokenizer.load(*find_text_assets(TINY / "tokenizer.json"))
     prompt = tok.prompt("pop, happy, piano, synth", "[verse]\nthe sun is bright\nwe sing again")
@@ -121,7 +122,7 @@ def test_sample_tokens_equal_the_plain_loading_path(tmp_path, capsys):
 def test_int8_sample_tokens_equal_quantising_a_plain_load(tmp_path, capsys):
     from hmtiny.quant import quantize_model
     path = tmp_path / "t.npy"
-    assert sample.main(["--demo", "--duration", "0.8", "--seed", "2", "--tokens-only", "--int8",
+    assert sample.main(["--demo", "--duration", "0.8", "--seed", "2", "--tokens-only", "--int8", "--device", "cpu",
                         "--save-tokens", str(path)]) == 0
     capsys.readouterr()
     tok = PromptTokenizer.load(*find_text_assets(TINY / "tokenizer.json"))
@@ -147,19 +148,33 @@ def test_background_returns_the_value_or_raises_the_error_here():
 
 
 def test_codec_in_background_decodes_the_same_audio(tmp_path, capsys, monkeypatch):
+    """The same run with the codec loaded inline (a) and in the background thread (b), on the default device (on a
+    GPU machine: the side stream of load_codec_beside_model). Tokens and audio are compared apart, so a failure
+    says whether generation or decoding differs."""
     sf = pytest.importorskip("soundfile")
     args = ["--demo", "--duration", "0.8", "--seed", "4", "--codec-steps", "2"]
-    assert sample.main(args + ["--out", str(tmp_path / "a.wav")]) == 0
-    assert "in the background" not in capsys.readouterr().out
-    monkeypatch.setattr(runtime, "codec_in_background", lambda device: True)
-    threads = []
+    outputs, threads = {}, []
     real = runtime.load_codec_beside_model
     monkeypatch.setattr(runtime, "load_codec_beside_model",
                         lambda *a: threads.append(threading.current_thread()) or real(*a))
-    assert sample.main(args + ["--out", str(tmp_path / "b.wav")]) == 0
-    assert "in the background during generation" in capsys.readouterr().out
-    assert threads and threads[0] is not threading.main_thread()
-    assert np.array_equal(sf.read(str(tmp_path / "a.wav"))[0], sf.read(str(tmp_path / "b.wav"))[0])
+    for run, background in (("a", False), ("b", True)):  # (on CUDA the background is the default: forced off in a)
+        monkeypatch.setattr(runtime, "codec_in_background", lambda device, on=background: on)
+        assert sample.main(args + ["--out", str(tmp_path / f"{run}.wav"),
+                                   "--save-tokens", str(tmp_path / f"{run}.npy")]) == 0
+        outputs[run] = capsys.readouterr().out
+        assert ("in the background during generation" in outputs[run]) == background, outputs[run]
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    tokens = [np.load(tmp_path / f"{run}.npy") for run in "ab"]
+    differ = np.argwhere(tokens[0] != tokens[1]) if tokens[0].shape == tokens[1].shape else None
+    assert differ is not None and differ.size == 0, (
+        f"the generated tokens differ between the runs (generation, not the codec): shapes {tokens[0].shape} / "
+        f"{tokens[1].shape}, first differing [frame, codebook]: {None if differ is None else differ[:5].tolist()}")
+    wav = [sf.read(str(tmp_path / f"{run}.wav"))[0] for run in "ab"]
+    assert wav[0].shape == wav[1].shape, f"same tokens, audio of {wav[0].shape} vs {wav[1].shape} samples"
+    diff = np.abs(wav[0] - wav[1])
+    assert diff.max() == 0, (f"same tokens, different audio: max abs diff {diff.max():.3g} over "
+                             f"{np.count_nonzero(diff)} of {diff.size} samples (decoding with the codec loaded in the "
+                             f"background differs)")
 
 
 @pytest.mark.parametrize("error, message", [(ValueError("shape mismatch in flow_matching"), "error: --codec"),
