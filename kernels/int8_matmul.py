@@ -274,6 +274,7 @@ class LaunchCache:
         self.decode_choice: dict = {}
         self.direct = True
         self._picks = None  # (path, table) of the cache file as read
+        self._shipped = None  # the repository's table (gemv.SHIPPED) as read
 
     def autotuning(self) -> bool:
         if self.autotune is None:
@@ -286,13 +287,17 @@ class LaunchCache:
         return self._tuned[regime]
 
     def stored(self, name: str):
-        """The pick kept on disk under `name`, or None (no cache file, no such entry)."""
+        """The pick kept on disk under `name`: this machine's cache file first, then the picks shipped with the
+        repository for known cards (gemv.SHIPPED); None when neither has it."""
         path = gemv.cache_file()
-        if path is None:
-            return None
-        if self._picks is None or self._picks[0] != path:
-            self._picks = (path, gemv.read_cache(path))
-        return self._picks[1].get(name)
+        if path is not None:
+            if self._picks is None or self._picks[0] != path:
+                self._picks = (path, gemv.read_cache(path))
+            if name in self._picks[1]:
+                return self._picks[1][name]
+        if self._shipped is None:
+            self._shipped = gemv.read_cache(gemv.SHIPPED)
+        return self._shipped.get(name)
 
     def store(self, name: str, value) -> None:
         path = gemv.cache_file()

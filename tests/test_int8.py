@@ -296,6 +296,32 @@ def test_tuned_config_is_kept_on_disk_and_used_without_tuning(monkeypatch, tmp_p
         assert tuners["train"].tunings == 1 and not direct
 
 
+def test_shipped_picks_spare_a_known_card_the_tuning(monkeypatch, tmp_path):
+    """A pick in the repository's table (gemv.SHIPPED) is used when this machine's cache file has none, also with
+    the cache file turned off; the machine's own file wins over it."""
+    monkeypatch.setattr(K.gemv, "card_name", lambda device: "card S")
+    wq, s = random_int8_weight(48, 64)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(tmp_path / "mine.json"))
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")  # tuned here: its name and pick, kept in mine.json
+    (name, pick), = json.loads((tmp_path / "mine.json").read_text()).items()
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({name: pick}))
+    monkeypatch.setattr(K.gemv, "SHIPPED", shipped)
+    for cache in (str(tmp_path / "empty.json"), "0"):
+        monkeypatch.setenv("HMTINY_TILE_CACHE", cache)
+        tuners, direct = new_process(monkeypatch)
+        K.int8_matmul(x, wq, s, regime="train")
+        assert tuners["train"].tunings == 0 and len(direct) == 1
+    shipped.write_text(json.dumps({name: "not a pick"}))  # this machine's own file is read first
+    monkeypatch.setattr(K.gemv, "_warned", set())
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(tmp_path / "mine.json"))
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")
+    assert tuners["train"].tunings == 0 and len(direct) == 1
+
+
 @needs_triton
 def test_decode_choice_is_kept_on_disk(monkeypatch, tmp_path):
     """A new process takes the decode kernel chosen by an earlier one without timing; a damaged file is said once,
