@@ -7,7 +7,9 @@
 The weight files are read once first (page-cache warm-up, timed apart: later runs read as a second sample.py run
 does). Then each repeat runs each path in a fresh process; a process reports torch's import and CUDA's start apart
 from load_heartmula's seconds (synchronised). --check adds a process that loads both ways (staged first: its
-seconds are the row's) and compares every tensor bit for bit. Prints a markdown table and the JSON of every run.
+seconds are the row's) and compares every tensor bit for bit. On CUDA a run also reports torch's pinned-memory
+allocator: its cudaHostAlloc time (the staged read's buffers) and the pinned bytes it keeps cached after the load.
+Prints a markdown table and the JSON of every run.
 """
 from __future__ import annotations
 
@@ -53,7 +55,23 @@ def child(a) -> dict:
                                                              theirs[k].reshape(-1).view(torch.uint8)) for k in mine)
     if device.type == "cuda":
         r["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        r["reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        r.update(pinned_stats())
     return r
+
+
+def pinned_stats() -> dict:
+    """torch's pinned-memory allocator after the load: how long its cudaHostAlloc calls took (the staged read's
+    buffers, on its critical path) and how many bytes it still keeps cached (freed buffers stay pinned until the
+    process ends). Empty where this torch has no host_memory_stats."""
+    import torch
+    try:
+        stats = torch.cuda.memory.host_memory_stats()
+        return {"pin_ms": round(stats.get("host_alloc_time.total", 0) / 1e3, 1),
+                "pin_blocks": stats.get("num_host_alloc", 0),
+                "pinned_cached_mb": round(stats.get("allocated_bytes.current", 0) / 2**20)}
+    except Exception:  # an older torch, or its stats named otherwise
+        return {}
 
 
 def warm_page_cache(files: list[Path]) -> float:
@@ -110,10 +128,12 @@ def main(argv=None) -> int:
         r["gb_per_s"] = round(gb / r["load_s"], 3)
         results.append(r)
         print(json.dumps(r), flush=True)
-    print("\n| path | torch + CUDA start s | load s | GB/s | peak GiB | equal |\n|---|---|---|---|---|---|")
+    print("\n| path | torch + CUDA start s | load s | GB/s | peak GiB alloc / reserved | pinned: alloc ms, blocks, "
+          "MB kept | equal |\n|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['path']} | {r['init_s']} | {r['load_s']:.2f} | {r['gb_per_s']} | {r.get('peak_gib', '-')} | "
-              f"{r.get('equal', '-')} |")
+        pinned = f"{r['pin_ms']}, {r['pin_blocks']}, {r['pinned_cached_mb']}" if "pin_ms" in r else "-"
+        print(f"| {r['path']} | {r['init_s']} | {r['load_s']:.2f} | {r['gb_per_s']} | {r.get('peak_gib', '-')} / "
+              f"{r.get('reserved_gib', '-')} | {pinned} | {r.get('equal', '-')} |")
     print(json.dumps({**info, "runs": results}))
     return 0 if all(r.get("equal", True) for r in results) else 1
 

@@ -169,7 +169,8 @@ def read_chunk(path: Path, chunk: Chunk, view: memoryview, pool: ThreadPoolExecu
 
 def stream_tensors(files: list[Path], device, chunk_bytes: int | None = None, buffers: int | None = None,
                    threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) for every tensor of the files, in file order, each on `device` in its stored dtype.
+    """Yield (key, tensor) for every tensor of the files, file by file (each file's tensors without bytes first,
+    then the rest in byte order), each on `device` in its stored dtype.
 
     CUDA: the chunks are read into `buffers` pinned buffers in turn and copied on a side stream without waiting
     (non_blocking); a yielded tensor is complete for work queued on the current stream afterwards (that stream waits

@@ -164,6 +164,31 @@ def test_file_shrinking_after_its_header_was_read_fails_naming_it(tmp_path, monk
         read_chunk(path, chunks[-1], buf, pool, 3)
 
 
+
+def reader_threads() -> list[str]:
+    import threading
+    return [t.name for t in threading.enumerate() if t.name.startswith("hmtiny-read")]
+
+
+def test_no_reader_thread_outlives_an_early_stop_or_a_failure(tmp_path, monkeypatch):
+    """A caller that stops early, and a read that fails mid-load, leave no reader thread behind (on CUDA the same
+    `finally` also waits for the side stream's copies before the pinned buffers are freed)."""
+    monkeypatch.setattr(stream_load, "MIN_READ_BYTES", 64)
+    path = tmp_path / "w.safetensors"
+    shutil.copy(TINY / "model" / "model.safetensors", path)
+    loads = stream_tensors([path], "cpu", chunk_bytes=65536, buffers=2, threads=3)
+    next(loads)
+    assert reader_threads()
+    loads.close()
+    assert not reader_threads()
+    loads = stream_tensors([path], "cpu", chunk_bytes=65536, buffers=2, threads=3)
+    next(loads)  # the header was checked: now the file shrinks under the read
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="it ends at byte"):
+        for _ in loads:
+            pass
+    assert not reader_threads()
+
 @CUDA
 @pytest.mark.parametrize("chunk_bytes, buffers", [(stream_load.CHUNK_BYTES, 3), (1000, 2), (333, 1)])
 def test_cuda_awkward_file_bit_identical_to_safetensors(awkward_file, monkeypatch, chunk_bytes, buffers):
