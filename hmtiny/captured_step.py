@@ -56,17 +56,15 @@ class Rows:
     decoded: int  # real entries of dec (decoder_fraction of them)
 
 
-def _padded(at: torch.Tensor, bucket: int):
-    n = at.numel()
-    pad = round_up(n, bucket) - n
-    # padding reads row 0 of sample 0 (any valid row) with weight 0
-    return torch.cat([at, torch.zeros(pad, dtype=torch.long)]), torch.cat([torch.ones(n), torch.zeros(pad)])
-
-
 def _extend(at: torch.Tensor, w: torch.Tensor, size: int):
-    """Index and weight lists padded further to `size` entries (reading row 0 with weight 0)."""
+    """Index and weight lists padded to `size` entries: padding reads row 0 of sample 0 (any valid row) with
+    weight 0."""
     pad = size - at.numel()
     return F.pad(at, (0, pad)), F.pad(w, (0, pad))
+
+
+def _padded(at: torch.Tensor, bucket: int):
+    return _extend(at, torch.ones(at.numel()), round_up(at.numel(), bucket))
 
 
 def plan_rows(audio_frame_mask: torch.Tensor, decoder_fraction: float, bucket: int, row_stride: int) -> Rows:
