@@ -88,8 +88,8 @@ def _num_warps(block_d: int) -> int:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as [rows, D] with unit column stride: a view where the leading dims merge (e.g. a slice of rows of a 2-D
-    tensor), else a contiguous copy. An expanded gradient (stride 0) is copied too."""
+    """t as [rows, D] with unit column stride: a view where the leading dims merge (e.g. a slice of wider rows),
+    else a contiguous copy; so is a gradient expanded along D (stride 0, as after a .sum())."""
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.reshape(-1, t.shape[-1])

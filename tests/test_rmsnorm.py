@@ -58,14 +58,14 @@ def cases():
 
 
 def make_inputs(lead, D, x_dtype, s_dtype, layout, gen, device):
-    """x of scale ~2 in the given layout, a scale near 1, dy of scale ~1 in y's dtype."""
+    """x of scale ~2 in the given layout, a scale near 1, dy of scale ~1 in y's dtype. The layout is made after the
+    move to device and dtype: .to() would make a strided slice contiguous."""
     if layout == "contiguous":
-        x = torch.randn(*lead, D, generator=gen) * 2
+        x = (torch.randn(*lead, D, generator=gen) * 2).to(device, x_dtype)
     elif layout == "row-strided":  # a slice of wider rows: read with a row stride, not copied
-        x = (torch.randn(*lead, D + 3, generator=gen) * 2)[..., :D]
+        x = (torch.randn(*lead, D + 3, generator=gen) * 2).to(device, x_dtype)[..., :D]
     else:
-        x = (torch.randn(*reversed(lead), D, generator=gen) * 2).transpose(0, 1)
-    x = x.to(device, x_dtype)
+        x = (torch.randn(*reversed(lead), D, generator=gen) * 2).to(device, x_dtype).transpose(0, 1)
     scale = (1 + 0.5 * torch.randn(D, generator=gen)).to(device, s_dtype)
     dy = torch.randn(*lead, D, generator=gen).to(device, torch.promote_types(x_dtype, s_dtype))
     return x, scale, dy
@@ -105,7 +105,8 @@ def kernel_errors(device):
                                                dy.double(), grads)
         x2 = x.reshape(-1, D)[:7].contiguous()  # a few rows: each costs ~5 ms under the interpreter
         rstd64 = torch.rsqrt(x2.double().pow(2).mean(-1) + EPS)
-        r = {"case": f"x{list(x.shape)} {layout} {x_dtype} scale {s_dtype} grads {grads}",
+        kept = {"contiguous": x.is_contiguous(), "row-strided": x.stride(-2) == D + 3, "permuted": x.stride(0) == D}
+        r = {"case": f"x{list(x.shape)} {layout} {x_dtype} scale {s_dtype} grads {grads}", "layout": kept[layout],
              "fp32": x_dtype == torch.float32,
              "same_layout": y.shape == y_ref.shape and y.dtype == y_ref.dtype,
              "y": err(y, y_ref, x_dtype), "y_unequal": (y != y_ref).float().mean().item(),
@@ -125,7 +126,8 @@ def kernel_errors(device):
 
 def check(errs):
     assert len(errs) == len(list(cases()))
-    assert all(e["same_layout"] for e in errs), [e["case"] for e in errs if not e["same_layout"]]
+    for key in ("layout", "same_layout"):  # inputs as the case says; outputs of the reference's shape and dtype
+        assert all(e[key] for e in errs), (key, [e["case"] for e in errs if not e[key]])
     for key in BOUND:
         bad = [e for e in errs if e.get(key, 0.0) > (BOUND_FP32 if e["fp32"] else BOUND)[key]]
         assert not bad, (key, bad[:3])
@@ -218,6 +220,18 @@ def test_dispatch_falls_back_to_reference_on_cpu():
         assert torch.equal(a, b)
 
 
+def test_rows_reads_row_strided_x_in_place():
+    """A slice of wider rows (any leading dims that merge) is read where it is; other layouts, and any with a
+    column stride other than 1, are copied."""
+    base = torch.randn(2, 65, 40)
+    for x, in_place in ((base[..., :37], True), (base.transpose(0, 1)[..., :37], False), (base, True),
+                        (base[..., ::2], False), (torch.ones(37).expand(5, 37), True),
+                        (torch.ones(()).expand(5, 37), False)):  # a row repeated (stride 0) reads fine
+        rows = rn._rows(x)
+        assert rows.shape == (x.numel() // x.shape[-1], x.shape[-1]) and rows.stride(-1) == 1
+        assert torch.equal(rows, x.reshape(rows.shape)) and (rows.data_ptr() == x.data_ptr()) == in_place
+
+
 def test_use_fused_norms_keeps_loss_gradients_and_state_dict():
     """On CPU the fused function is the reference: the switched tiny model gives the same loss and LoRA gradients,
     bit for bit, and the same state dict; switching back restores the class."""
@@ -301,6 +315,34 @@ def test_tiny_model_with_kernels_on_cuda():
         torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
         for g, w in zip(grads, grads_ref):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@CUDA
+def test_captured_step_with_fused_norms_on_cuda():
+    """The training step's CUDA graphs (hmtiny/captured_step.py, bf16 autocast, checkpointing) with every norm
+    fused: each replay equals the uncaptured step on the same inputs, across two shapes and a shape revisited."""
+    from test_captured_step import tiny_lora
+
+    from hmtiny.captured_step import CapturedStep
+
+    model, params = tiny_lora(device="cuda", checkpointing=True)
+    assert use_fused_norms(model) == 12
+    eager = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=False)
+    graphed = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=True, log=lambda m: None)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for idx in ([0], [1, 2], [0]):
+        batch = tiny_dataset(model.cfg).batch(idx)
+        want = eager(batch, scale=0.5).clone()
+        want_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad.zero_()
+        got = graphed(batch, scale=0.5).clone()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip([p.grad for p in params], want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        for p in params:
+            p.grad.zero_()
 
 
 if __name__ == "__main__":  # the interpreter half of the *_under_triton_interpreter tests
