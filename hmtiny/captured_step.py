@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_norm import use_fused_norms
 from .lora import FactorCopies
 from .model import HeartMuLa
 
@@ -193,6 +194,8 @@ class CapturedStep:
         # under autocast the LoRA factors are cast once per step (inside the graph), not in every layer call
         self.factor_copies = FactorCopies(model, amp_dtype) if amp_dtype is not None else None
         self.heads = pad_frozen_heads(model)
+        if self.capture:  # fused training kernels: inside a graph, fewer and larger kernels are the whole gain
+            use_fused_norms(model)
         for p in params:  # the graphs accumulate into these very tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
