@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused import use_fused_elementwise
 from .fused_norm import use_fused_norms
 from .lora import FactorCopies
 from .model import HeartMuLa
@@ -196,6 +197,7 @@ class CapturedStep:
         self.heads = pad_frozen_heads(model)
         if self.capture:  # fused training kernels: inside a graph, fewer and larger kernels are the whole gain
             use_fused_norms(model)
+            use_fused_elementwise(model)
         for p in params:  # the graphs accumulate into these very tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
