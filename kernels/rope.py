@@ -84,8 +84,8 @@ def rope_rotate(x: torch.Tensor, rope: torch.Tensor, conj: bool = False) -> torc
     """The kernel alone (no autograd): x rotated by the table, or by its conjugate (the backward); arguments as
     `usable` requires."""
     B, S, H, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    if x.stride(-1) != 1 or abs(x.stride(2)) * H >= 2 ** 31:  # offsets within a token are int32 (`usable` checks
+        x = x.contiguous()  # the forward's x; the backward's gradient, a transposed view, is checked here)
     t = _table(x, rope)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block = min(MAX_BLOCK, triton.next_power_of_2(H * D))
