@@ -111,13 +111,6 @@ class Attention(nn.Module):
         if self.kv_cache is not None and pos is not None:
             k, v = self.kv_cache.update(pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        elif self.head_dim > 256 and self.n_kv != self.n_heads:
-            # the depth decoder's 384-wide heads: SDPA's fused kernels take GQA only up to 256, so enable_gqa would
-            # leave its math backend, which computes bf16 in float32; with k/v repeated per query head the
-            # memory-efficient kernel runs it (the same attention)
-            rep = self.n_heads // self.n_kv
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                               is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.output_proj(y.transpose(1, 2).reshape(b, s, -1))
