@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused import use_fused_elementwise
+from .fused_norm import use_fused_norms
 from .lora import FactorCopies
 from .model import HeartMuLa
 
@@ -179,7 +181,8 @@ class CapturedStep:
     parameter's .grad and returns the device tensor [loss, loss_c0, loss_rest] (read it before the next call)."""
 
     def __init__(self, model: HeartMuLa, params: list[torch.nn.Parameter], amp_dtype: torch.dtype | None,
-                 decoder_fraction: float = 1.0, bucket: int = 64, capture: bool = True, log=print):
+                 decoder_fraction: float = 1.0, bucket: int = 64, capture: bool = True, log=print,
+                 fused: bool = True):
         self.model, self.params, self.amp_dtype = model, params, amp_dtype
         self.decoder_fraction, self.bucket = decoder_fraction, bucket
         self.device = model.codebook0_head.weight.device
@@ -191,6 +194,11 @@ class CapturedStep:
         # under autocast the LoRA factors are cast once per step (inside the graph), not in every layer call
         self.factor_copies = FactorCopies(model, amp_dtype) if amp_dtype is not None else None
         self.heads = pad_frozen_heads(model)
+        if self.capture and fused:  # fused training kernels: inside a graph, fewer and larger kernels are the gain
+            # (in place and kept: the model's eager calls run them too; fused=False leaves the model as it is, for
+            # A/B timings against the torch ops)
+            use_fused_norms(model)
+            use_fused_elementwise(model)
         for p in params:  # the graphs accumulate into these very tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
