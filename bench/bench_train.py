@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.config import ModelConfig  # noqa: E402
 from hmtiny.captured_step import CapturedStep  # noqa: E402
-from hmtiny.fused import use_fused_elementwise  # noqa: E402
-from hmtiny.fused_norm import use_fused_norms  # noqa: E402
+from hmtiny.fused import use_fused_kernels  # noqa: E402
 from hmtiny.lora import inject_lora, lora_parameters, mark_only_lora_trainable, set_dropout_seed  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 
@@ -89,8 +88,7 @@ def peak_tflops() -> float:
 def plain_modules(model):
     """Undo a CapturedStep's switch to the fused training kernels (it switches the model in place and keeps it):
     each variant starts from the torch ops, as train.py's eager step runs them."""
-    use_fused_norms(model, enabled=False)
-    use_fused_elementwise(model, on=False)
+    use_fused_kernels(model, on=False)
 
 
 def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, captured=False, fused=True):

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fused import use_fused_elementwise
-from .fused_norm import use_fused_norms
+from .fused import use_fused_kernels
 from .lora import FactorCopies
 from .model import HeartMuLa
 
@@ -197,8 +196,7 @@ class CapturedStep:
         if self.capture and fused:  # fused training kernels: inside a graph, fewer and larger kernels are the gain
             # (in place and kept: the model's eager calls run them too; fused=False leaves the model as it is, for
             # A/B timings against the torch ops)
-            use_fused_norms(model)
-            use_fused_elementwise(model)
+            use_fused_kernels(model)
         for p in params:  # the graphs accumulate into these very tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

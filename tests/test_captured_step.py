@@ -267,7 +267,7 @@ def test_progress_line_leaves_capture_time_out(tmp_path, monkeypatch, capsys):
             self.captures, self.capture_s = 1, self.capture_s + 0.3
         return real_call(self, *a, **kw)
     monkeypatch.setattr(CapturedStep, "__call__", call)
-    train.train([str(make_run(tmp_path, max_train_steps=3, checkpointing_steps=0))])
+    train.train([str(make_run(tmp_path, max_train_steps=3, checkpointing_steps=0, device="cpu"))])  # no real capture
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert "(+0.3 s capturing)" in lines[0] and all("capturing" not in line for line in lines[1:])
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

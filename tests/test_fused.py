@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmtiny.data import load_dataset  # noqa: E402
-from hmtiny.fused import FusedAttention, FusedMLP, use_fused_elementwise  # noqa: E402
+from hmtiny.fused import FusedAttention, FusedMLP, use_fused_kernels  # noqa: E402
 from hmtiny.model import MLP, Attention  # noqa: E402
 from hmtiny.text import PromptTokenizer, find_text_assets  # noqa: E402
 from tests.test_captured_step import TINY, reference, tiny_lora  # noqa: E402
@@ -61,7 +61,8 @@ def losses_and_grads(device="cpu", autocast=None, checkpointing=False):
     for fused in (False, True):
         model, params = tiny_lora(device=device, checkpointing=checkpointing)
         if fused:
-            assert use_fused_elementwise(model) == 2 * (len(model.backbone.layers) + len(model.decoder.layers))
+            blocks = len(model.backbone.layers) + len(model.decoder.layers)
+            assert use_fused_kernels(model, only=(MLP, Attention)) == 2 * blocks
         with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
             out.append(reference(model, params, data))
     return out
@@ -74,14 +75,14 @@ def max_rel(a, b) -> float:
 def test_switch_keeps_the_model_and_composes_with_lora():
     model, _ = tiny_lora()
     keys = list(model.state_dict())
-    n = use_fused_elementwise(model)
+    n = use_fused_kernels(model, only=(MLP, Attention))
     assert n == 10  # 3 backbone + 2 decoder blocks, an MLP and an attention each
     assert list(model.state_dict()) == keys
     mlp, attn = model.backbone.layers[0].mlp, model.decoder.layers[1].attn
     assert type(mlp) is FusedMLP and type(attn) is FusedAttention
     assert type(mlp.w1).__name__ == "LoRALinear" and type(attn.q_proj).__name__ == "LoRALinear"
-    assert use_fused_elementwise(model) == 0  # already switched
-    assert use_fused_elementwise(model, on=False) == n
+    assert use_fused_kernels(model, only=(MLP, Attention)) == 0  # already switched
+    assert use_fused_kernels(model, on=False, only=(MLP, Attention)) == n
     assert type(mlp) is MLP and type(attn) is Attention and list(model.state_dict()) == keys
 
 

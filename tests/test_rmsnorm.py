@@ -1,5 +1,5 @@
 """kernels/rmsnorm.py: the training RMSNorm's forward and backward kernels against autograd of the torch reference,
-and hmtiny.fused_norm's switch on a tiny model.
+and hmtiny.fused's switch of the norms on a tiny model.
 
 On CPU the kernels run under Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before triton is
 imported; `rms_norm` takes the kernel path there), through the autograd function; on CUDA they also run for real,
@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hmtiny.fused_norm import FusedRMSNorm, use_fused_norms  # noqa: E402
+from hmtiny.fused import FusedRMSNorm, use_fused_kernels  # noqa: E402
 from hmtiny.model import RMSNorm  # noqa: E402
 from kernels import rmsnorm as rn  # noqa: E402
 
@@ -155,12 +155,12 @@ def tiny_dataset(cfg):
 
 
 def tiny_model_loss_and_grads(fused, device="cpu", checkpointing=False, clips=(0, 3), decoder_fraction=1.0):
-    """Loss and LoRA gradients of the tiny model on some clips, with or without use_fused_norms."""
+    """Loss and LoRA gradients of the tiny model on some clips, with or without the fused norms."""
     from test_captured_step import reference, tiny_lora
 
     model, params = tiny_lora(device=device, checkpointing=checkpointing)
     keys = list(model.state_dict())
-    switched = use_fused_norms(model) if fused else 0
+    switched = use_fused_kernels(model, only=(RMSNorm,)) if fused else 0
     assert list(model.state_dict()) == keys
     batch = tiny_dataset(model.cfg).batch(list(clips))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -259,7 +259,7 @@ def test_rows_reads_row_strided_x_in_place():
         assert torch.equal(rows, x.reshape(rows.shape)) and (rows.data_ptr() == x.data_ptr()) == in_place
 
 
-def test_use_fused_norms_keeps_loss_gradients_and_state_dict():
+def test_fused_norms_keep_loss_gradients_and_state_dict():
     """On CPU the fused function is the reference: the switched tiny model gives the same loss and LoRA gradients,
     bit for bit, and the same state dict; switching back restores the class."""
     if os.environ.get("TRITON_INTERPRET"):
@@ -269,7 +269,8 @@ def test_use_fused_norms_keeps_loss_gradients_and_state_dict():
     assert switched == 12 and sum(type(m) is FusedRMSNorm for m in model.modules()) == 12
     assert torch.equal(loss, loss_ref)
     assert all(torch.equal(g, w) for g, w in zip(grads, grads_ref))
-    assert use_fused_norms(model, enabled=False) == 12 and not any(isinstance(m, FusedRMSNorm) for m in model.modules())
+    assert use_fused_kernels(model, on=False, only=(RMSNorm,)) == 12
+    assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available() or rn.triton is None, reason="needs CUDA and triton")
@@ -354,7 +355,7 @@ def test_captured_step_with_fused_norms_on_cuda():
     from hmtiny.captured_step import CapturedStep
 
     model, params = tiny_lora(device="cuda", checkpointing=True)
-    assert use_fused_norms(model) == 12
+    assert use_fused_kernels(model, only=(RMSNorm,)) == 12
     eager = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=False)
     graphed = CapturedStep(model, params, torch.bfloat16, bucket=16, capture=True, log=lambda m: None)
     for p in params:
