@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmtiny.config import ModelConfig  # noqa: E402
 from hmtiny.captured_step import CapturedStep  # noqa: E402
+from hmtiny.fused import use_fused_kernels  # noqa: E402
 from hmtiny.lora import inject_lora, lora_parameters, mark_only_lora_trainable, set_dropout_seed  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 
@@ -84,15 +85,23 @@ def peak_tflops() -> float:
     return 989.0 if ("H100" in name or "H200" in name) else float("nan")
 
 
-def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, captured=False):
-    """Steps as train.py runs them: eager, or (captured) forward+backward replayed from CUDA graphs."""
+def plain_modules(model):
+    """Undo a CapturedStep's switch to the fused training kernels (it switches the model in place and keeps it):
+    each variant starts from the torch ops, as train.py's eager step runs them."""
+    use_fused_kernels(model, on=False)
+
+
+def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, captured=False, fused=True):
+    """Steps as train.py runs them: eager, or (captured) forward+backward replayed from CUDA graphs, with the fused
+    training kernels (train.py's) or (fused=False) the torch ops."""
+    plain_modules(model)
     model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = ckpt
     params = lora_parameters(model)
     for p in params:
         p.grad = None
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=True)
     data = [synthetic_batch(cfg, batch, seed=s, device="cpu" if captured else "cuda") for s in range(3)]
-    step_fn = CapturedStep(model, params, torch.bfloat16) if captured else None
+    step_fn = CapturedStep(model, params, torch.bfloat16, fused=fused) if captured else None
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -120,7 +129,8 @@ def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, ca
     med = statistics.median(times[warmup:])
     spread = (min(times[warmup:]), max(times[warmup:]))
     flops = train_flops(cfg, batch, ckpt) / med
-    r = {"variant": name, "batch": batch, "ckpt": ckpt, "compiled": compiled, "ms_per_step": 1e3 * med,
+    r = {"variant": name, "batch": batch, "ckpt": ckpt, "compiled": compiled, "fused": captured and fused,
+         "ms_per_step": 1e3 * med,
          "ms_min_max": [1e3 * spread[0], 1e3 * spread[1]], "audio_frames_per_s": batch * FRAMES / med,
          "peak_GiB": torch.cuda.max_memory_allocated() / GiB,
          "reserved_GiB": torch.cuda.max_memory_reserved() / GiB, "warmup_s": warm_s,
@@ -152,6 +162,7 @@ def build(cfg, int8=False, seed=0, dropout=0.1):
 def profile_top(model, cfg, batch=1, ckpt=False, rows=45, captured=False):
     """The kernels that take the time in one step (CUDA time, descending); captured: inside the replayed graph."""
     from torch.profiler import ProfilerActivity, profile
+    plain_modules(model)
     model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = ckpt
     params = lora_parameters(model)
     tokens, mask, frames, muq = synthetic_batch(cfg, batch, device="cpu" if captured else "cuda")
@@ -187,7 +198,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="captured,eager,int8",
-                    help="comma list of captured (train.py's default step), eager, int8 (captured), int8-eager, "
+                    help="comma list of captured (train.py's default step), captured-unfused (the same without "
+                         "the fused RMSNorm/SwiGLU/RoPE kernels: their A/B), eager, int8 (captured), int8-eager, "
                          "profile / profile-captured (1 clip, checkpointing), "
                          "compile (blocks torch.compile'd, eager step), "
                          "captured-compile (compiled blocks, captured step)")
@@ -209,11 +221,11 @@ def main():
     info["weights_GiB"] = torch.cuda.memory_allocated() / GiB
     info["lora_dropout"] = args.lora_dropout
     info["lora_params_M"] = sum(p.numel() for p in lora_parameters(model)) / 1e6
-    for mode in ("captured", "eager"):
+    for mode in ("captured", "captured-unfused", "eager"):
         if mode in variants:
             for batch, ckpt in shapes:
                 results.append(run_variant(model, cfg, f"bf16 {mode}", batch, ckpt, args.steps, args.warmup,
-                                           captured=mode == "captured"))
+                                           captured=mode != "eager", fused=mode == "captured"))
     for mode in ("profile", "profile-captured"):  # default: 1 clip with checkpointing, the quickstart's step
         if mode in variants:
             for batch, ckpt in parse_shapes(args.profile_shapes):

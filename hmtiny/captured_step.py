@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused import use_fused_kernels
 from .lora import FactorCopies
 from .model import HeartMuLa
 
@@ -56,17 +57,15 @@ class Rows:
     decoded: int  # real entries of dec (decoder_fraction of them)
 
 
-def _padded(at: torch.Tensor, bucket: int):
-    n = at.numel()
-    pad = round_up(n, bucket) - n
-    # padding reads row 0 of sample 0 (any valid row) with weight 0
-    return torch.cat([at, torch.zeros(pad, dtype=torch.long)]), torch.cat([torch.ones(n), torch.zeros(pad)])
-
-
 def _extend(at: torch.Tensor, w: torch.Tensor, size: int):
-    """Index and weight lists padded further to `size` entries (reading row 0 with weight 0)."""
+    """Index and weight lists padded to `size` entries: padding reads row 0 of sample 0 (any valid row) with
+    weight 0."""
     pad = size - at.numel()
     return F.pad(at, (0, pad)), F.pad(w, (0, pad))
+
+
+def _padded(at: torch.Tensor, bucket: int):
+    return _extend(at, torch.ones(at.numel()), round_up(at.numel(), bucket))
 
 
 def plan_rows(audio_frame_mask: torch.Tensor, decoder_fraction: float, bucket: int, row_stride: int) -> Rows:
@@ -181,7 +180,8 @@ class CapturedStep:
     parameter's .grad and returns the device tensor [loss, loss_c0, loss_rest] (read it before the next call)."""
 
     def __init__(self, model: HeartMuLa, params: list[torch.nn.Parameter], amp_dtype: torch.dtype | None,
-                 decoder_fraction: float = 1.0, bucket: int = 64, capture: bool = True, log=print):
+                 decoder_fraction: float = 1.0, bucket: int = 64, capture: bool = True, log=print,
+                 fused: bool = True):
         self.model, self.params, self.amp_dtype = model, params, amp_dtype
         self.decoder_fraction, self.bucket = decoder_fraction, bucket
         self.device = model.codebook0_head.weight.device
@@ -193,6 +193,10 @@ class CapturedStep:
         # under autocast the LoRA factors are cast once per step (inside the graph), not in every layer call
         self.factor_copies = FactorCopies(model, amp_dtype) if amp_dtype is not None else None
         self.heads = pad_frozen_heads(model)
+        if self.capture and fused:  # fused training kernels: inside a graph, fewer and larger kernels are the gain
+            # (in place and kept: the model's eager calls run them too; fused=False leaves the model as it is, for
+            # A/B timings against the torch ops)
+            use_fused_kernels(model)
         for p in params:  # the graphs accumulate into these very tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

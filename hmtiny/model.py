@@ -89,6 +89,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    rotate = staticmethod(apply_rope)  # hmtiny.fused swaps in a fused kernel of the same maths
+
     def __init__(self, cfg: StackConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -103,8 +105,8 @@ class Attention(nn.Module):
         """x [B,S,D]. Without a cache: causal attention over the S rows. With a cache: write the new keys at `pos`
         [S] and attend over the whole cache under `mask` [S, L] (True = may attend)."""
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), rope).transpose(1, 2)
+        q = self.rotate(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = self.rotate(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), rope).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and pos is not None:
             k, v = self.kv_cache.update(pos, k, v)

@@ -8,17 +8,19 @@ from __future__ import annotations
 import torch
 
 
-def graph_time(fn, calls: int, warmup: int = 3, replays: int = 5) -> float:
+def graph_time(fn, calls: int, warmup: int = 3, replays: int = 5, stream: torch.cuda.Stream | None = None) -> float:
     """Seconds per call of fn(i), i = 0..calls-1, all captured in one CUDA graph (median over `replays`).
-    The first `warmup` calls run outside the capture, on a side stream (Triton compiles, allocations)."""
-    side = torch.cuda.Stream()
+    The first `warmup` calls run outside the capture, on a side stream (Triton compiles, allocations).
+    `stream`: warm up and capture on this one instead, e.g. for a backward alone: autograd runs a backward op on
+    the stream its forward ran on, so the forward must have run on the capturing stream."""
+    side = stream or torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for i in range(warmup):
             fn(i % calls)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         for i in range(calls):
             fn(i)
     graph.replay()

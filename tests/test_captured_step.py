@@ -247,3 +247,33 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
             for p in params:
                 p.copy_(torch.randn_like(p) * 0.3)
     assert abs(losses[0] - losses[1]) > 0.1
+
+
+def test_progress_line_leaves_capture_time_out(tmp_path, monkeypatch, capsys):
+    """A step that captures a graph shows the capture apart ("+0.3 s capturing") and its frames/s counts only the
+    step's own time; the metrics record keeps both."""
+    import json
+    import time
+
+    import train
+    from bench.check_fullsize import step_stats
+    from tests.test_train import make_run
+    monkeypatch.setattr(train, "CAPTURED_STEP_DEVICES", {"cuda", "cpu"})
+    real_call = CapturedStep.__call__
+
+    def call(self, *a, **kw):  # the first call "captures": 0.3 s, counted as capture time as _capture does
+        if not self.captures:
+            time.sleep(0.3)
+            self.captures, self.capture_s = 1, self.capture_s + 0.3
+        return real_call(self, *a, **kw)
+    monkeypatch.setattr(CapturedStep, "__call__", call)
+    train.train([str(make_run(tmp_path, max_train_steps=3, checkpointing_steps=0, device="cpu"))])  # no real capture
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert "(+0.3 s capturing)" in lines[0] and all("capturing" not in line for line in lines[1:])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    assert first["capture_s"] == pytest.approx(0.3) and first["step_s"] > 0.3
+    assert first["frames_per_s"] == pytest.approx(first["frames"] / (first["step_s"] - 0.3))
+    assert all(r["capture_s"] == 0 for r in rows[1:])
+    stats = step_stats(tmp_path / "out" / "metrics.jsonl", 0)
+    assert stats["steps_with_capture"] == 1 and stats["capture_s"] == 0.3
