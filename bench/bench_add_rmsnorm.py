@@ -9,14 +9,13 @@ graph, replayed 20 times (median), divided by 50: GPU time per call without laun
 a frame. Errors: max |n - n_ref| / max |n_ref| against the eager reference, and whether h is bit-equal to it.
 JSON goes to $OUT/bench_add_rmsnorm.json when OUT is set.
 """
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from kernels import add_rmsnorm as ar  # noqa: E402
 from kernels import pdl  # noqa: E402
 from kernels.timing import graph_time  # noqa: E402
@@ -79,12 +78,9 @@ def main():
                       flush=True)
     print(f"\nerr n: max |n - n_ref| / max |n_ref| vs the eager reference (one bf16 ulp at the top of the range: "
           f"{torch.finfo(torch.bfloat16).eps:.1e})")
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "bench_add_rmsnorm.json"
-        path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "triton": ar.triton.__version__, "pdl": pdl.enabled(probe), "eps": EPS,
-                                    "calls": CALLS, "replays": REPLAYS, "results": results}, indent=1))
-        print(f"wrote {path}")
+    write_json("bench_add_rmsnorm.json", {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                          "triton": ar.triton.__version__, "pdl": pdl.enabled(probe), "eps": EPS,
+                                          "calls": CALLS, "replays": REPLAYS, "results": results})
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ kernels/decode_attention.py's TABLE. JSON to
 $OUT/bench_decode_attention.json (--sweep: bench_decode_attention_sweep.json) when OUT is set.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from kernels import decode_attention as da  # noqa: E402
 from kernels.timing import graph_time  # noqa: E402
 
@@ -141,13 +140,6 @@ def run_sweep(name, B, S, H, KV, hd, L, slot0, start, sets):
         cands.append(dict(chunk=chunk, warps=warps, head_split=hs, programs=B * KV * hs * nch, us=r,
                           seconds=round(time.time() - t0, 1)))
     return cands
-
-
-def write_json(name, res):
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / name
-        out.write_text(json.dumps(res, indent=1, default=str))
-        print(f"wrote {out}")
 
 
 def header(res):

@@ -10,7 +10,6 @@ read and one write of x. Also checks that the kernel equals the reference bit fo
 to $OUT/bench_dropout.json when OUT is set.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from kernels import dropout as dk  # noqa: E402
 from kernels.timing import graph_time  # noqa: E402
 
@@ -50,8 +50,7 @@ def main():
         print(f"| {r['shape'][0]} x {r['shape'][1]} | {r['triton us']:.1f} ({r['triton GB/s']:.0f}) | "
               f"{r['torch F.dropout us']:.1f} ({r['torch F.dropout GB/s']:.0f}) | {r['reference us']:.1f} | "
               f"{r['equal']} |")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "bench_dropout.json").write_text(json.dumps(rows, indent=1))
+    write_json("bench_dropout.json", rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ audio_head [7, 3072, V], forward and input gradient, for N = 375 (one 30 s clip)
 the padded depth heads once (what padding per step would add). JSON to $OUT/bench_heads.json when OUT is set.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from kernels.timing import graph_time  # noqa: E402
 
 D, K, V, CALLS = 3072, 7, 8197, 20
@@ -54,8 +54,7 @@ def main():
         u = r["us"]
         print(f"| {r['rows']} | {r['width']} | {u['c0 fwd']:.1f} | {u['c0 dx']:.1f} | {u['depth fwd']:.1f} | "
               f"{u['depth dx']:.1f} | {r['sum_us']:.1f} | {u.get('pad copy', 0):.1f} |")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "bench_heads.json").write_text(json.dumps(rows, indent=1))
+    write_json("bench_heads.json", rows)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ and a 10-frame CFG generation through the static KV cache.
     python bench/bench_model.py            # prints a table; JSON to $OUT/bench_model.json when OUT is set
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from hmtiny.config import ModelConfig  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
 
@@ -95,8 +95,7 @@ def main():
         print(f"generate10 {mode}", results[f"generate10_{mode}"], flush=True)
 
     print(json.dumps(results, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "bench_model.json").write_text(json.dumps(results, indent=1))
+    write_json("bench_model.json", results)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ Prints a markdown table, then one JSON line; JSON also goes to $OUT/bench_rmsnor
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from kernels import rmsnorm as rn  # noqa: E402
 from kernels.timing import graph_time  # noqa: E402
 
@@ -102,10 +102,7 @@ def main():
                "calls": args.calls, "replays": args.replays, "results": results}
     print(f"\nrel err: one bf16 ulp at the top of the range is {torch.finfo(torch.bfloat16).eps:.1e}")
     print(json.dumps(summary))
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "bench_rmsnorm.json"
-        path.write_text(json.dumps(summary, indent=1))
-        print(f"wrote {path}")
+    write_json("bench_rmsnorm.json", summary)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ setting to put in kernels/topk_sample.py: DEFAULT_WARPS. JSON goes to
 $OUT/bench_topk_sample.json when OUT is set.
 """
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from kernels import topk_sample as ts  # noqa: E402
 from kernels.timing import graph_time  # noqa: E402
 
@@ -202,10 +201,7 @@ def main():
               "per_call_mismatches_of_200": per_call, "variant_agreement_200": agree, "select_paths": paths,
               "default": default, "best": {"warps": best_w, "us_1song_random": us, "us_mean": mean},
               "recommended": {"DEFAULT_WARPS": best_w}}
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "bench_topk_sample.json"
-        path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+    write_json("bench_topk_sample.json", result)
 
 
 if __name__ == "__main__":

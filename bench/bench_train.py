@@ -85,16 +85,10 @@ def peak_tflops() -> float:
     return 989.0 if ("H100" in name or "H200" in name) else float("nan")
 
 
-def plain_modules(model):
-    """Undo a CapturedStep's switch to the fused training kernels (it switches the model in place and keeps it):
-    each variant starts from the torch ops, as train.py's eager step runs them."""
-    use_fused_kernels(model, on=False)
-
-
 def run_variant(model, cfg, name, batch, ckpt, steps, warmup, compiled=False, captured=False, fused=True):
     """Steps as train.py runs them: eager, or (captured) forward+backward replayed from CUDA graphs, with the fused
     training kernels (train.py's) or (fused=False) the torch ops."""
-    plain_modules(model)
+    use_fused_kernels(model, on=False)  # an earlier CapturedStep switched the model in place: start from torch ops
     model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = ckpt
     params = lora_parameters(model)
     for p in params:
@@ -162,7 +156,7 @@ def build(cfg, int8=False, seed=0, dropout=0.1):
 def profile_top(model, cfg, batch=1, ckpt=False, rows=45, captured=False):
     """The kernels that take the time in one step (CUDA time, descending); captured: inside the replayed graph."""
     from torch.profiler import ProfilerActivity, profile
-    plain_modules(model)
+    use_fused_kernels(model, on=False)  # as run_variant: a CapturedStep switches them back on when it captures
     model.backbone.gradient_checkpointing = model.decoder.gradient_checkpointing = ckpt
     params = lora_parameters(model)
     tokens, mask, frames, muq = synthetic_batch(cfg, batch, device="cpu" if captured else "cuda")

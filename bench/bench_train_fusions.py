@@ -19,13 +19,13 @@ $OUT/bench_train_fusions.json when OUT is set.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results import write_json  # noqa: E402
 from hmtiny.config import ModelConfig  # noqa: E402
 from hmtiny.model import rope_cache  # noqa: E402
 from kernels import rope as rp  # noqa: E402
@@ -127,8 +127,7 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": sm.triton.__version__,
               "calls": args.calls, "rows": rows, "saved_ms_per_step": saved}
     print(json.dumps(result))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "bench_train_fusions.json").write_text(json.dumps(result, indent=1))
+    write_json("bench_train_fusions.json", result)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ cuBLAS runs an 8197-wide product with slow unaligned kernels, ~5x the time of th
 The step computes the padded logits and drops the extra columns; the model's own parameters are views of the
 first 8197 columns, so everything else reads the same values.
 
+When it captures, the model's RMSNorms, SwiGLU products and RoPE switch (in place, and they stay switched) to the
+Triton training kernels of `hmtiny/fused.py`: the same maths in fewer passes over memory, which is what a replayed
+step is left waiting on (`fused=False` keeps the torch ops, for A/B timings).
+
 Gradients accumulate into the parameters' existing `.grad` tensors, which must stay in place: the trainer zeroes
 them in place (`zero_grad(set_to_none=False)`). Gradient accumulation, clipping and the optimizer stay eager.
 Without CUDA (`capture=False`) the same code runs eagerly: that is how the CPU tests check it.

@@ -1,4 +1,5 @@
-"""Timing small kernels the way a generation frame runs them: many calls captured in one CUDA graph.
+"""Timing small kernels the way a generation frame runs them: many calls captured in one CUDA graph; and `capture`,
+the warm-up-then-capture that the CUDA tests replay.
 
 A host-timed loop of 5-50 µs kernels measures launch latency, not the kernels; inside a graph the launches cost
 ~1 µs each, as in the engine's captured frame step. Used by kernels.gemv's tile choice and the bench scripts.
@@ -6,6 +7,22 @@ A host-timed loop of 5-50 µs kernels measures launch latency, not the kernels; 
 from __future__ import annotations
 
 import torch
+
+
+def capture(fn, warmup: int = 1):
+    """(graph, fn()'s output): fn runs `warmup` times on a side stream first (Triton compiles, cuBLAS handles,
+    allocations happen outside the capture), then once inside a new CUDA graph. Replaying the graph reruns fn on
+    whatever its input tensors hold then, writing into the same output tensors."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def graph_time(fn, calls: int, warmup: int = 3, replays: int = 5, stream: torch.cuda.Stream | None = None) -> float:

@@ -9,6 +9,7 @@ from hmtiny import runtime
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.engine import Engine
 from hmtiny.text import prompt_rows
+from kernels.timing import capture
 from kernels.topk_sample import mix_ref, sample_ref
 
 CASES = {"generate_nocfg": 1.0, "generate_cfg": 1.5}
@@ -362,14 +363,7 @@ def test_cuda_kernel_layers_match_torch_layers(monkeypatch):
     rel = lambda a: ((a - want).norm() / want.norm()).item()
     assert rel(got) < 3e-2, rel(got)
     step = lambda: eng.backbone(x[:, P:].to(torch.bfloat16), pos[:, P:], slot, start)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = step()
+    graph, replayed = capture(step)  # the kernels compile before the capture
     graph.replay()
     torch.cuda.synchronize()
     assert rel(replayed.float()) < 3e-2 and torch.equal(replayed, outs[1])

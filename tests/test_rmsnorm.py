@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from hmtiny.fused import FusedRMSNorm, use_fused_kernels  # noqa: E402
 from hmtiny.model import RMSNorm  # noqa: E402
 from kernels import rmsnorm as rn  # noqa: E402
+from kernels.timing import capture  # noqa: E402
 
 EPS = 1e-5
 # rows 1, 7 and 130 (as [2, 65]); D the model's widths and two that are not powers of two (masked lanes)
@@ -299,14 +300,7 @@ def test_forward_and_backward_in_a_cuda_graph():
         y = rn.rms_norm(x, scale, EPS)
         return (y, *torch.autograd.grad(y, (x, scale), dy))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)  # the kernels compile before the capture
     with torch.no_grad():
         x.copy_(torch.randn_like(x) * 3)
         dy.copy_(torch.randn_like(dy))

@@ -14,6 +14,7 @@ from hmtiny.config import FLAVOURS
 from hmtiny.model import apply_rope, rope_cache
 from kernels import rope as rp
 from kernels import switches
+from kernels.timing import capture
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -148,14 +149,7 @@ def test_kernel_on_cuda():
         y = rp.rope_apply(x, rope)
         return y, torch.autograd.grad(y.transpose(1, 2), x, w)[0]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile both variants outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = step()
+    graph, got = capture(step)  # the kernels compile before the capture
     with torch.no_grad():
         x.copy_(torch.randn_like(x))
         w.copy_(torch.randn_like(w))

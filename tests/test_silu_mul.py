@@ -11,6 +11,7 @@ import torch
 
 from kernels import silu_mul as sm
 from kernels import switches
+from kernels.timing import capture
 
 # rows 1, 7, 130 and a 3-d input; widths not multiples of the 1024-element block (8192 is, at one row)
 SHAPES = [(1, 8192), (7, 1000), (130, 96), (3, 5, 77)]
@@ -115,14 +116,7 @@ def test_kernel_on_cuda():
         out = sm.silu_mul(a, b)
         return (out, *torch.autograd.grad(out, (a, b), g))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compile the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = step()
+    graph, got = capture(step)  # the kernels compile before the capture
     with torch.no_grad():
         for t in (a, b, g):
             t.copy_(torch.randn_like(t) * 3)
