@@ -119,14 +119,21 @@ def checkpoint_tensors(folder: Path, device, direct: bool = False,
 
 class _NoInit(TorchFunctionMode):
     """Inside build_empty: torch.nn.init's fills and the random in-place fills do nothing, and arithmetic on meta
-    tensors (a buffer such as `arange(K) * V`, recomputed on the device after loading) returns an empty meta tensor
-    of the result's shape and dtype: every value on the meta device is a placeholder."""
+    tensors (a buffer such as `arange(K) * V`, recomputed on the device after loading) and meta ranges (arange,
+    linspace) return an empty meta tensor of the result's shape and dtype: every value on the meta device is a
+    placeholder."""
     FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_}
     ARITHMETIC = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__mul__", "__rmul__", "__truediv__"}
+    # on meta these run torch's Python references, whose torch._check imports sympy (~0.4 s of start-up)
+    RANGES = {torch.arange, torch.linspace}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
             return args[0] if args else kwargs["tensor"]
+        kwargs = kwargs or {}
+        if func in self.RANGES and torch.device(kwargs.get("device") or "meta").type == "meta":
+            probe = func(*args, **{**kwargs, "device": "cpu"})  # its shape and dtype (buffers' ranges are small)
+            return torch.empty(probe.shape, dtype=probe.dtype, device="meta")
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if getattr(func, "__name__", None) in self.ARITHMETIC and not kwargs and len(args) == 2 and tensors \
                 and all(t.is_meta for t in tensors):
@@ -134,13 +141,16 @@ class _NoInit(TorchFunctionMode):
             # the same promotion): torch.result_type alone says int64 for int / int, where `/` gives a float
             probe = func(*(torch.zeros((1,) if a.dim() else (), dtype=a.dtype, device="cpu")
                            if isinstance(a, torch.Tensor) else a for a in args))
-            return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=probe.dtype, device="meta")
-        return func(*args, **(kwargs or {}))
+            # the shape from broadcast_tensors on zero-stride stand-ins (torch.broadcast_shapes imports sympy)
+            shape = torch.broadcast_tensors(*(torch.zeros((), device="cpu").expand(t.shape) for t in tensors))[0].shape
+            return torch.empty(shape, dtype=probe.dtype, device="meta")
+        return func(*args, **kwargs)
 
 
 def build_empty(cls, *args):
     """cls(*args) on the meta device without its random init: a checkpoint sets every weight after, and torch's
-    meta kernels for normal_ and arithmetic import torch._dynamo on first use (about a second of start-up)."""
+    meta kernels for normal_ and arithmetic import torch._dynamo on first use (about a second of start-up), its
+    meta ranges and broadcast_shapes sympy (~0.4 s)."""
     with torch.device("meta"), _NoInit():
         return cls(*args)
 
