@@ -5,7 +5,8 @@ changes nothing). Dropout (training mode only) is seeded (kernels/dropout.py): i
 the trainer sets once per micro-batch (`set_dropout_seed`), the layer's index and the element's position, so
 gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph draws a new
 one on every replay. The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
-hmtiny.quant.Int8Linear). A wrapped layer keeps its module path, so file keys are
+hmtiny.quant.Int8Linear); under autocast a frozen nn.Linear base's matmul runs inside the adapter's autograd node
+(LoRAUpdate). A wrapped layer keeps its module path, so file keys are
 `<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
 
 Files written by SimpleTuner load too (Hugging Face Llama names, `self_attn.o_proj`, `mlp.gate_proj`...): a PEFT
@@ -82,14 +83,27 @@ class LoRALinear(nn.Module):
         """The dense update scaling * B @ A [out, in], float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def folded_weight(self) -> torch.Tensor | None:
+        """The base's weight when LoRAUpdate runs the base matmul itself: the base is exactly nn.Linear, without
+        bias or hooks of its own, and its weight is frozen. Else None and the base runs as its own module (an int8
+        base, a weight that trains as in full fine-tuning, a subclass)."""
+        base = self.base
+        if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        return base.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
-            # training: one autograd node for the whole adapter (LoRAUpdate below)
+            # training: one autograd node for the whole adapter (LoRAUpdate below), and for the base's matmul too
+            # when the base is a frozen nn.Linear
             p = self.dropout_p if self.training else 0.0
             a, b = self.factor_copies if self.factor_copies is not None else (None, None)
-            return LoRAUpdate.apply(y, x, self.lora_A.weight, self.lora_B.weight, a, b, self.scaling,
-                                    self.seed.on(x.device), self.salt, p)
+            w = self.folded_weight()
+            return LoRAUpdate.apply(self.base(x) if w is None else None, x, self.lora_A.weight, self.lora_B.weight,
+                                    a, b, self.scaling, self.seed.on(x.device), self.salt, p, w)
+        y = self.base(x)
         h = x
         if self.training and self.dropout_p > 0:
             h = seeded_dropout(x, self.seed.on(x.device), self.salt, self.dropout_p)
@@ -114,25 +128,48 @@ class LoRAUpdate(torch.autograd.Function):
     together), and rebuilds the dropout mask from its seed. The factors' gradients go straight into `.grad`
     (autograd sees None for them), so no gradient hook runs for A and B; the trainer uses none. Held to the
     plain composition by tests/test_lora.py.
+
+    Folded base (y None, `weight` a frozen nn.Linear weight, LoRALinear.folded_weight): the node also runs the
+    base's matmul, y = x @ weight.T in autocast's dtype (weight cast as autocast's F.linear casts it), adds the
+    LoRA product into that y in place and, in the backward, adds the base's dx = g @ weight inside the LoRA dx's
+    GEMM (addmm_, beta 1): one fewer full-size add kernel per layer in the backward and no second output buffer
+    in the forward. The output is bit-identical to the unfolded path (the same F.linear, then the same addmm on
+    the same y); dx is rounded to the compute dtype once (g @ weight + LoRA dx) where the unfolded path rounds
+    g @ weight and the sum each, so the two differ by that rounding only.
     """
 
     @staticmethod
-    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float):
-        """a, b: A and B already in y's dtype (FactorCopies), or None to cast them here."""
-        dt = y.dtype  # the compute dtype autocast gave the base layer; no autocast inside (explicit casts)
-        with torch.autocast(y.device.type, enabled=False):
+    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float, weight=None):
+        """y: the base's output, or None with `weight`: then y = x @ weight.T is computed here (see above).
+        a, b: A and B already in the compute dtype (FactorCopies), or None to cast them here."""
+        if weight is not None and (y is not None or weight.requires_grad):
+            raise ValueError("LoRAUpdate: a folded base weight needs y None and a frozen weight (it gets no grad)")
+        # the compute dtype autocast gave (or gives) the base layer, x's own without autocast; no autocast inside
+        # (explicit casts)
+        dev = x.device.type
+        if y is not None:
+            dt = y.dtype
+        else:
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
             h = (seeded_dropout_apply(x, seed, salt, p) if p > 0 else x).to(dt)
             a = A.to(dt) if a is None or a.dtype != dt else a
             b = B.to(dt) if b is None or b.dtype != dt else b
             low = h.reshape(-1, h.shape[-1]) @ a.t()  # [M, r]
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scaling).view_as(y)
-        ctx.save_for_backward(h, low, a, b, seed)
+            if weight is None:
+                out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scaling).view_as(y)
+            else:
+                weight = weight.to(dt)  # as autocast's F.linear: a no-op for bf16 weights, a fresh cast for float32
+                out = F.linear(h if p == 0 else x.to(dt), weight)  # the very op autocast dispatches the base to
+                out.view(-1, out.shape[-1]).addmm_(low, b.t(), alpha=scaling)
+        ctx.save_for_backward(h, low, a, b, seed, weight)
         ctx.factors, ctx.scaling, ctx.salt, ctx.p, ctx.x_dtype = (A, B), scaling, salt, p, x.dtype
+        ctx.folded = weight is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
-        h, low, a, b, seed = ctx.saved_tensors
+        h, low, a, b, seed, weight = ctx.saved_tensors
         A, B = ctx.factors
         with torch.autocast(g.device.type, enabled=False):
             g2, h2 = g.reshape(-1, g.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1])
@@ -146,8 +183,10 @@ class LoRAUpdate(torch.autograd.Function):
                 dx = (d_low @ a).view(h.shape)
                 if ctx.p > 0:
                     dx = seeded_dropout_apply(dx, seed, ctx.salt, ctx.p)
+                if ctx.folded:  # + the base's dx, g @ weight, in the same GEMM
+                    dx.view(-1, dx.shape[-1]).addmm_(g2, weight)
                 dx = dx.to(ctx.x_dtype)
-        return g, dx, None, None, None, None, None, None, None, None
+        return None if ctx.folded else g, dx, None, None, None, None, None, None, None, None, None
 
 
 class FactorCopies:

@@ -223,10 +223,16 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
     batch = data.batch([2])
     step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
     copies = {id(t) for t in step.factor_copies.dst}
-    read = []  # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself)
+    # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself) and the frozen
+    # base weight (the node runs the base matmul too: LoRALinear.folded_weight)
+    read = []
     real_apply = lora.LoRAUpdate.apply
-    monkeypatch.setattr(lora.LoRAUpdate, "apply", lambda y, x, A, B, a, b, *rest: read.append(
-        a is not None and id(a) in copies and id(b) in copies) or real_apply(y, x, A, B, a, b, *rest))
+
+    def apply(y, x, A, B, a, b, scaling, seed, salt, p, weight=None):
+        read.append(a is not None and id(a) in copies and id(b) in copies and y is None and weight is not None)
+        return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight)
+
+    monkeypatch.setattr(lora.LoRAUpdate, "apply", apply)
     losses = []
     for _ in range(2):
         set_dropout_seed(model, 7)
@@ -236,7 +242,7 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
             p.grad = torch.zeros_like(p)
         read.clear()
         got = step(batch)
-        # every layer call of the step (forward and checkpointing's recomputation) read the copies
+        # every layer call of the step (forward and checkpointing's recomputation) read the copies, base folded in
         assert read and all(read), read
         torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
         for g, w in zip([p.grad for p in params], want_grads):

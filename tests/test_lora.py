@@ -267,11 +267,15 @@ def test_bad_file_is_a_clear_error(tmp_path):
         read_lora(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_update_backward_equals_autograd(p):
+def test_lora_update_backward_equals_autograd(p, folded):
     """LoRAUpdate (the training path under autocast: hand-written backward, factor gradients added straight into
     .grad) against autograd's own graph of the same formula, in float64 so only the maths is compared; twice, so
-    the second backward must accumulate onto the first."""
+    the second backward must accumulate onto the first. folded: the node also runs the base's matmul (y None, a
+    frozen weight W): against F.linear(x, W) + the update through autograd."""
+    import torch.nn.functional as F
+
     from hmtiny.lora import LoRAUpdate
     from kernels.dropout import seeded_dropout
     g = torch.Generator().manual_seed(0)
@@ -293,12 +297,18 @@ def test_lora_update_backward_equals_autograd(p):
             out.backward(gout)
         return out.detach(), xs.grad, ys.grad, A.grad, B.grad
 
+    W = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)  # frozen
+
     def plain(y, x_, A, B):
         h = seeded_dropout(x_, seed, 3, p)
-        return y + scaling * (h @ A.t() @ B.t())
+        return (F.linear(x_, W) if folded else y) + scaling * (h @ A.t() @ B.t())
 
     want = run(plain)
-    got = run(lambda y, x_, A, B: LoRAUpdate.apply(y, x_, A, B, None, None, scaling, seed, 3, p))
+    if folded:
+        got = run(lambda y, x_, A, B: LoRAUpdate.apply(None, x_, A, B, None, None, scaling, seed, 3, p, W))
+        want, got = want[:2] + want[3:], got[:2] + got[3:]  # no y input: out, dx, dA, dB
+    else:
+        got = run(lambda y, x_, A, B: LoRAUpdate.apply(y, x_, A, B, None, None, scaling, seed, 3, p))
     for w, o in zip(want, got):
         torch.testing.assert_close(o, w, rtol=1e-10, atol=1e-12)
 
@@ -329,3 +339,110 @@ def test_lora_layer_under_autocast_matches_the_plain_form():
     assert fused[0].dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32
     for f, q in zip(fused, plain):
         torch.testing.assert_close(f, q, rtol=2e-2, atol=2e-2)
+
+
+def folded_layer(weight_dtype=torch.float32, p=0.0):
+    """A LoRALinear whose base is a frozen nn.Linear without bias: its autocast path folds the base matmul."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=False).to(weight_dtype).requires_grad_(False)
+    layer = LoRALinear(base, rank=8, alpha=16, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    layer.seed.tensor.fill_(77)
+    return layer
+
+
+def layer_grads(layer, x, fold=True):
+    """out, dx, dA, dB of one forward + backward (float32 loss); fold False makes the layer call its base instead."""
+    from contextlib import nullcontext
+    from unittest import mock
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    xs = x.clone().requires_grad_()
+    with nullcontext() if fold else mock.patch.object(LoRALinear, "folded_weight", return_value=None), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xs)
+    (out.float().square().sum() * 0.01).backward()
+    return out, xs.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("weight_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.bfloat16)])
+def test_folded_base_matches_the_plain_composition(p, weight_dtype, x_dtype):
+    """A frozen nn.Linear base under bf16 autocast: LoRAUpdate runs the base matmul itself. Output, dx, dA, dB
+    against the float32 composition (the base's F.linear + the LoRA formula through autograd) up to bf16 rounding;
+    against the unfolded path (the base called as a module, then LoRAUpdate): output, dA and dB bit-identical, dx
+    differing by the order of its bf16 roundings only."""
+    import torch.nn.functional as F
+
+    from kernels.dropout import seeded_dropout
+    layer = folded_layer(weight_dtype, p)
+    x = torch.randn(3, 50, 48).to(x_dtype)
+    folded, unfolded = layer_grads(layer, x), layer_grads(layer, x, fold=False)
+    assert folded[0].dtype == torch.bfloat16 and folded[1].dtype == x_dtype
+
+    xs = x.float().requires_grad_()
+    A, B = (w.detach().clone().requires_grad_() for w in (layer.lora_A.weight, layer.lora_B.weight))
+    h = seeded_dropout(xs, layer.seed.tensor, layer.salt, p)
+    out = F.linear(xs, layer.base.weight.float()) + layer.scaling * (h @ A.t() @ B.t())
+    (out.square().sum() * 0.01).backward()
+    for got, want in zip(folded, (out, xs.grad, A.grad, B.grad)):
+        torch.testing.assert_close(got.float(), want.detach(), rtol=2e-2, atol=2e-2)
+
+    assert torch.equal(folded[0], unfolded[0])  # the same F.linear, then the same addmm on the same y
+    assert torch.equal(folded[2], unfolded[2]) and torch.equal(folded[3], unfolded[3])
+    torch.testing.assert_close(folded[1].float(), unfolded[1].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_fold_is_taken_for_a_frozen_linear_only():
+    """The fold runs for a frozen nn.Linear without bias (the base module is never called, its weight goes to
+    LoRAUpdate); an int8 base, a weight that trains (full fine-tuning), a bias or a hook of the base's own keep the
+    base's own forward (and a training weight its gradient). Fails if the fold silently falls back."""
+    from unittest import mock
+
+    from hmtiny.lora import LoRAUpdate
+    from hmtiny.quant import Int8Linear
+
+    def run(layer):
+        calls, folded = [], []
+        real_forward, real_apply = layer.base.forward, LoRAUpdate.apply
+
+        def forward(x):
+            calls.append(1)
+            return real_forward(x)
+
+        def apply(y, x, A, B, a, b, scaling, seed, salt, p, weight=None):
+            folded.append(weight is not None and y is None)
+            return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight)
+
+        layer.base.forward = forward
+        with mock.patch.object(LoRAUpdate, "apply", apply), torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(torch.randn(2, 5, 48, requires_grad=True)).float().sum().backward()
+        del layer.base.forward
+        return len(calls), folded
+
+    frozen = folded_layer()
+    assert frozen.folded_weight() is frozen.base.weight
+    assert run(frozen) == (0, [True])
+    assert run(folded_layer(torch.bfloat16)) == (0, [True])
+
+    int8 = LoRALinear(Int8Linear.from_linear(nn.Linear(48, 40, bias=False)), rank=4, alpha=4)
+    assert int8.folded_weight() is None and run(int8) == (1, [False])
+
+    trained = LoRALinear(nn.Linear(48, 40, bias=False), rank=4, alpha=4)  # weight.requires_grad: full fine-tuning
+    assert trained.folded_weight() is None and run(trained) == (1, [False])
+    assert trained.base.weight.grad is not None and trained.base.weight.grad.abs().sum() > 0
+
+    biased = LoRALinear(nn.Linear(48, 40).requires_grad_(False), rank=4, alpha=4)
+    assert biased.folded_weight() is None and run(biased) == (1, [False])
+
+    hooked = folded_layer()
+    seen = []
+    hooked.base.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert hooked.folded_weight() is None and run(hooked) == (1, [False]) and seen == [(2, 5, 40)]
+
+    with pytest.raises(ValueError, match="frozen"):
+        w = nn.Parameter(torch.randn(40, 48))
+        LoRAUpdate.apply(None, torch.randn(5, 48), frozen.lora_A.weight, frozen.lora_B.weight, None, None, 1.0,
+                         frozen.seed.tensor, 0, 0.0, w)
