@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hmtiny import runtime  # noqa: E402
 from hmtiny.runtime import FRAME_RATE  # noqa: E402
 from hmtiny.tiny import ASSETS as TINY, is_builtin  # noqa: E402
-from kernels import gemv  # noqa: E402
 
 DEFAULT_MODEL = "HeartMuLa/HeartMuLa-oss-3B"
 DOWNLOAD_HELP = """Download the official files (heartlib's ckpt/ layout) with:
@@ -232,11 +231,10 @@ def check_writable(path: Path, flag: str):
 def check_files(s, need_codec: bool):
     """Model, LoRAs and codec checked without loading them (config files, weight headers, LoRA layers against a
     weightless model): a bad file is named before minutes of loading and generating. -> the codec folder."""
-    from hmtiny.checkpoint import (CODEC_SUBFOLDERS, check_weight_files, find_codec_beside, find_model_folder,
-                                   resolve_folder)
+    from hmtiny.checkpoint import (CODEC_SUBFOLDERS, build_empty, check_weight_files, find_codec_beside,
+                                   find_model_folder, resolve_folder)
     from hmtiny.codec.config import HeartCodecConfig
     from hmtiny.config import ModelConfig
-    from hmtiny.lora import apply_loras
     from hmtiny.model import HeartMuLa
     try:
         folder = find_model_folder(resolve_folder(s["model"]))
@@ -250,11 +248,12 @@ def check_files(s, need_codec: bool):
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {s['model']}: {e}\n\n{DOWNLOAD_HELP}") from None
     if s["loras"]:
-        with torch.device("meta"):
-            try:
-                apply_loras(HeartMuLa(model_cfg), s["loras"], merge=False)
-            except ValueError as e:
-                raise UsageError(f"--lora: {e}") from None
+        from hmtiny.lora import apply_loras  # (imports Triton: only when there are LoRAs)
+        try:
+            with torch.device("meta"):
+                apply_loras(build_empty(HeartMuLa, model_cfg), s["loras"], merge=False)
+        except ValueError as e:
+            raise UsageError(f"--lora: {e}") from None
     codec_where = s["codec"] or find_codec_beside(s["model"])
     if not need_codec:
         return None
@@ -334,6 +333,27 @@ class Clock:
         return f"time: {parts}; total {total:.1f} s"
 
 
+def generation_split(t: dict, total: float, song_frames: list[int] | None = None) -> dict | None:
+    """Where generation's seconds went, from the engine's last_timing (None for the plain loop): 'short' for the
+    closing time line, 'long' for the generation report. warm-up = everything before the first frame's replay
+    (engine build, tile plan, warm-up runs and captures); loop = the frames. With several songs (song_frames: each
+    one's frames) the loop's rate is given per song (frame steps / s) and for the batch (all frames / s)."""
+    if not t:
+        return None
+    warm, loop = total - t["loop_s"], t["loop_s"]
+    other = warm - t["build_s"] - t["plan_s"] - t["capture_s"]
+    gpu = f"; GPU {t['ms_per_frame_step']:.2f} ms per frame step" if "ms_per_frame_step" in t else ""
+    per_second = 1 / loop if loop > 0 else 0.0
+    rate = f"{t['frames']} frames, {t['frames'] * per_second:.1f} frames/s"
+    if song_frames and len(song_frames) > 1:
+        made = sum(song_frames)
+        rate += f" per song; {made} frames of {len(song_frames)} songs, {made * per_second:.1f} frames/s together"
+    return {"short": f"warm-up {warm:.1f} s + loop {loop:.1f} s",
+            "long": f"split: warm-up {warm:.2f} s (engine build {t['build_s']:.2f}, tile plan {t['plan_s']:.2f}, "
+                    f"warm-up runs + capture {t['capture_s']:.2f}, other {other:.2f}), loop {loop:.2f} s "
+                    f"({rate}{gpu})"}
+
+
 def main(argv=None) -> int:
     # run as a script, the start-up counts from the first line (imports included); called in-process, from here
     started = STARTED if argv is None else time.perf_counter()
@@ -385,6 +405,8 @@ def run(a, clock: Clock) -> int:
             check_writable(p, "--save-tokens")
 
     clock.lap("start-up (Python, imports, checks)")
+    # Triton's per-process set-up (import, cache keys) in a thread while the model loads; joined before generating
+    triton_job = runtime.Background(runtime.warm_triton) if mode != "plain" and device.type == "cuda" else None
     ref = reference_embedding(a, device)  # before the model: a missing `muq` fails fast
     if ref is not None:
         clock.lap("reference embedding")
@@ -411,8 +433,14 @@ def run(a, clock: Clock) -> int:
     t0 = time.time()
 
     counted = {"before": 0, "last": 0}  # the plain loop makes one song after another, each counting from 1
+    codec_dtype = runtime.codec_dtype_name(device, s["codec_dtype"], dtype)
+    codec_job = []  # the codec loading in the background (CUDA), started at the first progress report
 
     def progress(n, total):
+        # by the first report the engine's graphs are captured: loading now cannot break a capture or skew the
+        # tile timing, and its copies overlap the frame loop
+        if not codec_job and not a.tokens_only and runtime.codec_in_background(device):
+            codec_job.append(runtime.Background(runtime.load_codec_beside_model, codec_where, device, codec_dtype))
         if n < counted["last"]:
             counted["before"] += counted["last"]
         counted["last"] = n
@@ -422,21 +450,29 @@ def run(a, clock: Clock) -> int:
               end="", flush=True)
 
     print(f"generating ({mode})...")
-    tiles = gemv.cache_file()
-    if mode == "graph" and (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(device):
-        kept = "not kept" if tiles is None else f"kept in {tiles}"
-        print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before the "
-              f"first frame (a few minutes on a fresh H100); {kept} for later runs")
+    if triton_job is not None:
+        triton_job.result()  # (warm_triton never raises)
+    if mode == "graph":
+        from kernels import gemv
+        tiles = gemv.cache_file()
+        if (tiles is None or not tiles.exists()) and not gemv.has_shipped_picks(device):
+            kept = "not kept" if tiles is None else f"kept in {tiles}"
+            print("  first run on this machine: the decode matmuls' tiles are timed and the kernels compiled before "
+                  f"the first frame (a few minutes on a fresh H100); {kept} for later runs")
     # sample.py owns the model: the engine fuses its weights without a second copy (share)
+    timing: dict = {}
     songs = runtime.generate(model, [prompt] * a.num, max_frames, s["cfg"], s["topk"], s["temperature"], generator,
                              mode=mode, stop_on_eos=s["stop_on_eos"], progress=progress,
-                             engine_options={"share": True})
+                             engine_options={"share": True}, timing=timing)
     dt = time.time() - t0
-    clock.lap("generation")
+    split = generation_split(timing, dt, [x.shape[0] for x in songs])
+    clock.lap(f"generation ({split['short']})" if split else "generation")
     made = sum(x.shape[0] for x in songs)
     together = f" for the {a.num} songs together" if a.num > 1 else ""
     print(f"\n{made} frames ({made / FRAME_RATE:.1f} s of audio) in {dt:.1f} s: {made / dt:.1f} frames/s{together}, "
           f"{made / dt / FRAME_RATE:.1f}x real time{' (includes the graph capture)' if mode == 'graph' else ''}")
+    if split:
+        print(f"  {split['long']}")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -455,11 +491,18 @@ def run(a, clock: Clock) -> int:
     from hmtiny.codec import write_audio
     t0 = time.time()
     try:
-        codec = runtime.load_codec_for(codec_where, device, runtime.codec_dtype_name(device, s["codec_dtype"], dtype))
+        if codec_job:
+            codec = codec_job[0].result()
+            print(f"codec loaded in {codec_job[0].seconds:.1f} s, in the background during generation "
+                  f"(waited {time.time() - t0:.1f} s for it)")
+        else:
+            codec = runtime.load_codec_for(codec_where, device, codec_dtype)
     except FileNotFoundError as e:
         raise UsageError(f"no HeartCodec at {codec_where}: {e}\n\n{DOWNLOAD_HELP}") from None
     except ValueError as e:  # keys or shapes that do not match its config.json
         raise UsageError(f"--codec {codec_where}: {e}") from None
+    if codec.device.type != device.type:  # no room beside the model: kept pinned on the host until the model was freed
+        codec = codec.to(device)
     clock.lap("loading the codec")
     for i, (frames, out) in enumerate(zip(songs, outs)):
         if frames.shape[0] == 0:

@@ -1,7 +1,7 @@
 """Finding, loading and saving safetensors checkpoints (HeartMuLa and HeartCodec share this code).
 
-Weights are loaded into a model built on the meta device, tensor by tensor, so host memory never holds a
-second full copy; key/shape mismatches are reported all at once.
+Weights are loaded into a model built on the meta device (without its random init), tensor by tensor, so host
+memory never holds a second full copy; key/shape mismatches are reported all at once.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -61,11 +62,12 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def open_safetensors(path: Path):
+def open_safetensors(path: Path, device="cpu"):
     """safe_open, with an error that names the file when it is not a whole safetensors file. Opening reads and
-    checks the header against the file size, so a truncated or garbage file fails here, cheaply."""
+    checks the header against the file size, so a truncated or garbage file fails here, cheaply. `device`: where
+    get_tensor puts the tensors (CUDA: safetensors copies each one over itself)."""
     try:
-        return safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt", device=str(device))
     except Exception as e:  # SafetensorError (truncated, garbage header), OSError
         raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or damaged: "
                          f"download or write it again") from None
@@ -85,12 +87,72 @@ def check_weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time from every weight file of the checkpoint."""
+def iter_tensors(folder: Path, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time from every weight file of the checkpoint, read onto `device`."""
     for f in weight_files(folder):
-        with open_safetensors(f) as sf:
+        with open_safetensors(f, device) as sf:
             for key in sf.keys():
                 yield key, sf.get_tensor(key)
+
+
+def read_device(device, direct: bool) -> torch.device:
+    """Where load_weights reads tensors for a model on `device`: the CPU, or with `direct` a CUDA device itself
+    (safetensors copies each tensor over, casts run there)."""
+    device = torch.device(device)
+    if not direct or device.type != "cuda":
+        return torch.device("cpu")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def checkpoint_tensors(folder: Path, device, direct: bool = False,
+                       staged: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (key, tensor) pairs load_weights assigns to a model on `device`. staged (None: on CUDA unless direct):
+    hmtiny.stream_load's threaded reads through pinned buffers, each tensor arriving on `device` in its stored dtype
+    (True on the CPU: the same reads into plain buffers). Else safetensors' own reads, onto read_device."""
+    if staged is None:
+        staged = torch.device(device).type == "cuda" and not direct
+    if staged:
+        from .stream_load import stream_tensors
+        return stream_tensors(weight_files(folder), device)
+    return iter_tensors(folder, read_device(device, direct))
+
+
+class _NoInit(TorchFunctionMode):
+    """Inside build_empty: torch.nn.init's fills and the random in-place fills do nothing, and arithmetic on meta
+    tensors (a buffer such as `arange(K) * V`, recomputed on the device after loading) and meta ranges (arange,
+    linspace) return an empty meta tensor of the result's shape and dtype: every value on the meta device is a
+    placeholder."""
+    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_}
+    ARITHMETIC = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__mul__", "__rmul__", "__truediv__"}
+    # on meta these run torch's Python references, whose torch._check imports sympy (~0.4 s of start-up)
+    RANGES = {torch.arange, torch.linspace}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        kwargs = kwargs or {}
+        if func in self.RANGES and torch.device(kwargs.get("device") or "meta").type == "meta":
+            probe = func(*args, **{**kwargs, "device": "cpu"})  # its shape and dtype (buffers' ranges are small)
+            return torch.empty(probe.shape, dtype=probe.dtype, device="meta")
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if getattr(func, "__name__", None) in self.ARITHMETIC and not kwargs and len(args) == 2 and tensors \
+                and all(t.is_meta for t in tensors):
+            # the result's dtype from the op itself on one-element CPU stand-ins (same dimensioned / 0-d kinds, so
+            # the same promotion): torch.result_type alone says int64 for int / int, where `/` gives a float
+            probe = func(*(torch.zeros((1,) if a.dim() else (), dtype=a.dtype, device="cpu")
+                           if isinstance(a, torch.Tensor) else a for a in args))
+            # the shape from broadcast_tensors on zero-stride stand-ins (torch.broadcast_shapes imports sympy)
+            shape = torch.broadcast_tensors(*(torch.zeros((), device="cpu").expand(t.shape) for t in tensors))[0].shape
+            return torch.empty(shape, dtype=probe.dtype, device="meta")
+        return func(*args, **kwargs)
+
+
+def build_empty(cls, *args):
+    """cls(*args) on the meta device without its random init: a checkpoint sets every weight after, and torch's
+    meta kernels for normal_ and arithmetic import torch._dynamo on first use (about a second of start-up), its
+    meta ranges and broadcast_shapes sympy (~0.4 s)."""
+    with torch.device("meta"), _NoInit():
+        return cls(*args)
 
 
 def _set_tensor(module: nn.Module, key: str, value: torch.Tensor):
@@ -106,16 +168,21 @@ def _set_tensor(module: nn.Module, key: str, value: torch.Tensor):
 def load_weights(module: nn.Module, folder: Path, dtype: torch.dtype | None = None, device="cpu",
                  rename: Callable[[str], str | None] | None = None,
                  transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                 ignore: Callable[[str], bool] | None = None, what: str = "checkpoint") -> nn.Module:
+                 ignore: Callable[[str], bool] | None = None, what: str = "checkpoint",
+                 direct: bool = False, staged: bool | None = None) -> nn.Module:
     """Assign the checkpoint's tensors to `module` (typically built on the meta device), one at a time.
 
     rename: map a stored key to the module's key (None drops it). transform: rewrite a tensor before casting
     (e.g. fold weight norm). ignore: stored keys that may be present but unused. Floating tensors are cast to
     `dtype`; integer/bool buffers keep theirs. Every missing, unexpected or mis-shaped key is listed in one error.
+    On the CPU and MPS each tensor is read on the CPU, transformed, cast, then moved to `device`. On CUDA
+    (checkpoint_tensors): read in chunks by several threads through pinned buffers, copied over on a side stream
+    while the next chunk is read, then transformed and cast on the GPU. direct (CUDA): safetensors reads each tensor
+    straight onto the GPU (the codec's background load, which needs no pinned buffers). staged=False: the host read.
     """
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     seen, unexpected, bad_shape = set(), [], []
-    for key, tensor in iter_tensors(folder):
+    for key, tensor in checkpoint_tensors(folder, device, direct, staged):
         if ignore and ignore(key):
             continue
         name = rename(key) if rename else key
@@ -266,20 +333,22 @@ def find_codec_beside(model_name_or_path) -> Path | str | None:
     return None
 
 
-def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False):
-    """Build HeartMuLa on the meta device and assign the checkpoint's tensors (no second full copy).
-    quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read."""
+def load_heartmula(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", quantize: bool = False,
+                   staged: bool | None = None):
+    """Build HeartMuLa on the meta device (no random init) and assign the checkpoint's tensors (no second copy).
+    quantize: int8 weight-only stacks (hmtiny.quant), each weight quantised on `device` as it is read. staged: how
+    the files are read (load_weights; None: the pinned, threaded read on CUDA, the host read elsewhere)."""
     from .config import ModelConfig
     from .model import HeartMuLa
     folder = find_model_folder(resolve_folder(name_or_path))
     cfg = ModelConfig.from_file(folder / "config.json")
-    with torch.device("meta"):
-        model = HeartMuLa(cfg)
+    model = build_empty(HeartMuLa, cfg)
     transform = None
     if quantize:
         from .quant import quantize_on_load
         transform = quantize_on_load(model, device)
-    load_weights(model, folder, dtype=dtype, device=device, transform=transform, what="HeartMuLa checkpoint")
+    load_weights(model, folder, dtype=dtype, device=device, transform=transform, what="HeartMuLa checkpoint",
+                 staged=staged)
     model.init_buffers(device)
     return model.eval()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable
 
 import torch
@@ -37,6 +38,9 @@ from .model import HeartMuLa, KVCache, Transformer
 from .runtime import check_sampling
 
 MODES = ("eager", "graph")
+# eager runs of a step before its capture: the first compiles/loads its Triton kernels, creates cuBLAS handles and
+# allocates; nothing is lazily set up on a second run (gemv tiles are planned before, counters made on the first)
+WARMUPS = 1
 
 
 # ---------------------------------------------------------------- fused inference weights
@@ -226,6 +230,7 @@ class Engine:
                  copy_weights: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        started = time.perf_counter()
         self.model, self.mode = model, mode
         self.device = model.text_embeddings.weight.device
         self.dtype = model.text_embeddings.weight.dtype
@@ -258,7 +263,13 @@ class Engine:
         self._graph = self._first_graph = None
         self._planned = False
         self._rng = None  # see generate
-        self.last_timing = None  # CUDA: prefill_and_first_frame_ms (+ captures on a first call), ms_per_frame_step
+        # where a call's time went. Host seconds, every mode: build_s (this constructor: fusing weights), plan_s
+        # (gemv tiles: timed, or read from the tile cache), capture_s (warm-up runs + CUDA graph captures, 0 once
+        # captured), loop_s (the frames, from the first replay to the frames on the host), total_s (the call).
+        # CUDA events: prefill_and_first_frame_ms, ms_per_frame_step (the loop's GPU time per step).
+        self.last_timing = None
+        self.plan_s = 0.0
+        self.build_s = time.perf_counter() - started
 
     def _sources(self):
         """The module objects the engine was built from (to notice LoRA wrapping, quantisation, merging)."""
@@ -371,6 +382,8 @@ class Engine:
 
     def _generate(self, prompts, max_frames, cfg_scale, topk, temperature, generator, eos_check_every, progress,
                   stop_on_eos):
+        started = time.perf_counter()
+        planned_before = self.plan_s
         m = self.model
         if not prompts:
             raise ValueError("no prompt given")
@@ -396,7 +409,8 @@ class Engine:
         dev, Bs = self.device, len(prompts)
         lens = [int(p[0].shape[0]) for p in prompts]
         P = max(lens)
-        need = P + max_frames + 1  # frame rows up to P+max_frames-2, plus the 2 warm-up steps before capture
+        need = P + max_frames + 1  # frame rows up to P+max_frames-2, plus room for 2 warm-up steps
+        # before capture (WARMUPS <= 2; the sizes stay as they were with 2: the same cache length, the same tiles)
         limit = m.cfg.backbone.max_seq_len
         if need > limit:
             raise ValueError(f"prompt ({P} rows) + {max_frames} frames exceeds the backbone context {limit}")
@@ -440,7 +454,7 @@ class Engine:
             self.state = {"prev": torch.zeros(Bs, self.K, dtype=torch.long, device=dev),
                           "slot": torch.zeros(1, dtype=torch.long, device=dev),
                           "idx": torch.zeros(1, dtype=torch.long, device=dev),
-                          # 2 spare frames: the warm-up steps before graph capture write there
+                          # 2 spare frames: the warm-up steps before graph capture write there (WARMUPS <= 2)
                           "out": torch.zeros(Bs, max_frames + 2, self.K, dtype=torch.long, device=dev),
                           "length": torch.zeros(Bs, dtype=torch.long, device=dev),
                           "done": torch.zeros(Bs, dtype=torch.bool, device=dev)}
@@ -460,14 +474,17 @@ class Engine:
             marks[0].record()
         # prefill + first frame, then one step per frame: each a CUDA graph (captured on a request shape's first
         # call) except in eager mode. A graph of the prefill spares the host launching its hundreds of kernels.
+        captured = time.perf_counter()
         if self.mode == "eager":  # (its caches are set up again every call: no key kept)
             self._first_frame()
         else:
-            if self._first_graph is None:
-                self._first_graph = self._capture(self._first_frame)
+            if self._first_graph is None or (max_frames > 1 and self._graph is None):
+                if self._first_graph is None:
+                    self._first_graph = self._capture(self._first_frame)
+                if max_frames > 1 and self._graph is None:
+                    self._graph = self._capture(self._step)
+                captured = time.perf_counter()
             self._first_graph.replay()
-            if max_frames > 1 and self._graph is None:
-                self._graph = self._capture(self._step)
             self._graph_key = key
         if marks:
             marks[1].record()
@@ -489,10 +506,15 @@ class Engine:
         out = s["out"].cpu()
         if source is not None:
             source.set_state(self._rng.get_state())
+        done = time.perf_counter()
+        plan_s = self.plan_s - planned_before
+        self.last_timing = {"build_s": self.build_s, "plan_s": plan_s,
+                            "capture_s": captured - started - plan_s if self.mode != "eager" else 0.0,
+                            "loop_s": done - captured, "total_s": done - started, "frames": int(s["idx"].item())}
         if marks:  # .cpu() above waited for the loop
             steps = max(int(s["idx"].item()) - 1, 1)
-            self.last_timing = {"prefill_and_first_frame_ms": marks[0].elapsed_time(marks[1]),
-                                "frame_steps": steps, "ms_per_frame_step": marks[1].elapsed_time(marks[2]) / steps}
+            self.last_timing.update(prefill_and_first_frame_ms=marks[0].elapsed_time(marks[1]), frame_steps=steps,
+                                    ms_per_frame_step=marks[1].elapsed_time(marks[2]) / steps)
         return [out[b, : lengths[b]].clone() for b in range(Bs)]
 
     def _plan_tiles(self, rows: int | None = None):
@@ -500,6 +522,7 @@ class Engine:
         Outputs that go to kernels.add_rmsnorm (o_proj, w2) may be split along K, and so may q/k/v
         (kernels.decode_attention sums them); gate/up stays whole for its SwiGLU epilogue, and so does the
         projection (nothing after it would sum slices)."""
+        started = time.perf_counter()
         rows = rows or self.pad.shape[0]
         for st in (self.backbone, self.decoder):
             for layer in st.layers:
@@ -509,10 +532,11 @@ class Engine:
                 layer.w2.plan(rows, split=True, dtype=self.dtype)
         self.projection.plan(rows, split=False, dtype=self.dtype)
         self._planned = True
+        self.plan_s += time.perf_counter() - started
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        """Warm up fn (Triton compiles, cuBLAS handles), then record it in a CUDA graph; the request state and the
-        generators are restored around both, so the first replay is the request's real call."""
+        """Warm up fn (WARMUPS runs: Triton compiles, cuBLAS handles), then record it in a CUDA graph; the request
+        state and the generators are restored around both, so the first replay is the request's real call."""
         s = self.state
         saved = {k: v.clone() for k, v in s.items()}
         gen_state = self.generator.get_state() if self.generator is not None else None
@@ -530,7 +554,7 @@ class Engine:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # the prefill rewrites the same cache rows each time: safe to repeat
-            for _ in range(2):
+            for _ in range(WARMUPS):
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(side)
         restore()

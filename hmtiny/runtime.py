@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import find_codec_beside
+from .checkpoint import CODEC_SUBFOLDERS, build_empty, find_codec_beside, find_model_folder, resolve_folder
 from .codec.config import FRAME_RATE  # noqa: F401  (audio frames per second, for both scripts)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -66,11 +68,12 @@ def default_mode(device: torch.device) -> str:
 
 def generate(model, prompts, max_frames: int, cfg_scale: float, topk: int, temperature: float,
              generator: torch.Generator | None = None, mode: str | None = None, stop_on_eos: bool = True,
-             progress=None, engine_options: dict | None = None) -> list[torch.Tensor]:
+             progress=None, engine_options: dict | None = None, timing: dict | None = None) -> list[torch.Tensor]:
     """Frames [n, 8] for each prompt, in eval mode (no LoRA dropout; the model's mode is restored after), through
     `mode` (GENERATION_MODES; None: default_mode). plain: hmtiny.generate, one prompt at a time; eager / graph: an
     hmtiny.engine.Engine for this call only (its cache and graphs are freed when it returns), the prompts in one
-    batch, built with `engine_options` (share=True: sample.py owns the model; copy_weights=False: beside training)."""
+    batch, built with `engine_options` (share=True: sample.py owns the model; copy_weights=False: beside training).
+    timing: a dict that receives the engine's Engine.last_timing (where the seconds went; left empty by plain)."""
     mode = mode or default_mode(model.codebook0_head.weight.device)
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(GENERATION_MODES)}, not {mode!r}")
@@ -81,9 +84,12 @@ def generate(model, prompts, max_frames: int, cfg_scale: float, topk: int, tempe
             from .generate import generate as plain
             return plain(model, prompts, max_frames, cfg_scale, topk, temperature, generator, stop_on_eos, progress)
         from .engine import Engine
-        return Engine(model, mode, **(engine_options or {})).generate(
-            prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature, generator=generator,
-            progress=progress, stop_on_eos=stop_on_eos)
+        engine = Engine(model, mode, **(engine_options or {}))
+        frames = engine.generate(prompts, max_frames, cfg_scale=cfg_scale, topk=topk, temperature=temperature,
+                                 generator=generator, progress=progress, stop_on_eos=stop_on_eos)
+        if timing is not None:
+            timing.update(engine.last_timing or {})
+        return frames
     finally:
         model.train(was_training)
 
@@ -132,6 +138,86 @@ def load_codec_for(where, device: torch.device, dtype_name: str, beside_training
     if on_host:
         codec.pin_memory_()
     return codec
+
+
+def codec_nbytes(where, dtype_name: str) -> int:
+    """Bytes of HeartCodec's decoding weights at `dtype_name` (from its config, nothing loaded)."""
+    from .codec import HeartCodec, HeartCodecConfig
+    from .codec.precision import codec_torch_dtype
+    folder = find_model_folder(resolve_folder(where), CODEC_SUBFOLDERS)
+    codec = build_empty(HeartCodec, HeartCodecConfig.from_file(folder / "config.json"))
+    return sum(p.numel() for p in codec.parameters()) * codec_torch_dtype(dtype_name).itemsize
+
+
+def codec_in_background(device: torch.device) -> bool:
+    """sample.py loads the codec in a thread while a CUDA model generates: reading files and copying weights leave
+    the GPU's compute free. On the CPU or MPS the load would slow the generation it overlaps: it waits."""
+    return device.type == "cuda"
+
+
+def load_codec_beside_model(where, device: torch.device, dtype_name: str, margin: int = 2 * 2**30):
+    """HeartCodec for decoding on `device`, loaded while the model generates there (call it once generation's
+    memory is allocated, e.g. after the CUDA graphs' capture): on a CUDA device with room for its weights plus
+    `margin` bytes, it is read straight there, its copies on a stream of their own so they never wait for the
+    generation's kernels; without that room it is kept pinned in host memory (move it over once the model is freed).
+    Elsewhere: load_codec_for."""
+    if device.type != "cuda":
+        return load_codec_for(where, device, dtype_name)
+    with torch.cuda.device(device):
+        if torch.cuda.mem_get_info(device)[0] < codec_nbytes(where, dtype_name) + margin:
+            return load_codec_for(where, device, dtype_name, beside_training=True)
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            codec = load_codec_for(where, device, dtype_name)
+        side.synchronize()  # the weights are complete before another stream reads them
+        return codec
+
+
+def warm_triton():
+    """Triton's once-per-process set-up, for a thread while the model loads (sample.py on CUDA): its import (~0.2 s),
+    the compiler's cache key (a hash of Triton's own files, libtriton's ~500 MB among them: ~0.4 s on this
+    repository's CPU machine), and the backend's key (`ptxas --version` in a subprocess). Otherwise the first kernel
+    launch of generation pays all of it, even when every kernel is already in Triton's disk cache. Best effort:
+    any failure here is left for that launch to meet and report. Imports only triton (never hmtiny or kernels
+    modules, which the loading thread imports: no two threads wait on each other's imports)."""
+    try:
+        import triton  # noqa: F401
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:  # older Tritons
+            from triton.compiler.compiler import triton_key
+        triton_key()
+        from triton.compiler.compiler import make_backend
+        from triton.runtime import driver
+        make_backend(driver.active.get_current_target()).hash()
+    except Exception:
+        pass
+
+
+class Background:
+    """fn(*args) run in a thread, started now. result() waits for it and returns its value, or raises its exception
+    in the caller's thread, as if the call had been made there. The thread is a daemon: a failure or Ctrl-C in the
+    caller never waits for it. `seconds`: how long fn ran."""
+
+    def __init__(self, fn, *args):
+        self.value = self.error = self.seconds = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                       name=f"hmtiny-{getattr(fn, '__name__', 'background')}")
+        self.thread.start()
+
+    def _run(self, fn, args):
+        t = time.perf_counter()
+        try:
+            self.value = fn(*args)
+        except BaseException as e:  # handed to result()
+            self.error = e
+        self.seconds = time.perf_counter() - t
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def decode_frames(codec, frames: torch.Tensor, steps: int, guidance: float, seed: int,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -211,27 +212,47 @@ def time_in_graph(fn, w: torch.Tensor, reps: int = 24) -> float:
 
 def cache_file():
     """Where the tiles picked on this machine are kept between processes (timing every candidate means many Triton
-    compiles on a fresh machine): $HMTINY_TILE_CACHE, or ~/.cache/hmtiny/gemv_tiles.json; "0" = none."""
+    compiles on a fresh machine): $HMTINY_TILE_CACHE, or ~/.cache/hmtiny/gemv_tiles.json; "0" = none. The int8
+    kernels keep their tuning picks in the same file (kernels/int8_matmul.py), under names of their own."""
     return switches.tile_cache_path()
 
 
-def _read_cache(path) -> dict:
+_warned: set = set()
+
+
+def read_cache(path) -> dict:
+    """The picks kept in `path`; {} when there is none yet, or (with one warning per file) when it cannot be read
+    or is not a table of picks: its tiles are then timed again and the file rewritten."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, unreadable or damaged: time again
+        text = path.read_text()
+    except FileNotFoundError:
         return {}
+    except OSError as e:
+        problem = f"unreadable ({e})"
+    else:
+        try:
+            table = json.loads(text)
+            if isinstance(table, dict):
+                return table
+            problem = "not a JSON object"
+        except ValueError as e:
+            problem = f"damaged ({e})"
+    if path not in _warned:
+        _warned.add(path)
+        warnings.warn(f"tile cache {path} is {problem}: ignored, its picks are timed again", stacklevel=2)
+    return {}
 
 
-def _remember(name: str, tile) -> None:
-    """Add one pick to the cache file: read, update, write a temporary file, rename (atomic; a failed write, e.g.
-    a read-only home, only costs the timing next time)."""
+def remember(name: str, value) -> None:
+    """Add one pick (any JSON value) to the cache file: read, update, write a temporary file, rename (atomic; a
+    failed write, e.g. a read-only home, only costs the timing next time)."""
     path = cache_file()
     if path is None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        table = _read_cache(path)
-        table[name] = list(tile)
+        table = read_cache(path)
+        table[name] = value
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
         os.replace(tmp, path)
@@ -239,17 +260,24 @@ def _remember(name: str, tile) -> None:
         pass
 
 
+def card_name(device: torch.device) -> str:
+    """The cache files' name of a device: the CUDA card's name (picks differ between cards), else the device."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def digest(candidates) -> str:
+    return hashlib.sha1(repr(candidates).encode()).hexdigest()[:10]
+
+
 def _cache_name(key: tuple, x2: torch.Tensor, fits: list) -> str:
     """An entry's name: the card, the shape and kind, and the candidate list (a new list re-times)."""
-    card = torch.cuda.get_device_name(x2.device) if x2.is_cuda else str(x2.device)
-    digest = hashlib.sha1(repr(fits).encode()).hexdigest()[:10]
-    return "|".join(map(str, (card, *key, digest)))
+    return "|".join(map(str, (card_name(x2.device), *key, digest(fits))))
 
 
 def has_shipped_picks(device) -> bool:
     """SHIPPED holds picks for this CUDA card (its first run then skips most of the timing)."""
     card = torch.cuda.get_device_name(device) + "|"
-    return any(name.startswith(card) for name in _read_cache(SHIPPED))
+    return any(name.startswith(card) for name in read_cache(SHIPPED))
 
 
 def export_picks() -> dict:
@@ -268,7 +296,7 @@ def _pick(x2, w, partial: bool = False, scale=None, glu: bool = False):
     fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1], glu)]
     name = _names[key] = _cache_name(key, x2, fits)
     path = cache_file()
-    for table in (_read_cache(path) if path is not None else {}, _read_cache(SHIPPED)):  # this machine's first
+    for table in (read_cache(path) if path is not None else {}, read_cache(SHIPPED)):  # this machine's first
         stored = table.get(name)
         if isinstance(stored, list) and tuple(stored) in fits:
             _best[key] = tuple(stored)
@@ -287,7 +315,7 @@ def _pick(x2, w, partial: bool = False, scale=None, glu: bool = False):
             continue
     _best[key] = min(times)[1] if times else None
     if times:  # an empty result may be passing trouble: not kept on disk
-        _remember(name, _best[key])
+        remember(name, list(_best[key]))
     return _best[key]
 
 

@@ -27,7 +27,7 @@ except ImportError:  # CPU/MPS installs without triton use the *_ref functions
     triton = None
 
 from . import gemv  # "tiles": the generation engine's few-row GEMV, which also takes int8 weights + row scales
-from . import switches
+from . import pdl, switches
 
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_P=16, BLOCK_R=32)  # the interpreter cannot autotune (no CUDA timers)
 DECODE_MAX_M = 16
@@ -262,7 +262,10 @@ class LaunchCache:
       (HMTINY_INT8_FAST_LAUNCH=0: always Triton's path; `direct` turns False for good if a Triton's launcher
       refuses a direct launch);
     - decode_choice: decode (M <= 16) has up to four kernels and the fastest depends on the shape: timed once per
-      shape."""
+      shape;
+    - picks: the tuning results kept on disk between processes (the winning config per tuner key, the decode
+      choice per shape), in kernels.gemv's tile cache file, under names that start with the card and the Triton
+      version (a pick is only valid for both). Read on the first miss, written after each new tuning."""
 
     def __init__(self, autotune: bool | None = None):
         self.autotune = autotune
@@ -270,11 +273,39 @@ class LaunchCache:
         self.compiled: dict = {}
         self.decode_choice: dict = {}
         self.direct = True
+        self._picks = None  # (path, table) of the cache file as read
+        self._shipped = None  # the repository's table (gemv.SHIPPED) as read
+
+    def autotuning(self) -> bool:
+        if self.autotune is None:
+            self.autotune = switches.int8_autotune()
+        return self.autotune
 
     def tuned(self, regime: str):
         if self._tuned is None:
-            self._tuned = _tuners(switches.int8_autotune() if self.autotune is None else self.autotune)
+            self._tuned = _tuners(self.autotuning())
         return self._tuned[regime]
+
+    def stored(self, name: str):
+        """The pick kept on disk under `name`: this machine's cache file first, then the picks shipped with the
+        repository for known cards (gemv.SHIPPED); None when neither has it."""
+        path = gemv.cache_file()
+        if path is not None:
+            if self._picks is None or self._picks[0] != path:
+                self._picks = (path, gemv.read_cache(path))
+            if name in self._picks[1]:
+                return self._picks[1][name]
+        if self._shipped is None:
+            self._shipped = gemv.read_cache(gemv.SHIPPED)
+        return self._shipped.get(name)
+
+    def store(self, name: str, value) -> None:
+        path = gemv.cache_file()
+        if path is None:
+            return
+        if self._picks is not None and self._picks[0] == path:
+            self._picks[1][name] = value
+        gemv.remember(name, value)
 
 
 CACHE = LaunchCache()
@@ -285,6 +316,37 @@ def set_autotune(enabled: bool | None):
     as HMTINY_INT8_AUTOTUNE says. Forgets every remembered kernel and choice."""
     global CACHE
     CACHE = LaunchCache(enabled)
+
+
+def _pick_name(device, *key) -> str:
+    """A cache entry's name: the card and the Triton version first (a tuning result is only valid for both)."""
+    return "|".join(map(str, (gemv.card_name(device), f"triton {triton.__version__}", "int8", *key)))
+
+
+def _config_dict(c) -> dict:
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def _config_kwargs(c) -> dict:
+    """A config's launch arguments, as the autotuner passes them (so the same compiled kernel is used)."""
+    return c.all_kwargs() if hasattr(c, "all_kwargs") else _config_dict(c)
+
+
+def _stored_or_tuned(tuner, name: str, launch, tune):
+    """(kernel, grid, constexprs) of a launch: launch(config) with the config kept on disk under `name` (no tuning,
+    nothing else compiled), else tune(), the autotuner's launch, whose pick is then kept. An entry that is not one
+    of the tuner's configs (another config list) is ignored. A single-config tuner does no tuning: not kept."""
+    configs = tuner.configs
+    if len(configs) == 1:
+        return tune()
+    name = f"{name}|{gemv.digest([_config_dict(c) for c in configs])}"
+    stored = CACHE.stored(name)
+    for c in configs:
+        if _config_dict(c) == stored:
+            return launch(c)
+    result = tune()
+    CACHE.store(name, _config_dict(tuner.best_config))
+    return result
 
 
 def _cached_launch(key, args, slow):
@@ -347,14 +409,27 @@ def _gemv_launch(x2, wq, scale, out, config):
         return y
 
     def slow():
-        grid_fn = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 2))
         tuner = CACHE.tuned("gemv")
-        kernel = tuner[grid_fn](*args, PAIR=pair)
-        cfg = tuner.best_config.kwargs
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, 2), 1)
-        return kernel, grid, (pair, k % cfg["BLOCK_K"] == 0, cfg["BLOCK_N"], cfg["BLOCK_K"])
 
-    key = ("gemv", x2.device, x2.dtype, scale.dtype, *_align_key(x2, wq, scale, y), *args[4:])
+        def grid_consts(cfg):
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, 2), 1)
+            return grid, (pair, k % cfg["BLOCK_K"] == 0, cfg["BLOCK_N"], cfg["BLOCK_K"])
+
+        def launch(c):
+            grid, consts = grid_consts(c.kwargs)
+            return _gemv_kernel[grid](*args, PAIR=pair, **_config_kwargs(c)), grid, consts
+
+        def tune():
+            grid_fn = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, 2))
+            kernel = tuner[grid_fn](*args, PAIR=pair)
+            return (kernel, *grid_consts(tuner.best_config.kwargs))
+
+        # as the autotuner's key (N, K, PAIR and the tensors' dtypes), plus alignment
+        name = _pick_name(x2.device, "gemv", x2.dtype, scale.dtype, y.dtype, *align, n, k, pair)
+        return _stored_or_tuned(tuner, name, launch, tune)
+
+    align = _align_key(x2, wq, scale, y)
+    key = ("gemv", x2.device, x2.dtype, scale.dtype, *align, *args[4:])
     _cached_launch(key, args, slow)
     return y
 
@@ -392,10 +467,18 @@ def _decode_regime(x2, wq, scale) -> str:
            scale.stride())
     choice = CACHE.decode_choice.get(key)
     if choice is None:
+        candidates = _decode_candidates(x2, wq, scale)
+        # on disk with what else changes the timings: the regimes' config lists and the gemv A/B switches
+        name = _pick_name(x2.device, "decode choice", x2.dtype, *key[2:6], scale.dtype, scale.stride(), candidates,
+                          CACHE.autotuning(), pdl.enabled(x2), switches.gemv_max_split())
+        choice = CACHE.stored(name)
+        if choice in candidates:
+            CACHE.decode_choice[key] = choice
+            return choice
         if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot time now: a default, not remembered
             return "decode"
         times = {}
-        for regime in _decode_candidates(x2, wq, scale):
+        for regime in candidates:
             try:
                 times[regime] = _time_regime(x2, wq, scale, regime)
             except Exception:  # a kernel this card or shape cannot run: the others still can
@@ -403,6 +486,7 @@ def _decode_regime(x2, wq, scale) -> str:
         if not times:
             raise RuntimeError(f"no int8 decode kernel ran for x {tuple(x2.shape)}, weight {tuple(wq.shape)}")
         choice = CACHE.decode_choice[key] = min(times, key=times.get)
+        CACHE.store(name, choice)
     return choice
 
 
@@ -427,18 +511,32 @@ def _launch(a2, b, b_strides, scale, p, scale_on_r: bool, regime: str, config: d
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"])
         _kernel[grid](*args, SCALE_ON_R=scale_on_r, UPCAST=interpreting, **cfg, **extra)
     else:
-        tuner = CACHE.tuned(regime)
-
         def slow():
-            grid_fn = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), meta["SPLIT_R"])
-            kernel = tuner[grid_fn](*args, SCALE_ON_R=scale_on_r, UPCAST=False)
-            cfg = tuner.best_config.kwargs
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"], 1)
-            consts = (scale_on_r, cfg["B_AS_LHS"], False, r % cfg["BLOCK_R"] == 0, cfg["BLOCK_M"], cfg["BLOCK_P"],
-                      cfg["BLOCK_R"], cfg["GROUP_M"], cfg["SPLIT_R"])  # the constexprs, in signature order
-            return kernel, grid, consts
+            tuner = CACHE.tuned(regime)
 
-        key = (regime, scale_on_r, a2.device, a2.dtype, scale.dtype, c.dtype, *_align_key(a2, b, scale, c), *args[4:])
+            def grid_consts(cfg):
+                grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]), cfg["SPLIT_R"], 1)
+                consts = (scale_on_r, cfg["B_AS_LHS"], False, r % cfg["BLOCK_R"] == 0, cfg["BLOCK_M"],
+                          cfg["BLOCK_P"], cfg["BLOCK_R"], cfg["GROUP_M"], cfg["SPLIT_R"])  # constexprs, signature order
+                return grid, consts
+
+            def launch(c):
+                grid, consts = grid_consts(c.kwargs)
+                return _kernel[grid](*args, SCALE_ON_R=scale_on_r, UPCAST=False, **_config_kwargs(c)), grid, consts
+
+            def tune():
+                grid_fn = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),
+                                        meta["SPLIT_R"])
+                kernel = tuner[grid_fn](*args, SCALE_ON_R=scale_on_r, UPCAST=False)
+                return (kernel, *grid_consts(tuner.best_config.kwargs))
+
+            # as the autotuner's key (_KEY and the tensors' dtypes), plus the direction and alignment
+            name = _pick_name(a2.device, regime, scale_on_r, a2.dtype, scale.dtype, c.dtype, *align, args[7], p, r,
+                              a2.stride(1), b_strides[0])
+            return _stored_or_tuned(tuner, name, launch, tune)
+
+        align = _align_key(a2, b, scale, c)
+        key = (regime, scale_on_r, a2.device, a2.dtype, scale.dtype, c.dtype, *align, *args[4:])
         _cached_launch(key, args, slow)
     if split:
         return out.view(m, p).copy_(c) if out is not None else c.to(a2.dtype)

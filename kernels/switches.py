@@ -6,8 +6,8 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
                                  rounding paths
     HMTINY_PDL=0                 launch without programmatic dependent launch (kernels/pdl.py)
     HMTINY_GEMV_MAX_SPLIT=N      cap the K slices of kernels.gemv's timed tiles (default 4)
-    HMTINY_TILE_CACHE=PATH|0     where kernels.gemv keeps its tile picks (default ~/.cache/hmtiny/gemv_tiles.json;
-                                 0 = nowhere)
+    HMTINY_TILE_CACHE=PATH|0     where kernels.gemv keeps its tile picks and kernels.int8_matmul its tuning picks
+                                 (default ~/.cache/hmtiny/gemv_tiles.json; 0 = nowhere)
     HMTINY_INT8_AUTOTUNE=0       int8_matmul takes each regime's first config instead of timing them all
     HMTINY_INT8_FAST_LAUNCH=0    int8_matmul launches through Triton's own path instead of its launch cache
     HMTINY_INT8_TRITON=1         hmtiny.quant runs the int8 Triton kernels off CUDA too (tests, under the interpreter)

@@ -105,8 +105,11 @@ def test_tile_picks_are_timed_once_per_machine(monkeypatch, tmp_path):
     path.write_text(json.dumps({k: [7, 7, 7, 7] for k in table}))  # not a candidate: time again
     assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 2 * n
     monkeypatch.setattr(gemv, "_best", {})
+    monkeypatch.setattr(gemv, "_warned", set())
     path.write_text("{not json")
-    assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 3 * n
+    with pytest.warns(UserWarning, match="damaged"):  # said once, then timed again and rewritten
+        assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 3 * n
+    assert isinstance(json.loads(path.read_text()), dict)
     assert list(gemv.export_picks().values()) == [[32, 128, 1, 4]]
     shipped = tmp_path / "shipped.json"
     shipped.write_text(json.dumps({k: [32, 256, 1, 4] for k in json.loads(path.read_text())}))
@@ -118,6 +121,16 @@ def test_tile_picks_are_timed_once_per_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(gemv, "SHIPPED", tmp_path / "none.json")
     monkeypatch.setattr(gemv, "_best", {})
     assert gemv._pick(x, w) == (32, 128, 1, 4) and len(timed) == 4 * n
+
+
+def test_tile_cache_that_is_not_a_table_is_ignored_with_one_warning(monkeypatch, tmp_path):
+    path = tmp_path / "tiles.json"
+    path.write_text("[1, 2]")
+    monkeypatch.setattr(gemv, "_warned", set())
+    with pytest.warns(UserWarning, match="not a JSON object") as caught:
+        assert gemv.read_cache(path) == {} and gemv.read_cache(path) == {}
+    assert len(caught) == 1
+    assert gemv.read_cache(tmp_path / "none.json") == {}  # none yet: no warning (pytest.warns above is closed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -385,3 +385,20 @@ def test_int8_fused_projections_equal_separate_ones(fixtures):
             m.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     with_lora = generate(model, prompts, max_frames=12, topk=1)
     assert not all(torch.equal(a, b) for a, b in zip(got, with_lora))
+
+
+def test_last_timing_says_where_a_call_went(mula):
+    """Host seconds of each part of a call (sample.py prints them); eager mode captures nothing."""
+    model, cases = mula
+    eng = Engine(model)
+    eng.generate([fixture_prompt(cases, "generate_cfg")], 5, topk=1)
+    t = eng.last_timing
+    assert {"build_s", "plan_s", "capture_s", "loop_s", "total_s", "frames"} <= t.keys()
+    assert t["frames"] == 5 and t["capture_s"] == 0.0 and 0 <= t["loop_s"] <= t["total_s"]
+    timing = {}
+    runtime.generate(model, [fixture_prompt(cases, "generate_cfg")], 3, 1.5, 1, 1.0, mode="eager", timing=timing)
+    assert timing["frames"] == 3
+    plain_timing = {}
+    runtime.generate(model, [fixture_prompt(cases, "generate_cfg")], 3, 1.5, 1, 1.0, mode="plain",
+                     timing=plain_timing)
+    assert plain_timing == {}

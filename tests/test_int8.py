@@ -218,6 +218,144 @@ def test_decode_choice_is_the_fastest_candidate_that_runs(monkeypatch):
     assert "tiles" not in K._decode_candidates(x3, wq, s)
 
 
+class FakeTuner:
+    """Stands in for a regime's triton.autotune on CPU: counts its tunings, picks configs[1]."""
+
+    def __init__(self, configs):
+        self.configs, self.tunings = configs, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.tunings += 1
+            self.best_config = self.configs[1] if len(self.configs) > 1 else self.configs[0]
+            return "tuned launch"
+        return run
+
+
+def new_process(monkeypatch, regimes=("train",), single=False):
+    """A fresh LaunchCache (what a new process starts with) whose tuners are FakeTuners; direct launches of a kept
+    config are recorded in the returned list."""
+    monkeypatch.setattr(K, "CACHE", K.LaunchCache())
+    K.CACHE._tuned = {r: FakeTuner(K._CONFIGS[r][:1] if single else K._CONFIGS[r]) for r in regimes}
+    direct = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: direct.append(kwargs) or "direct launch"
+
+    monkeypatch.setattr(K, "_kernel", Kernel())
+    return K.CACHE._tuned, direct
+
+
+@needs_triton
+def test_tuned_config_is_kept_on_disk_and_used_without_tuning(monkeypatch, tmp_path):
+    """The autotuner's pick is written to the cache file; a new process launches that config directly (no tuner
+    call); forward and dx are kept apart; another card or Triton version tunes again; a single config is not kept."""
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(path))
+    monkeypatch.setattr(K.gemv, "card_name", lambda device: "card A")
+    wq, s = random_int8_weight(48, 64)
+    x, dy = torch.randn(40, 64, dtype=torch.bfloat16), torch.randn(40, 48, dtype=torch.bfloat16)
+
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")
+    K.int8_matmul(x, wq, s, regime="train")  # this process: the stored pick, in memory
+    K.int8_matmul_dx(dy, wq, s, regime="train")
+    assert tuners["train"].tunings == 2 and len(direct) == 1
+    table = json.loads(path.read_text())
+    assert len(table) == 2 and all(name.startswith(f"card A|triton {K.triton.__version__}|int8|train|")
+                                   for name in table)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiles.json"]  # written atomically: no temporary file left
+
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")
+    K.int8_matmul_dx(dy, wq, s, regime="train")
+    K.int8_matmul(x[:33], wq, s, regime="train")  # another M of the same power-of-two bucket: the same pick
+    assert tuners["train"].tunings == 0 and len(direct) == 3
+    want = K._config_dict(K.TRAIN_CONFIGS[1])
+    assert all({k: d[k] for k in want} == want for d in direct)
+
+    monkeypatch.setattr(K.gemv, "card_name", lambda device: "card B")
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")
+    assert tuners["train"].tunings == 1 and not direct and len(json.loads(path.read_text())) == 3
+
+    monkeypatch.setattr(K.triton, "__version__", "0.0-other")
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")
+    assert tuners["train"].tunings == 1 and not direct and len(json.loads(path.read_text())) == 4
+
+    tuners, direct = new_process(monkeypatch, single=True)  # HMTINY_INT8_AUTOTUNE=0: nothing to keep
+    K.int8_matmul(x[:5], wq, s, regime="train")
+    assert tuners["train"].tunings == 1 and len(json.loads(path.read_text())) == 4
+
+    monkeypatch.setenv("HMTINY_TILE_CACHE", "0")  # no file: tuned in every process
+    for _ in range(2):
+        tuners, direct = new_process(monkeypatch)
+        K.int8_matmul(x, wq, s, regime="train")
+        assert tuners["train"].tunings == 1 and not direct
+
+
+def test_shipped_picks_spare_a_known_card_the_tuning(monkeypatch, tmp_path):
+    """A pick in the repository's table (gemv.SHIPPED) is used when this machine's cache file has none, also with
+    the cache file turned off; the machine's own file wins over it."""
+    monkeypatch.setattr(K.gemv, "card_name", lambda device: "card S")
+    wq, s = random_int8_weight(48, 64)
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(tmp_path / "mine.json"))
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")  # tuned here: its name and pick, kept in mine.json
+    (name, pick), = json.loads((tmp_path / "mine.json").read_text()).items()
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({name: pick}))
+    monkeypatch.setattr(K.gemv, "SHIPPED", shipped)
+    for cache in (str(tmp_path / "empty.json"), "0"):
+        monkeypatch.setenv("HMTINY_TILE_CACHE", cache)
+        tuners, direct = new_process(monkeypatch)
+        K.int8_matmul(x, wq, s, regime="train")
+        assert tuners["train"].tunings == 0 and len(direct) == 1
+    shipped.write_text(json.dumps({name: "not a pick"}))  # this machine's own file is read first
+    monkeypatch.setattr(K.gemv, "_warned", set())
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(tmp_path / "mine.json"))
+    tuners, direct = new_process(monkeypatch)
+    K.int8_matmul(x, wq, s, regime="train")
+    assert tuners["train"].tunings == 0 and len(direct) == 1
+
+
+@needs_triton
+def test_decode_choice_is_kept_on_disk(monkeypatch, tmp_path):
+    """A new process takes the decode kernel chosen by an earlier one without timing; a damaged file is said once,
+    ignored (timed again) and rewritten; an entry that is no candidate here is ignored."""
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv("HMTINY_TILE_CACHE", str(path))
+    timed = []
+    monkeypatch.setattr(K, "_time_regime", lambda x2, w, sc, regime: timed.append(regime) or
+                        {"decode": 2.0, "decode_split": 1.0}.get(regime, 3.0))
+    wq, s = random_int8_weight(96, 384)
+    x = torch.randn(3, 384, dtype=torch.bfloat16)
+
+    monkeypatch.setattr(K, "CACHE", K.LaunchCache())
+    assert K._decode_regime(x, wq, s) == "decode_split" and timed
+    n = len(timed)
+    monkeypatch.setattr(K, "CACHE", K.LaunchCache())
+    assert K._decode_regime(x, wq, s) == "decode_split" and len(timed) == n
+    assert list(json.loads(path.read_text()).values()) == ["decode_split"]
+
+    path.write_text("{not json")
+    monkeypatch.setattr(K.gemv, "_warned", set())
+    monkeypatch.setattr(K, "CACHE", K.LaunchCache())
+    with pytest.warns(UserWarning, match="damaged") as caught:
+        assert K._decode_regime(x, wq, s) == "decode_split" and len(timed) == 2 * n
+        assert K._decode_regime(x[:1], wq, s) == "decode_split" and len(timed) > 2 * n  # another shape: no warning
+    assert len(caught) == 1
+    assert len(json.loads(path.read_text())) == 2  # rewritten whole
+
+    path.write_text(json.dumps({name: "no such kernel" for name in json.loads(path.read_text())}))
+    monkeypatch.setattr(K, "CACHE", K.LaunchCache())
+    before = len(timed)
+    assert K._decode_regime(x, wq, s) == "decode_split" and len(timed) == before + n
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tiles_regime_cuda_matches_reference(dtype):
@@ -249,13 +387,14 @@ def test_default_decode_dispatch_cuda_correct_whichever_regime(monkeypatch):
         assert "tiles" in K._decode_candidates(x, wq, s)
         assert rel_err(K.int8_matmul(x, wq, s), ref) < 1e-2, (m, n, k)  # timed choice
         for want in K._decode_candidates(x, wq, s):
-            monkeypatch.setattr(K.CACHE, "decode_choice", {})
-            monkeypatch.setattr(K, "_time_regime", lambda x2, w, sc, regime: 0.0 if regime == want else 1.0)
-            y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-            K.int8_matmul(x, wq, s, out=y)
-            assert list(K.CACHE.decode_choice.values()) == [want]
-            assert rel_err(y, ref) < 1e-2, (m, n, k, want)
-        monkeypatch.undo()
+            with monkeypatch.context() as mp:
+                mp.setenv("HMTINY_TILE_CACHE", "0")  # else the choice timed above comes back from the disk
+                mp.setattr(K.CACHE, "decode_choice", {})
+                mp.setattr(K, "_time_regime", lambda x2, w, sc, regime: 0.0 if regime == want else 1.0)
+                y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+                K.int8_matmul(x, wq, s, out=y)
+                assert list(K.CACHE.decode_choice.values()) == [want]
+                assert rel_err(y, ref) < 1e-2, (m, n, k, want)
 
 
 def test_dequantize_kernel_matches_reference_in_interpreter_or_cuda():

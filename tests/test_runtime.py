@@ -62,3 +62,9 @@ def test_codec_beside_training_off_cuda_lives_on_the_device_and_decodes_frames()
     wav = runtime.decode_frames(codec, frames, steps=2, guidance=1.25, seed=5, device=torch.device("cpu"))
     assert wav.shape == (2, int(10 / runtime.FRAME_RATE * codec.sample_rate))
     assert torch.equal(wav, codec.decode(frames.T, steps=2, guidance=1.25, seed=5))
+
+
+def test_warm_triton_never_raises(monkeypatch):
+    """Best effort in a thread (here without CUDA its driver step fails): nothing escapes, Background returns None."""
+    job = runtime.Background(runtime.warm_triton)
+    assert job.result() is None and job.error is None

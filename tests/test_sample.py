@@ -1,4 +1,5 @@
 """sample.py end to end on the built-in tiny model and codec (CPU)."""
+import re
 import sys
 from pathlib import Path
 
@@ -150,3 +151,55 @@ def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
                    "--save-tokens", str(path)], capsys)
     assert rc == 0, log
     assert np.load(path).shape == (15, 8) and "random weights" in log
+
+
+# imported by none of sample.py's start-up and model loading (no LoRA, no int8, a local model): triton (~0.2 s; on
+# CUDA runtime.warm_triton imports it in a thread meanwhile, elsewhere only the engine needs it), sympy (~0.4 s: torch
+# imports it for meta ops' checks, which build_empty's _NoInit answers itself), torch._dynamo (~1 s), huggingface_hub
+# (downloads only)
+NOT_AT_START_UP = ("triton", "sympy", "torch._dynamo", "huggingface_hub")
+
+
+def test_start_up_and_loading_import_nothing_heavy():
+    """sample.py's own steps up to a loaded model (settings, tokenizer, file checks, load_heartmula) import none of
+    NOT_AT_START_UP; a module this torch imports by itself is not counted."""
+    import subprocess
+    code = ("import sys, torch\n"
+            f"heavy = [m for m in {NOT_AT_START_UP!r} if m not in sys.modules]\n"
+            "import sample\n"
+            "a = sample.parse_args(['--model', str(sample.TINY / 'model'), '--tags', 'pop', '--device', 'cpu'])\n"
+            "sample.load_everything(sample.settings(a), a, torch.device('cpu'), torch.float32)\n"
+            "print([m for m in heavy if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "[]", (out.stdout[-500:], out.stderr[-2000:])
+
+
+def test_generation_line_splits_warm_up_and_loop(tmp_path, capsys):
+    path = tmp_path / "t.npy"
+    assert sample.main(["--demo", "--duration", "0.8", "--seed", "5", "--tokens-only", "--mode", "eager",
+                        "--save-tokens", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "split: warm-up " in out and "loop " in out
+    assert "generation (warm-up " in out.split("time: ")[-1]
+
+
+def test_batch_prints_its_frames_per_second_beside_the_per_song_rate(tmp_path, capsys):
+    """--num N: the loop's rate per song (frame steps / s) and for the batch (all songs' frames / loop seconds)."""
+    path = tmp_path / "t.npy"
+    assert sample.main(["--demo", "--duration", "0.8", "--seed", "5", "--tokens-only", "--mode", "eager", "--num", "3",
+                        "--save-tokens", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "split: warm-up" in x)
+    m = re.search(r"loop ([\d.]+) s \((\d+) frames, ([\d.]+) frames/s per song; (\d+) frames of 3 songs, "
+                  r"([\d.]+) frames/s together", line)
+    assert m, line
+    steps, per_song, made, together = int(m[2]), float(m[3]), int(m[4]), float(m[5])
+    assert (steps, made) == (10, 30)  # --demo never stops early: 10 frames each
+    assert together == pytest.approx(per_song * 3, rel=0.02, abs=0.2)
+
+
+def test_generation_split_rates():
+    t = {"loop_s": 2.0, "build_s": 0.1, "plan_s": 0.2, "capture_s": 0.3, "frames": 375}
+    one = sample.generation_split(t, 3.0, [375])["long"]
+    assert "(375 frames, 187.5 frames/s)" in one and "together" not in one
+    batch = sample.generation_split(t, 3.0, [375, 375, 100])["long"]
+    assert "(375 frames, 187.5 frames/s per song; 850 frames of 3 songs, 425.0 frames/s together)" in batch

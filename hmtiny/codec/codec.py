@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .. import device as device_rules
-from ..checkpoint import CODEC_SUBFOLDERS, find_model_folder, load_weights, resolve_folder, save_json, save_weights
+from ..checkpoint import (CODEC_SUBFOLDERS, build_empty, find_model_folder, load_weights, resolve_folder, save_json,
+                          save_weights)
 from .config import FRAME_RATE, HeartCodecConfig
 from .estimator import Estimator
 from .flow import solve_euler
@@ -168,12 +169,10 @@ class HeartCodec(nn.Module):
         """A HeartCodec-oss folder, heartlib's ckpt/ folder holding it, or a Hugging Face repo id.
         Weight norm is folded once here; encoder and VQ training tensors are skipped."""
         folder = find_model_folder(resolve_folder(name_or_path), CODEC_SUBFOLDERS)
-        cfg = HeartCodecConfig.from_file(folder / "config.json")
-        with torch.device("meta"):
-            codec = cls(cfg)
+        codec = build_empty(cls, HeartCodecConfig.from_file(folder / "config.json"))
         rename, transform, ignore = loader_hooks(folder)
         load_weights(codec, folder, dtype=dtype, device=device, rename=rename, transform=transform,
-                     ignore=ignore, what="HeartCodec checkpoint")
+                     ignore=ignore, what="HeartCodec checkpoint", direct=True)
         return codec.eval()
 
     def save(self, folder) -> None:

@@ -72,8 +72,8 @@ def loader_hooks(folder: Path):
         return key
 
     def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        g = gains.get(name)
-        return fold_weight_norm(g, tensor) if g is not None else tensor
+        g = gains.get(name)  # read on the CPU; v may have been read onto the GPU
+        return fold_weight_norm(g.to(tensor.device), tensor) if g is not None else tensor
 
     return rename, transform, is_unused
 
