@@ -73,6 +73,7 @@ class LoRALinear(nn.Module):
         self.salt = 0  # the layer's index: its masks differ from every other layer's under one seed
         self.seed = DropoutSeed(device)  # inject_lora gives all layers of a model one shared seed
         self.factor_copies: tuple[torch.Tensor, torch.Tensor] | None = None  # see FactorCopies
+        self.factor_grads: FactorGrads | None = None  # likewise, inside FactorCopies.active() only
         self.reset_lora()
 
     def reset_lora(self):
@@ -102,7 +103,7 @@ class LoRALinear(nn.Module):
             a, b = self.factor_copies if self.factor_copies is not None else (None, None)
             w = self.folded_weight()
             return LoRAUpdate.apply(self.base(x) if w is None else None, x, self.lora_A.weight, self.lora_B.weight,
-                                    a, b, self.scaling, self.seed.on(x.device), self.salt, p, w)
+                                    a, b, self.scaling, self.seed.on(x.device), self.salt, p, w, self.factor_grads)
         y = self.base(x)
         h = x
         if self.training and self.dropout_p > 0:
@@ -136,12 +137,19 @@ class LoRAUpdate(torch.autograd.Function):
     in the forward. The output is bit-identical to the unfolded path (the same F.linear, then the same addmm on
     the same y); dx is rounded to the compute dtype once (g @ weight + LoRA dx) where the unfolded path rounds
     g @ weight and the sum each, so the two differ by that rounding only.
+
+    Buffered factor gradients (`grads` a FactorGrads, inside FactorCopies.active()): the backward writes the two
+    factor-gradient GEMMs into the layer's buffers in the compute dtype instead of adding each into its .grad, and
+    the window's exit adds every layer's at once (FactorCopies.active): a few multi-tensor kernels per step in
+    place of one small kernel per factor and layer. The same bf16 products with the same alpha: the same .grad
+    bits (a layer that runs twice in one window sums its two products in the buffer first, one more rounding).
     """
 
     @staticmethod
-    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float, weight=None):
+    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float, weight=None, grads=None):
         """y: the base's output, or None with `weight`: then y = x @ weight.T is computed here (see above).
-        a, b: A and B already in the compute dtype (FactorCopies), or None to cast them here."""
+        a, b: A and B already in the compute dtype (FactorCopies), or None to cast them here.
+        grads: the layer's FactorGrads inside FactorCopies.active(), or None to add into .grad in the backward."""
         if weight is not None and (y is not None or weight.requires_grad):
             raise ValueError("LoRAUpdate: a folded base weight needs y None and a frozen weight (it gets no grad)")
         # the compute dtype autocast gave (or gives) the base layer, x's own without autocast; no autocast inside
@@ -165,6 +173,7 @@ class LoRAUpdate(torch.autograd.Function):
         ctx.save_for_backward(h, low, a, b, seed, weight)
         ctx.factors, ctx.scaling, ctx.salt, ctx.p, ctx.x_dtype = (A, B), scaling, salt, p, x.dtype
         ctx.folded = weight is not None
+        ctx.grads = grads
         return out
 
     @staticmethod
@@ -174,9 +183,12 @@ class LoRAUpdate(torch.autograd.Function):
         with torch.autocast(g.device.type, enabled=False):
             g2, h2 = g.reshape(-1, g.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1])
             d_low = (g2 @ b).mul_(ctx.scaling)  # [M, r]
-            if B.requires_grad:
+            # dB = scaling * (g2.T @ low), dA = d_low.T @ h2 (scaling is in d_low already): each product rounded
+            # to the compute dtype, then added into .grad with its alpha, now or (buffered) on leaving the window
+            grads = ctx.grads
+            if B.requires_grad and not (grads is not None and grads.put(1, g2.t(), low, ctx.scaling)):
                 _accumulate(B, g2.t() @ low, ctx.scaling)
-            if A.requires_grad:
+            if A.requires_grad and not (grads is not None and grads.put(0, d_low.t(), h2, 1.0)):
                 _accumulate(A, d_low.t() @ h2, 1.0)
             dx = None
             if ctx.needs_input_grad[1]:
@@ -186,33 +198,106 @@ class LoRAUpdate(torch.autograd.Function):
                 if ctx.folded:  # + the base's dx, g @ weight, in the same GEMM
                     dx.view(-1, dx.shape[-1]).addmm_(g2, weight)
                 dx = dx.to(ctx.x_dtype)
-        return None if ctx.folded else g, dx, None, None, None, None, None, None, None, None, None
+        return None if ctx.folded else g, dx, None, None, None, None, None, None, None, None, None, None
+
+
+class FactorGrads:
+    """One layer's A and B gradients in the compute dtype, for one FactorCopies.active() window at a time.
+
+    LoRAUpdate's backward hands its two factor-gradient GEMMs to `put`, which writes them here (torch.mm into the
+    buffer; a second backward of the layer in the same window adds to it) instead of adding each into its
+    float32 .grad, one small kernel per factor and layer; FactorCopies adds every written buffer to .grad when
+    the window closes. Outside a window, or for a factor without a buffer, `put` declines and the backward adds
+    into .grad itself."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
+        self.params = (A, B)
+        # allocated once, like FactorCopies.dst: a captured graph writes the same memory on every replay
+        self.bufs = tuple(torch.empty_like(w, dtype=dtype) if w.requires_grad else None for w in (A, B))
+        self.alphas = [1.0, 1.0]
+        self.written = [False, False]
+        self.open = False
+
+    def put(self, i: int, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> bool:
+        """Factor i's (0: A, 1: B) gradient is alpha * (m1 @ m2): into its buffer, True; False where it cannot go
+        there (no window open, no buffer, another dtype, another alpha than this window's first): the caller
+        adds it into .grad."""
+        buf = self.bufs[i]
+        if not self.open or buf is None or buf.dtype != m1.dtype or buf.device != m1.device:
+            return False
+        if self.written[i]:
+            if alpha != self.alphas[i]:
+                return False
+            buf.addmm_(m1, m2)  # the layer ran twice in this window: both contributions
+        else:
+            torch.mm(m1, m2, out=buf)
+            self.alphas[i], self.written[i] = alpha, True
+        return True
 
 
 class FactorCopies:
-    """Every LoRA factor of a model cast to the compute dtype once per step instead of in every layer call.
+    """Every LoRA factor of a model cast to the compute dtype once per step instead of in every layer call, and
+    every factor's gradient added into .grad once per step instead of in every layer's backward.
 
     `with copies.active():` copies the float32 factors into persistent low-precision buffers (one multi-tensor
     copy) and lets the layers read them for the forward, checkpointing's recomputation and the backward inside
     the block. Refreshed on entry, so the copies are never stale; inside a captured CUDA graph the copy is part of
-    the graph and runs on every replay."""
+    the graph and runs on every replay. Inside the block the layers' backwards also leave their factor gradients
+    in per-layer buffers in the compute dtype (FactorGrads); leaving the block adds the written ones to the
+    factors' .grad (a multi-tensor cast to .grad's dtype, then one multi-tensor add per alpha), bit for bit
+    what adding each into .grad in the backward gives. A block left by an exception adds nothing.
+    `buffer_grads=False` keeps the backward adding into .grad itself (for A/B comparisons)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, buffer_grads: bool = True):
         self.layers = list(lora_layers(model).values())
         self.src = [w for m in self.layers for w in (m.lora_A.weight, m.lora_B.weight)]
         self.dst = [torch.empty_like(w, dtype=dtype) for w in self.src]
+        self.grads = [FactorGrads(m.lora_A.weight, m.lora_B.weight, dtype) if buffer_grads else None
+                      for m in self.layers]
 
     @contextmanager
     def active(self):
         with torch.no_grad():
             torch._foreach_copy_(self.dst, self.src)
-        for m, a, b in zip(self.layers, self.dst[0::2], self.dst[1::2]):
-            m.factor_copies = (a, b)
+        for m, a, b, grads in zip(self.layers, self.dst[0::2], self.dst[1::2], self.grads):
+            m.factor_copies, m.factor_grads = (a, b), grads
+            if grads is not None:
+                grads.open, grads.written = True, [False, False]
         try:
             yield
+            self._add_grads()  # not reached when the block raised
         finally:
             for m in self.layers:
-                m.factor_copies = None
+                if m.factor_grads is not None:
+                    m.factor_grads.open = False
+                m.factor_copies = m.factor_grads = None
+
+    def _add_grads(self):
+        """Every written buffer into its factor's .grad: .grad += alpha * buffer, as _accumulate adds."""
+        todo = []  # (.grad, buffer, alpha)
+        with torch.no_grad():
+            for grads in (g for g in self.grads if g is not None):
+                for p, buf, alpha, written in zip(grads.params, grads.bufs, grads.alphas, grads.written):
+                    if not written:
+                        continue
+                    if p.grad is None:  # as _accumulate (a copy: the buffer is reused)
+                        p.grad = buf.to(p.dtype, copy=True).mul_(alpha)
+                    else:
+                        todo.append((p.grad, buf, alpha))
+            if not todo:
+                return
+            # torch._foreach_add_ takes its fast path (multi-tensor kernels) only when both lists have one dtype;
+            # a bf16 list into float32 .grads would add tensor by tensor. So: cast into .grad's dtype first (exact,
+            # one multi-tensor copy, which takes mixed dtypes), then add per alpha (each adds grad + alpha * value)
+            wide = [torch.empty_like(buf, dtype=g.dtype) for g, buf, _ in todo]
+            torch._foreach_copy_(wide, [buf for _, buf, _ in todo])
+            by_alpha: dict[float, tuple[list, list]] = {}
+            for (g, _, alpha), w in zip(todo, wide):
+                gs, ws = by_alpha.setdefault(alpha, ([], []))
+                gs.append(g)
+                ws.append(w)
+            for alpha, (gs, ws) in by_alpha.items():
+                torch._foreach_add_(gs, ws, alpha=alpha)
 
 
 def _accumulate(p: torch.Tensor, grad: torch.Tensor, alpha: float):

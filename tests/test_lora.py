@@ -412,9 +412,9 @@ def test_fold_is_taken_for_a_frozen_linear_only():
             calls.append(1)
             return real_forward(x)
 
-        def apply(y, x, A, B, a, b, scaling, seed, salt, p, weight=None):
+        def apply(y, x, A, B, a, b, scaling, seed, salt, p, weight=None, grads=None):
             folded.append(weight is not None and y is None)
-            return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight)
+            return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight, grads)
 
         layer.base.forward = forward
         with mock.patch.object(LoRAUpdate, "apply", apply), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -446,3 +446,104 @@ def test_fold_is_taken_for_a_frozen_linear_only():
         w = nn.Parameter(torch.randn(40, 48))
         LoRAUpdate.apply(None, torch.randn(5, 48), frozen.lora_A.weight, frozen.lora_B.weight, None, None, 1.0,
                          frozen.seed.tensor, 0, 0.0, w)
+
+
+def square_layer(p=0.0):
+    """A frozen-base LoRALinear 48 -> 48 (its output can feed it again), scaling 12/8 = 1.5, a trained-looking B."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 48, bias=False).requires_grad_(False), rank=8, alpha=12, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    layer.seed.tensor.fill_(5)
+    return layer
+
+
+def window_grads(layer, x, copies=None, calls=1, fail=False):
+    """dA, dB of `calls` chained layer calls and one backward, inside copies.active() when given (backward too,
+    as in the captured step); fail raises after the backward, inside the window."""
+    from contextlib import nullcontext
+    xs = x.clone().requires_grad_()
+    with copies.active() if copies is not None else nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = xs
+            for _ in range(calls):
+                out = layer(out)
+        (out.float().square().sum() * 0.01).backward()
+        if fail:
+            raise RuntimeError("boom")
+    return layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+
+def count_accumulate(monkeypatch):
+    from hmtiny import lora
+    calls, real = [], lora._accumulate
+    monkeypatch.setattr(lora, "_accumulate", lambda p, g, alpha: (calls.append(p), real(p, g, alpha)))
+    return calls
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_layer_run_twice_in_one_window_accumulates_both_contributions(monkeypatch, p):
+    """A layer that runs twice in one FactorCopies window: its second backward adds to its gradient buffers
+    (addmm_) rather than overwriting the first's; against the two added into .grad one by one (outside a window)
+    up to the one bf16 rounding of their sum. Dropping either contribution would be far off."""
+    from hmtiny.lora import FactorCopies
+    layer = square_layer(p)
+    x = torch.randn(3, 20, 48)
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    calls = count_accumulate(monkeypatch)
+    got = window_grads(layer, x, FactorCopies(layer, torch.bfloat16), calls=2)
+    assert calls == []  # both backwards went to the buffers
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    want = window_grads(layer, x, calls=2)
+    assert len(calls) == 4
+    for g, w in zip(got, want):  # bf16 roundings of the products and their sum, relative to the largest entries
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2 * w.abs().max().item())
+    # the first call's contribution alone is far from the sum, so an overwrite or a lost add would fail above
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    once = window_grads(layer, x, calls=1)
+    for g, o in zip(got, once):
+        assert (g - o).abs().max() > 0.2 * g.abs().max()
+
+
+def test_window_left_by_an_exception_adds_nothing_and_the_next_starts_afresh():
+    """A FactorCopies window that raises after the backward wrote the buffers: .grad keeps its earlier values, the
+    layer's copies and buffers are detached; the next window of the same FactorCopies gives what a fresh one
+    gives (no written flag or buffer left over)."""
+    from hmtiny.lora import FactorCopies
+    layer = square_layer(0.2)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    x = torch.randn(3, 20, 48)
+    copies = FactorCopies(layer, torch.bfloat16)
+    earlier = (torch.randn(A.shape) * 1e-2, torch.randn(B.shape) * 1e-2)
+    A.grad, B.grad = (e.clone() for e in earlier)
+    with pytest.raises(RuntimeError, match="boom"):
+        window_grads(layer, x, copies, fail=True)
+    assert copies.grads[0].written == [True, True]  # the backward did write the buffers
+    assert torch.equal(A.grad, earlier[0]) and torch.equal(B.grad, earlier[1])
+    assert layer.factor_copies is None and layer.factor_grads is None and not copies.grads[0].open
+    got = window_grads(layer, x, copies)
+    A.grad, B.grad = (e.clone() for e in earlier)
+    want = window_grads(layer, x, FactorCopies(layer, torch.bfloat16))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(want[0], earlier[0]) and not torch.equal(want[1], earlier[1])  # it did add
+
+
+def test_backward_after_the_window_adds_into_grad_itself(monkeypatch):
+    """A forward inside a window whose backward runs after it closed: the buffers are no longer read, so the
+    backward adds into .grad itself (_accumulate), with the same result as without a window."""
+    from hmtiny.lora import FactorCopies
+    layer = square_layer()
+    x = torch.randn(3, 20, 48)
+    copies = FactorCopies(layer, torch.bfloat16)
+    calls = count_accumulate(monkeypatch)
+    with copies.active(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.clone().requires_grad_())
+    (out.float().square().sum() * 0.01).backward()
+    got = layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+    assert len(calls) == 2 and copies.grads[0].written == [False, False]
+    layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    want = window_grads(layer, x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
