@@ -101,6 +101,12 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    @staticmethod
+    def attend(q, k, v):
+        """Causal attention of q [B,H,S,D] over k, v [B,Hkv,S,D] (no cache); hmtiny.fused swaps in a short-sequence
+        kernel of the same maths."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
     def forward(self, x, rope, pos=None, mask=None):
         """x [B,S,D]. Without a cache: causal attention over the S rows. With a cache: write the new keys at `pos`
         [S] and attend over the whole cache under `mask` [S, L] (True = may attend)."""
@@ -112,7 +118,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            y = self.attend(q, k, v)
         return self.output_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
