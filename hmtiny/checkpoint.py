@@ -62,6 +62,12 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def damaged(path: Path, why: str) -> ValueError:
+    """The error for a weight file that is not a whole safetensors file (here and in hmtiny.stream_load)."""
+    return ValueError(f"{path} is not a readable safetensors file ({why}); it may be truncated or damaged: "
+                      f"download or write it again")
+
+
 def open_safetensors(path: Path, device="cpu"):
     """safe_open, with an error that names the file when it is not a whole safetensors file. Opening reads and
     checks the header against the file size, so a truncated or garbage file fails here, cheaply. `device`: where
@@ -69,8 +75,7 @@ def open_safetensors(path: Path, device="cpu"):
     try:
         return safe_open(str(path), framework="pt", device=str(device))
     except Exception as e:  # SafetensorError (truncated, garbage header), OSError
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or damaged: "
-                         f"download or write it again") from None
+        raise damaged(path, e) from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

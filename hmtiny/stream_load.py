@@ -23,6 +23,8 @@ from typing import Iterator
 
 import torch
 
+from .checkpoint import damaged
+
 # safetensors dtype names; the unsigned wide ints and float8 only where this torch has them
 DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
@@ -54,12 +56,6 @@ class Chunk:
     end: int
     pieces: list[tuple[int, int, int, int]]
     done: list[int]
-
-
-def damaged(path: Path, why: str) -> ValueError:
-    """The same words as hmtiny.checkpoint.open_safetensors uses for a file it cannot open."""
-    return ValueError(f"{path} is not a readable safetensors file ({why}); it may be truncated or damaged: "
-                      f"download or write it again")
 
 
 def read_header(path: Path) -> list[Entry]:

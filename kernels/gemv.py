@@ -274,6 +274,13 @@ def _cache_name(key: tuple, x2: torch.Tensor, fits: list) -> str:
     return "|".join(map(str, (card_name(x2.device), *key, digest(fits))))
 
 
+def pick_tables() -> list[dict]:
+    """The kept picks, in the order to look them up: this machine's cache file (`cache_file`), then the picks
+    shipped with the repository for known cards (SHIPPED). kernels.int8_matmul keeps its tuning picks there too."""
+    path = cache_file()
+    return [read_cache(path) if path is not None else {}, read_cache(SHIPPED)]
+
+
 def has_shipped_picks(device) -> bool:
     """SHIPPED holds picks for this CUDA card (its first run then skips most of the timing)."""
     card = torch.cuda.get_device_name(device) + "|"
@@ -295,8 +302,7 @@ def _pick(x2, w, partial: bool = False, scale=None, glu: bool = False):
         return _best[key]
     fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1], glu)]
     name = _names[key] = _cache_name(key, x2, fits)
-    path = cache_file()
-    for table in (read_cache(path) if path is not None else {}, read_cache(SHIPPED)):  # this machine's first
+    for table in pick_tables():
         stored = table.get(name)
         if isinstance(stored, list) and tuple(stored) in fits:
             _best[key] = tuple(stored)

@@ -262,10 +262,10 @@ class LaunchCache:
       (HMTINY_INT8_FAST_LAUNCH=0: always Triton's path; `direct` turns False for good if a Triton's launcher
       refuses a direct launch);
     - decode_choice: decode (M <= 16) has up to four kernels and the fastest depends on the shape: timed once per
-      shape;
-    - picks: the tuning results kept on disk between processes (the winning config per tuner key, the decode
-      choice per shape), in kernels.gemv's tile cache file, under names that start with the card and the Triton
-      version (a pick is only valid for both). Read on the first miss, written after each new tuning."""
+      shape.
+    The tuning results are also kept on disk between processes (the winning config per tuner key, the decode choice
+    per shape), in kernels.gemv's tile cache file, under names that start with the card and the Triton version (a
+    pick is only valid for both): read at each miss (`_stored`), written after each new tuning."""
 
     def __init__(self, autotune: bool | None = None):
         self.autotune = autotune
@@ -273,8 +273,6 @@ class LaunchCache:
         self.compiled: dict = {}
         self.decode_choice: dict = {}
         self.direct = True
-        self._picks = None  # (path, table) of the cache file as read
-        self._shipped = None  # the repository's table (gemv.SHIPPED) as read
 
     def autotuning(self) -> bool:
         if self.autotune is None:
@@ -286,27 +284,6 @@ class LaunchCache:
             self._tuned = _tuners(self.autotuning())
         return self._tuned[regime]
 
-    def stored(self, name: str):
-        """The pick kept on disk under `name`: this machine's cache file first, then the picks shipped with the
-        repository for known cards (gemv.SHIPPED); None when neither has it."""
-        path = gemv.cache_file()
-        if path is not None:
-            if self._picks is None or self._picks[0] != path:
-                self._picks = (path, gemv.read_cache(path))
-            if name in self._picks[1]:
-                return self._picks[1][name]
-        if self._shipped is None:
-            self._shipped = gemv.read_cache(gemv.SHIPPED)
-        return self._shipped.get(name)
-
-    def store(self, name: str, value) -> None:
-        path = gemv.cache_file()
-        if path is None:
-            return
-        if self._picks is not None and self._picks[0] == path:
-            self._picks[1][name] = value
-        gemv.remember(name, value)
-
 
 CACHE = LaunchCache()
 
@@ -316,6 +293,12 @@ def set_autotune(enabled: bool | None):
     as HMTINY_INT8_AUTOTUNE says. Forgets every remembered kernel and choice."""
     global CACHE
     CACHE = LaunchCache(enabled)
+
+
+def _stored(name: str):
+    """The pick kept on disk under `name` (gemv.pick_tables: this machine's cache file first, then the picks shipped
+    with the repository for known cards); None when neither has it."""
+    return next((table[name] for table in gemv.pick_tables() if name in table), None)
 
 
 def _pick_name(device, *key) -> str:
@@ -340,12 +323,12 @@ def _stored_or_tuned(tuner, name: str, launch, tune):
     if len(configs) == 1:
         return tune()
     name = f"{name}|{gemv.digest([_config_dict(c) for c in configs])}"
-    stored = CACHE.stored(name)
+    stored = _stored(name)
     for c in configs:
         if _config_dict(c) == stored:
             return launch(c)
     result = tune()
-    CACHE.store(name, _config_dict(tuner.best_config))
+    gemv.remember(name, _config_dict(tuner.best_config))
     return result
 
 
@@ -471,7 +454,7 @@ def _decode_regime(x2, wq, scale) -> str:
         # on disk with what else changes the timings: the regimes' config lists and the gemv A/B switches
         name = _pick_name(x2.device, "decode choice", x2.dtype, *key[2:6], scale.dtype, scale.stride(), candidates,
                           CACHE.autotuning(), pdl.enabled(x2), switches.gemv_max_split())
-        choice = CACHE.stored(name)
+        choice = _stored(name)
         if choice in candidates:
             CACHE.decode_choice[key] = choice
             return choice
@@ -486,7 +469,7 @@ def _decode_regime(x2, wq, scale) -> str:
         if not times:
             raise RuntimeError(f"no int8 decode kernel ran for x {tuple(x2.shape)}, weight {tuple(wq.shape)}")
         choice = CACHE.decode_choice[key] = min(times, key=times.get)
-        CACHE.store(name, choice)
+        gemv.remember(name, choice)
     return choice
 
 
