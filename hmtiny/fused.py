@@ -21,6 +21,7 @@ from kernels.rmsnorm import rms_norm
 from kernels.rope import rope_apply
 from kernels.silu_mul import silu_mul
 
+from .lora import group_update
 from .model import MLP, Attention, RMSNorm
 
 
@@ -31,11 +32,15 @@ class FusedRMSNorm(RMSNorm):
 
 class FusedMLP(MLP):
     def forward(self, x):
-        return self.w2(silu_mul(self.w1(x), self.w3(x)))
+        gate_up = group_update((self.w1, self.w3), x) or (self.w1(x), self.w3(x))
+        return self.w2(silu_mul(*gate_up))
 
 
 class FusedAttention(Attention):
     rotate = staticmethod(rope_apply)
+
+    def project(self, x):
+        return group_update((self.q_proj, self.k_proj, self.v_proj), x) or super().project(x)
 
     @staticmethod
     def attend(q, k, v):

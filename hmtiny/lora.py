@@ -40,6 +40,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"
 # SimpleTuner's HeartMuLa port uses Hugging Face Llama module names; these are the same layers.
 HF_NAMES = {"o_proj": "output_proj", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 FILE_PREFIXES = ("transformer.", "base_model.model.", "model.")
+# layers that read one input tensor: their adapters share its dropout mask (LoRALinear.salt), so the fused path
+# drops that input once and runs their LoRA-down matmuls as one (LoRAGroupUpdate)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "w1": "w13", "w3": "w13"}
 
 
 class DropoutSeed:
@@ -70,7 +73,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.dropout_p = float(dropout)
-        self.salt = 0  # the layer's index: its masks differ from every other layer's under one seed
+        # which input the layer reads (inject_lora): masks differ between inputs under one seed, and the layers
+        # reading one input (q/k/v, w1/w3) draw the same mask, as if the input were dropped once for all of them
+        self.salt = 0
         self.seed = DropoutSeed(device)  # inject_lora gives all layers of a model one shared seed
         self.factor_copies: tuple[torch.Tensor, torch.Tensor] | None = None  # see FactorCopies
         self.factor_grads: FactorGrads | None = None  # likewise, inside FactorCopies.active() only
@@ -199,6 +204,91 @@ class LoRAUpdate(torch.autograd.Function):
                     dx.view(-1, dx.shape[-1]).addmm_(g2, weight)
                 dx = dx.to(ctx.x_dtype)
         return None if ctx.folded else g, dx, None, None, None, None, None, None, None, None, None, None
+
+
+class LoRAGroupUpdate(torch.autograd.Function):
+    """Several folded LoRA layers that read the same input x (q/k/v; w1/w3) in one autograd node: each output is
+    x @ W_i.T + scaling_i * B_i(A_i(dropout(x))), as LoRAUpdate computes it per layer, with the work they share
+    done once: the dropout of x (the layers share its mask, LoRALinear.salt), one LoRA-down GEMM for all the A's
+    stacked, and in the backward one dx buffer that every dx term is added into by GEMMs (the LoRA part, its
+    dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
+    Factor gradients go where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a
+    folded_weight, under autocast (`group_update` checks). Held to the per-layer path by tests/test_lora.py."""
+
+    @staticmethod
+    def forward(ctx, x, seed, layers, p: float, *factors):
+        """factors: the layers' A and B (read from the layers; passed so that autograd runs this node's backward
+        when x needs no gradient, as in the first block, whose input comes from frozen embeddings)."""
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            xd = x.to(dt)
+            h = seeded_dropout_apply(x, seed, layers[0].salt, p).to(dt) if p > 0 else xd
+            pairs = [m.factor_copies or (None, None) for m in layers]
+            a_cat = torch.cat([a if a is not None and a.dtype == dt else m.lora_A.weight.to(dt)
+                               for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
+            bs = [b if b is not None and b.dtype == dt else m.lora_B.weight.to(dt) for m, (_, b) in zip(layers, pairs)]
+            weights = [m.folded_weight().to(dt) for m in layers]
+            low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
+            outs, start = [], 0
+            for m, b, w in zip(layers, bs, weights):
+                out = F.linear(xd, w)
+                out.view(-1, out.shape[-1]).addmm_(low[:, start:start + m.rank], b.t(), alpha=m.scaling)
+                outs.append(out)
+                start += m.rank
+        ctx.save_for_backward(h, low, a_cat, seed, *bs, *weights)
+        ctx.layers, ctx.p, ctx.x_dtype = layers, p, x.dtype
+        ctx.grads = [m.factor_grads for m in layers]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        h, low, a_cat, seed, *rest = ctx.saved_tensors
+        layers, n = ctx.layers, len(ctx.layers)
+        bs, weights = rest[:n], rest[n:]
+        with torch.autocast(h.device.type, enabled=False):
+            h2 = h.reshape(-1, h.shape[-1])
+            g2s, d_lows, start = [], [], 0
+            for m, g, b, grads in zip(layers, gs, bs, ctx.grads):
+                g2 = g.reshape(-1, g.shape[-1]).to(h.dtype)
+                low_i = low[:, start:start + m.rank]
+                d_low = (g2 @ b).mul_(m.scaling)  # [M, r]
+                A, B = m.lora_A.weight, m.lora_B.weight
+                if B.requires_grad and not (grads is not None and grads.put(1, g2.t(), low_i, m.scaling)):
+                    _accumulate(B, g2.t() @ low_i, m.scaling)
+                if A.requires_grad and not (grads is not None and grads.put(0, d_low.t(), h2, 1.0)):
+                    _accumulate(A, d_low.t() @ h2, 1.0)
+                g2s.append(g2)
+                d_lows.append(d_low)
+                start += m.rank
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.cat(d_lows, dim=1) @ a_cat  # every layer's LoRA dx in one GEMM
+                if ctx.p > 0:
+                    dx = seeded_dropout_apply(dx, seed, layers[0].salt, ctx.p)
+                for g2, w in zip(g2s, weights):  # + each base's dx, into the same buffer
+                    dx.addmm_(g2, w)
+                dx = dx.view(h.shape).to(ctx.x_dtype)
+        return (dx, None, None, None) + (None,) * len(ctx.layers) * 2
+
+
+def group_update(layers, x: torch.Tensor):
+    """The layers' outputs for the same input x through LoRAGroupUpdate, or None where it does not apply (then
+    call each layer): every layer a LoRALinear with a folded base and no hooks of its own, one dropout (rate,
+    seed and salt), under autocast and outside torch.compile."""
+    if not (torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()):
+        return None
+    if not all(isinstance(m, LoRALinear) for m in layers):
+        return None
+    first = layers[0]
+    for m in layers:
+        if m.folded_weight() is None or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if (m.dropout_p, m.salt, m.seed, m.training) != (first.dropout_p, first.salt, first.seed, first.training):
+            return None
+    p = first.dropout_p if first.training else 0.0
+    factors = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+    return LoRAGroupUpdate.apply(x, first.seed.on(x.device), tuple(layers), p, *factors)
 
 
 class FactorGrads:
@@ -378,13 +468,19 @@ def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout
         raise ValueError("the model already carries LoRA layers")
     alpha = float(rank if alpha is None else alpha)
     paths = target_paths(model, targets)
-    seed = None
-    for i, p in enumerate(paths):
+    seed, salts = None, {}
+    for p in paths:
         layer = LoRALinear(model.get_submodule(p), rank, alpha, dropout, dtype)
         seed = seed or layer.seed
-        layer.salt, layer.seed = i, seed
+        layer.salt, layer.seed = salts.setdefault(input_group(p), len(salts)), seed
         _set_module(model, p, layer)
     return paths
+
+
+def input_group(path: str) -> tuple[str, str]:
+    """Which input a layer reads: layers of one module reading the same tensor (q/k/v; w1/w3) share a group."""
+    parent, _, name = path.rpartition(".")
+    return parent, SHARED_INPUT.get(name, name)
 
 
 def set_dropout_seed(model: nn.Module, seed: int):

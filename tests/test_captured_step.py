@@ -5,6 +5,7 @@ replays real graphs."""
 import pytest
 import torch
 
+from hmtiny.fused import use_fused_kernels
 from hmtiny.captured_step import CapturedStep, pad_frozen_heads, plan_rows
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
@@ -220,11 +221,13 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
     changes them) the next call computes with the new values, never stale copies."""
     from hmtiny import lora
     model, params = tiny_lora(dropout=0.1, checkpointing=True)
+    use_fused_kernels(model)  # as a captured step switches them (off CUDA they run the reference ops)
     batch = data.batch([2])
     step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
     copies = {id(t) for t in step.factor_copies.dst}
-    # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself), the frozen base
-    # weight (the node runs the base matmul too: LoRALinear.folded_weight) and the step's gradient buffers
+    # per LoRA layer call (LoRAUpdate, or LoRAGroupUpdate for layers sharing an input): whether it was handed the
+    # step's copies (else it casts A and B itself), the frozen base weight (the node runs the base matmul too:
+    # LoRALinear.folded_weight) and the step's gradient buffers
     read = []
     real_apply = lora.LoRAUpdate.apply
 
@@ -233,8 +236,18 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
                     and any(grads is g for g in step.factor_copies.grads))  # and its gradient buffers
         return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight, grads)
 
+    real_group = lora.LoRAGroupUpdate.apply
+
+    def group(x, seed, layers, p, *factors):  # layers reading one input (q/k/v, w1/w3): the same, per layer
+        read.extend(m.factor_copies is not None and all(id(t) in copies for t in m.factor_copies)
+                    and m.folded_weight() is not None and any(m.factor_grads is g for g in step.factor_copies.grads)
+                    for m in layers)
+        grouped.append(len(layers))
+        return real_group(x, seed, layers, p, *factors)
+
     monkeypatch.setattr(lora.LoRAUpdate, "apply", apply)
-    losses = []
+    monkeypatch.setattr(lora.LoRAGroupUpdate, "apply", group)
+    losses, grouped = [], []
     for _ in range(2):
         set_dropout_seed(model, 7)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -245,6 +258,8 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
         got = step(batch)
         # every layer call of the step (forward and checkpointing's recomputation) read the copies, base folded in
         assert read and all(read), read
+        assert set(grouped) == {2, 3}  # the fused modules ran w1/w3 and q/k/v through the group node
+        grouped.clear()
         torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
         for g, w in zip([p.grad for p in params], want_grads):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
@@ -253,7 +268,7 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
         with torch.no_grad():
             for p in params:
                 p.copy_(torch.randn_like(p) * 0.3)
-    assert abs(losses[0] - losses[1]) > 0.1
+    assert abs(losses[0] - losses[1]) > 0.05
 
 
 def test_progress_line_leaves_capture_time_out(tmp_path, monkeypatch, capsys):

@@ -90,10 +90,16 @@ def test_switch_keeps_the_model_and_composes_with_lora():
 
 @pytest.mark.parametrize("autocast,checkpointing", [(None, False), (torch.bfloat16, True)])
 def test_same_loss_and_lora_grads_on_cpu(autocast, checkpointing):
-    """Off CUDA the fused functions are the reference ops: bit-equal, float32 and under bf16 autocast (LoRAUpdate)."""
+    """Off CUDA the fused functions are the reference ops: bit-equal in float32. Under bf16 autocast the fused
+    modules also run q/k/v and w1/w3 through one LoRAGroupUpdate each, whose GEMMs and dx sum round in another
+    order than one LoRAUpdate per layer: equal up to bf16 rounding."""
     (want, want_grads), (got, got_grads) = losses_and_grads(autocast=autocast, checkpointing=checkpointing)
-    assert torch.equal(got, want)
-    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    if autocast is None:
+        assert torch.equal(got, want)
+        assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    else:
+        assert max_rel(got, want) < 1e-3  # measured 0
+        assert max(max_rel(g, w) for g, w in zip(got_grads, want_grads)) < 2e-2  # measured 7.4e-3
 
 
 def interpreted():

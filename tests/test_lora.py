@@ -547,3 +547,135 @@ def test_backward_after_the_window_adds_into_grad_itself(monkeypatch):
     layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
     want = window_grads(layer, x)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def grouped_layers(p=0.0, weight_dtype=torch.bfloat16, ranks=(8, 8, 8)):
+    """Three folded LoRA layers reading one input (as q/k/v do), one seed and salt, random B."""
+    torch.manual_seed(0)
+    layers = []
+    for i, (out, r) in enumerate(zip((40, 24, 24), ranks)):
+        base = nn.Linear(48, out, bias=False).to(weight_dtype).requires_grad_(False)
+        layer = LoRALinear(base, rank=r, alpha=16, dropout=p).train()
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+        layers.append(layer)
+    for layer in layers[1:]:
+        layer.seed = layers[0].seed
+    layers[0].seed.tensor.fill_(77)
+    return layers
+
+
+def group_grads(layers, x, grouped: bool):
+    """outputs, dx, then (dA, dB) per layer, of one forward + backward under bf16 autocast."""
+    from hmtiny.lora import group_update
+    for m in layers:
+        m.lora_A.weight.grad = m.lora_B.weight.grad = None
+    xs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = group_update(layers, xs) if grouped else tuple(m(xs) for m in layers)
+    assert outs is not None
+    sum((o.float().square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+    return outs, xs.grad, [(m.lora_A.weight.grad.clone(), m.lora_B.weight.grad.clone()) for m in layers]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
+    """LoRAGroupUpdate (one dropout, one LoRA-down GEMM, one dx buffer) against each layer's own LoRAUpdate: the
+    same outputs, dx and factor gradients up to the order of bf16 roundings; and against the float32 composition
+    with the shared mask."""
+    import torch.nn.functional as F
+
+    from kernels.dropout import seeded_dropout
+    layers = grouped_layers(p, ranks=(8, 4, 8))
+    x = torch.randn(3, 50, 48).to(x_dtype)
+    g_outs, g_dx, g_ab = group_grads(layers, x, grouped=True)
+    l_outs, l_dx, l_ab = group_grads(layers, x, grouped=False)
+    assert [o.dtype for o in g_outs] == [torch.bfloat16] * 3 and g_dx.dtype == x_dtype
+    for a, b in zip(g_outs, l_outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_dx.float(), l_dx.float(), rtol=2e-2, atol=2e-2)
+    for (ga, gb), (la, lb) in zip(g_ab, l_ab):
+        torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
+
+    xs = x.float().requires_grad_()
+    h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)  # one mask for the whole group
+    factors = [(m.lora_A.weight.detach().clone().requires_grad_(), m.lora_B.weight.detach().clone().requires_grad_())
+               for m in layers]
+    outs = [F.linear(xs, m.base.weight.float()) + m.scaling * (h @ A.t() @ B.t()) for m, (A, B) in zip(layers, factors)]
+    sum((o.square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+    for a, b in zip(g_outs, outs):
+        torch.testing.assert_close(a.float(), b.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(g_dx.float(), xs.grad, rtol=3e-2, atol=3e-2)
+    for (ga, gb), (A, B) in zip(g_ab, factors):
+        torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_group_update_declines_what_it_cannot_run():
+    """None (each layer runs itself) without autocast, for an unfolded base (int8, a training weight), for layers
+    with different dropout salts or rates, for a module that is not a LoRA layer."""
+    from hmtiny.lora import group_update
+    from hmtiny.quant import Int8Linear
+    x = torch.randn(2, 5, 48)
+    assert group_update(grouped_layers(), x) is None  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert group_update(grouped_layers(), x) is not None
+        layers = grouped_layers()
+        layers[1].base = Int8Linear.from_linear(nn.Linear(48, 24, bias=False))
+        assert group_update(layers, x) is None
+        layers = grouped_layers()
+        layers[2].base.weight.requires_grad_(True)
+        assert group_update(layers, x) is None
+        layers = grouped_layers()
+        layers[2].salt = 5
+        assert group_update(layers, x) is None
+        layers = grouped_layers(0.1)
+        layers[0].dropout_p = 0.2
+        assert group_update(layers, x) is None
+        assert group_update([nn.Linear(48, 4)] + grouped_layers()[1:], x) is None
+
+
+def test_layers_reading_one_input_share_a_salt():
+    """q/k/v of an attention share one dropout salt, w1/w3 of an MLP another; every other layer, and every other
+    module's layers, get salts of their own."""
+    model = tiny_model()
+    inject_lora(model, rank=2, dropout=0.1)
+    salts = {p: m.salt for p, m in lora_layers(model).items()}
+    for stack, n in (("backbone", 2), ("decoder", 1)):
+        for i in range(n):
+            at = f"{stack}.layers.{i}"
+            assert salts[f"{at}.attn.q_proj"] == salts[f"{at}.attn.k_proj"] == salts[f"{at}.attn.v_proj"]
+            assert salts[f"{at}.mlp.w1"] == salts[f"{at}.mlp.w3"]
+    groups = {}
+    for p, salt in salts.items():
+        parent, name = p.rsplit(".", 1)
+        same = {"k_proj": "q_proj", "v_proj": "q_proj", "w3": "w1"}
+        groups.setdefault(salt, set()).add((parent, same.get(name, name)))
+    assert all(len(g) == 1 for g in groups.values())  # one salt, one input
+    assert len(groups) == 3 * 4  # q/k/v, output_proj, w1/w3, w2 in each of 3 layers
+
+
+def test_fused_model_runs_the_groups(monkeypatch):
+    """Under autocast the fused Attention and MLP take LoRAGroupUpdate for q/k/v and w1/w3 (one call each per
+    block), and the training loss equals the unfused model's up to bf16 rounding."""
+    from hmtiny.fused import use_fused_kernels
+    from hmtiny.lora import LoRAGroupUpdate
+    model = tiny_model().train()
+    inject_lora(model, rank=2, dropout=0.2)
+    mark_only_lora_trainable(model)
+    randomize_lora(model)
+    for m in lora_layers(model).values():
+        m.base.weight.requires_grad_(False)
+    tokens, mask, frames, muq = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = model.loss(tokens, mask, frames, muq)
+    calls = []
+    real = LoRAGroupUpdate.apply
+    monkeypatch.setattr(LoRAGroupUpdate, "apply", lambda *a: calls.append(len(a[2])) or real(*a))
+    use_fused_kernels(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = model.loss(tokens, mask, frames, muq)
+    assert sorted(calls) == [2, 2, 2, 3, 3, 3]  # 3 blocks: q/k/v and w1/w3 each
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
