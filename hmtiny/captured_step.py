@@ -194,7 +194,8 @@ class CapturedStep:
         self.shapes: dict[tuple, _Shape] = {}
         self.pool = None
         self.captures, self.capture_s = 0, 0.0
-        # under autocast the LoRA factors are cast once per step (inside the graph), not in every layer call
+        # under autocast the LoRA factors are cast once per step (inside the graph), not in every layer call, and
+        # their gradients added into .grad once per step, not in every layer's backward
         self.factor_copies = FactorCopies(model, amp_dtype) if amp_dtype is not None else None
         self.heads = pad_frozen_heads(model)
         if self.capture and fused:  # fused training kernels: inside a graph, fewer and larger kernels are the gain

@@ -5,7 +5,8 @@ changes nothing). Dropout (training mode only) is seeded (kernels/dropout.py): i
 the trainer sets once per micro-batch (`set_dropout_seed`), the layer's index and the element's position, so
 gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph draws a new
 one on every replay. The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
-hmtiny.quant.Int8Linear). A wrapped layer keeps its module path, so file keys are
+hmtiny.quant.Int8Linear); under autocast a frozen nn.Linear base's matmul runs inside the adapter's autograd node
+(LoRAUpdate). A wrapped layer keeps its module path, so file keys are
 `<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
 
 Files written by SimpleTuner load too (Hugging Face Llama names, `self_attn.o_proj`, `mlp.gate_proj`...): a PEFT
@@ -39,6 +40,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"
 # SimpleTuner's HeartMuLa port uses Hugging Face Llama module names; these are the same layers.
 HF_NAMES = {"o_proj": "output_proj", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 FILE_PREFIXES = ("transformer.", "base_model.model.", "model.")
+# layers that read one input tensor: their adapters share its dropout mask (LoRALinear.salt), so the fused path
+# drops that input once and runs their LoRA-down matmuls as one (LoRAGroupUpdate)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "w1": "w13", "w3": "w13"}
 
 
 class DropoutSeed:
@@ -69,9 +73,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.dropout_p = float(dropout)
-        self.salt = 0  # the layer's index: its masks differ from every other layer's under one seed
+        # which input the layer reads (inject_lora): masks differ between inputs under one seed, and the layers
+        # reading one input (q/k/v, w1/w3) draw the same mask, as if the input were dropped once for all of them
+        self.salt = 0
         self.seed = DropoutSeed(device)  # inject_lora gives all layers of a model one shared seed
         self.factor_copies: tuple[torch.Tensor, torch.Tensor] | None = None  # see FactorCopies
+        self.factor_grads: FactorGrads | None = None  # likewise, inside FactorCopies.active() only
         self.reset_lora()
 
     def reset_lora(self):
@@ -82,14 +89,27 @@ class LoRALinear(nn.Module):
         """The dense update scaling * B @ A [out, in], float32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def folded_weight(self) -> torch.Tensor | None:
+        """The base's weight when LoRAUpdate runs the base matmul itself: the base is exactly nn.Linear, without
+        bias or hooks of its own, and its weight is frozen. Else None and the base runs as its own module (an int8
+        base, a weight that trains as in full fine-tuning, a subclass)."""
+        base = self.base
+        if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        return base.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
-            # training: one autograd node for the whole adapter (LoRAUpdate below)
+            # training: one autograd node for the whole adapter (LoRAUpdate below), and for the base's matmul too
+            # when the base is a frozen nn.Linear
             p = self.dropout_p if self.training else 0.0
             a, b = self.factor_copies if self.factor_copies is not None else (None, None)
-            return LoRAUpdate.apply(y, x, self.lora_A.weight, self.lora_B.weight, a, b, self.scaling,
-                                    self.seed.on(x.device), self.salt, p)
+            w = self.folded_weight()
+            return LoRAUpdate.apply(self.base(x) if w is None else None, x, self.lora_A.weight, self.lora_B.weight,
+                                    a, b, self.scaling, self.seed.on(x.device), self.salt, p, w, self.factor_grads)
+        y = self.base(x)
         h = x
         if self.training and self.dropout_p > 0:
             h = seeded_dropout(x, self.seed.on(x.device), self.salt, self.dropout_p)
@@ -114,66 +134,260 @@ class LoRAUpdate(torch.autograd.Function):
     together), and rebuilds the dropout mask from its seed. The factors' gradients go straight into `.grad`
     (autograd sees None for them), so no gradient hook runs for A and B; the trainer uses none. Held to the
     plain composition by tests/test_lora.py.
+
+    Folded base (y None, `weight` a frozen nn.Linear weight, LoRALinear.folded_weight): the node also runs the
+    base's matmul, y = x @ weight.T in autocast's dtype (weight cast as autocast's F.linear casts it), adds the
+    LoRA product into that y in place and, in the backward, adds the base's dx = g @ weight inside the LoRA dx's
+    GEMM (addmm_, beta 1): one fewer full-size add kernel per layer in the backward and no second output buffer
+    in the forward. The output is bit-identical to the unfolded path (the same F.linear, then the same addmm on
+    the same y); dx is rounded to the compute dtype once (g @ weight + LoRA dx) where the unfolded path rounds
+    g @ weight and the sum each, so the two differ by that rounding only.
+
+    Buffered factor gradients (`grads` a FactorGrads, inside FactorCopies.active()): the backward writes the two
+    factor-gradient GEMMs into the layer's buffers in the compute dtype instead of adding each into its .grad, and
+    the window's exit adds every layer's at once (FactorCopies.active): a few multi-tensor kernels per step in
+    place of one small kernel per factor and layer. The same bf16 products with the same alpha: the same .grad
+    bits (a layer that runs twice in one window sums its two products in the buffer first, one more rounding).
     """
 
     @staticmethod
-    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float):
-        """a, b: A and B already in y's dtype (FactorCopies), or None to cast them here."""
-        dt = y.dtype  # the compute dtype autocast gave the base layer; no autocast inside (explicit casts)
-        with torch.autocast(y.device.type, enabled=False):
+    def forward(ctx, y, x, A, B, a, b, scaling: float, seed, salt: int, p: float, weight=None, grads=None):
+        """y: the base's output, or None with `weight`: then y = x @ weight.T is computed here (see above).
+        a, b: A and B already in the compute dtype (FactorCopies), or None to cast them here.
+        grads: the layer's FactorGrads inside FactorCopies.active(), or None to add into .grad in the backward."""
+        if weight is not None and (y is not None or weight.requires_grad):
+            raise ValueError("LoRAUpdate: a folded base weight needs y None and a frozen weight (it gets no grad)")
+        # the compute dtype autocast gave (or gives) the base layer, x's own without autocast; no autocast inside
+        # (explicit casts)
+        dev = x.device.type
+        if y is not None:
+            dt = y.dtype
+        else:
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
             h = (seeded_dropout_apply(x, seed, salt, p) if p > 0 else x).to(dt)
             a = A.to(dt) if a is None or a.dtype != dt else a
             b = B.to(dt) if b is None or b.dtype != dt else b
             low = h.reshape(-1, h.shape[-1]) @ a.t()  # [M, r]
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scaling).view_as(y)
-        ctx.save_for_backward(h, low, a, b, seed)
+            if weight is None:
+                out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scaling).view_as(y)
+            else:
+                weight = weight.to(dt)  # as autocast's F.linear: a no-op for bf16 weights, a fresh cast for float32
+                out = F.linear(h if p == 0 else x.to(dt), weight)  # the very op autocast dispatches the base to
+                out.view(-1, out.shape[-1]).addmm_(low, b.t(), alpha=scaling)
+        ctx.save_for_backward(h, low, a, b, seed, weight)
         ctx.factors, ctx.scaling, ctx.salt, ctx.p, ctx.x_dtype = (A, B), scaling, salt, p, x.dtype
+        ctx.folded = weight is not None
+        ctx.grads = grads
         return out
 
     @staticmethod
     def backward(ctx, g):
-        h, low, a, b, seed = ctx.saved_tensors
+        h, low, a, b, seed, weight = ctx.saved_tensors
         A, B = ctx.factors
         with torch.autocast(g.device.type, enabled=False):
             g2, h2 = g.reshape(-1, g.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1])
             d_low = (g2 @ b).mul_(ctx.scaling)  # [M, r]
-            if B.requires_grad:
+            # dB = scaling * (g2.T @ low), dA = d_low.T @ h2 (scaling is in d_low already): each product rounded
+            # to the compute dtype, then added into .grad with its alpha, now or (buffered) on leaving the window
+            grads = ctx.grads
+            if B.requires_grad and not (grads is not None and grads.put(1, g2.t(), low, ctx.scaling)):
                 _accumulate(B, g2.t() @ low, ctx.scaling)
-            if A.requires_grad:
+            if A.requires_grad and not (grads is not None and grads.put(0, d_low.t(), h2, 1.0)):
                 _accumulate(A, d_low.t() @ h2, 1.0)
             dx = None
             if ctx.needs_input_grad[1]:
                 dx = (d_low @ a).view(h.shape)
                 if ctx.p > 0:
                     dx = seeded_dropout_apply(dx, seed, ctx.salt, ctx.p)
+                if ctx.folded:  # + the base's dx, g @ weight, in the same GEMM
+                    dx.view(-1, dx.shape[-1]).addmm_(g2, weight)
                 dx = dx.to(ctx.x_dtype)
-        return g, dx, None, None, None, None, None, None, None, None
+        return None if ctx.folded else g, dx, None, None, None, None, None, None, None, None, None, None
+
+
+class LoRAGroupUpdate(torch.autograd.Function):
+    """Several folded LoRA layers that read the same input x (q/k/v; w1/w3) in one autograd node: each output is
+    x @ W_i.T + scaling_i * B_i(A_i(dropout(x))), as LoRAUpdate computes it per layer, with the work they share
+    done once: the dropout of x (the layers share its mask, LoRALinear.salt), one LoRA-down GEMM for all the A's
+    stacked, and in the backward one dx buffer that every dx term is added into by GEMMs (the LoRA part, its
+    dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
+    Factor gradients go where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a
+    folded_weight, under autocast (`group_update` checks). Held to the per-layer path by tests/test_lora.py."""
+
+    @staticmethod
+    def forward(ctx, x, seed, layers, p: float, *factors):
+        """factors: the layers' A and B (read from the layers; passed so that autograd runs this node's backward
+        when x needs no gradient, as in the first block, whose input comes from frozen embeddings)."""
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            xd = x.to(dt)
+            h = seeded_dropout_apply(x, seed, layers[0].salt, p).to(dt) if p > 0 else xd
+            pairs = [m.factor_copies or (None, None) for m in layers]
+            a_cat = torch.cat([a if a is not None and a.dtype == dt else m.lora_A.weight.to(dt)
+                               for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
+            bs = [b if b is not None and b.dtype == dt else m.lora_B.weight.to(dt) for m, (_, b) in zip(layers, pairs)]
+            weights = [m.folded_weight().to(dt) for m in layers]
+            low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
+            outs, start = [], 0
+            for m, b, w in zip(layers, bs, weights):
+                out = F.linear(xd, w)
+                out.view(-1, out.shape[-1]).addmm_(low[:, start:start + m.rank], b.t(), alpha=m.scaling)
+                outs.append(out)
+                start += m.rank
+        ctx.save_for_backward(h, low, a_cat, seed, *bs, *weights)
+        ctx.layers, ctx.p, ctx.x_dtype = layers, p, x.dtype
+        ctx.grads = [m.factor_grads for m in layers]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        h, low, a_cat, seed, *rest = ctx.saved_tensors
+        layers, n = ctx.layers, len(ctx.layers)
+        bs, weights = rest[:n], rest[n:]
+        with torch.autocast(h.device.type, enabled=False):
+            h2 = h.reshape(-1, h.shape[-1])
+            g2s, d_lows, start = [], [], 0
+            for m, g, b, grads in zip(layers, gs, bs, ctx.grads):
+                g2 = g.reshape(-1, g.shape[-1]).to(h.dtype)
+                low_i = low[:, start:start + m.rank]
+                d_low = (g2 @ b).mul_(m.scaling)  # [M, r]
+                A, B = m.lora_A.weight, m.lora_B.weight
+                if B.requires_grad and not (grads is not None and grads.put(1, g2.t(), low_i, m.scaling)):
+                    _accumulate(B, g2.t() @ low_i, m.scaling)
+                if A.requires_grad and not (grads is not None and grads.put(0, d_low.t(), h2, 1.0)):
+                    _accumulate(A, d_low.t() @ h2, 1.0)
+                g2s.append(g2)
+                d_lows.append(d_low)
+                start += m.rank
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.cat(d_lows, dim=1) @ a_cat  # every layer's LoRA dx in one GEMM
+                if ctx.p > 0:
+                    dx = seeded_dropout_apply(dx, seed, layers[0].salt, ctx.p)
+                for g2, w in zip(g2s, weights):  # + each base's dx, into the same buffer
+                    dx.addmm_(g2, w)
+                dx = dx.view(h.shape).to(ctx.x_dtype)
+        return (dx, None, None, None) + (None,) * len(ctx.layers) * 2
+
+
+def group_update(layers, x: torch.Tensor):
+    """The layers' outputs for the same input x through LoRAGroupUpdate, or None where it does not apply (then
+    call each layer): every layer a LoRALinear with a folded base and no hooks of its own, one dropout (rate,
+    seed and salt), under autocast and outside torch.compile."""
+    if not (torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()):
+        return None
+    if not all(isinstance(m, LoRALinear) for m in layers):
+        return None
+    first = layers[0]
+    for m in layers:
+        if m.folded_weight() is None or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if (m.dropout_p, m.salt, m.seed, m.training) != (first.dropout_p, first.salt, first.seed, first.training):
+            return None
+    p = first.dropout_p if first.training else 0.0
+    factors = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+    return LoRAGroupUpdate.apply(x, first.seed.on(x.device), tuple(layers), p, *factors)
+
+
+class FactorGrads:
+    """One layer's A and B gradients in the compute dtype, for one FactorCopies.active() window at a time.
+
+    LoRAUpdate's backward hands its two factor-gradient GEMMs to `put`, which writes them here (torch.mm into the
+    buffer; a second backward of the layer in the same window adds to it) instead of adding each into its
+    float32 .grad, one small kernel per factor and layer; FactorCopies adds every written buffer to .grad when
+    the window closes. Outside a window, or for a factor without a buffer, `put` declines and the backward adds
+    into .grad itself."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype):
+        self.params = (A, B)
+        # allocated once, like FactorCopies.dst: a captured graph writes the same memory on every replay
+        self.bufs = tuple(torch.empty_like(w, dtype=dtype) if w.requires_grad else None for w in (A, B))
+        self.alphas = [1.0, 1.0]
+        self.written = [False, False]
+        self.open = False
+
+    def put(self, i: int, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> bool:
+        """Factor i's (0: A, 1: B) gradient is alpha * (m1 @ m2): into its buffer, True; False where it cannot go
+        there (no window open, no buffer, another dtype, another alpha than this window's first): the caller
+        adds it into .grad."""
+        buf = self.bufs[i]
+        if not self.open or buf is None or buf.dtype != m1.dtype or buf.device != m1.device:
+            return False
+        if self.written[i]:
+            if alpha != self.alphas[i]:
+                return False
+            buf.addmm_(m1, m2)  # the layer ran twice in this window: both contributions
+        else:
+            torch.mm(m1, m2, out=buf)
+            self.alphas[i], self.written[i] = alpha, True
+        return True
 
 
 class FactorCopies:
-    """Every LoRA factor of a model cast to the compute dtype once per step instead of in every layer call.
+    """Every LoRA factor of a model cast to the compute dtype once per step instead of in every layer call, and
+    every factor's gradient added into .grad once per step instead of in every layer's backward.
 
     `with copies.active():` copies the float32 factors into persistent low-precision buffers (one multi-tensor
     copy) and lets the layers read them for the forward, checkpointing's recomputation and the backward inside
     the block. Refreshed on entry, so the copies are never stale; inside a captured CUDA graph the copy is part of
-    the graph and runs on every replay."""
+    the graph and runs on every replay. Inside the block the layers' backwards also leave their factor gradients
+    in per-layer buffers in the compute dtype (FactorGrads); leaving the block adds the written ones to the
+    factors' .grad (a multi-tensor cast to .grad's dtype, then one multi-tensor add per alpha), bit for bit
+    what adding each into .grad in the backward gives. A block left by an exception adds nothing.
+    `buffer_grads=False` keeps the backward adding into .grad itself (for A/B comparisons)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, buffer_grads: bool = True):
         self.layers = list(lora_layers(model).values())
         self.src = [w for m in self.layers for w in (m.lora_A.weight, m.lora_B.weight)]
         self.dst = [torch.empty_like(w, dtype=dtype) for w in self.src]
+        self.grads = [FactorGrads(m.lora_A.weight, m.lora_B.weight, dtype) if buffer_grads else None
+                      for m in self.layers]
 
     @contextmanager
     def active(self):
         with torch.no_grad():
             torch._foreach_copy_(self.dst, self.src)
-        for m, a, b in zip(self.layers, self.dst[0::2], self.dst[1::2]):
-            m.factor_copies = (a, b)
+        for m, a, b, grads in zip(self.layers, self.dst[0::2], self.dst[1::2], self.grads):
+            m.factor_copies, m.factor_grads = (a, b), grads
+            if grads is not None:
+                grads.open, grads.written = True, [False, False]
         try:
             yield
+            self._add_grads()  # not reached when the block raised
         finally:
             for m in self.layers:
-                m.factor_copies = None
+                if m.factor_grads is not None:
+                    m.factor_grads.open = False
+                m.factor_copies = m.factor_grads = None
+
+    def _add_grads(self):
+        """Every written buffer into its factor's .grad: .grad += alpha * buffer, as _accumulate adds."""
+        todo = []  # (.grad, buffer, alpha)
+        with torch.no_grad():
+            for grads in (g for g in self.grads if g is not None):
+                for p, buf, alpha, written in zip(grads.params, grads.bufs, grads.alphas, grads.written):
+                    if not written:
+                        continue
+                    if p.grad is None:  # as _accumulate (a copy: the buffer is reused)
+                        p.grad = buf.to(p.dtype, copy=True).mul_(alpha)
+                    else:
+                        todo.append((p.grad, buf, alpha))
+            if not todo:
+                return
+            # torch._foreach_add_ takes its fast path (multi-tensor kernels) only when both lists have one dtype;
+            # a bf16 list into float32 .grads would add tensor by tensor. So: cast into .grad's dtype first (exact,
+            # one multi-tensor copy, which takes mixed dtypes), then add per alpha (each adds grad + alpha * value)
+            wide = [torch.empty_like(buf, dtype=g.dtype) for g, buf, _ in todo]
+            torch._foreach_copy_(wide, [buf for _, buf, _ in todo])
+            by_alpha: dict[float, tuple[list, list]] = {}
+            for (g, _, alpha), w in zip(todo, wide):
+                gs, ws = by_alpha.setdefault(alpha, ([], []))
+                gs.append(g)
+                ws.append(w)
+            for alpha, (gs, ws) in by_alpha.items():
+                torch._foreach_add_(gs, ws, alpha=alpha)
 
 
 def _accumulate(p: torch.Tensor, grad: torch.Tensor, alpha: float):
@@ -254,13 +468,19 @@ def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout
         raise ValueError("the model already carries LoRA layers")
     alpha = float(rank if alpha is None else alpha)
     paths = target_paths(model, targets)
-    seed = None
-    for i, p in enumerate(paths):
+    seed, salts = None, {}
+    for p in paths:
         layer = LoRALinear(model.get_submodule(p), rank, alpha, dropout, dtype)
         seed = seed or layer.seed
-        layer.salt, layer.seed = i, seed
+        layer.salt, layer.seed = salts.setdefault(input_group(p), len(salts)), seed
         _set_module(model, p, layer)
     return paths
+
+
+def input_group(path: str) -> tuple[str, str]:
+    """Which input a layer reads: layers of one module reading the same tensor (q/k/v; w1/w3) share a group."""
+    parent, _, name = path.rpartition(".")
+    return parent, SHARED_INPUT.get(name, name)
 
 
 def set_dropout_seed(model: nn.Module, seed: int):

@@ -101,18 +101,29 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.kv_cache: KVCache | None = None
 
+    def project(self, x):
+        """The q, k, v projections of x (hmtiny.fused runs LoRA-adapted ones in one node)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    @staticmethod
+    def attend(q, k, v):
+        """Causal attention of q [B,H,S,D] over k, v [B,Hkv,S,D] (no cache); hmtiny.fused swaps in a short-sequence
+        kernel of the same maths."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
     def forward(self, x, rope, pos=None, mask=None):
         """x [B,S,D]. Without a cache: causal attention over the S rows. With a cache: write the new keys at `pos`
         [S] and attend over the whole cache under `mask` [S, L] (True = may attend)."""
         b, s, _ = x.shape
-        q = self.rotate(self.q_proj(x).view(b, s, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k = self.rotate(self.k_proj(x).view(b, s, self.n_kv, self.head_dim), rope).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = self.rotate(q.view(b, s, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = self.rotate(k.view(b, s, self.n_kv, self.head_dim), rope).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and pos is not None:
             k, v = self.kv_cache.update(pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            y = self.attend(q, k, v)
         return self.output_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 

@@ -59,21 +59,18 @@ def seeded_dropout_ref(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float)
 if triton is not None:
 
     @triton.jit
-    def _mul32_split(a, c_lo, c_hi):
-        # as _mul32 above: int64 products stay below 2**48, so the kernel and the reference agree bit for bit
-        return (a * c_lo + (((a * c_hi) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-    @triton.jit
     def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n, salt_mixed, threshold, scale, BLOCK: tl.constexpr):
+        # uint32 arithmetic wraps mod 2**32 as the reference's masked int64 ops do (bit-identical masks), in one
+        # 32-bit multiply each: int64 products (several instructions each) made the kernel compute-bound
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
-        s = (tl.load(seed_ptr).to(tl.int64) + salt_mixed) & 0xFFFFFFFF
-        h = _mul32_split(offs, 0x79B9, 0x9E37) ^ s
-        h = _mul32_split(h ^ (h >> 16), 0xCA6B, 0x85EB)
-        h = _mul32_split(h ^ (h >> 13), 0xAE35, 0xC2B2)
+        s = tl.load(seed_ptr).to(tl.uint32) + salt_mixed.to(tl.uint32)
+        h = offs.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32) ^ s
+        h = (h ^ (h >> 16)) * tl.full([], 0x85EBCA6B, tl.uint32)
+        h = (h ^ (h >> 13)) * tl.full([], 0xC2B2AE35, tl.uint32)
         h = h ^ (h >> 16)
         x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-        y = tl.where(h >= threshold, x.to(tl.float32) * scale, 0.0)
+        y = tl.where(h.to(tl.int64) >= threshold, x.to(tl.float32) * scale, 0.0)
         tl.store(y_ptr + offs, y.to(x.dtype), mask=inside)
 
 

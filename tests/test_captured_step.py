@@ -5,20 +5,21 @@ replays real graphs."""
 import pytest
 import torch
 
+from hmtiny.fused import use_fused_kernels
 from hmtiny.captured_step import CapturedStep, pad_frozen_heads, plan_rows
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
-from hmtiny.lora import inject_lora, mark_only_lora_trainable, set_dropout_seed
+from hmtiny.lora import FactorCopies, inject_lora, lora_layers, mark_only_lora_trainable, set_dropout_seed
 from hmtiny.text import PromptTokenizer, find_text_assets
 from hmtiny.train_config import BUILTIN_CONFIG
 
 TINY = BUILTIN_CONFIG.parent
 
 
-def tiny_lora(dropout=0.0, device="cpu", checkpointing=False):
+def tiny_lora(dropout=0.0, device="cpu", checkpointing=False, rank=4, alpha=8):
     torch.manual_seed(0)
     model = load_heartmula(TINY / "model", dtype=torch.float32).to(device)
-    inject_lora(model, rank=4, alpha=8, dropout=dropout)
+    inject_lora(model, rank=rank, alpha=alpha, dropout=dropout)
     params = mark_only_lora_trainable(model)
     with torch.no_grad():
         for p in params:  # a trained-looking adapter, so its gradients are not trivially zero
@@ -220,14 +221,33 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
     changes them) the next call computes with the new values, never stale copies."""
     from hmtiny import lora
     model, params = tiny_lora(dropout=0.1, checkpointing=True)
+    use_fused_kernels(model)  # as a captured step switches them (off CUDA they run the reference ops)
     batch = data.batch([2])
     step = CapturedStep(model, params, torch.bfloat16, bucket=32)  # on the CPU: the same code, uncaptured
     copies = {id(t) for t in step.factor_copies.dst}
-    read = []  # per LoRAUpdate call: whether it was handed the step's copies (else it casts A and B itself)
+    # per LoRA layer call (LoRAUpdate, or LoRAGroupUpdate for layers sharing an input): whether it was handed the
+    # step's copies (else it casts A and B itself), the frozen base weight (the node runs the base matmul too:
+    # LoRALinear.folded_weight) and the step's gradient buffers
+    read = []
     real_apply = lora.LoRAUpdate.apply
-    monkeypatch.setattr(lora.LoRAUpdate, "apply", lambda y, x, A, B, a, b, *rest: read.append(
-        a is not None and id(a) in copies and id(b) in copies) or real_apply(y, x, A, B, a, b, *rest))
-    losses = []
+
+    def apply(y, x, A, B, a, b, scaling, seed, salt, p, weight=None, grads=None):
+        read.append(a is not None and id(a) in copies and id(b) in copies and y is None and weight is not None
+                    and any(grads is g for g in step.factor_copies.grads))  # and its gradient buffers
+        return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight, grads)
+
+    real_group = lora.LoRAGroupUpdate.apply
+
+    def group(x, seed, layers, p, *factors):  # layers reading one input (q/k/v, w1/w3): the same, per layer
+        read.extend(m.factor_copies is not None and all(id(t) in copies for t in m.factor_copies)
+                    and m.folded_weight() is not None and any(m.factor_grads is g for g in step.factor_copies.grads)
+                    for m in layers)
+        grouped.append(len(layers))
+        return real_group(x, seed, layers, p, *factors)
+
+    monkeypatch.setattr(lora.LoRAUpdate, "apply", apply)
+    monkeypatch.setattr(lora.LoRAGroupUpdate, "apply", group)
+    losses, grouped = [], []
     for _ in range(2):
         set_dropout_seed(model, 7)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -236,8 +256,10 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
             p.grad = torch.zeros_like(p)
         read.clear()
         got = step(batch)
-        # every layer call of the step (forward and checkpointing's recomputation) read the copies
+        # every layer call of the step (forward and checkpointing's recomputation) read the copies, base folded in
         assert read and all(read), read
+        assert set(grouped) == {2, 3}  # the fused modules ran w1/w3 and q/k/v through the group node
+        grouped.clear()
         torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
         for g, w in zip([p.grad for p in params], want_grads):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-3)
@@ -246,7 +268,7 @@ def test_autocast_step_casts_fresh_factor_copies(data, monkeypatch):
         with torch.no_grad():
             for p in params:
                 p.copy_(torch.randn_like(p) * 0.3)
-    assert abs(losses[0] - losses[1]) > 0.1
+    assert abs(losses[0] - losses[1]) > 0.05
 
 
 def test_progress_line_leaves_capture_time_out(tmp_path, monkeypatch, capsys):
@@ -277,3 +299,42 @@ def test_progress_line_leaves_capture_time_out(tmp_path, monkeypatch, capsys):
     assert all(r["capture_s"] == 0 for r in rows[1:])
     stats = step_stats(tmp_path / "out" / "metrics.jsonl", 0)
     assert stats["steps_with_capture"] == 1 and stats["capture_s"] == 0.3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA kernels' bits need CUDA"))])
+@pytest.mark.parametrize("dropout,checkpointing,from_none", [(0.0, False, False), (0.0, True, False),
+                                                             (0.2, False, True), (0.2, True, False)])
+def test_buffered_factor_grads_are_bit_identical(data, monkeypatch, device, dropout, checkpointing, from_none):
+    """Inside the step's FactorCopies window each layer's backward leaves its factor gradients in bf16 buffers
+    (never calling _accumulate) and leaving the window adds them all to .grad (multi-tensor cast + add per alpha):
+    the same .grad bits as adding each into .grad in the backward (buffer_grads=False), onto earlier gradients or
+    into .grad None, with checkpointing and dropout. Scaling 4/3 in the backbone and 0.7 in the decoder (alphas
+    that round, three alpha groups), so a scaling applied in bf16, twice, or not at all would show."""
+    from hmtiny import lora
+    model, params = tiny_lora(dropout, device, checkpointing, rank=3, alpha=4)
+    for m in lora_layers(model.decoder).values():
+        m.scaling = 0.7
+    batch = data.batch([0, 3])
+    calls = []
+    real_accumulate = lora._accumulate
+    monkeypatch.setattr(lora, "_accumulate", lambda p, g, alpha: (calls.append(p), real_accumulate(p, g, alpha)))
+    gen = torch.Generator().manual_seed(3)
+    earlier = [(torch.randn(p.shape, generator=gen) * 3e-4).to(device) for p in params]  # earlier micro-batches
+    runs = {}
+    for buffered in (False, True):
+        step = CapturedStep(model, params, torch.bfloat16, bucket=32, capture=False)
+        step.factor_copies = FactorCopies(model, torch.bfloat16, buffer_grads=buffered)
+        for p, e in zip(params, earlier):
+            p.grad = None if from_none else e.clone()
+        set_dropout_seed(model, 11)
+        calls.clear()
+        loss = step(batch, scale=0.5)
+        runs[buffered] = loss, [p.grad.clone() for p in params], len(calls)
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = runs[False], runs[True]
+    assert calls0 == len(params) and calls1 == 0  # unbuffered: once per factor; buffered: never
+    assert torch.equal(loss1, loss0)
+    for p, g0, g1, e in zip(params, grads0, grads1, earlier):
+        assert g1.dtype == torch.float32 and torch.equal(g1, g0)
+        assert not torch.equal(g1, torch.zeros_like(g1) if from_none else e)  # a real gradient was added
+    assert all(m.factor_grads is None for m in lora_layers(model).values())

@@ -11,7 +11,8 @@ from kernels import dropout as dk
 triton = pytest.importorskip("triton")
 
 
-CASES = [((1,), 0.1, 0, 0), ((7, 1537), 0.1, 3, 12345), ((3, 5, 333), 0.5, 99, -7), ((70001,), 0.25, 223, 2**31 - 1)]
+CASES = [((1,), 0.1, 0, 0), ((7, 1537), 0.1, 3, 12345), ((3, 5, 333), 0.5, 99, -7), ((70001,), 0.25, 223, 2**31 - 1),
+         ((1029,), 0.75, 5, 77)]  # p > 0.5: the threshold no longer fits an int32
 
 
 def compare(device: str) -> list[bool]:

@@ -1,5 +1,5 @@
-"""hmtiny/fused.py: the opt-in switch to the fused SwiGLU and RoPE kernels leaves the model's loss, its LoRA
-gradients and its state dict as they were. On CPU the switched modules run the reference ops (exact); under
+"""hmtiny/fused.py: the opt-in switch to the fused SwiGLU, RoPE and short-attention kernels leaves the model's loss,
+its LoRA gradients and its state dict as they were. On CPU the switched modules run the reference ops (exact); under
 Triton's interpreter (a subprocess) and on CUDA they run the kernels."""
 import collections
 import contextlib
@@ -20,7 +20,9 @@ from hmtiny.text import PromptTokenizer, find_text_assets  # noqa: E402
 from tests.test_captured_step import TINY, reference, tiny_lora  # noqa: E402
 
 KERNEL_ENTRIES = (("kernels.silu_mul", "silu_mul_forward"), ("kernels.silu_mul", "silu_mul_backward"),
-                  ("kernels.rope", "rope_rotate"), ("kernels.rmsnorm", "_forward"), ("kernels.rmsnorm", "_backward"))
+                  ("kernels.rope", "rope_rotate"), ("kernels.rmsnorm", "_forward"), ("kernels.rmsnorm", "_backward"),
+                  ("kernels.short_attention", "short_attention_forward"),
+                  ("kernels.short_attention", "short_attention_backward"))
 
 
 @contextlib.contextmanager
@@ -88,10 +90,16 @@ def test_switch_keeps_the_model_and_composes_with_lora():
 
 @pytest.mark.parametrize("autocast,checkpointing", [(None, False), (torch.bfloat16, True)])
 def test_same_loss_and_lora_grads_on_cpu(autocast, checkpointing):
-    """Off CUDA the fused functions are the reference ops: bit-equal, float32 and under bf16 autocast (LoRAUpdate)."""
+    """Off CUDA the fused functions are the reference ops: bit-equal in float32. Under bf16 autocast the fused
+    modules also run q/k/v and w1/w3 through one LoRAGroupUpdate each, whose GEMMs and dx sum round in another
+    order than one LoRAUpdate per layer: equal up to bf16 rounding."""
     (want, want_grads), (got, got_grads) = losses_and_grads(autocast=autocast, checkpointing=checkpointing)
-    assert torch.equal(got, want)
-    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    if autocast is None:
+        assert torch.equal(got, want)
+        assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    else:
+        assert max_rel(got, want) < 1e-3  # measured 0
+        assert max(max_rel(g, w) for g, w in zip(got_grads, want_grads)) < 2e-2  # measured 7.4e-3
 
 
 def interpreted():
@@ -107,15 +115,19 @@ def interpreted():
 
 
 ELEMENTWISE = ("silu_mul.silu_mul_forward", "silu_mul.silu_mul_backward", "rope.rope_rotate")
+# the depth decoder's attention (9 rows); the backbone's longer sequences keep SDPA
+ATTENTION = ("short_attention.short_attention_forward", "short_attention.short_attention_backward")
 
 
 @pytest.mark.skipif(pytest.importorskip("kernels.rope").triton is None, reason="triton not installed")
 def test_same_loss_and_lora_grads_with_the_kernels(run_interpreted):
-    """float32: the kernels differ from torch only where exp does (an ulp); bf16 autocast: a rare one-ulp bf16
-    difference of an activation, which the loss and gradients carry at bf16's precision (measured 0)."""
+    """float32: the kernels differ from torch only where exp does (an ulp) and, in the decoder's attention, in the
+    order of float32 sums (a few ulps): measured loss 5e-8, grads 5e-7. bf16 autocast: a rare one-ulp bf16
+    difference of an activation, which the loss and gradients carry at bf16's precision (measured 0 before the
+    attention kernel, which moves a few of its bf16 outputs and gradients by an ulp: loss 2.4e-5, grads 8.5e-3)."""
     rows = run_interpreted(__file__)
     for row in rows.values():  # the kernels ran (forward and backward), not the torch fallback
-        assert all(row["calls"].get(key, 0) > 0 for key in ELEMENTWISE), row["calls"]
+        assert all(row["calls"].get(key, 0) > 0 for key in ELEMENTWISE + ATTENTION), row["calls"]
     assert rows["fp32"]["loss"] < 1e-6 and rows["fp32"]["grads"] < 1e-5, rows
     assert rows["bf16"]["loss"] < 1e-2 and rows["bf16"]["grads"] < 5e-2, rows
 
@@ -126,7 +138,7 @@ def test_same_loss_and_lora_grads_on_cuda():
     captured step (CUDA graphs replaying the kernels) against its eager step."""
     with kernel_calls() as calls:
         (want, want_grads), (got, got_grads) = losses_and_grads("cuda", torch.bfloat16, checkpointing=True)
-    assert all(calls[key] > 0 for key in ELEMENTWISE), calls  # the kernel path, not the fallback
+    assert all(calls[key] > 0 for key in ELEMENTWISE + ATTENTION), calls  # the kernel path, not the fallback
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
@@ -151,7 +163,8 @@ def test_same_loss_and_lora_grads_on_cuda():
         with kernel_calls() as calls:
             got = graphed(data).clone()
         if idx == (1, 2):  # a new shape: warm-up and capture ran every fused kernel (the norms' too)
-            assert all(calls[key] > 0 for key in ELEMENTWISE + ("rmsnorm._forward", "rmsnorm._backward")), calls
+            assert all(calls[key] > 0 for key in ELEMENTWISE + ATTENTION + ("rmsnorm._forward", "rmsnorm._backward")), \
+                calls
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         for g, w in zip([p.grad for p in params], want_grads):
             torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)

@@ -267,11 +267,15 @@ def test_bad_file_is_a_clear_error(tmp_path):
         read_lora(tmp_path / "nope.safetensors")
 
 
+@pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_update_backward_equals_autograd(p):
+def test_lora_update_backward_equals_autograd(p, folded):
     """LoRAUpdate (the training path under autocast: hand-written backward, factor gradients added straight into
     .grad) against autograd's own graph of the same formula, in float64 so only the maths is compared; twice, so
-    the second backward must accumulate onto the first."""
+    the second backward must accumulate onto the first. folded: the node also runs the base's matmul (y None, a
+    frozen weight W): against F.linear(x, W) + the update through autograd."""
+    import torch.nn.functional as F
+
     from hmtiny.lora import LoRAUpdate
     from kernels.dropout import seeded_dropout
     g = torch.Generator().manual_seed(0)
@@ -293,12 +297,18 @@ def test_lora_update_backward_equals_autograd(p):
             out.backward(gout)
         return out.detach(), xs.grad, ys.grad, A.grad, B.grad
 
+    W = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)  # frozen
+
     def plain(y, x_, A, B):
         h = seeded_dropout(x_, seed, 3, p)
-        return y + scaling * (h @ A.t() @ B.t())
+        return (F.linear(x_, W) if folded else y) + scaling * (h @ A.t() @ B.t())
 
     want = run(plain)
-    got = run(lambda y, x_, A, B: LoRAUpdate.apply(y, x_, A, B, None, None, scaling, seed, 3, p))
+    if folded:
+        got = run(lambda y, x_, A, B: LoRAUpdate.apply(None, x_, A, B, None, None, scaling, seed, 3, p, W))
+        want, got = want[:2] + want[3:], got[:2] + got[3:]  # no y input: out, dx, dA, dB
+    else:
+        got = run(lambda y, x_, A, B: LoRAUpdate.apply(y, x_, A, B, None, None, scaling, seed, 3, p))
     for w, o in zip(want, got):
         torch.testing.assert_close(o, w, rtol=1e-10, atol=1e-12)
 
@@ -329,3 +339,343 @@ def test_lora_layer_under_autocast_matches_the_plain_form():
     assert fused[0].dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32
     for f, q in zip(fused, plain):
         torch.testing.assert_close(f, q, rtol=2e-2, atol=2e-2)
+
+
+def folded_layer(weight_dtype=torch.float32, p=0.0):
+    """A LoRALinear whose base is a frozen nn.Linear without bias: its autocast path folds the base matmul."""
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=False).to(weight_dtype).requires_grad_(False)
+    layer = LoRALinear(base, rank=8, alpha=16, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    layer.seed.tensor.fill_(77)
+    return layer
+
+
+def layer_grads(layer, x, fold=True):
+    """out, dx, dA, dB of one forward + backward (float32 loss); fold False makes the layer call its base instead."""
+    from contextlib import nullcontext
+    from unittest import mock
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    xs = x.clone().requires_grad_()
+    with nullcontext() if fold else mock.patch.object(LoRALinear, "folded_weight", return_value=None), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xs)
+    (out.float().square().sum() * 0.01).backward()
+    return out, xs.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("weight_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.bfloat16)])
+def test_folded_base_matches_the_plain_composition(p, weight_dtype, x_dtype):
+    """A frozen nn.Linear base under bf16 autocast: LoRAUpdate runs the base matmul itself. Output, dx, dA, dB
+    against the float32 composition (the base's F.linear + the LoRA formula through autograd) up to bf16 rounding;
+    against the unfolded path (the base called as a module, then LoRAUpdate): output, dA and dB bit-identical, dx
+    differing by the order of its bf16 roundings only."""
+    import torch.nn.functional as F
+
+    from kernels.dropout import seeded_dropout
+    layer = folded_layer(weight_dtype, p)
+    x = torch.randn(3, 50, 48).to(x_dtype)
+    folded, unfolded = layer_grads(layer, x), layer_grads(layer, x, fold=False)
+    assert folded[0].dtype == torch.bfloat16 and folded[1].dtype == x_dtype
+
+    xs = x.float().requires_grad_()
+    A, B = (w.detach().clone().requires_grad_() for w in (layer.lora_A.weight, layer.lora_B.weight))
+    h = seeded_dropout(xs, layer.seed.tensor, layer.salt, p)
+    out = F.linear(xs, layer.base.weight.float()) + layer.scaling * (h @ A.t() @ B.t())
+    (out.square().sum() * 0.01).backward()
+    for got, want in zip(folded, (out, xs.grad, A.grad, B.grad)):
+        torch.testing.assert_close(got.float(), want.detach(), rtol=2e-2, atol=2e-2)
+
+    assert torch.equal(folded[0], unfolded[0])  # the same F.linear, then the same addmm on the same y
+    assert torch.equal(folded[2], unfolded[2]) and torch.equal(folded[3], unfolded[3])
+    torch.testing.assert_close(folded[1].float(), unfolded[1].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_fold_is_taken_for_a_frozen_linear_only():
+    """The fold runs for a frozen nn.Linear without bias (the base module is never called, its weight goes to
+    LoRAUpdate); an int8 base, a weight that trains (full fine-tuning), a bias or a hook of the base's own keep the
+    base's own forward (and a training weight its gradient). Fails if the fold silently falls back."""
+    from unittest import mock
+
+    from hmtiny.lora import LoRAUpdate
+    from hmtiny.quant import Int8Linear
+
+    def run(layer):
+        calls, folded = [], []
+        real_forward, real_apply = layer.base.forward, LoRAUpdate.apply
+
+        def forward(x):
+            calls.append(1)
+            return real_forward(x)
+
+        def apply(y, x, A, B, a, b, scaling, seed, salt, p, weight=None, grads=None):
+            folded.append(weight is not None and y is None)
+            return real_apply(y, x, A, B, a, b, scaling, seed, salt, p, weight, grads)
+
+        layer.base.forward = forward
+        with mock.patch.object(LoRAUpdate, "apply", apply), torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(torch.randn(2, 5, 48, requires_grad=True)).float().sum().backward()
+        del layer.base.forward
+        return len(calls), folded
+
+    frozen = folded_layer()
+    assert frozen.folded_weight() is frozen.base.weight
+    assert run(frozen) == (0, [True])
+    assert run(folded_layer(torch.bfloat16)) == (0, [True])
+
+    int8 = LoRALinear(Int8Linear.from_linear(nn.Linear(48, 40, bias=False)), rank=4, alpha=4)
+    assert int8.folded_weight() is None and run(int8) == (1, [False])
+
+    trained = LoRALinear(nn.Linear(48, 40, bias=False), rank=4, alpha=4)  # weight.requires_grad: full fine-tuning
+    assert trained.folded_weight() is None and run(trained) == (1, [False])
+    assert trained.base.weight.grad is not None and trained.base.weight.grad.abs().sum() > 0
+
+    biased = LoRALinear(nn.Linear(48, 40).requires_grad_(False), rank=4, alpha=4)
+    assert biased.folded_weight() is None and run(biased) == (1, [False])
+
+    hooked = folded_layer()
+    seen = []
+    hooked.base.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert hooked.folded_weight() is None and run(hooked) == (1, [False]) and seen == [(2, 5, 40)]
+
+    with pytest.raises(ValueError, match="frozen"):
+        w = nn.Parameter(torch.randn(40, 48))
+        LoRAUpdate.apply(None, torch.randn(5, 48), frozen.lora_A.weight, frozen.lora_B.weight, None, None, 1.0,
+                         frozen.seed.tensor, 0, 0.0, w)
+
+
+def square_layer(p=0.0):
+    """A frozen-base LoRALinear 48 -> 48 (its output can feed it again), scaling 12/8 = 1.5, a trained-looking B."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 48, bias=False).requires_grad_(False), rank=8, alpha=12, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    layer.seed.tensor.fill_(5)
+    return layer
+
+
+def window_grads(layer, x, copies=None, calls=1, fail=False):
+    """dA, dB of `calls` chained layer calls and one backward, inside copies.active() when given (backward too,
+    as in the captured step); fail raises after the backward, inside the window."""
+    from contextlib import nullcontext
+    xs = x.clone().requires_grad_()
+    with copies.active() if copies is not None else nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = xs
+            for _ in range(calls):
+                out = layer(out)
+        (out.float().square().sum() * 0.01).backward()
+        if fail:
+            raise RuntimeError("boom")
+    return layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+
+
+def count_accumulate(monkeypatch):
+    from hmtiny import lora
+    calls, real = [], lora._accumulate
+    monkeypatch.setattr(lora, "_accumulate", lambda p, g, alpha: (calls.append(p), real(p, g, alpha)))
+    return calls
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_layer_run_twice_in_one_window_accumulates_both_contributions(monkeypatch, p):
+    """A layer that runs twice in one FactorCopies window: its second backward adds to its gradient buffers
+    (addmm_) rather than overwriting the first's; against the two added into .grad one by one (outside a window)
+    up to the one bf16 rounding of their sum. Dropping either contribution would be far off."""
+    from hmtiny.lora import FactorCopies
+    layer = square_layer(p)
+    x = torch.randn(3, 20, 48)
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    calls = count_accumulate(monkeypatch)
+    got = window_grads(layer, x, FactorCopies(layer, torch.bfloat16), calls=2)
+    assert calls == []  # both backwards went to the buffers
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    want = window_grads(layer, x, calls=2)
+    assert len(calls) == 4
+    for g, w in zip(got, want):  # bf16 roundings of the products and their sum, relative to the largest entries
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2 * w.abs().max().item())
+    # the first call's contribution alone is far from the sum, so an overwrite or a lost add would fail above
+    for prm in (layer.lora_A.weight, layer.lora_B.weight):
+        prm.grad = None
+    once = window_grads(layer, x, calls=1)
+    for g, o in zip(got, once):
+        assert (g - o).abs().max() > 0.2 * g.abs().max()
+
+
+def test_window_left_by_an_exception_adds_nothing_and_the_next_starts_afresh():
+    """A FactorCopies window that raises after the backward wrote the buffers: .grad keeps its earlier values, the
+    layer's copies and buffers are detached; the next window of the same FactorCopies gives what a fresh one
+    gives (no written flag or buffer left over)."""
+    from hmtiny.lora import FactorCopies
+    layer = square_layer(0.2)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    x = torch.randn(3, 20, 48)
+    copies = FactorCopies(layer, torch.bfloat16)
+    earlier = (torch.randn(A.shape) * 1e-2, torch.randn(B.shape) * 1e-2)
+    A.grad, B.grad = (e.clone() for e in earlier)
+    with pytest.raises(RuntimeError, match="boom"):
+        window_grads(layer, x, copies, fail=True)
+    assert copies.grads[0].written == [True, True]  # the backward did write the buffers
+    assert torch.equal(A.grad, earlier[0]) and torch.equal(B.grad, earlier[1])
+    assert layer.factor_copies is None and layer.factor_grads is None and not copies.grads[0].open
+    got = window_grads(layer, x, copies)
+    A.grad, B.grad = (e.clone() for e in earlier)
+    want = window_grads(layer, x, FactorCopies(layer, torch.bfloat16))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(want[0], earlier[0]) and not torch.equal(want[1], earlier[1])  # it did add
+
+
+def test_backward_after_the_window_adds_into_grad_itself(monkeypatch):
+    """A forward inside a window whose backward runs after it closed: the buffers are no longer read, so the
+    backward adds into .grad itself (_accumulate), with the same result as without a window."""
+    from hmtiny.lora import FactorCopies
+    layer = square_layer()
+    x = torch.randn(3, 20, 48)
+    copies = FactorCopies(layer, torch.bfloat16)
+    calls = count_accumulate(monkeypatch)
+    with copies.active(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.clone().requires_grad_())
+    (out.float().square().sum() * 0.01).backward()
+    got = layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
+    assert len(calls) == 2 and copies.grads[0].written == [False, False]
+    layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    want = window_grads(layer, x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def grouped_layers(p=0.0, weight_dtype=torch.bfloat16, ranks=(8, 8, 8)):
+    """Three folded LoRA layers reading one input (as q/k/v do), one seed and salt, random B."""
+    torch.manual_seed(0)
+    layers = []
+    for i, (out, r) in enumerate(zip((40, 24, 24), ranks)):
+        base = nn.Linear(48, out, bias=False).to(weight_dtype).requires_grad_(False)
+        layer = LoRALinear(base, rank=r, alpha=16, dropout=p).train()
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+        layers.append(layer)
+    for layer in layers[1:]:
+        layer.seed = layers[0].seed
+    layers[0].seed.tensor.fill_(77)
+    return layers
+
+
+def group_grads(layers, x, grouped: bool):
+    """outputs, dx, then (dA, dB) per layer, of one forward + backward under bf16 autocast."""
+    from hmtiny.lora import group_update
+    for m in layers:
+        m.lora_A.weight.grad = m.lora_B.weight.grad = None
+    xs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = group_update(layers, xs) if grouped else tuple(m(xs) for m in layers)
+    assert outs is not None
+    sum((o.float().square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+    return outs, xs.grad, [(m.lora_A.weight.grad.clone(), m.lora_B.weight.grad.clone()) for m in layers]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
+    """LoRAGroupUpdate (one dropout, one LoRA-down GEMM, one dx buffer) against each layer's own LoRAUpdate: the
+    same outputs, dx and factor gradients up to the order of bf16 roundings; and against the float32 composition
+    with the shared mask."""
+    import torch.nn.functional as F
+
+    from kernels.dropout import seeded_dropout
+    layers = grouped_layers(p, ranks=(8, 4, 8))
+    x = torch.randn(3, 50, 48).to(x_dtype)
+    g_outs, g_dx, g_ab = group_grads(layers, x, grouped=True)
+    l_outs, l_dx, l_ab = group_grads(layers, x, grouped=False)
+    assert [o.dtype for o in g_outs] == [torch.bfloat16] * 3 and g_dx.dtype == x_dtype
+    for a, b in zip(g_outs, l_outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(g_dx.float(), l_dx.float(), rtol=2e-2, atol=2e-2)
+    for (ga, gb), (la, lb) in zip(g_ab, l_ab):
+        torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
+
+    xs = x.float().requires_grad_()
+    h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)  # one mask for the whole group
+    factors = [(m.lora_A.weight.detach().clone().requires_grad_(), m.lora_B.weight.detach().clone().requires_grad_())
+               for m in layers]
+    outs = [F.linear(xs, m.base.weight.float()) + m.scaling * (h @ A.t() @ B.t()) for m, (A, B) in zip(layers, factors)]
+    sum((o.square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+    for a, b in zip(g_outs, outs):
+        torch.testing.assert_close(a.float(), b.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(g_dx.float(), xs.grad, rtol=3e-2, atol=3e-2)
+    for (ga, gb), (A, B) in zip(g_ab, factors):
+        torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_group_update_declines_what_it_cannot_run():
+    """None (each layer runs itself) without autocast, for an unfolded base (int8, a training weight), for layers
+    with different dropout salts or rates, for a module that is not a LoRA layer."""
+    from hmtiny.lora import group_update
+    from hmtiny.quant import Int8Linear
+    x = torch.randn(2, 5, 48)
+    assert group_update(grouped_layers(), x) is None  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert group_update(grouped_layers(), x) is not None
+        layers = grouped_layers()
+        layers[1].base = Int8Linear.from_linear(nn.Linear(48, 24, bias=False))
+        assert group_update(layers, x) is None
+        layers = grouped_layers()
+        layers[2].base.weight.requires_grad_(True)
+        assert group_update(layers, x) is None
+        layers = grouped_layers()
+        layers[2].salt = 5
+        assert group_update(layers, x) is None
+        layers = grouped_layers(0.1)
+        layers[0].dropout_p = 0.2
+        assert group_update(layers, x) is None
+        assert group_update([nn.Linear(48, 4)] + grouped_layers()[1:], x) is None
+
+
+def test_layers_reading_one_input_share_a_salt():
+    """q/k/v of an attention share one dropout salt, w1/w3 of an MLP another; every other layer, and every other
+    module's layers, get salts of their own."""
+    model = tiny_model()
+    inject_lora(model, rank=2, dropout=0.1)
+    salts = {p: m.salt for p, m in lora_layers(model).items()}
+    for stack, n in (("backbone", 2), ("decoder", 1)):
+        for i in range(n):
+            at = f"{stack}.layers.{i}"
+            assert salts[f"{at}.attn.q_proj"] == salts[f"{at}.attn.k_proj"] == salts[f"{at}.attn.v_proj"]
+            assert salts[f"{at}.mlp.w1"] == salts[f"{at}.mlp.w3"]
+    groups = {}
+    for p, salt in salts.items():
+        parent, name = p.rsplit(".", 1)
+        same = {"k_proj": "q_proj", "v_proj": "q_proj", "w3": "w1"}
+        groups.setdefault(salt, set()).add((parent, same.get(name, name)))
+    assert all(len(g) == 1 for g in groups.values())  # one salt, one input
+    assert len(groups) == 3 * 4  # q/k/v, output_proj, w1/w3, w2 in each of 3 layers
+
+
+def test_fused_model_runs_the_groups(monkeypatch):
+    """Under autocast the fused Attention and MLP take LoRAGroupUpdate for q/k/v and w1/w3 (one call each per
+    block), and the training loss equals the unfused model's up to bf16 rounding."""
+    from hmtiny.fused import use_fused_kernels
+    from hmtiny.lora import LoRAGroupUpdate
+    model = tiny_model().train()
+    inject_lora(model, rank=2, dropout=0.2)
+    mark_only_lora_trainable(model)
+    randomize_lora(model)
+    for m in lora_layers(model).values():
+        m.base.weight.requires_grad_(False)
+    tokens, mask, frames, muq = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = model.loss(tokens, mask, frames, muq)
+    calls = []
+    real = LoRAGroupUpdate.apply
+    monkeypatch.setattr(LoRAGroupUpdate, "apply", lambda *a: calls.append(len(a[2])) or real(*a))
+    use_fused_kernels(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, _ = model.loss(tokens, mask, frames, muq)
+    assert sorted(calls) == [2, 2, 2, 3, 3, 3]  # 3 blocks: q/k/v and w1/w3 each
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
