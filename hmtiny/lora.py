@@ -2,11 +2,12 @@
 
 y = base(x) + (alpha / r) * B(A(dropout(x))), A [r, in] kaiming-uniform, B [out, r] zero (so a fresh adapter
 changes nothing). Dropout (training mode only) is seeded (kernels/dropout.py): its mask is a hash of a seed that
-the trainer sets once per micro-batch (`set_dropout_seed`), the layer's index and the element's position, so
-gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph draws a new
-one on every replay. The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
-hmtiny.quant.Int8Linear); under autocast a frozen nn.Linear base's matmul runs inside the adapter's autograd node
-(LoRAUpdate). A wrapped layer keeps its module path, so file keys are
+the trainer sets once per micro-batch (`set_dropout_seed`), the index of the layer's input and the element's
+position, so gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph
+draws a new one on every replay; layers reading one input (q/k/v, w1/w3) share its mask. The base is any module
+with `in_features`, `out_features` and `forward` (nn.Linear or hmtiny.quant.Int8Linear); under autocast a frozen
+nn.Linear base's matmul runs inside the adapter's autograd node (LoRAUpdate), and hmtiny.fused runs the layers of
+one input as one node (LoRAGroupUpdate). A wrapped layer keeps its module path, so file keys are
 `<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
 
 Files written by SimpleTuner load too (Hugging Face Llama names, `self_attn.o_proj`, `mlp.gate_proj`...): a PEFT
