@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from kernels.dropout import seeded_dropout, seeded_dropout_apply
 
+from . import quant
 from .checkpoint import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -99,6 +100,16 @@ class LoRALinear(nn.Module):
         if base._forward_hooks or base._forward_pre_hooks:
             return None
         return base.weight
+
+    def int8_base(self):
+        """The base when LoRAGroupUpdate can run its matmul through hmtiny.quant's int8 product: an Int8Linear
+        without bias or hooks of its own. Else None."""
+        base = self.base
+        if type(base) is not quant.Int8Linear or base.bias is not None:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        return base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
@@ -212,8 +223,10 @@ class LoRAGroupUpdate(torch.autograd.Function):
     done once: the dropout of x (the layers share its mask, LoRALinear.salt), one LoRA-down GEMM for all the A's
     stacked, and in the backward one dx buffer that every dx term is added into by GEMMs (the LoRA part, its
     dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
-    Factor gradients go where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a
-    folded_weight, under autocast (`group_update` checks). Held to the per-layer path by tests/test_lora.py."""
+    An int8 base (LoRALinear.int8_base) runs its own product (hmtiny.quant.int8_product), and its dx is added into
+    the buffer (int8_product_dx, then add_). Factor gradients go where LoRAUpdate puts them (FactorGrads buffers
+    or .grad). Layers: LoRALinear with a folded_weight or an int8_base, under autocast (`group_update` checks).
+    Held to the per-layer path by tests/test_lora.py."""
 
     @staticmethod
     def forward(ctx, x, seed, layers, p: float, *factors):
@@ -228,15 +241,23 @@ class LoRAGroupUpdate(torch.autograd.Function):
             a_cat = torch.cat([a if a is not None and a.dtype == dt else m.lora_A.weight.to(dt)
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
             bs = [b if b is not None and b.dtype == dt else m.lora_B.weight.to(dt) for m, (_, b) in zip(layers, pairs)]
-            weights = [m.folded_weight().to(dt) for m in layers]
+            # per layer: a dense weight in the compute dtype (folded nn.Linear), or an int8 weight and its scale
+            weights, scales, groups = [], [], []
+            for m in layers:
+                q = m.int8_base()
+                groups.append(None if q is None else q.group_size)
+                weights.append(m.folded_weight().to(dt) if q is None else q.weight)
+                scales.append(None if q is None else q.scale)
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
-            for m, b, w in zip(layers, bs, weights):
-                out = F.linear(xd, w)
+            for m, b, w, sc, group in zip(layers, bs, weights, scales, groups):
+                out = F.linear(xd, w) if sc is None else quant.int8_product(xd, w, sc, group)
                 out.view(-1, out.shape[-1]).addmm_(low[:, start:start + m.rank], b.t(), alpha=m.scaling)
                 outs.append(out)
                 start += m.rank
-        ctx.save_for_backward(h, low, a_cat, seed, *bs, *weights)
+        ctx.save_for_backward(h, low, a_cat, seed, *bs, *weights, *[sc for sc in scales if sc is not None])
+        ctx.int8 = [sc is not None for sc in scales]
+        ctx.groups = groups
         ctx.layers, ctx.p, ctx.x_dtype = layers, p, x.dtype
         ctx.grads = [m.factor_grads for m in layers]
         return tuple(outs)
@@ -245,7 +266,8 @@ class LoRAGroupUpdate(torch.autograd.Function):
     def backward(ctx, *gs):
         h, low, a_cat, seed, *rest = ctx.saved_tensors
         layers, n = ctx.layers, len(ctx.layers)
-        bs, weights = rest[:n], rest[n:]
+        bs, weights, saved_scales = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
+        scales = [next(saved_scales) if is_int8 else None for is_int8 in ctx.int8]
         with torch.autocast(h.device.type, enabled=False):
             h2 = h.reshape(-1, h.shape[-1])
             g2s, d_lows, start = [], [], 0
@@ -266,23 +288,26 @@ class LoRAGroupUpdate(torch.autograd.Function):
                 dx = torch.cat(d_lows, dim=1) @ a_cat  # every layer's LoRA dx in one GEMM
                 if ctx.p > 0:
                     dx = seeded_dropout_apply(dx, seed, layers[0].salt, ctx.p)
-                for g2, w in zip(g2s, weights):  # + each base's dx, into the same buffer
-                    dx.addmm_(g2, w)
+                for g2, w, sc, group in zip(g2s, weights, scales, ctx.groups):  # + each base's dx, into the buffer
+                    if sc is None:
+                        dx.addmm_(g2, w)
+                    else:
+                        dx.add_(quant.int8_product_dx(g2, w, sc, group))
                 dx = dx.view(h.shape).to(ctx.x_dtype)
         return (dx, None, None, None) + (None,) * len(ctx.layers) * 2
 
 
 def group_update(layers, x: torch.Tensor):
     """The layers' outputs for the same input x through LoRAGroupUpdate, or None where it does not apply (then
-    call each layer): every layer a LoRALinear with a folded base and no hooks of its own, one dropout (rate,
-    seed and salt), under autocast and outside torch.compile."""
+    call each layer): every layer a LoRALinear with a folded or int8 base and no hooks of its own, one dropout
+    (rate, seed and salt), under autocast and outside torch.compile."""
     if not (torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()):
         return None
     if not all(isinstance(m, LoRALinear) for m in layers):
         return None
     first = layers[0]
     for m in layers:
-        if m.folded_weight() is None or m._forward_hooks or m._forward_pre_hooks:
+        if (m.folded_weight() is None and m.int8_base() is None) or m._forward_hooks or m._forward_pre_hooks:
             return None
         if (m.dropout_p, m.salt, m.seed, m.training) != (first.dropout_p, first.salt, first.seed, first.training):
             return None

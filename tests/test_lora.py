@@ -614,8 +614,8 @@ def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
 
 
 def test_group_update_declines_what_it_cannot_run():
-    """None (each layer runs itself) without autocast, for an unfolded base (int8, a training weight), for layers
-    with different dropout salts or rates, for a module that is not a LoRA layer."""
+    """None (each layer runs itself) without autocast, for a base it cannot run (an int8 one with a bias, a
+    training weight), for layers with different dropout salts or rates, for a module that is not a LoRA layer."""
     from hmtiny.lora import group_update
     from hmtiny.quant import Int8Linear
     x = torch.randn(2, 5, 48)
@@ -623,7 +623,7 @@ def test_group_update_declines_what_it_cannot_run():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert group_update(grouped_layers(), x) is not None
         layers = grouped_layers()
-        layers[1].base = Int8Linear.from_linear(nn.Linear(48, 24, bias=False))
+        layers[1].base = Int8Linear.from_linear(nn.Linear(48, 24, bias=True))  # an int8 base with a bias
         assert group_update(layers, x) is None
         layers = grouped_layers()
         layers[2].base.weight.requires_grad_(True)
@@ -657,17 +657,22 @@ def test_layers_reading_one_input_share_a_salt():
     assert len(groups) == 3 * 4  # q/k/v, output_proj, w1/w3, w2 in each of 3 layers
 
 
-def test_fused_model_runs_the_groups(monkeypatch):
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_model_runs_the_groups(monkeypatch, int8):
     """Under autocast the fused Attention and MLP take LoRAGroupUpdate for q/k/v and w1/w3 (one call each per
-    block), and the training loss equals the unfused model's up to bf16 rounding."""
+    block), bf16 or int8 base, and the training loss equals the unfused model's up to bf16 rounding."""
     from hmtiny.fused import use_fused_kernels
     from hmtiny.lora import LoRAGroupUpdate
+    from hmtiny.quant import quantize_model
     model = tiny_model().train()
+    if int8:
+        quantize_model(model)
     inject_lora(model, rank=2, dropout=0.2)
     mark_only_lora_trainable(model)
     randomize_lora(model)
     for m in lora_layers(model).values():
         m.base.weight.requires_grad_(False)
+        assert (m.int8_base() is not None) == int8
     tokens, mask, frames, muq = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain, _ = model.loss(tokens, mask, frames, muq)
@@ -679,3 +684,36 @@ def test_fused_model_runs_the_groups(monkeypatch):
         fused, _ = model.loss(tokens, mask, frames, muq)
     assert sorted(calls) == [2, 2, 2, 3, 3, 3]  # 3 blocks: q/k/v and w1/w3 each
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_group_update_runs_int8_bases(p):
+    """Int8 bases (some or all of a group): the group node runs their int8 product and adds their dx into its
+    buffer; outputs, dx and factor gradients equal each layer run by itself (Int8Linear's own node, then
+    LoRAUpdate) up to bf16 rounding."""
+    from hmtiny.lora import LoRAGroupUpdate, group_update
+    from hmtiny.quant import Int8Linear
+    for mixed in (False, True):
+        layers = grouped_layers(p, weight_dtype=torch.float32)
+        for i, m in enumerate(layers):
+            if not (mixed and i == 1):  # mixed: the middle layer keeps a folded nn.Linear base
+                m.base = Int8Linear.from_linear(m.base)
+        assert [m.int8_base() is not None for m in layers] == [True, not mixed, True]
+        x = torch.randn(3, 50, 48).to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert group_update(layers, x) is not None
+        calls = []
+        real = LoRAGroupUpdate.apply
+        LoRAGroupUpdate.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            g_outs, g_dx, g_ab = group_grads(layers, x, grouped=True)
+        finally:
+            LoRAGroupUpdate.apply = real
+        assert calls == [1]
+        l_outs, l_dx, l_ab = group_grads(layers, x, grouped=False)
+        for a, b in zip(g_outs, l_outs):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(g_dx.float(), l_dx.float(), rtol=2e-2, atol=2e-2)
+        for (ga, gb), (la, lb) in zip(g_ab, l_ab):
+            torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
