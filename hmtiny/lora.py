@@ -114,10 +114,14 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
             # training: one autograd node for the whole adapter (LoRAUpdate below), and for the base's matmul too
-            # when the base is a frozen nn.Linear
+            # when the base is a frozen nn.Linear or an int8 one
             p = self.dropout_p if self.training else 0.0
             a, b = self.factor_copies if self.factor_copies is not None else (None, None)
             w = self.folded_weight()
+            if w is None and self.int8_base() is not None:  # an int8 base: the group node, as a group of one,
+                out = group_update((self,), x)  # runs its product and adds its dx into the LoRA dx
+                if out is not None:
+                    return out[0]
             return LoRAUpdate.apply(self.base(x) if w is None else None, x, self.lora_A.weight, self.lora_B.weight,
                                     a, b, self.scaling, self.seed.on(x.device), self.salt, p, w, self.factor_grads)
         y = self.base(x)

@@ -427,8 +427,15 @@ def test_fold_is_taken_for_a_frozen_linear_only():
     assert run(frozen) == (0, [True])
     assert run(folded_layer(torch.bfloat16)) == (0, [True])
 
+    # an int8 base: not LoRAUpdate's fold, the group node as a group of one runs its product (never the module)
+    from hmtiny.lora import LoRAGroupUpdate
     int8 = LoRALinear(Int8Linear.from_linear(nn.Linear(48, 40, bias=False)), rank=4, alpha=4)
-    assert int8.folded_weight() is None and run(int8) == (1, [False])
+    grouped, real_group = [], LoRAGroupUpdate.apply
+    with mock.patch.object(LoRAGroupUpdate, "apply", lambda *a: grouped.append(len(a[2])) or real_group(*a)):
+        assert int8.folded_weight() is None and run(int8) == (0, [])
+    assert grouped == [1]
+    int8_bias = LoRALinear(Int8Linear.from_linear(nn.Linear(48, 40, bias=True)), rank=4, alpha=4)
+    assert int8_bias.int8_base() is None and run(int8_bias) == (1, [False])
 
     trained = LoRALinear(nn.Linear(48, 40, bias=False), rank=4, alpha=4)  # weight.requires_grad: full fine-tuning
     assert trained.folded_weight() is None and run(trained) == (1, [False])
@@ -682,7 +689,8 @@ def test_fused_model_runs_the_groups(monkeypatch, int8):
     use_fused_kernels(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, _ = model.loss(tokens, mask, frames, muq)
-    assert sorted(calls) == [2, 2, 2, 3, 3, 3]  # 3 blocks: q/k/v and w1/w3 each
+    # 3 blocks: q/k/v and w1/w3 each; with int8 bases output_proj and w2 run as groups of one too
+    assert sorted(calls) == [1] * 6 * int8 + [2, 2, 2, 3, 3, 3]
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -717,3 +725,20 @@ def test_group_update_runs_int8_bases(p):
         for (ga, gb), (la, lb) in zip(g_ab, l_ab):
             torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
+        # and both against the float32 composition over the dequantised weights (one shared mask)
+        import torch.nn.functional as F
+
+        from kernels.dropout import seeded_dropout
+        xs = x.float().requires_grad_()
+        h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)
+        dense = [m.base.dequantize() if m.int8_base() is not None else m.base.weight.float() for m in layers]
+        factors = [(m.lora_A.weight.detach().clone().requires_grad_(),
+                    m.lora_B.weight.detach().clone().requires_grad_()) for m in layers]
+        outs = [F.linear(xs, w) + m.scaling * (h @ A.t() @ B.t()) for m, w, (A, B) in zip(layers, dense, factors)]
+        sum((o.square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+        for a, b in zip(g_outs, outs):
+            torch.testing.assert_close(a.float(), b.detach(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(g_dx.float(), xs.grad, rtol=3e-2, atol=3e-2)
+        for (ga, gb), (A, B) in zip(g_ab, factors):
+            torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
