@@ -224,8 +224,8 @@ class LoRAGroupUpdate(torch.autograd.Function):
     done once: the dropout of x (the layers share its mask, LoRALinear.salt), one LoRA-down GEMM for all the A's
     stacked, and in the backward one dx buffer that every dx term is added into by GEMMs (the LoRA part, its
     dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
-    An int8 base (LoRALinear.int8_base) runs its own product (hmtiny.quant.int8_product), and its dx is added into
-    the buffer (int8_product_dx, then add_). Factor gradients go where LoRAUpdate puts them (FactorGrads buffers
+    An int8 base (LoRALinear.int8_base) is dequantised to the compute dtype and then treated as a folded weight
+    (what its own product does for training's row counts, hmtiny.quant.dense_weight). Factor gradients go where LoRAUpdate puts them (FactorGrads buffers
     or .grad). Layers: LoRALinear with a folded_weight or an int8_base, under autocast (`group_update` checks).
     Held to the per-layer path by tests/test_lora.py."""
 
@@ -242,23 +242,23 @@ class LoRAGroupUpdate(torch.autograd.Function):
             a_cat = torch.cat([_compute_copy(a, m.lora_A.weight, dt)
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
             bs = [_compute_copy(b, m.lora_B.weight, dt) for m, (_, b) in zip(layers, pairs)]
-            # per layer: a dense weight in the compute dtype (folded nn.Linear), or an int8 weight and its scale
-            weights, scales, groups = [], [], []
-            for m in layers:
-                q = m.int8_base()
-                groups.append(None if q is None else q.group_size)
-                weights.append(m.folded_weight().to(dt) if q is None else q.weight)
-                scales.append(None if q is None else q.scale)
+            # per layer a dense weight in the compute dtype: the frozen nn.Linear's, or an int8 base dequantised
+            weights = [m.folded_weight().to(dt) if m.int8_base() is None else quant.dense_weight(m.base, dt)
+                       for m in layers]
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
-            for m, b, w, sc, group in zip(layers, bs, weights, scales, groups):
-                out = F.linear(xd, w) if sc is None else quant.int8_product(xd, w, sc, group)
+            for m, b, w in zip(layers, bs, weights):
+                out = F.linear(xd, w)
                 out.view(-1, out.shape[-1]).addmm_(low[:, start:start + m.rank], b.t(), alpha=m.scaling)
                 outs.append(out)
                 start += m.rank
-        ctx.save_for_backward(h, low, a_cat, seed, *bs, *weights, *[sc for sc in scales if sc is not None])
-        ctx.int8 = [sc is not None for sc in scales]
-        ctx.groups = groups
+        # An int8 base's dense weight is kept for the backward only under gradient checkpointing, where the
+        # forward's saves are dropped and the recomputation's live just until this block's backward: the dense
+        # copy then spares the backward a second dequantisation. Without checkpointing every layer's would stay
+        # until the backward (a bf16 copy of the model): the backward dequantises again.
+        keep_dense = _under_checkpoint()
+        ctx.again = [m.int8_base() is not None and not keep_dense for m in layers]
+        ctx.save_for_backward(h, low, a_cat, seed, *bs, *[w for w, again in zip(weights, ctx.again) if not again])
         ctx.layers, ctx.p, ctx.x_dtype = layers, p, x.dtype
         ctx.grads = [m.factor_grads for m in layers]
         return tuple(outs)
@@ -267,8 +267,7 @@ class LoRAGroupUpdate(torch.autograd.Function):
     def backward(ctx, *gs):
         h, low, a_cat, seed, *rest = ctx.saved_tensors
         layers, n = ctx.layers, len(ctx.layers)
-        bs, weights, saved_scales = rest[:n], rest[n:2 * n], iter(rest[2 * n:])
-        scales = [next(saved_scales) if is_int8 else None for is_int8 in ctx.int8]
+        bs, kept = rest[:n], iter(rest[n:])
         with torch.autocast(h.device.type, enabled=False):
             h2 = h.reshape(-1, h.shape[-1])
             g2s, d_lows, start = [], [], 0
@@ -286,13 +285,19 @@ class LoRAGroupUpdate(torch.autograd.Function):
                 dx = torch.cat(d_lows, dim=1) @ a_cat  # every layer's LoRA dx in one GEMM
                 if ctx.p > 0:
                     dx = seeded_dropout_apply(dx, seed, layers[0].salt, ctx.p)
-                for g2, w, sc, group in zip(g2s, weights, scales, ctx.groups):  # + each base's dx, into the buffer
-                    if sc is None:
-                        dx.addmm_(g2, w)
-                    else:
-                        dx.add_(quant.int8_product_dx(g2, w, sc, group))
+                for m, g2, again in zip(layers, g2s, ctx.again):  # + each base's dx, into the buffer
+                    dx.addmm_(g2, quant.dense_weight(m.base, h.dtype) if again else next(kept))
                 dx = dx.view(h.shape).to(ctx.x_dtype)
         return (dx, None, None, None) + (None,) * len(ctx.layers) * 2
+
+
+def _under_checkpoint() -> bool:
+    """True inside torch.utils.checkpoint (non-reentrant): saved tensors then pass through its hooks, which drop
+    them after the first forward and recompute them just before the block's backward. Read from the innermost
+    saved-tensor hooks (a private torch function; False where it is missing)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
 def group_update(layers, x: torch.Tensor):

@@ -39,18 +39,10 @@ def use_triton(x: torch.Tensor, group_size: int | None) -> bool:
     return x.is_cuda or K.switches.int8_triton_off_cuda()
 
 
-def int8_product(x, weight, scale, group_size):
-    """x @ (q * scale).T in x's dtype, without autograd (the kernels on CUDA, plain torch elsewhere)."""
-    if use_triton(x, group_size):
-        return K.int8_matmul(x, weight, scale)
-    return K.int8_matmul_ref(x, weight, scale)
-
-
-def int8_product_dx(dy, weight, scale, group_size):
-    """dy @ (q * scale) in dy's dtype: the input gradient of int8_product."""
-    if use_triton(dy, group_size):
-        return K.int8_matmul_dx(dy, weight, scale)
-    return K.int8_matmul_dx_ref(dy, weight, scale)
+def dense_weight(layer: "Int8Linear", dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight dequantised to `dtype`, one pass over the int8 weight: what its product multiplies by
+    for training's row counts (kernels/int8_matmul.py's dequantise regime), and on the CPU for any."""
+    return K.dequantize(layer.weight, layer.scale, dtype)
 
 
 class Int8Matmul(torch.autograd.Function):
@@ -60,14 +52,20 @@ class Int8Matmul(torch.autograd.Function):
     def forward(ctx, x, weight, scale, group_size):
         ctx.save_for_backward(weight, scale)  # buffers: references, no copy
         ctx.group_size = group_size
-        return int8_product(x, weight, scale, group_size)
+        if use_triton(x, group_size):
+            return K.int8_matmul(x, weight, scale)
+        return K.int8_matmul_ref(x, weight, scale)
 
     @staticmethod
     def backward(ctx, dy):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         weight, scale = ctx.saved_tensors
-        return int8_product_dx(dy, weight, scale, ctx.group_size), None, None, None
+        if use_triton(dy, ctx.group_size):
+            dx = K.int8_matmul_dx(dy, weight, scale)
+        else:
+            dx = K.int8_matmul_dx_ref(dy, weight, scale)
+        return dx, None, None, None
 
 
 class Int8Linear(nn.Module):

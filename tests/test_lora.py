@@ -742,3 +742,46 @@ def test_group_update_runs_int8_bases(p):
         for (ga, gb), (A, B) in zip(g_ab, factors):
             torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
             torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_group_keeps_int8_bases_dense_only_under_checkpointing(monkeypatch):
+    """An int8 base is dequantised once per forward. Under gradient checkpointing the recomputed forward's dense
+    weight serves the backward (no dequantisation in the backward itself); without it the backward dequantises
+    again rather than keep every layer's bf16 copy alive. Both give the same outputs and gradients, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hmtiny import lora, quant
+    from hmtiny.quant import Int8Linear
+    layers = grouped_layers(0.25, weight_dtype=torch.float32)
+    for m in layers:
+        m.base = Int8Linear.from_linear(m.base)
+    in_checkpoint = []  # per dequantisation: inside checkpoint's forward or recomputation (True) or not
+    real = quant.dense_weight
+    monkeypatch.setattr(quant, "dense_weight", lambda *a: in_checkpoint.append(lora._under_checkpoint()) or real(*a))
+    seen = []
+
+    def run(x):
+        seen.append(lora._under_checkpoint())
+        return lora.group_update(layers, x)
+
+    x = torch.randn(2, 30, 48).to(torch.bfloat16)
+    results = {}
+    for ckpt in (False, True):
+        in_checkpoint.clear()
+        for m in layers:
+            m.lora_A.weight.grad = m.lora_B.weight.grad = None
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = checkpoint(run, xs, use_reentrant=False) if ckpt else run(xs)
+        forward_calls = len(in_checkpoint)
+        sum((o.float().square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+        backward_modes = in_checkpoint[forward_calls:]
+        assert forward_calls == 3
+        # with checkpointing the backward's only dequantisations are the recomputed forward's
+        assert backward_modes == ([True] * 3 if ckpt else [False] * 3)
+        results[ckpt] = [o.detach() for o in outs] + [xs.grad] + [g for m in layers
+                                                                   for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+    assert seen == [False, True, True]  # outside, then checkpoint's forward and its recomputation
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    assert not lora._under_checkpoint()
