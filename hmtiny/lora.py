@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from kernels.dropout import seeded_dropout, seeded_dropout_apply
 
+from . import quant
 from .checkpoint import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -101,13 +102,27 @@ class LoRALinear(nn.Module):
             return None
         return base.weight
 
+    def int8_base(self):
+        """The base when LoRAGroupUpdate can run its matmul through hmtiny.quant's int8 product: an Int8Linear
+        without bias or hooks of its own. Else None."""
+        base = self.base
+        if type(base) is not quant.Int8Linear or base.bias is not None:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        return base
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling():
             # training: one autograd node for the whole adapter (LoRAUpdate below), and for the base's matmul too
-            # when the base is a frozen nn.Linear
+            # when the base is a frozen nn.Linear or an int8 one
             p = self.dropout_p if self.training else 0.0
             a, b = self.factor_copies if self.factor_copies is not None else (None, None)
             w = self.folded_weight()
+            if w is None and self.int8_base() is not None:  # an int8 base: the group node, as a group of one,
+                out = group_update((self,), x)  # runs its product and adds its dx into the LoRA dx
+                if out is not None:
+                    return out[0]
             return LoRAUpdate.apply(self.base(x) if w is None else None, x, self.lora_A.weight, self.lora_B.weight,
                                     a, b, self.scaling, self.seed.on(x.device), self.salt, p, w, self.factor_grads)
         y = self.base(x)
@@ -209,8 +224,10 @@ class LoRAGroupUpdate(torch.autograd.Function):
     done once: the dropout of x (the layers share its mask, LoRALinear.salt), one LoRA-down GEMM for all the A's
     stacked, and in the backward one dx buffer that every dx term is added into by GEMMs (the LoRA part, its
     dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
-    Factor gradients go where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a
-    folded_weight, under autocast (`group_update` checks). Held to the per-layer path by tests/test_lora.py."""
+    An int8 base (LoRALinear.int8_base) is dequantised to the compute dtype and then treated as a folded weight
+    (what its own product does for training's row counts, hmtiny.quant.dense_weight). Factor gradients go where LoRAUpdate puts them (FactorGrads buffers
+    or .grad). Layers: LoRALinear with a folded_weight or an int8_base, under autocast (`group_update` checks).
+    Held to the per-layer path by tests/test_lora.py."""
 
     @staticmethod
     def forward(ctx, x, seed, layers, p: float, *factors):
@@ -225,7 +242,9 @@ class LoRAGroupUpdate(torch.autograd.Function):
             a_cat = torch.cat([_compute_copy(a, m.lora_A.weight, dt)
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
             bs = [_compute_copy(b, m.lora_B.weight, dt) for m, (_, b) in zip(layers, pairs)]
-            weights = [m.folded_weight().to(dt) for m in layers]
+            # per layer a dense weight in the compute dtype: the frozen nn.Linear's, or an int8 base dequantised
+            weights = [m.folded_weight().to(dt) if m.int8_base() is None else quant.dense_weight(m.base, dt)
+                       for m in layers]
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
             for m, b, w in zip(layers, bs, weights):
@@ -233,7 +252,13 @@ class LoRAGroupUpdate(torch.autograd.Function):
                 out.view(-1, out.shape[-1]).addmm_(low[:, start:start + m.rank], b.t(), alpha=m.scaling)
                 outs.append(out)
                 start += m.rank
-        ctx.save_for_backward(h, low, a_cat, seed, *bs, *weights)
+        # An int8 base's dense weight is kept for the backward only under gradient checkpointing, where the
+        # forward's saves are dropped and the recomputation's live just until this block's backward: the dense
+        # copy then spares the backward a second dequantisation. Without checkpointing every layer's would stay
+        # until the backward (a bf16 copy of the model): the backward dequantises again.
+        keep_dense = _under_checkpoint()
+        ctx.again = [m.int8_base() is not None and not keep_dense for m in layers]
+        ctx.save_for_backward(h, low, a_cat, seed, *bs, *[w for w, again in zip(weights, ctx.again) if not again])
         ctx.layers, ctx.p, ctx.x_dtype = layers, p, x.dtype
         ctx.grads = [m.factor_grads for m in layers]
         return tuple(outs)
@@ -242,7 +267,7 @@ class LoRAGroupUpdate(torch.autograd.Function):
     def backward(ctx, *gs):
         h, low, a_cat, seed, *rest = ctx.saved_tensors
         layers, n = ctx.layers, len(ctx.layers)
-        bs, weights = rest[:n], rest[n:]
+        bs, kept = rest[:n], iter(rest[n:])
         with torch.autocast(h.device.type, enabled=False):
             h2 = h.reshape(-1, h.shape[-1])
             g2s, d_lows, start = [], [], 0
@@ -260,23 +285,32 @@ class LoRAGroupUpdate(torch.autograd.Function):
                 dx = torch.cat(d_lows, dim=1) @ a_cat  # every layer's LoRA dx in one GEMM
                 if ctx.p > 0:
                     dx = seeded_dropout_apply(dx, seed, layers[0].salt, ctx.p)
-                for g2, w in zip(g2s, weights):  # + each base's dx, into the same buffer
-                    dx.addmm_(g2, w)
+                for m, g2, again in zip(layers, g2s, ctx.again):  # + each base's dx, into the buffer
+                    dx.addmm_(g2, quant.dense_weight(m.base, h.dtype) if again else next(kept))
                 dx = dx.view(h.shape).to(ctx.x_dtype)
         return (dx, None, None, None) + (None,) * len(ctx.layers) * 2
 
 
+def _under_checkpoint() -> bool:
+    """True inside torch.utils.checkpoint (non-reentrant): saved tensors then pass through its hooks, which drop
+    them after the first forward and recompute them just before the block's backward. Read from the innermost
+    saved-tensor hooks (a private torch function; False where it is missing)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 def group_update(layers, x: torch.Tensor):
     """The layers' outputs for the same input x through LoRAGroupUpdate, or None where it does not apply (then
-    call each layer): every layer a LoRALinear with a folded base and no hooks of its own, one dropout (rate,
-    seed and salt), under autocast and outside torch.compile."""
+    call each layer): every layer a LoRALinear with a folded or int8 base and no hooks of its own, one dropout
+    (rate, seed and salt), under autocast and outside torch.compile."""
     if not (torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()):
         return None
     if not all(isinstance(m, LoRALinear) for m in layers):
         return None
     first = layers[0]
     for m in layers:
-        if m.folded_weight() is None or m._forward_hooks or m._forward_pre_hooks:
+        if (m.folded_weight() is None and m.int8_base() is None) or m._forward_hooks or m._forward_pre_hooks:
             return None
         if (m.dropout_p, m.salt, m.seed, m.training) != (first.dropout_p, first.salt, first.seed, first.training):
             return None

@@ -39,6 +39,12 @@ def use_triton(x: torch.Tensor, group_size: int | None) -> bool:
     return x.is_cuda or K.switches.int8_triton_off_cuda()
 
 
+def dense_weight(layer: "Int8Linear", dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight dequantised to `dtype`, one pass over the int8 weight: what its product multiplies by
+    for training's row counts (kernels/int8_matmul.py's dequantise regime), and on the CPU for any."""
+    return K.dequantize(layer.weight, layer.scale, dtype)
+
+
 class Int8Matmul(torch.autograd.Function):
     """y = x @ W.T with W = q * scale frozen: backward returns dx only, and saves no activation."""
 

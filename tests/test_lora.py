@@ -427,8 +427,15 @@ def test_fold_is_taken_for_a_frozen_linear_only():
     assert run(frozen) == (0, [True])
     assert run(folded_layer(torch.bfloat16)) == (0, [True])
 
+    # an int8 base: not LoRAUpdate's fold, the group node as a group of one runs its product (never the module)
+    from hmtiny.lora import LoRAGroupUpdate
     int8 = LoRALinear(Int8Linear.from_linear(nn.Linear(48, 40, bias=False)), rank=4, alpha=4)
-    assert int8.folded_weight() is None and run(int8) == (1, [False])
+    grouped, real_group = [], LoRAGroupUpdate.apply
+    with mock.patch.object(LoRAGroupUpdate, "apply", lambda *a: grouped.append(len(a[2])) or real_group(*a)):
+        assert int8.folded_weight() is None and run(int8) == (0, [])
+    assert grouped == [1]
+    int8_bias = LoRALinear(Int8Linear.from_linear(nn.Linear(48, 40, bias=True)), rank=4, alpha=4)
+    assert int8_bias.int8_base() is None and run(int8_bias) == (1, [False])
 
     trained = LoRALinear(nn.Linear(48, 40, bias=False), rank=4, alpha=4)  # weight.requires_grad: full fine-tuning
     assert trained.folded_weight() is None and run(trained) == (1, [False])
@@ -614,8 +621,8 @@ def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
 
 
 def test_group_update_declines_what_it_cannot_run():
-    """None (each layer runs itself) without autocast, for an unfolded base (int8, a training weight), for layers
-    with different dropout salts or rates, for a module that is not a LoRA layer."""
+    """None (each layer runs itself) without autocast, for a base it cannot run (an int8 one with a bias, a
+    training weight), for layers with different dropout salts or rates, for a module that is not a LoRA layer."""
     from hmtiny.lora import group_update
     from hmtiny.quant import Int8Linear
     x = torch.randn(2, 5, 48)
@@ -623,7 +630,7 @@ def test_group_update_declines_what_it_cannot_run():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert group_update(grouped_layers(), x) is not None
         layers = grouped_layers()
-        layers[1].base = Int8Linear.from_linear(nn.Linear(48, 24, bias=False))
+        layers[1].base = Int8Linear.from_linear(nn.Linear(48, 24, bias=True))  # an int8 base with a bias
         assert group_update(layers, x) is None
         layers = grouped_layers()
         layers[2].base.weight.requires_grad_(True)
@@ -657,17 +664,22 @@ def test_layers_reading_one_input_share_a_salt():
     assert len(groups) == 3 * 4  # q/k/v, output_proj, w1/w3, w2 in each of 3 layers
 
 
-def test_fused_model_runs_the_groups(monkeypatch):
+@pytest.mark.parametrize("int8", [False, True])
+def test_fused_model_runs_the_groups(monkeypatch, int8):
     """Under autocast the fused Attention and MLP take LoRAGroupUpdate for q/k/v and w1/w3 (one call each per
-    block), and the training loss equals the unfused model's up to bf16 rounding."""
+    block), bf16 or int8 base, and the training loss equals the unfused model's up to bf16 rounding."""
     from hmtiny.fused import use_fused_kernels
     from hmtiny.lora import LoRAGroupUpdate
+    from hmtiny.quant import quantize_model
     model = tiny_model().train()
+    if int8:
+        quantize_model(model)
     inject_lora(model, rank=2, dropout=0.2)
     mark_only_lora_trainable(model)
     randomize_lora(model)
     for m in lora_layers(model).values():
         m.base.weight.requires_grad_(False)
+        assert (m.int8_base() is not None) == int8
     tokens, mask, frames, muq = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain, _ = model.loss(tokens, mask, frames, muq)
@@ -677,5 +689,99 @@ def test_fused_model_runs_the_groups(monkeypatch):
     use_fused_kernels(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, _ = model.loss(tokens, mask, frames, muq)
-    assert sorted(calls) == [2, 2, 2, 3, 3, 3]  # 3 blocks: q/k/v and w1/w3 each
+    # 3 blocks: q/k/v and w1/w3 each; with int8 bases output_proj and w2 run as groups of one too
+    assert sorted(calls) == [1] * 6 * int8 + [2, 2, 2, 3, 3, 3]
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_group_update_runs_int8_bases(p):
+    """Int8 bases (some or all of a group): the group node runs their int8 product and adds their dx into its
+    buffer; outputs, dx and factor gradients equal each layer run by itself (Int8Linear's own node, then
+    LoRAUpdate) up to bf16 rounding."""
+    from hmtiny.lora import LoRAGroupUpdate, group_update
+    from hmtiny.quant import Int8Linear
+    for mixed in (False, True):
+        layers = grouped_layers(p, weight_dtype=torch.float32)
+        for i, m in enumerate(layers):
+            if not (mixed and i == 1):  # mixed: the middle layer keeps a folded nn.Linear base
+                m.base = Int8Linear.from_linear(m.base)
+        assert [m.int8_base() is not None for m in layers] == [True, not mixed, True]
+        x = torch.randn(3, 50, 48).to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert group_update(layers, x) is not None
+        calls = []
+        real = LoRAGroupUpdate.apply
+        LoRAGroupUpdate.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            g_outs, g_dx, g_ab = group_grads(layers, x, grouped=True)
+        finally:
+            LoRAGroupUpdate.apply = real
+        assert calls == [1]
+        l_outs, l_dx, l_ab = group_grads(layers, x, grouped=False)
+        for a, b in zip(g_outs, l_outs):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(g_dx.float(), l_dx.float(), rtol=2e-2, atol=2e-2)
+        for (ga, gb), (la, lb) in zip(g_ab, l_ab):
+            torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
+        # and both against the float32 composition over the dequantised weights (one shared mask)
+        import torch.nn.functional as F
+
+        from kernels.dropout import seeded_dropout
+        xs = x.float().requires_grad_()
+        h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)
+        dense = [m.base.dequantize() if m.int8_base() is not None else m.base.weight.float() for m in layers]
+        factors = [(m.lora_A.weight.detach().clone().requires_grad_(),
+                    m.lora_B.weight.detach().clone().requires_grad_()) for m in layers]
+        outs = [F.linear(xs, w) + m.scaling * (h @ A.t() @ B.t()) for m, w, (A, B) in zip(layers, dense, factors)]
+        sum((o.square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+        for a, b in zip(g_outs, outs):
+            torch.testing.assert_close(a.float(), b.detach(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(g_dx.float(), xs.grad, rtol=3e-2, atol=3e-2)
+        for (ga, gb), (A, B) in zip(g_ab, factors):
+            torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_group_keeps_int8_bases_dense_only_under_checkpointing(monkeypatch):
+    """An int8 base is dequantised once per forward. Under gradient checkpointing the recomputed forward's dense
+    weight serves the backward (no dequantisation in the backward itself); without it the backward dequantises
+    again rather than keep every layer's bf16 copy alive. Both give the same outputs and gradients, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hmtiny import lora, quant
+    from hmtiny.quant import Int8Linear
+    layers = grouped_layers(0.25, weight_dtype=torch.float32)
+    for m in layers:
+        m.base = Int8Linear.from_linear(m.base)
+    in_checkpoint = []  # per dequantisation: inside checkpoint's forward or recomputation (True) or not
+    real = quant.dense_weight
+    monkeypatch.setattr(quant, "dense_weight", lambda *a: in_checkpoint.append(lora._under_checkpoint()) or real(*a))
+    seen = []
+
+    def run(x):
+        seen.append(lora._under_checkpoint())
+        return lora.group_update(layers, x)
+
+    x = torch.randn(2, 30, 48).to(torch.bfloat16)
+    results = {}
+    for ckpt in (False, True):
+        in_checkpoint.clear()
+        for m in layers:
+            m.lora_A.weight.grad = m.lora_B.weight.grad = None
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = checkpoint(run, xs, use_reentrant=False) if ckpt else run(xs)
+        forward_calls = len(in_checkpoint)
+        sum((o.float().square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+        backward_modes = in_checkpoint[forward_calls:]
+        assert forward_calls == 3
+        # with checkpointing the backward's only dequantisations are the recomputed forward's
+        assert backward_modes == ([True] * 3 if ckpt else [False] * 3)
+        results[ckpt] = [o.detach() for o in outs] + [xs.grad] + [g for m in layers
+                                                                   for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+    assert seen == [False, True, True]  # outside, then checkpoint's forward and its recomputation
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    assert not lora._under_checkpoint()
