@@ -155,8 +155,8 @@ def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
 
 # imported by none of sample.py's start-up and model loading (no LoRA, no int8, a local model): triton (~0.2 s; on
 # CUDA runtime.warm_triton imports it in a thread meanwhile, elsewhere only the engine needs it), sympy (~0.4 s: torch
-# imports it for meta ops' checks, which build_empty's _NoInit answers itself), torch._dynamo (~1 s), huggingface_hub
-# (downloads only)
+# imports it for meta ops' checks, which build_empty's _NoInit answers itself), torch._dynamo (~1 s; the first
+# custom-op call imports it, on CUDA warm_triton's thread during the load), huggingface_hub (downloads only)
 NOT_AT_START_UP = ("triton", "sympy", "torch._dynamo", "huggingface_hub")
 
 
