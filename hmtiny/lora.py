@@ -2,11 +2,12 @@
 
 y = base(x) + (alpha / r) * B(A(dropout(x))), A [r, in] kaiming-uniform, B [out, r] zero (so a fresh adapter
 changes nothing). Dropout (training mode only) is seeded (kernels/dropout.py): its mask is a hash of a seed that
-the trainer sets once per micro-batch (`set_dropout_seed`), the layer's index and the element's position, so
-gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph draws a new
-one on every replay. The base is any module with `in_features`, `out_features` and `forward` (nn.Linear or
-hmtiny.quant.Int8Linear); under autocast a frozen nn.Linear base's matmul runs inside the adapter's autograd node
-(LoRAUpdate). A wrapped layer keeps its module path, so file keys are
+the trainer sets once per micro-batch (`set_dropout_seed`), the index of the layer's input and the element's
+position, so gradient checkpointing recomputes the same mask without saving RNG states and a captured CUDA graph
+draws a new one on every replay; layers reading one input (q/k/v, w1/w3) share its mask. The base is any module
+with `in_features`, `out_features` and `forward` (nn.Linear or hmtiny.quant.Int8Linear); under autocast a frozen
+nn.Linear base's matmul runs inside the adapter's autograd node (LoRAUpdate), and hmtiny.fused runs the layers of
+one input as one node (LoRAGroupUpdate). A wrapped layer keeps its module path, so file keys are
 `<module path>.lora_A.weight` / `.lora_B.weight`, e.g. `backbone.layers.0.attn.q_proj.lora_A.weight`.
 
 Files written by SimpleTuner load too (Hugging Face Llama names, `self_attn.o_proj`, `mlp.gate_proj`...): a PEFT
@@ -166,8 +167,7 @@ class LoRAUpdate(torch.autograd.Function):
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
             h = (seeded_dropout_apply(x, seed, salt, p) if p > 0 else x).to(dt)
-            a = A.to(dt) if a is None or a.dtype != dt else a
-            b = B.to(dt) if b is None or b.dtype != dt else b
+            a, b = _compute_copy(a, A, dt), _compute_copy(b, B, dt)
             low = h.reshape(-1, h.shape[-1]) @ a.t()  # [M, r]
             if weight is None:
                 out = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scaling).view_as(y)
@@ -190,11 +190,8 @@ class LoRAUpdate(torch.autograd.Function):
             d_low = (g2 @ b).mul_(ctx.scaling)  # [M, r]
             # dB = scaling * (g2.T @ low), dA = d_low.T @ h2 (scaling is in d_low already): each product rounded
             # to the compute dtype, then added into .grad with its alpha, now or (buffered) on leaving the window
-            grads = ctx.grads
-            if B.requires_grad and not (grads is not None and grads.put(1, g2.t(), low, ctx.scaling)):
-                _accumulate(B, g2.t() @ low, ctx.scaling)
-            if A.requires_grad and not (grads is not None and grads.put(0, d_low.t(), h2, 1.0)):
-                _accumulate(A, d_low.t() @ h2, 1.0)
+            _factor_grad(B, ctx.grads, 1, g2.t(), low, ctx.scaling)
+            _factor_grad(A, ctx.grads, 0, d_low.t(), h2, 1.0)
             dx = None
             if ctx.needs_input_grad[1]:
                 dx = (d_low @ a).view(h.shape)
@@ -225,9 +222,9 @@ class LoRAGroupUpdate(torch.autograd.Function):
             xd = x.to(dt)
             h = seeded_dropout_apply(x, seed, layers[0].salt, p).to(dt) if p > 0 else xd
             pairs = [m.factor_copies or (None, None) for m in layers]
-            a_cat = torch.cat([a if a is not None and a.dtype == dt else m.lora_A.weight.to(dt)
+            a_cat = torch.cat([_compute_copy(a, m.lora_A.weight, dt)
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
-            bs = [b if b is not None and b.dtype == dt else m.lora_B.weight.to(dt) for m, (_, b) in zip(layers, pairs)]
+            bs = [_compute_copy(b, m.lora_B.weight, dt) for m, (_, b) in zip(layers, pairs)]
             weights = [m.folded_weight().to(dt) for m in layers]
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
@@ -253,11 +250,8 @@ class LoRAGroupUpdate(torch.autograd.Function):
                 g2 = g.reshape(-1, g.shape[-1]).to(h.dtype)
                 low_i = low[:, start:start + m.rank]
                 d_low = (g2 @ b).mul_(m.scaling)  # [M, r]
-                A, B = m.lora_A.weight, m.lora_B.weight
-                if B.requires_grad and not (grads is not None and grads.put(1, g2.t(), low_i, m.scaling)):
-                    _accumulate(B, g2.t() @ low_i, m.scaling)
-                if A.requires_grad and not (grads is not None and grads.put(0, d_low.t(), h2, 1.0)):
-                    _accumulate(A, d_low.t() @ h2, 1.0)
+                _factor_grad(m.lora_B.weight, grads, 1, g2.t(), low_i, m.scaling)
+                _factor_grad(m.lora_A.weight, grads, 0, d_low.t(), h2, 1.0)
                 g2s.append(g2)
                 d_lows.append(d_low)
                 start += m.rank
@@ -388,6 +382,18 @@ class FactorCopies:
                 ws.append(w)
             for alpha, (gs, ws) in by_alpha.items():
                 torch._foreach_add_(gs, ws, alpha=alpha)
+
+
+def _compute_copy(copy: torch.Tensor | None, w: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """A LoRA factor in the compute dtype: its FactorCopies copy when there is one in that dtype, else a cast."""
+    return copy if copy is not None and copy.dtype == dt else w.to(dt)
+
+
+def _factor_grad(p: torch.Tensor, grads, i: int, m1: torch.Tensor, m2: torch.Tensor, alpha: float):
+    """Factor p's gradient alpha * (m1 @ m2), for a LoRA backward: into the layer's FactorGrads buffer (i: 0 = A,
+    1 = B) when it takes it, else added into p.grad now. Nothing for a frozen factor."""
+    if p.requires_grad and not (grads is not None and grads.put(i, m1, m2, alpha)):
+        _accumulate(p, m1 @ m2, alpha)
 
 
 def _accumulate(p: torch.Tensor, grad: torch.Tensor, alpha: float):
