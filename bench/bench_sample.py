@@ -10,6 +10,12 @@ generation line (frames, seconds, frames/s; for --num 8 all songs together) spli
 plan, warm-up runs and graph captures) and the frame loop, model load, the codec's background load (and how long
 decoding waited for it), peak GPU memory and sample.py's closing time breakdown; writes DIR/bench_sample.json.
 A failing run prints the tail of its output and the others still run.
+
+Python bytecode: a user's pip install writes the .pyc files of torch and triton once, at install. Where the
+installed packages hold none and Python may not write them (a read-only site-packages or PYTHONDONTWRITEBYTECODE:
+on the benchmark machines every process compiled ~1,700 torch modules from source, ~5.6 s), the bench points
+PYTHONPYCACHEPREFIX at DIR/pycache and fills it with `compileall` before the first run, so that every run finds
+the bytecode a user's install would have (--no-bytecode-cache: run as the machine is).
 """
 from __future__ import annotations
 
@@ -106,6 +112,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def bytecode_env(work: Path) -> dict:
+    """{} where the installed packages keep their own bytecode; else PYTHONPYCACHEPREFIX at a folder filled now
+    with the bytecode of the packages sample.py imports (timed and printed)."""
+    import importlib.util
+    roots = [Path(importlib.util.find_spec(m).origin).parent for m in ("torch", "triton", "sympy", "numpy")
+             if importlib.util.find_spec(m) is not None]
+    kept = not os.environ.get("PYTHONDONTWRITEBYTECODE") and all(os.access(r / "__pycache__", os.W_OK) for r in roots)
+    if os.environ.get("PYTHONPYCACHEPREFIX") or kept:
+        return {}
+    prefix = work / "pycache"
+    env = {"PYTHONPYCACHEPREFIX": str(prefix)}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *map(str, roots)],
+                   env=dict(os.environ, **env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"bytecode of {', '.join(r.name for r in roots)} compiled into {prefix} in "
+          f"{time.perf_counter() - t:.0f} s (their install folders keep none)", flush=True)
+    return env
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -124,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host-load", action="store_true",  # the host read is now the only one for the model
                     help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per process (default 1200)")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="leave PYTHONPYCACHEPREFIX alone where site-packages keeps no bytecode (see above)")
     a = ap.parse_args(argv)
     device = a.device or ("cpu" if a.tiny else "cuda")
     duration = a.duration or (2.0 if a.tiny else 30.0)
@@ -153,6 +180,8 @@ def main(argv=None) -> int:
     if not a.keep_caches:
         shutil.rmtree(caches, ignore_errors=True)
     cache_env = {"TRITON_CACHE_DIR": str(caches / "triton"), "HMTINY_TILE_CACHE": str(caches / "gemv_tiles.json")}
+    if not a.no_bytecode_cache:
+        cache_env.update(bytecode_env(work))
     chosen = runs()
     if a.only:
         names = {n.strip() for n in a.only.split(",")}

@@ -155,8 +155,8 @@ def test_tiny_config_makes_the_asked_duration(tmp_path, capsys, monkeypatch):
 
 # imported by none of sample.py's start-up and model loading (no LoRA, no int8, a local model): triton (~0.2 s; on
 # CUDA runtime.warm_triton imports it in a thread meanwhile, elsewhere only the engine needs it), sympy (~0.4 s: torch
-# imports it for meta ops' checks, which build_empty's _NoInit answers itself), torch._dynamo (~1 s), huggingface_hub
-# (downloads only)
+# imports it for meta ops' checks, which build_empty's _NoInit answers itself), torch._dynamo (~1 s; the first
+# custom-op call imports it, on CUDA warm_triton's thread during the load), huggingface_hub (downloads only)
 NOT_AT_START_UP = ("triton", "sympy", "torch._dynamo", "huggingface_hub")
 
 
@@ -203,3 +203,19 @@ def test_generation_split_rates():
     assert "(375 frames, 187.5 frames/s)" in one and "together" not in one
     batch = sample.generation_split(t, 3.0, [375, 375, 100])["long"]
     assert "(375 frames, 187.5 frames/s per song; 850 frames of 3 songs, 425.0 frames/s together)" in batch
+
+
+def test_script_exits_with_its_code_and_complete_outputs(tmp_path):
+    """Run as a script, sample.py leaves through os._exit once its files are written: the exit code is main's, the
+    closing lines reach a pipe, the song file is complete; a usage error still exits 1 with its message."""
+    import subprocess
+    out = tmp_path / "song.npy"
+    done = subprocess.run([sys.executable, "sample.py", "--demo", "--duration", "0.8", "--seed", "1", "--tokens-only",
+                           "--mode", "eager", "--save-tokens", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(line.startswith("time: ") for line in done.stdout.splitlines()), done.stdout[-2000:]  # flushed
+    assert np.load(out).shape[1] == 8
+    bad = subprocess.run([sys.executable, "sample.py", "--demo", "--duration", "-1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "error:" in bad.stderr
