@@ -103,8 +103,8 @@ class LoRALinear(nn.Module):
         return base.weight
 
     def int8_base(self):
-        """The base when LoRAGroupUpdate can run its matmul through hmtiny.quant's int8 product: an Int8Linear
-        without bias or hooks of its own. Else None."""
+        """The base when LoRAGroupUpdate can run its matmul over the dequantised weight: an Int8Linear without
+        bias or hooks of its own. Else None."""
         base = self.base
         if type(base) is not quant.Int8Linear or base.bias is not None:
             return None
@@ -120,7 +120,7 @@ class LoRALinear(nn.Module):
             a, b = self.factor_copies if self.factor_copies is not None else (None, None)
             w = self.folded_weight()
             if w is None and self.int8_base() is not None:  # an int8 base: the group node, as a group of one,
-                out = group_update((self,), x)  # runs its product and adds its dx into the LoRA dx
+                out = group_update((self,), x)  # runs its matmul and adds its dx into the LoRA dx
                 if out is not None:
                     return out[0]
             return LoRAUpdate.apply(self.base(x) if w is None else None, x, self.lora_A.weight, self.lora_B.weight,
@@ -224,9 +224,9 @@ class LoRAGroupUpdate(torch.autograd.Function):
     done once: the dropout of x (the layers share its mask, LoRALinear.salt), one LoRA-down GEMM for all the A's
     stacked, and in the backward one dx buffer that every dx term is added into by GEMMs (the LoRA part, its
     dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
-    An int8 base (LoRALinear.int8_base) is dequantised to the compute dtype and then treated as a folded weight
-    (what its own product does for training's row counts, hmtiny.quant.dense_weight). Factor gradients go where LoRAUpdate puts them (FactorGrads buffers
-    or .grad). Layers: LoRALinear with a folded_weight or an int8_base, under autocast (`group_update` checks).
+    An int8 base (LoRALinear.int8_base) is dequantised to the compute dtype (hmtiny.quant.dense_weight, what its
+    own product does for training's row counts) and then multiplied as a folded weight is. Factor gradients go
+    where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a folded_weight or an int8_base, under autocast (`group_update` checks).
     Held to the per-layer path by tests/test_lora.py."""
 
     @staticmethod
