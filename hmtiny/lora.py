@@ -226,8 +226,8 @@ class LoRAGroupUpdate(torch.autograd.Function):
     dropout, then each base's g_i @ W_i through addmm_, beta 1) instead of one dx per layer summed by autograd.
     An int8 base (LoRALinear.int8_base) is dequantised to the compute dtype (hmtiny.quant.dense_weight, what its
     own product does for training's row counts) and then multiplied as a folded weight is. Factor gradients go
-    where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a folded_weight or an int8_base, under autocast (`group_update` checks).
-    Held to the per-layer path by tests/test_lora.py."""
+    where LoRAUpdate puts them (FactorGrads buffers or .grad). Layers: LoRALinear with a folded_weight or an
+    int8_base, under autocast (`group_update` checks). Held to the per-layer path by tests/test_lora.py."""
 
     @staticmethod
     def forward(ctx, x, seed, layers, p: float, *factors):

@@ -779,8 +779,8 @@ def test_group_keeps_int8_bases_dense_only_under_checkpointing(monkeypatch):
         assert forward_calls == 3
         # with checkpointing the backward's only dequantisations are the recomputed forward's
         assert backward_modes == ([True] * 3 if ckpt else [False] * 3)
-        results[ckpt] = [o.detach() for o in outs] + [xs.grad] + [g for m in layers
-                                                                   for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+        factor_grads = [g for m in layers for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+        results[ckpt] = [o.detach() for o in outs] + [xs.grad] + factor_grads
     assert seen == [False, True, True]  # outside, then checkpoint's forward and its recomputation
     for a, b in zip(results[False], results[True]):
         assert torch.equal(a, b)
