@@ -585,20 +585,9 @@ def group_grads(layers, x, grouped: bool):
     return outs, xs.grad, [(m.lora_A.weight.grad.clone(), m.lora_B.weight.grad.clone()) for m in layers]
 
 
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
-    """LoRAGroupUpdate (one dropout, one LoRA-down GEMM, one dx buffer) against each layer's own LoRAUpdate: the
-    same outputs, dx and factor gradients up to the order of bf16 roundings; and against the float32 composition
-    with the shared mask."""
-    import torch.nn.functional as F
-
-    from kernels.dropout import seeded_dropout
-    layers = grouped_layers(p, ranks=(8, 4, 8))
-    x = torch.randn(3, 50, 48).to(x_dtype)
-    g_outs, g_dx, g_ab = group_grads(layers, x, grouped=True)
-    l_outs, l_dx, l_ab = group_grads(layers, x, grouped=False)
-    assert [o.dtype for o in g_outs] == [torch.bfloat16] * 3 and g_dx.dtype == x_dtype
+def assert_group_equals_layers(grouped, one_by_one):
+    """group_grads of the group node against each layer run by itself: up to the order of bf16 roundings."""
+    (g_outs, g_dx, g_ab), (l_outs, l_dx, l_ab) = grouped, one_by_one
     for a, b in zip(g_outs, l_outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(g_dx.float(), l_dx.float(), rtol=2e-2, atol=2e-2)
@@ -606,11 +595,19 @@ def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
         torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
 
+
+def assert_group_equals_float32(layers, x, p, grouped, dense):
+    """group_grads against the float32 composition over the dense base weights, with one dropout mask for the
+    whole group."""
+    import torch.nn.functional as F
+
+    from kernels.dropout import seeded_dropout
+    g_outs, g_dx, g_ab = grouped
     xs = x.float().requires_grad_()
-    h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)  # one mask for the whole group
+    h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)
     factors = [(m.lora_A.weight.detach().clone().requires_grad_(), m.lora_B.weight.detach().clone().requires_grad_())
                for m in layers]
-    outs = [F.linear(xs, m.base.weight.float()) + m.scaling * (h @ A.t() @ B.t()) for m, (A, B) in zip(layers, factors)]
+    outs = [F.linear(xs, w) + m.scaling * (h @ A.t() @ B.t()) for m, w, (A, B) in zip(layers, dense, factors)]
     sum((o.square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
     for a, b in zip(g_outs, outs):
         torch.testing.assert_close(a.float(), b.detach(), rtol=3e-2, atol=3e-2)
@@ -618,6 +615,20 @@ def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
     for (ga, gb), (A, B) in zip(g_ab, factors):
         torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_group_update_equals_the_layers_one_by_one(p, x_dtype):
+    """LoRAGroupUpdate (one dropout, one LoRA-down GEMM, one dx buffer) against each layer's own LoRAUpdate: the
+    same outputs, dx and factor gradients up to the order of bf16 roundings; and against the float32 composition
+    with the shared mask."""
+    layers = grouped_layers(p, ranks=(8, 4, 8))
+    x = torch.randn(3, 50, 48).to(x_dtype)
+    grouped = group_grads(layers, x, grouped=True)
+    assert [o.dtype for o in grouped[0]] == [torch.bfloat16] * 3 and grouped[1].dtype == x_dtype
+    assert_group_equals_layers(grouped, group_grads(layers, x, grouped=False))
+    assert_group_equals_float32(layers, x, p, grouped, [m.base.weight.float() for m in layers])
 
 
 def test_group_update_declines_what_it_cannot_run():
@@ -696,8 +707,8 @@ def test_fused_model_runs_the_groups(monkeypatch, int8):
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_group_update_runs_int8_bases(p):
-    """Int8 bases (some or all of a group): the group node runs their int8 product and adds their dx into its
-    buffer; outputs, dx and factor gradients equal each layer run by itself (Int8Linear's own node, then
+    """Int8 bases (some or all of a group): the group node multiplies by their dequantised weights and adds their
+    dx into its buffer; outputs, dx and factor gradients equal each layer run by itself (Int8Linear's own node, then
     LoRAUpdate) up to bf16 rounding."""
     from hmtiny.lora import LoRAGroupUpdate, group_update
     from hmtiny.quant import Int8Linear
@@ -714,34 +725,13 @@ def test_group_update_runs_int8_bases(p):
         real = LoRAGroupUpdate.apply
         LoRAGroupUpdate.apply = lambda *a: calls.append(1) or real(*a)
         try:
-            g_outs, g_dx, g_ab = group_grads(layers, x, grouped=True)
+            grouped = group_grads(layers, x, grouped=True)
         finally:
             LoRAGroupUpdate.apply = real
         assert calls == [1]
-        l_outs, l_dx, l_ab = group_grads(layers, x, grouped=False)
-        for a, b in zip(g_outs, l_outs):
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
-        torch.testing.assert_close(g_dx.float(), l_dx.float(), rtol=2e-2, atol=2e-2)
-        for (ga, gb), (la, lb) in zip(g_ab, l_ab):
-            torch.testing.assert_close(ga, la, rtol=2e-2, atol=2e-2)
-            torch.testing.assert_close(gb, lb, rtol=2e-2, atol=2e-2)
-        # and both against the float32 composition over the dequantised weights (one shared mask)
-        import torch.nn.functional as F
-
-        from kernels.dropout import seeded_dropout
-        xs = x.float().requires_grad_()
-        h = seeded_dropout(xs, layers[0].seed.tensor, layers[0].salt, p)
+        assert_group_equals_layers(grouped, group_grads(layers, x, grouped=False))
         dense = [m.base.dequantize() if m.int8_base() is not None else m.base.weight.float() for m in layers]
-        factors = [(m.lora_A.weight.detach().clone().requires_grad_(),
-                    m.lora_B.weight.detach().clone().requires_grad_()) for m in layers]
-        outs = [F.linear(xs, w) + m.scaling * (h @ A.t() @ B.t()) for m, w, (A, B) in zip(layers, dense, factors)]
-        sum((o.square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
-        for a, b in zip(g_outs, outs):
-            torch.testing.assert_close(a.float(), b.detach(), rtol=3e-2, atol=3e-2)
-        torch.testing.assert_close(g_dx.float(), xs.grad, rtol=3e-2, atol=3e-2)
-        for (ga, gb), (A, B) in zip(g_ab, factors):
-            torch.testing.assert_close(ga, A.grad, rtol=3e-2, atol=3e-2)
-            torch.testing.assert_close(gb, B.grad, rtol=3e-2, atol=3e-2)
+        assert_group_equals_float32(layers, x, p, grouped, dense)
 
 
 def test_group_keeps_int8_bases_dense_only_under_checkpointing(monkeypatch):
