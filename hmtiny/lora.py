@@ -256,8 +256,9 @@ class LoRAGroupUpdate(torch.autograd.Function):
         # forward's saves are dropped and the recomputation's live just until this block's backward: the dense
         # copy then spares the backward a second dequantisation. Without checkpointing every layer's would stay
         # until the backward (a bf16 copy of the model): the backward dequantises again.
-        keep_dense = _under_checkpoint()
-        ctx.again = [m.int8_base() is not None and not keep_dense for m in layers]
+        int8 = [m.int8_base() is not None for m in layers]
+        keep_dense = any(int8) and _under_checkpoint()
+        ctx.again = [q and not keep_dense for q in int8]
         ctx.save_for_backward(h, low, a_cat, seed, *bs, *[w for w, again in zip(weights, ctx.again) if not again])
         ctx.layers, ctx.p, ctx.x_dtype = layers, p, x.dtype
         ctx.grads = [m.factor_grads for m in layers]
