@@ -5,10 +5,10 @@ replays real graphs."""
 import pytest
 import torch
 
-from hmtiny.fused import use_fused_kernels
 from hmtiny.captured_step import CapturedStep, pad_frozen_heads, plan_rows
 from hmtiny.checkpoint import load_heartmula
 from hmtiny.data import load_dataset
+from hmtiny.fused import use_fused_kernels
 from hmtiny.lora import FactorCopies, inject_lora, lora_layers, mark_only_lora_trainable, set_dropout_seed
 from hmtiny.text import PromptTokenizer, find_text_assets
 from hmtiny.train_config import BUILTIN_CONFIG
