@@ -354,6 +354,10 @@ def _align_key(*tensors):
     return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+# (rows, columns, warps) of a dequantise program
+DEQUANT_TILE = (16, 512, 4)
+
+
 def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """Dense weight Wq * s in `dtype`, one pass over the int8 weight (Triton on CUDA, torch elsewhere)."""
     interpreting = switches.interpreting()
@@ -362,13 +366,15 @@ def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> t
     n, k = wq.shape
     w = torch.empty((n, k), device=wq.device, dtype=dtype)
     args = (wq, scale, w, n, k)
-    consts = (16, 512) if not interpreting else (16, 32)
-    grid = (triton.cdiv(n, consts[0]), triton.cdiv(k, consts[1]), 1)
+    bn, bk, warps = (16, 32, 4) if interpreting else switches.dequant_tile() or DEQUANT_TILE
+    consts = (bn, bk)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk), 1)
 
     def slow():
-        return _dequant_kernel[grid](*args, BLOCK_N=consts[0], BLOCK_K=consts[1]), grid, consts
+        return _dequant_kernel[grid](*args, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps), grid, consts
 
-    _cached_launch(("dequant", wq.device, scale.dtype, dtype, n, k, *_align_key(wq, scale, w)), args, slow)
+    _cached_launch(("dequant", wq.device, scale.dtype, dtype, n, k, bn, bk, warps, *_align_key(wq, scale, w)), args,
+                   slow)
     return w
 
 
