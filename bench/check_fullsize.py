@@ -15,7 +15,8 @@ checkpoint every `--every` steps, 30 s validation clips). Then:
   3. `python sample.py --model ckpt --lora out/... --ignore-eos`    (a 30 s song with the trained LoRA)
 It prints each process's wall time, median step time, audio frames/s, peak GPU memory (allocated / reserved, as
 train.py and sample.py report them), validation times and the files written, writes `DIR/report.json`, and exits 1
-at the first failure (non-zero exit, a traceback, a missing or extra file).
+at the first failure (non-zero exit, a traceback, a training step that fell back from its CUDA graph to eager, a
+missing or extra file). The report lists every step's frames, time and capture time (`step_ms`).
 
 `--model_type=full` trains every weight and samples from output_dir itself (`sample.py --model out`). At full size
 it writes no checkpoint and skips the resume (a checkpoint of the 3B's float32 weights and AdamW moments is 47 GB,
@@ -39,6 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "hmtiny" / "assets" / "tiny"
+EAGER_FALLBACK = "could not be captured"  # hmtiny/captured_step.py's warning when a capture fails
 FRAMES_30S = 375  # 30 s at 12.5 frames/s
 TAGS = "pop, upbeat, bright synths, female vocals"
 LYRICS = ("[verse]\nwalking down the empty road tonight\nstreetlights humming songs I used to know\n"
@@ -141,7 +143,8 @@ def tiny_setup(work: Path, a) -> tuple[list[str], list[str], dict]:
 
 
 def run_process(name: str, argv: list[str], log: Path, cwd: Path) -> dict:
-    """Run one process as a user would, its output to `log`; fail on a non-zero exit or a traceback."""
+    """Run one process as a user would, its output to `log`; fail on a non-zero exit, a traceback or a training
+    step that fell back to eager."""
     t = time.time()
     with log.open("w") as f:
         proc = subprocess.run([sys.executable] + argv, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, text=True,
@@ -152,6 +155,9 @@ def run_process(name: str, argv: list[str], log: Path, cwd: Path) -> dict:
         print(text[-6000:], file=sys.stderr)
         raise CheckFailed(f"{name}: exit {proc.returncode}{' with a traceback' if 'Traceback' in text else ''} "
                           f"(log: {log})")
+    if EAGER_FALLBACK in text:  # train.py went on without its captured step: slow, and not what users get
+        print(text[-6000:], file=sys.stderr)
+        raise CheckFailed(f"{name}: the training step fell back to eager ('{EAGER_FALLBACK}', log: {log})")
     result = {"process": name, "wall_s": round(wall, 1)}
     peak = PEAK.findall(text)
     if peak:
@@ -183,7 +189,10 @@ def step_stats(metrics: Path, first_step: int) -> dict:
             "capture_s": round(sum(r.get("capture_s", 0.0) for r in rows), 1),
             "steady_frames_per_s": round(sum(r["frames"] for r in steady) / sum(r["step_s"] for r in steady))
             if steady else None,
-            "last_loss": round(rows[-1]["loss"], 4)}
+            "last_loss": round(rows[-1]["loss"], 4),
+            # every step as [step, frames, ms, capture ms]: which steps were slow, and where validations fell
+            "step_ms": [[r["step"], r["frames"], round(1e3 * r["step_s"], 1), round(1e3 * r.get("capture_s", 0.0))]
+                        for r in rows]}
 
 
 def expect(condition: bool, what: str):
