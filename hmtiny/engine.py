@@ -15,7 +15,9 @@ the last bits, which can flip a near-tie):
 - mode "graph" (CUDA) captures the prompt prefill with the first frame, and the frame step, in CUDA graphs whose
   kernels are chained with programmatic dependent launch (kernels/pdl.py); the host checks for EOS only every
   `eos_check_every` frames. Mode "eager" runs the same step without graphs (any device): the tests' reference for
-  the graph.
+  the graph;
+- before a process's first capture, its Triton kernels compile side by side on threads (kernels/ahead.py), not one
+  by one as the first warm-up run reaches them.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import gemv
+from kernels import ahead, gemv, switches
 from kernels.add_rmsnorm import add_rmsnorm
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
@@ -38,6 +40,8 @@ from .model import HeartMuLa, KVCache, Transformer
 from .runtime import check_sampling
 
 MODES = ("eager", "graph")
+# devices whose step kernels this process has compiled ahead (Engine._compile_ahead: once, before the first capture)
+_COMPILED_AHEAD: set = set()
 # eager runs of a step before its capture: the first compiles/loads its Triton kernels, creates cuBLAS handles and
 # allocates; nothing is lazily set up on a second run (gemv tiles are planned before, counters made on the first)
 WARMUPS = 1
@@ -479,6 +483,11 @@ class Engine:
             self._first_frame()
         else:
             if self._first_graph is None or (max_frames > 1 and self._graph is None):
+                if not self._planned:
+                    self._plan_tiles()
+                if self.device not in _COMPILED_AHEAD and switches.compile_ahead():
+                    self._compile_ahead()
+                    _COMPILED_AHEAD.add(self.device)
                 if self._first_graph is None:
                     self._first_graph = self._capture(self._first_frame)
                 if max_frames > 1 and self._graph is None:
@@ -534,9 +543,8 @@ class Engine:
         self._planned = True
         self.plan_s += time.perf_counter() - started
 
-    def _capture(self, fn) -> torch.cuda.CUDAGraph:
-        """Warm up fn (WARMUPS runs: Triton compiles, cuBLAS handles), then record it in a CUDA graph; the request
-        state and the generators are restored around both, so the first replay is the request's real call."""
+    def _restorer(self) -> Callable[[], None]:
+        """A function that puts the request state and the generators back as they are now."""
         s = self.state
         saved = {k: v.clone() for k, v in s.items()}
         gen_state = self.generator.get_state() if self.generator is not None else None
@@ -548,7 +556,23 @@ class Engine:
             if gen_state is not None:
                 self.generator.set_state(gen_state)
             torch.cuda.set_rng_state(cuda_state, self.device)
+        return restore
 
+    def _compile_ahead(self):
+        """Before this process's first capture on the device: the prefill with the first frame and one frame step
+        run once with their Triton launches turned into compilations queued side by side (kernels/ahead.py), so a
+        fresh machine compiles the step's dozen kernels at once instead of one after another in the warm-up run.
+        The request state and the generators are restored after it."""
+        restore = self._restorer()
+        with ahead.compiling(self.device):
+            self._first_frame()
+            self._step()
+        restore()
+
+    def _capture(self, fn) -> torch.cuda.CUDAGraph:
+        """Warm up fn (WARMUPS runs: Triton compiles, cuBLAS handles), then record it in a CUDA graph; the request
+        state and the generators are restored around both, so the first replay is the request's real call."""
+        restore = self._restorer()
         if not self._planned:
             self._plan_tiles()
         side = torch.cuda.Stream(self.device)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import pdl
+from . import ahead, pdl
 
 try:
     import triton
@@ -97,10 +97,10 @@ def _launch(x: torch.Tensor, partials: Optional[torch.Tensor], weight: torch.Ten
         S = partials.shape[0]
         p2 = partials.reshape(S, rows, D)
     block_d = triton.next_power_of_2(D)
-    _add_rmsnorm_kernel[(rows,)](
-        x2, p2, weight, x2 if h is None else h, n, D, S, x2.stride(0), p2.stride(0), p2.stride(1), eps,
-        BLOCK_D=block_d, HAS_PARTIALS=partials is not None, STORE_H=store_h, num_warps=_num_warps(block_d),
-        **pdl.launch_kwargs(x))
+    ahead.launch(
+        _add_rmsnorm_kernel, (rows,), x2, p2, weight, x2 if h is None else h, n, D, S, x2.stride(0), p2.stride(0),
+        p2.stride(1), eps, BLOCK_D=block_d, HAS_PARTIALS=partials is not None, STORE_H=store_h,
+        num_warps=_num_warps(block_d), zero=(h, n), **pdl.launch_kwargs(x))
     return h, n
 
 

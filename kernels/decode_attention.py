@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import pdl, switches
+from . import ahead, pdl, switches
 from .counters import counters
 
 try:
@@ -368,14 +368,14 @@ def _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv, chunk
         cnt = counters(qkv.device, units)
     grid = units * nch
     qk_scale = math.log2(math.e) / math.sqrt(hd)
-    _decode_kernel[(grid,)](
-        qkv, k_cache, v_cache, rope, pos, slots, start, y, part, cnt, n_part, qk_scale,
+    ahead.launch(
+        _decode_kernel, (grid,), qkv, k_cache, v_cache, rope, pos, slots, start, y, part, cnt, n_part, qk_scale,
         *parts.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         rope.stride(0), pos.stride(0), pos.stride(1), y.stride(0), y.stride(1),
         S=S, KV=KV, G=G, HS=head_split, HD=hd, HD_P=HD_P, R=R, CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch),
         COMB_C=comb_c, KR=KR, DW=DW, NK=NK, DL=DL, FLIP=_FLIP if flip is None else flip,
         EXACT=not switches.interpreting(),
-        SK=SK, num_warps=num_warps, enable_fp_fusion=True, **pdl.launch_kwargs(qkv))
+        SK=SK, num_warps=num_warps, enable_fp_fusion=True, zero=(y,), **pdl.launch_kwargs(qkv))
     return y
 
 

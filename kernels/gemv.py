@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import pdl, switches
+from . import ahead, pdl, switches
 from .counters import counters
 from .timing import graph_time
 
@@ -152,12 +152,11 @@ def _run(x2, w, cfg, scale, glu, y, part, cnt, reduce):
     bn, bk, sk, nw = cfg
     N, K = w.shape
     n_out = N // 2 if glu else N
-    _gemv_kernel[(n_out // bn, sk)](x2, w, w if scale is None else scale, y, part, cnt, x2.shape[0], K // sk, n_out,
-                                    x2.stride(0), w.stride(0), y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
-                                    part.stride(0) if reduce else 0, part.stride(-2) if reduce else 0,
-                                    BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, SCALED=scale is not None, GLU=glu,
-                                    REDUCE=reduce, num_warps=nw, num_stages=_stages(bn * (2 if glu else 1), bk),
-                                    **pdl.launch_kwargs(x2))
+    ahead.launch(_gemv_kernel, (n_out // bn, sk), x2, w, w if scale is None else scale, y, part, cnt, x2.shape[0],
+                 K // sk, n_out, x2.stride(0), w.stride(0), y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
+                 part.stride(0) if reduce else 0, part.stride(-2) if reduce else 0,
+                 BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, SCALED=scale is not None, GLU=glu, REDUCE=reduce,
+                 num_warps=nw, num_stages=_stages(bn * (2 if glu else 1), bk), zero=(y,), **pdl.launch_kwargs(x2))
 
 
 def _launch_partials(x2, w, cfg, scale=None):

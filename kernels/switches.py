@@ -5,6 +5,8 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
                                  such code in a subprocess): kernels take the interpreter's tile sizes and exact
                                  rounding paths
     HMTINY_PDL=0                 launch without programmatic dependent launch (kernels/pdl.py)
+    HMTINY_COMPILE_AHEAD=0       the engine does not compile its step's Triton kernels side by side before its
+                                 first capture (kernels/ahead.py): they compile one by one in the warm-up run
     HMTINY_GEMV_MAX_SPLIT=N      cap the K slices of kernels.gemv's timed tiles (default 4)
     HMTINY_TILE_CACHE=PATH|0     where kernels.gemv keeps its tile picks and kernels.int8_matmul its tuning picks
                                  (default ~/.cache/hmtiny/gemv_tiles.json; 0 = nowhere)
@@ -35,6 +37,10 @@ def interpreting() -> bool:
 
 def pdl_allowed() -> bool:
     return _flag("HMTINY_PDL", True)
+
+
+def compile_ahead() -> bool:
+    return _flag("HMTINY_COMPILE_AHEAD", True)
 
 
 def gemv_max_split() -> int:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from . import pdl
+from . import ahead, pdl
 
 try:
     import triton
@@ -363,11 +363,11 @@ def _launch(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float
     scratch = torch.empty((B, 2 * c + 64) if flt else (1,), dtype=torch.int32, device=logits.device)
     if stats is not None:
         assert stats.shape == (B, 4) and stats.dtype == torch.int32 and stats.is_contiguous()
-    _select_kernel[(B,)](*args, scratch, scratch if stats is None else stats, *scalars[:4], 0, *scalars[4:],
-                         CFG=cfg, HAS_BIAS=bias is not None, SAMPLE=sample, FILTER=flt, R=r, NT=nt, TR=tr,
-                         G=g, C=c, STATS=stats is not None and flt,
-                         num_warps=warps, enable_fp_fusion=False,  # no FMA: round like the reference
-                         **pdl.launch_kwargs(logits))
+    ahead.launch(_select_kernel, (B,), *args, scratch, scratch if stats is None else stats, *scalars[:4], 0,
+                 *scalars[4:], CFG=cfg, HAS_BIAS=bias is not None, SAMPLE=sample, FILTER=flt, R=r, NT=nt, TR=tr,
+                 G=g, C=c, STATS=stats is not None and flt,
+                 num_warps=warps, enable_fp_fusion=False,  # no FMA: round like the reference
+                 zero=(out,), **pdl.launch_kwargs(logits))
     return out
 
 
