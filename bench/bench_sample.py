@@ -6,10 +6,10 @@
 Runs `sample.py --duration 30 --ignore-eos` as separate processes, in this order: bf16 (first: the Triton and GEMV
 tile caches start empty, as on a fresh machine; --drop-page-cache also empties the OS file cache when allowed),
 bf16 again (warm caches), --int8 twice (the first again from empty caches: a fresh machine's first int8 run), and
---num 8 (bf16). Prints a markdown table: each process's wall time, its
-generation line (frames, seconds, frames/s; for --num 8 all songs together) split into warm-up (engine build, tile
-plan, warm-up runs and graph captures) and the frame loop, model load, the codec's background load (and how long
-decoding waited for it), peak GPU memory and sample.py's closing time breakdown; writes DIR/bench_sample.json.
+--num 8 (bf16). Prints a markdown table: each process's wall time, its generation line (frames, seconds,
+frames/s; for --num 8 all songs together) split into warm-up (engine build, tile plan, warm-up runs and graph
+captures) and the frame loop, model load, the codec's background load (and how long decoding waited for it), peak
+GPU memory and sample.py's closing time breakdown; writes DIR/bench_sample.json.
 A failing run prints the tail of its output and the others still run.
 
 Python bytecode: a user's pip install writes the .pyc files of torch and triton once, at install. Where the
