@@ -49,7 +49,7 @@ def _specialisation(kernel, args, kwargs) -> tuple:
 def launch(kernel, grid, *args, zero=(), **kwargs):
     """kernel[grid](*args, **kwargs); inside `compiling()`: its compilation queued instead, and the tensors in
     `zero` (what the kernel would have written) zeroed."""
-    if _pool is None:
+    if _pool is None or not hasattr(kernel, "warmup"):  # (Triton's interpreter has no warmup)
         return kernel[grid](*args, **kwargs)
     key = _specialisation(kernel, args, kwargs)
     if key not in _queued:
