@@ -243,7 +243,8 @@ class LoRAGroupUpdate(torch.autograd.Function):
             a_cat = torch.cat([_compute_copy(a, m.lora_A.weight, dt)
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
             bs = [_compute_copy(b, m.lora_B.weight, dt) for m, (_, b) in zip(layers, pairs)]
-            weights, ready = _dense_weights(layers, dt)
+            int8 = [m.int8_base() is not None for m in layers]
+            weights, ready = _dense_weights(layers, int8, dt)
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
             for m, b, w, event in zip(layers, bs, weights, ready):
@@ -257,7 +258,6 @@ class LoRAGroupUpdate(torch.autograd.Function):
         # forward's saves are dropped and the recomputation's live just until this block's backward: the dense
         # copy then spares the backward a second dequantisation. Without checkpointing every layer's would stay
         # until the backward (a bf16 copy of the model): the backward dequantises again.
-        int8 = [m.int8_base() is not None for m in layers]
         keep_dense = any(int8) and _under_checkpoint()
         ctx.again = [q and not keep_dense for q in int8]
         ctx.save_for_backward(h, low, a_cat, seed, *bs, *[w for w, again in zip(weights, ctx.again) if not again])
@@ -296,16 +296,16 @@ class LoRAGroupUpdate(torch.autograd.Function):
 _side_streams: dict = {}  # device -> the stream int8 bases dequantise on (_dense_weights)
 
 
-def _dense_weights(layers, dt):
-    """Per layer the dense weight in dt that its product reads (the frozen nn.Linear's, or an int8 base
-    dequantised) and the CUDA event to wait on before reading it (None: ready). On CUDA the int8 bases dequantise
+def _dense_weights(layers, int8: list[bool], dt):
+    """Per layer the dense weight in dt that its product reads (the frozen nn.Linear's, or, where int8 says so,
+    its int8 base dequantised) and the CUDA event to wait on before reading it (None: ready). On CUDA the int8 bases dequantise
     on a side stream, in order, into memory allocated on the current stream: a dequantisation (memory-bound) then
     runs beside the products before it (tensor cores) instead of between them. HMTINY_INT8_OVERLAP=0: all in
     line."""
     weights, ready, jobs = [], [], []
-    for m in layers:
-        base = m.int8_base()
-        if base is None:
+    for m, q in zip(layers, int8):
+        base = m.base
+        if not q:
             weights.append(m.folded_weight().to(dt))
         elif base.weight.is_cuda and switches.int8_overlap():
             weights.append(torch.empty(base.weight.shape, dtype=dt, device=base.weight.device))
