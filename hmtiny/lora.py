@@ -298,10 +298,10 @@ _side_streams: dict = {}  # device -> the stream int8 bases dequantise on (_dens
 
 def _dense_weights(layers, int8: list[bool], dt):
     """Per layer the dense weight in dt that its product reads (the frozen nn.Linear's, or, where int8 says so,
-    its int8 base dequantised) and the CUDA event to wait on before reading it (None: ready). On CUDA the int8 bases dequantise
-    on a side stream, in order, into memory allocated on the current stream: a dequantisation (memory-bound) then
-    runs beside the products before it (tensor cores) instead of between them. HMTINY_INT8_OVERLAP=0: all in
-    line."""
+    its int8 base dequantised) and the CUDA event to wait on before reading it (None: ready). On CUDA the int8
+    bases dequantise on a side stream, in order, into memory allocated on the current stream: a dequantisation
+    (memory-bound) then runs beside the products before it (tensor cores) instead of between them.
+    HMTINY_INT8_OVERLAP=0: all in line."""
     weights, ready, jobs = [], [], []
     for m, q in zip(layers, int8):
         base = m.base
