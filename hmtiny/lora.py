@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels import switches
 from kernels.dropout import seeded_dropout, seeded_dropout_apply
 
 from . import quant
@@ -242,12 +243,13 @@ class LoRAGroupUpdate(torch.autograd.Function):
             a_cat = torch.cat([_compute_copy(a, m.lora_A.weight, dt)
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
             bs = [_compute_copy(b, m.lora_B.weight, dt) for m, (_, b) in zip(layers, pairs)]
-            # per layer a dense weight in the compute dtype: the frozen nn.Linear's, or an int8 base dequantised
             int8 = [m.int8_base() is not None for m in layers]
-            weights = [quant.dense_weight(m.base, dt) if q else m.folded_weight().to(dt) for m, q in zip(layers, int8)]
+            weights, ready = _dense_weights(layers, int8, dt)
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
-            for m, b, w in zip(layers, bs, weights):
+            for m, b, w, event in zip(layers, bs, weights, ready):
+                if event is not None:
+                    torch.cuda.current_stream(w.device).wait_event(event)
                 out = F.linear(xd, w)
                 out.view(-1, out.shape[-1]).addmm_(low[:, start:start + m.rank], b.t(), alpha=m.scaling)
                 outs.append(out)
@@ -289,6 +291,39 @@ class LoRAGroupUpdate(torch.autograd.Function):
                     dx.addmm_(g2, quant.dense_weight(m.base, h.dtype) if again else next(kept))
                 dx = dx.view(h.shape).to(ctx.x_dtype)
         return (dx, None, None, None) + (None,) * len(ctx.layers) * 2
+
+
+_side_streams: dict = {}  # device -> the stream int8 bases dequantise on (_dense_weights)
+
+
+def _dense_weights(layers, int8: list[bool], dt):
+    """Per layer the dense weight in dt that its product reads (the frozen nn.Linear's, or, where int8 says so,
+    its int8 base dequantised) and the CUDA event to wait on before reading it (None: ready). On CUDA the int8
+    bases dequantise on a side stream, in order, into memory allocated on the current stream: a dequantisation
+    (memory-bound) then runs beside the products before it (tensor cores) instead of between them.
+    HMTINY_INT8_OVERLAP=0: all in line."""
+    weights, ready, jobs = [], [], []
+    for m, q in zip(layers, int8):
+        base = m.base
+        if not q:
+            weights.append(m.folded_weight().to(dt))
+        elif base.weight.is_cuda and switches.int8_overlap():
+            weights.append(torch.empty(base.weight.shape, dtype=dt, device=base.weight.device))
+            jobs.append((len(weights) - 1, base))
+        else:
+            weights.append(quant.dense_weight(base, dt))
+        ready.append(None)
+    if jobs:
+        device = weights[jobs[0][0]].device
+        side = _side_streams.get(device)
+        if side is None:
+            side = _side_streams[device] = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))  # the buffers above may still be read by queued work
+        with torch.cuda.stream(side):
+            for i, base in jobs:
+                quant.dense_weight(base, dt, out=weights[i])
+                ready[i] = side.record_event()
+    return weights, ready
 
 
 def _under_checkpoint() -> bool:

@@ -39,10 +39,11 @@ def use_triton(x: torch.Tensor, group_size: int | None) -> bool:
     return x.is_cuda or K.switches.int8_triton_off_cuda()
 
 
-def dense_weight(layer: "Int8Linear", dtype: torch.dtype) -> torch.Tensor:
-    """The layer's weight dequantised to `dtype`, one pass over the int8 weight: what its product multiplies by
-    for training's row counts (kernels/int8_matmul.py's dequantise regime), and on the CPU for any."""
-    return K.dequantize(layer.weight, layer.scale, dtype)
+def dense_weight(layer: "Int8Linear", dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's weight dequantised to `dtype` (into `out` when given), one pass over the int8 weight: what its
+    product multiplies by for training's row counts (kernels/int8_matmul.py's dequantise regime), and on the CPU
+    for any."""
+    return K.dequantize(layer.weight, layer.scale, dtype, out)
 
 
 class Int8Matmul(torch.autograd.Function):

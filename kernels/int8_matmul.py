@@ -358,13 +358,16 @@ def _align_key(*tensors):
 DEQUANT_TILE = (16, 512, 4)
 
 
-def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """Dense weight Wq * s in `dtype`, one pass over the int8 weight (Triton on CUDA, torch elsewhere)."""
+def dequantize(wq: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Dense weight Wq * s in `dtype`, one pass over the int8 weight (Triton on CUDA, torch elsewhere); written
+    into `out` (contiguous, [N, K] in `dtype`) when given."""
     interpreting = switches.interpreting()
     if triton is None or not (wq.is_cuda or interpreting) or scale.numel() != wq.shape[0] or not wq.is_contiguous():
-        return dequantize_ref(wq, scale, dtype)
+        w = dequantize_ref(wq, scale, dtype)
+        return w if out is None else out.copy_(w)
     n, k = wq.shape
-    w = torch.empty((n, k), device=wq.device, dtype=dtype)
+    w = torch.empty((n, k), device=wq.device, dtype=dtype) if out is None else out
     args = (wq, scale, w, n, k)
     bn, bk, warps = (16, 32, 4) if interpreting else switches.dequant_tile() or DEQUANT_TILE
     consts = (bn, bk)

@@ -13,6 +13,8 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
     HMTINY_INT8_AUTOTUNE=0       int8_matmul takes each regime's first config instead of timing them all
     HMTINY_INT8_FAST_LAUNCH=0    int8_matmul launches through Triton's own path instead of its launch cache
     HMTINY_INT8_TRITON=1         hmtiny.quant runs the int8 Triton kernels off CUDA too (tests, under the interpreter)
+    HMTINY_INT8_OVERLAP=0        the LoRA group node dequantises int8 bases in line, not on a side stream beside the
+                                 products (hmtiny/lora.py's _dense_weights)
     HMTINY_DEQUANT_TILE=BN,BK,W  kernels.int8_matmul.dequantize's tile (rows, columns, warps): an A/B switch for
                                  benchmarks
 """
@@ -67,6 +69,10 @@ def int8_fast_launch() -> bool:
 def dequant_tile() -> tuple[int, int, int] | None:
     value = os.environ.get("HMTINY_DEQUANT_TILE")
     return tuple(int(v) for v in value.split(",")) if value else None
+
+
+def int8_overlap() -> bool:
+    return _flag("HMTINY_INT8_OVERLAP", True)
 
 
 def int8_triton_off_cuda() -> bool:

@@ -775,3 +775,47 @@ def test_group_keeps_int8_bases_dense_only_under_checkpointing(monkeypatch):
     for a, b in zip(results[False], results[True]):
         assert torch.equal(a, b)
     assert not lora._under_checkpoint()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_bases_dequantised_on_a_side_stream_equal_in_line():
+    """On CUDA a group's int8 bases dequantise on a side stream beside the products (lora._dense_weights): the
+    outputs, dx and factor gradients are those of the in-line order, bit for bit, eagerly and replayed from a CUDA
+    graph (where the side stream's work must join the captured stream)."""
+    from hmtiny.lora import group_update
+    from hmtiny.quant import Int8Linear
+    from kernels.switches import overridden
+    layers = grouped_layers(0.25, weight_dtype=torch.float32)
+    for m in layers:
+        m.base = Int8Linear.from_linear(m.base)
+    layers = [m.cuda() for m in layers]
+    x = torch.randn(3, 50, 48, device="cuda").to(torch.bfloat16)
+
+    def step():
+        for m in layers:
+            m.lora_A.weight.grad = m.lora_B.weight.grad = None
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = group_update(layers, xs)
+        sum((o.float().square().sum() * (0.01 * (i + 1))) for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [xs.grad] + [g for m in layers for g in (m.lora_A.weight.grad,
+                                                                                        m.lora_B.weight.grad)]
+
+    with overridden(HMTINY_INT8_OVERLAP="0"):
+        in_line = step()
+    beside = step()
+    for a, b in zip(in_line, beside):
+        assert torch.equal(a, b)
+    side = torch.cuda.Stream()  # a graph of the forward alone (a backward graph needs the forward in it)
+    side.wait_stream(torch.cuda.current_stream())
+    xs = x.clone()
+    with torch.cuda.stream(side), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        group_update(layers, xs)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = group_update(layers, xs)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(in_line[:3], outs):
+        assert torch.equal(a, b)
