@@ -5,10 +5,11 @@
 
 Runs `sample.py --duration 30 --ignore-eos` as separate processes, in this order: bf16 (first: the Triton and GEMV
 tile caches start empty, as on a fresh machine; --drop-page-cache also empties the OS file cache when allowed),
-bf16 again (warm caches), --int8 twice, and --num 8 (bf16). Prints a markdown table: each process's wall time, its
-generation line (frames, seconds, frames/s; for --num 8 all songs together) split into warm-up (engine build, tile
-plan, warm-up runs and graph captures) and the frame loop, model load, the codec's background load (and how long
-decoding waited for it), peak GPU memory and sample.py's closing time breakdown; writes DIR/bench_sample.json.
+bf16 again (warm caches), --int8 twice (the first again from empty caches: a fresh machine's first int8 run), and
+--num 8 (bf16). Prints a markdown table: each process's wall time, its generation line (frames, seconds,
+frames/s; for --num 8 all songs together) split into warm-up (engine build, tile plan, warm-up runs and graph
+captures) and the frame loop, model load, the codec's background load (and how long decoding waited for it), peak
+GPU memory and sample.py's closing time breakdown; writes DIR/bench_sample.json.
 A failing run prints the tail of its output and the others still run.
 
 Python bytecode: a user's pip install writes the .pyc files of torch and triton once, at install. Where the
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, help="seconds of each song (default 30; --tiny: 2)")
     ap.add_argument("--only", help="comma-separated run names to run (e.g. 'bf16 second,int8 second')")
     ap.add_argument("--keep-caches", action="store_true",
-                    help="keep the Triton/tile caches of an earlier bench (the first run is then not a fresh one)")
+                    help="keep the Triton/tile caches of an earlier run (the first runs are then not fresh ones)")
     ap.add_argument("--drop-page-cache", action="store_true",
                     help="empty the OS file cache before the first run (needs root)")
     ap.add_argument("--host-load", action="store_true",  # the host read is now the only one for the model
@@ -193,6 +194,8 @@ def main(argv=None) -> int:
     print(json.dumps(info), flush=True)
     results = []
     for name, extra, env in chosen:
+        if name.endswith(" first") and not a.keep_caches:  # as on a fresh machine
+            shutil.rmtree(caches, ignore_errors=True)
         folder = work / "bench-sample" / name.replace(" ", "_").replace("--", "")
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -175,13 +175,12 @@ def load_codec_beside_model(where, device: torch.device, dtype_name: str, margin
 
 def warm_triton():
     """Triton's and torch._dynamo's once-per-process set-up, for a thread while the model loads (sample.py on CUDA):
-    Triton's import (~0.2 s),
-    the compiler's cache key (a hash of Triton's own files, libtriton's ~500 MB among them: ~0.4 s on this
-    repository's CPU machine), and the backend's key (`ptxas --version` in a subprocess). Otherwise the first kernel
-    launch of generation pays all of it, even when every kernel is already in Triton's disk cache; then
-    torch._dynamo's import, which the first custom-op call needs (see below). Best effort: any failure here is left
-    for that launch to meet and report. Imports only triton and torch._dynamo (never hmtiny or kernels modules,
-    which the loading thread imports: no two threads wait on each other's imports)."""
+    Triton's import (~0.2 s), the compiler's cache key (a hash of Triton's own files, libtriton's ~500 MB among
+    them: ~0.4 s on this repository's CPU machine), and the backend's key (`ptxas --version` in a subprocess).
+    Otherwise the first kernel launch of generation pays all of it, even when every kernel is already in Triton's
+    disk cache; then torch._dynamo's import, which the first custom-op call needs (see below). Best effort: any
+    failure here is left for that launch to meet and report. Imports only triton and torch._dynamo (never hmtiny
+    or kernels modules, which the loading thread imports: no two threads wait on each other's imports)."""
     try:
         import triton  # noqa: F401
         try:
