@@ -151,13 +151,14 @@ def run_process(name: str, argv: list[str], log: Path, cwd: Path) -> dict:
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
     wall = time.time() - t
     text = log.read_text()
+    failure = None
     if proc.returncode != 0 or "Traceback" in text:
+        failure = f"exit {proc.returncode}{' with a traceback' if 'Traceback' in text else ''}"
+    elif EAGER_FALLBACK in text:  # train.py went on without its captured step: slow, and not what users get
+        failure = f"the training step fell back to eager ('{EAGER_FALLBACK}')"
+    if failure:
         print(text[-6000:], file=sys.stderr)
-        raise CheckFailed(f"{name}: exit {proc.returncode}{' with a traceback' if 'Traceback' in text else ''} "
-                          f"(log: {log})")
-    if EAGER_FALLBACK in text:  # train.py went on without its captured step: slow, and not what users get
-        print(text[-6000:], file=sys.stderr)
-        raise CheckFailed(f"{name}: the training step fell back to eager ('{EAGER_FALLBACK}', log: {log})")
+        raise CheckFailed(f"{name}: {failure} (log: {log})")
     result = {"process": name, "wall_s": round(wall, 1)}
     peak = PEAK.findall(text)
     if peak:

@@ -243,8 +243,8 @@ class LoRAGroupUpdate(torch.autograd.Function):
                                for m, (a, _) in zip(layers, pairs)])  # [sum of ranks, in]
             bs = [_compute_copy(b, m.lora_B.weight, dt) for m, (_, b) in zip(layers, pairs)]
             # per layer a dense weight in the compute dtype: the frozen nn.Linear's, or an int8 base dequantised
-            weights = [m.folded_weight().to(dt) if m.int8_base() is None else quant.dense_weight(m.base, dt)
-                       for m in layers]
+            int8 = [m.int8_base() is not None for m in layers]
+            weights = [quant.dense_weight(m.base, dt) if q else m.folded_weight().to(dt) for m, q in zip(layers, int8)]
             low = h.reshape(-1, h.shape[-1]) @ a_cat.t()  # [M, sum of ranks]
             outs, start = [], 0
             for m, b, w in zip(layers, bs, weights):
@@ -256,7 +256,6 @@ class LoRAGroupUpdate(torch.autograd.Function):
         # forward's saves are dropped and the recomputation's live just until this block's backward: the dense
         # copy then spares the backward a second dequantisation. Without checkpointing every layer's would stay
         # until the backward (a bf16 copy of the model): the backward dequantises again.
-        int8 = [m.int8_base() is not None for m in layers]
         keep_dense = any(int8) and _under_checkpoint()
         ctx.again = [q and not keep_dense for q in int8]
         ctx.save_for_backward(h, low, a_cat, seed, *bs, *[w for w, again in zip(weights, ctx.again) if not again])
