@@ -48,9 +48,9 @@ from hmtiny.objective import Objective
 from hmtiny.runtime import load_tokenizer
 from hmtiny.train_config import ConfigError, load_config, parse_cli
 from hmtiny.trainer import (Metrics, PeakMemory, TrainingError, Validator, autocast_dtype, build_model,
-                            check_int8_available, check_output_dir, check_resume, load_checkpoint, lr_factor,
-                            make_optimizer, pick_device, prune_checkpoints, read_model_config, remove_temporaries,
-                            save_checkpoint)
+                            check_int8_available, check_output_dir, check_resume, keep_graphs_for_validation,
+                            load_checkpoint, lr_factor, make_optimizer, pick_device, prune_checkpoints,
+                            read_model_config, remove_temporaries, save_checkpoint)
 
 USAGE = """usage: python train.py [CONFIG.json | env=NAME] [--key=value ...]
 
@@ -223,10 +223,10 @@ def train(argv: list[str]) -> Path:
     def validation():
         nonlocal validation_need
         if captured is not None and captured.shapes:
-            # the graphs' memory goes to generation and the codec unless the card has room for both: the first
-            # validation always frees it (and measures what it needs), later ones keep the graphs when it fits
+            # the graphs' memory goes to generation and the codec unless the card has room for both (the first
+            # validation measures what it needs)
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-            if validation_need is None or free < validation_need + 2**29:
+            if not keep_graphs_for_validation(free, validation_need, cfg):
                 captured.release()  # the next steps capture their shapes again
         held = 0
         if device.type == "cuda":

@@ -507,6 +507,19 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------- validation
+def keep_graphs_for_validation(free: int, measured_need: int | None, cfg: TrainConfig) -> bool:
+    """Whether the training step's CUDA graphs (and their memory) may stay through a validation, so the steps after
+    it replay them instead of capturing every shape again. free: the card's free bytes now; measured_need: what an
+    earlier validation of this run needed beyond training's memory (None before the first). Before the first
+    validation nothing is measured: the graphs stay only where the card has several times what a validation was
+    seen to need (the 3B's 30 s clip: ~2.3 GiB over training on an H100, bench/NOTES.md): 8 GiB plus 2 GiB per
+    clip and 30 s. A 12-24 GB card frees them; later validations go by the measured need."""
+    if measured_need is not None:
+        return free >= measured_need + 2**29
+    clips = cfg.num_validation_images * max(1.0, cfg.validation_audio_duration / 30)
+    return free >= (8 + 2 * clips) * 2**30
+
+
 class Validator:
     """Generates validation clips with the LoRA-applied model and writes output_dir/validation/step-STEP-N.wav
     (or .npy tokens when no codec weights can be found: said once)."""

@@ -337,3 +337,19 @@ def test_nan_read_one_step_late_still_skips_the_update(tmp_path, monkeypatch, ca
     assert after_2.keys() == now.keys()
     for k in now:  # steps 3 and 4 (queued before the NaN was read) changed nothing
         assert torch.equal(now[k].float(), after_2[k]), k
+
+
+def test_graphs_kept_through_validation_only_where_the_card_has_room():
+    """Before the first validation nothing is measured: only a card with several times a validation's seen need
+    keeps the training graphs (an 80 GB card does, a 12-24 GB one frees them); afterwards the measured need
+    decides, with half a GiB to spare. Longer and more clips ask for more room."""
+    from hmtiny.train_config import TrainConfig
+    from hmtiny.trainer import keep_graphs_for_validation
+    GiB = 2**30
+    cfg = TrainConfig()  # one 30 s clip
+    assert keep_graphs_for_validation(60 * GiB, None, cfg)
+    assert not keep_graphs_for_validation(9 * GiB, None, cfg)  # under 8 + 2 GiB
+    assert keep_graphs_for_validation(3 * GiB, 2 * GiB, cfg)  # measured: 2 GiB + 0.5 fit in 3
+    assert not keep_graphs_for_validation(int(2.4 * GiB), 2 * GiB, cfg)
+    many = TrainConfig(num_validation_images=4, validation_audio_duration=60.0)  # 8 + 2 * 4 * 2 = 24 GiB
+    assert not keep_graphs_for_validation(20 * GiB, None, many) and keep_graphs_for_validation(25 * GiB, None, many)
