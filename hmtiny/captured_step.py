@@ -248,7 +248,7 @@ class CapturedStep:
         S_pad = max(S, min(round_up(S, self.bucket), self.model.cfg.backbone.max_seq_len))
         rows = plan_rows(cpu_batch["audio_frame_mask"], self.decoder_fraction, self.bucket, S_pad)
         key = (B, S_pad, "muq_embed" in cpu_batch)
-        s = self.shapes.get(key)
+        s = replaced = self.shapes.get(key)
         if s is None or s.n_c0 < rows.c0_at.numel() or s.n_dec < rows.dec_at.numel():
             # a new shape, or more loss rows than its room: (re)build it with room for both. Every shape is kept:
             # the graphs share one pool, so more shapes cost no more GPU memory
@@ -258,6 +258,9 @@ class CapturedStep:
         if not self.capture:
             return self._run(s)
         if s.graph is None:
+            # `replaced` keeps the graph this one replaces alive until the new one is captured: if the pool's last
+            # graph died while memory it wrote is still in use (the LoRA factor copies), PyTorch's allocator would
+            # refuse the pool to the next capture (an internal assert: use_count > 0)
             try:
                 self._capture(s)
             except RuntimeError as e:  # something in this step cannot live in a graph: say so, run it eagerly
@@ -266,6 +269,7 @@ class CapturedStep:
                 self.capture = False
                 self.release()
                 return self._run(s)
+        del replaced
         s.graph.replay()
         return s.out
 

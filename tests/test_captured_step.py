@@ -197,6 +197,35 @@ def test_captured_graphs_equal_eager_on_cuda(data):
     assert graphed.captures == 4  # shapes [0] and [1,2] twice (released in between), [3] once... at most
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_shape_captured_again_with_more_rows_stays_captured(data):
+    """The pool's only graph replaced by a capture of the same shape with room for more loss rows (what the first
+    steps after a validation that freed the graphs often do): the new capture succeeds and replays the right
+    numbers. It used to fail inside PyTorch's allocator (use_count > 0) and leave the run eager for good."""
+    model, params = tiny_lora(device="cuda")
+    logs = []
+    graphed = CapturedStep(model, params, torch.bfloat16, bucket=4, capture=True, log=logs.append)
+    eager = CapturedStep(model, params, torch.bfloat16, bucket=4, capture=False)
+    full = data.batch([0])
+    frames = full["audio_frame_mask"][0].nonzero()[:, 0]
+    mask = full["audio_frame_mask"].clone()
+    mask[0, frames[len(frames) // 2:]] = False  # the same rows, half the frames to predict
+    fewer = dict(full, audio_frame_mask=mask)
+    for round_ in range(2):  # the second round starts from release(), as after a validation
+        for batch in (fewer, full):
+            for p in params:
+                p.grad.zero_()
+            want = eager(batch).clone()
+            for p in params:
+                p.grad.zero_()
+            got = graphed(batch).clone()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        graphed.release()
+    assert graphed.capture, logs
+    assert not any("could not be captured" in m for m in logs), logs
+    assert graphed.captures == 4  # each round: the shape, then the same shape with more room
+
+
 @pytest.mark.parametrize("accum,checkpointing", [(1, True), (2, False)])
 def test_train_py_with_the_captured_step_equals_the_eager_step(tmp_path, monkeypatch, accum, checkpointing):
     """train.py's captured-step path (grads kept in place, zeroed in place, accumulation, seeded LoRA dropout)
