@@ -29,6 +29,12 @@ results agree with the math backend to a few float32 ulps, and in bf16/fp16 to o
 last-bit difference moves across a rounding boundary. No TF32 anywhere (the math backend's GEMMs are float32
 unless torch.backends.cuda.matmul.allow_tf32 is set, which hmtiny never does).
 
+NO_DOT: every product-and-sum here reduces over the last axis of its [.., .., BLOCK] product, or over the first.
+Triton's combine pass rewrites the form sum(x[:, :, None] * y[None, :, :], axis=1) into a tl.dot, and Triton 3.6
+made that dot TF32: on an H100 the float32 outputs were off by ~1e-3 of their largest element and many bf16
+results by an ulp. So p v and ds ks load v and k transposed, [BLOCK_D, S_pad], and sum over axis 2.
+tests/test_short_attention.py compiles the kernels for a GPU target on the CPU and checks that no dot is left.
+
 Tiling: rows are (query head g of the group, position i), padded to powers of two: R = next_pow2(G) * S_pad rows,
 S_pad = next_pow2(S) >= 2 key columns. Scores need a sum over D = 384 for each of R x S_pad pairs (16 x 8 in the
 model): a [R, S_pad, D] product would be 48 K float32 values, 384 registers a thread at 4 warps. So D is walked in
@@ -154,8 +160,8 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            v = tl.load(v_row[:, None] + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            o = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # [R, BLOCK_D]
+            vt = tl.load(v_row[None, :] + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [D, S]
+            o = tl.sum(p[:, None, :] * vt.to(tl.float32)[None, :, :], axis=2)  # [R, BLOCK_D]; why: NO_DOT
             tl.store(o_row[:, None] + d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
@@ -200,13 +206,14 @@ if triton is not None:
             d_ok = d < D
             row_mask, col_mask = row_ok[:, None] & d_ok[None, :], col_ok[:, None] & d_ok[None, :]
             qs = tl.load(q_row[:, None] + d[None, :], mask=row_mask, other=0.0).to(tl.float32) * c
-            ks = tl.load(k_row[:, None] + d[None, :], mask=col_mask, other=0.0).to(tl.float32) * c
+            kst = tl.load(k_row[None, :] + d[:, None], mask=d_ok[:, None] & col_ok[None, :],
+                          other=0.0).to(tl.float32) * c  # [BLOCK_D, S_pad]
             do = tl.load(do_row[:, None] + d[None, :], mask=row_mask, other=0.0).to(tl.float32)
             dv = tl.sum(p[:, :, None] * do[:, None, :], axis=0)  # [S_pad, BLOCK_D]
             tl.store(dv_row[:, None] + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_mask)
             dk = tl.sum(ds[:, :, None] * qs[:, None, :], axis=0) * c
             tl.store(dk_row[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask)
-            dq = tl.sum(ds[:, :, None] * ks[None, :, :], axis=1) * c  # [R, BLOCK_D]
+            dq = tl.sum(ds[:, None, :] * kst[None, :, :], axis=2) * c  # [R, BLOCK_D]; why: NO_DOT
             tl.store(dq_row[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_mask)
 
 

@@ -217,6 +217,25 @@ def test_fused_attention_takes_the_kernel_where_usable(monkeypatch):
         assert torch.equal(FusedAttention.attend(*short), Attention.attend(*short)) and len(calls) == 2
 
 
+@pytest.mark.skipif(sa.triton is None, reason="needs triton")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_no_dot_after_tritons_passes(dtype):
+    """The kernels compiled for an H100 (on any machine: triton.compile needs no GPU) keep their float32 sums as
+    written: Triton's combine pass turns sum(x[:, :, None] * y[None, :, :], axis=1) into a tl.dot, which Triton 3.6
+    ran in TF32 (the module docstring's NO_DOT); the interpreter runs no such pass, so only this sees it on a CPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for kernel, backward in ((sa._short_attention_fwd, False), (sa._short_attention_bwd, True)):
+        tiles = sa.plan(2, 8, 384, backward)  # the depth decoder's shape: G 2, S 8, D 384
+        consts = {"S": 8, "D": 384, "G": 2, "EXACT": True, **{k: v for k, v in tiles.items() if k != "num_warps"}}
+        signature = {name: "constexpr" if name in consts else "*" + dtype if name.endswith("_ptr")
+                     else "fp32" if name == "c" else "i32" for name in kernel.arg_names}
+        compiled = sa.triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32),
+                                     options={"num_warps": tiles["num_warps"]})
+        assert "tt.dot" not in compiled.asm["ttir"], kernel.__name__
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or sa.triton is None, reason="needs CUDA and triton")
 def test_kernel_on_cuda():
     bf16 = torch.bfloat16
