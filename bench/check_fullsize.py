@@ -73,7 +73,9 @@ def hold_gpu_memory(gib: float) -> subprocess.Popen:
     """A helper process that holds all of the GPU's free memory but `gib` GiB until it is killed."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(gib)], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline().strip()
-    expect(line.startswith("holding"), f"the memory-holding helper did not start (exit {proc.poll()})")
+    if not line.startswith("holding"):
+        proc.kill()
+        expect(False, f"the memory-holding helper did not start (exit {proc.wait()})")
     print(line, flush=True)
     return proc
 

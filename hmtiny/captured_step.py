@@ -259,8 +259,8 @@ class CapturedStep:
             return self._run(s)
         if s.graph is None:
             # `replaced` keeps the graph this one replaces alive until the new one is captured: if the pool's last
-            # graph died while memory it wrote is still in use (the LoRA factor copies), PyTorch's allocator would
-            # refuse the pool to the next capture (an internal assert: use_count > 0)
+            # graph died while some of the pool's memory is still in use, PyTorch's allocator would refuse the pool
+            # to the next capture (an internal assert, use_count > 0; seen after a validation had freed the others)
             try:
                 self._capture(s)
             except RuntimeError as e:  # something in this step cannot live in a graph: say so, run it eagerly
