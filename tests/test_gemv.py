@@ -178,3 +178,16 @@ if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_i
     runs = [gemv._launch(x, w, (32, 64, 5, 4)) for _ in range(3)]  # 5 slices of 128, one-shot K step 64 x 2
     print(json.dumps({"errs": errs, "reduce_repeatable": all(torch.equal(r, runs[0]) for r in runs),
                       "counters_left": sum(int(t.abs().sum()) for t in counter_buffers.values())}))
+
+
+@pytest.mark.skipif(gemv.triton is None, reason="triton not installed")
+def test_resources_of_shipped_tiles_for_hopper():
+    """bench/kernel_resources.py compiles a shipped H100 pick for sm_90 on any machine (no GPU) and reads ptxas's
+    register count: the first two int8 picks use registers and spill none."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kernel_resources
+    picks = [(k, v) for k, v in json.loads(gemv.SHIPPED.read_text()).items()
+             if k.startswith("NVIDIA H100") and "|torch.int8|" in k][:2]
+    for key, tile in picks:
+        r = kernel_resources.compile_pick(key, tile, 90)
+        assert 0 < r["registers"] <= 255 and r["spill_stores"] == r["spill_loads"] == 0, (key, r)
