@@ -1,14 +1,15 @@
 """Where a generated frame's time goes: per-kernel GPU time of one frame step at full 3B size.
 
-    python bench/profile_generate.py [--frames 375] [--steps 20]
+    python bench/profile_generate.py [--frames 375] [--steps 20] [--int8]
 
 The engine's graph mode: one short request (200-row prompt, CFG on) to build and capture the step, then
 torch.profiler over `--steps` replays of the captured CUDA graph (CUPTI reports the kernels inside a graph), and
 over the same number of un-captured calls of the step (what the graph holds, launched one by one); before that,
 the replay's wall time with the cache at its start, middle and end (attention grows with the cache). Prints the
 kernels grouped by name: calls per frame, GPU µs per frame, share of the frame; and the graph replay's wall time
-per frame next to the sum of its kernels' times (the difference is the gaps between kernels).
-JSON to $OUT/profile_generate.json when OUT is set.
+per frame next to the sum of its kernels' times (the difference is the gaps between kernels). `--int8` quantises
+the stacks first (hmtiny.quant, as `sample.py --int8`).
+JSON to $OUT/profile_generate.json (profile_generate_int8.json) when OUT is set.
 """
 import argparse
 import json
@@ -46,10 +47,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=375)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--int8", action="store_true", help="int8 weights (hmtiny.quant.quantize_model) first")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "int8": args.int8}
     model = build_random(ModelConfig.official_3b(), device="cuda", dtype=torch.bfloat16)
+    if args.int8:
+        from hmtiny.quant import quantize_model
+        quantize_model(model)
+        torch.cuda.empty_cache()
     prompt = synthetic_prompt(model.cfg)
     for mode in ["graph"]:
         eng = Engine(model, mode)
@@ -97,7 +103,7 @@ def main():
         tab = table_g if table_g else table_e
         for r in tab[:40]:
             print(f"{r['us_per_frame']:8.1f} us {r['calls_per_frame']:6.1f}x  {r['kernel']}")
-        (out / "profile_generate.json").write_text(json.dumps(res, indent=1))
+        (out / f"profile_generate{'_int8' if args.int8 else ''}.json").write_text(json.dumps(res, indent=1))
         eng = None  # its graphs and cache freed before the next mode's
         torch.cuda.empty_cache()
 

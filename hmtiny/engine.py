@@ -571,10 +571,9 @@ class Engine:
 
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
         """Warm up fn (WARMUPS runs: Triton compiles, cuBLAS handles), then record it in a CUDA graph; the request
-        state and the generators are restored around both, so the first replay is the request's real call."""
+        state and the generators are restored around both, so the first replay is the request's real call. The
+        caller has planned the GEMV tiles (_generate, before the compile-ahead pass)."""
         restore = self._restorer()
-        if not self._planned:
-            self._plan_tiles()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # the prefill rewrites the same cache rows each time: safe to repeat
