@@ -174,13 +174,13 @@ def load_codec_beside_model(where, device: torch.device, dtype_name: str, margin
 
 
 def warm_triton():
-    """Triton's and torch._dynamo's once-per-process set-up, for a thread while the model loads (sample.py on CUDA):
-    Triton's import (~0.2 s), the compiler's cache key (a hash of Triton's own files, libtriton's ~500 MB among
-    them: ~0.4 s on this repository's CPU machine), and the backend's key (`ptxas --version` in a subprocess).
-    Otherwise the first kernel launch of generation pays all of it, even when every kernel is already in Triton's
-    disk cache; then torch._dynamo's import, which the first custom-op call needs (see below). Best effort: any
-    failure here is left for that launch to meet and report. Imports only triton and torch._dynamo (never hmtiny
-    or kernels modules, which the loading thread imports: no two threads wait on each other's imports)."""
+    """Triton's once-per-process set-up, for a thread while the model loads (sample.py on CUDA): Triton's import
+    (~0.2 s), the compiler's cache key (a hash of Triton's own files, libtriton's ~500 MB among them: ~0.4 s on this
+    repository's CPU machine), and the backend's key (`ptxas --version` in a subprocess). Otherwise the first kernel
+    launch of generation pays all of it, even when every kernel is already in Triton's disk cache. Best effort: any
+    failure here is left for that launch to meet and report. Imports only triton (never hmtiny or kernels modules,
+    which the loading thread imports: no two threads wait on each other's imports). torch._dynamo is not needed:
+    the kernels' entry points skip the custom-op wrapper outside torch.compile (kernels/custom_op.py)."""
     try:
         import triton  # noqa: F401
         try:
@@ -191,13 +191,6 @@ def warm_triton():
         from triton.compiler.compiler import make_backend
         from triton.runtime import driver
         make_backend(driver.active.get_current_target()).hash()
-    except Exception:
-        pass
-    try:
-        # torch.library.custom_op wraps every op's implementation in torch._disable_dynamo, which imports
-        # torch._dynamo (sympy, torch.distributed among it: ~1.5 s, ~4.5 s where no bytecode is cached) at the first
-        # call of any custom op, i.e. at generation's first kernel: import it here, while the model loads
-        import torch._dynamo  # noqa: F401
     except Exception:
         pass
 

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from . import ahead, pdl
+from .custom_op import custom_op
 
 try:
     import triton
@@ -108,23 +109,23 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)  # the dtype of `normed.type_as(x) * weight`
 
 
-@torch.library.custom_op("hmtiny::add_rmsnorm", mutates_args=())
+@custom_op("hmtiny::add_rmsnorm", mutates_args=())
 def add_rmsnorm_op(x: torch.Tensor, partials: Optional[torch.Tensor], weight: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, partials, weight, eps)  # with partials None, h is a copy: an op may not alias x
 
 
-@add_rmsnorm_op.register_fake
+@add_rmsnorm_op.op.register_fake
 def _(x, partials, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=_out_dtype(x, weight))
 
 
-@torch.library.custom_op("hmtiny::rmsnorm", mutates_args=())
+@custom_op("hmtiny::rmsnorm", mutates_args=())
 def rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch(x, None, weight, eps, store_h=False)[1]
 
 
-@rmsnorm_op.register_fake
+@rmsnorm_op.op.register_fake
 def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=_out_dtype(x, weight))
 

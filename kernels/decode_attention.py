@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import ahead, pdl, switches
 from .counters import counters
+from .custom_op import custom_op
 
 try:
     import triton
@@ -402,14 +403,14 @@ def usable(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads: int, n_kv: i
 
 
 # one opaque call for torch.compile (fullgraph) that CUDA graphs capture; it writes the caches in place
-@torch.library.custom_op("hmtiny::decode_attention", mutates_args=("k_cache", "v_cache"))
+@custom_op("hmtiny::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor,
                         pos: torch.Tensor, slots: torch.Tensor, start: torch.Tensor, n_heads: int,
                         n_kv: int) -> torch.Tensor:
     return _launch(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv)
 
 
-@decode_attention_op.register_fake
+@decode_attention_op.op.register_fake
 def _(qkv, k_cache, v_cache, rope, pos, slots, start, n_heads, n_kv):
     hd = qkv.shape[-1] // (n_heads + 2 * n_kv)
     return k_cache.new_empty(*qkv.shape[-3:-1], n_heads * hd)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import ahead, pdl, switches
 from .counters import counters
+from .custom_op import custom_op
 from .timing import graph_time
 
 try:
@@ -336,7 +337,7 @@ def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
             and any(_fits(c, w.shape[0], w.shape[1], glu) for c in CANDIDATES))
 
 
-@torch.library.custom_op("hmtiny::gemv", mutates_args=())
+@custom_op("hmtiny::gemv", mutates_args=())
 def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     cfg = _pick(x2, w)
@@ -344,30 +345,30 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-@gemv_op.register_fake
+@gemv_op.op.register_fake
 def _(x, w):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-@torch.library.custom_op("hmtiny::gemv_partials", mutates_args=())
+@custom_op("hmtiny::gemv_partials", mutates_args=())
 def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
                 nw: int) -> torch.Tensor:
     return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
 
 
-@partials_op.register_fake
+@partials_op.op.register_fake
 def _(x, w, scale, bn, bk, sk, nw):
     m = x.numel() // x.shape[-1]
     return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
 
 
-@torch.library.custom_op("hmtiny::gemv_tiled", mutates_args=())
+@custom_op("hmtiny::gemv_tiled", mutates_args=())
 def tiled_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
              nw: int, glu: bool) -> torch.Tensor:
     return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, glu)
 
 
-@tiled_op.register_fake
+@tiled_op.op.register_fake
 def _(x, w, scale, bn, bk, sk, nw, glu):
     return x.new_empty(x.numel() // x.shape[-1], w.shape[0] // (2 if glu else 1))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import switches
+from .custom_op import custom_op
 
 try:
     import triton
@@ -122,24 +123,24 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, rstd: torc
     return dx, n
 
 
-@torch.library.custom_op("hmtiny::rmsnorm_fwd", mutates_args=())
+@custom_op("hmtiny::rmsnorm_fwd", mutates_args=())
 def rmsnorm_fwd_op(x: torch.Tensor, scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x, scale, eps)
 
 
-@rmsnorm_fwd_op.register_fake
+@rmsnorm_fwd_op.op.register_fake
 def _(x, scale, eps):
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, scale.dtype)),
             x.new_empty(x.shape[0], dtype=torch.float32))
 
 
-@torch.library.custom_op("hmtiny::rmsnorm_bwd", mutates_args=())
+@custom_op("hmtiny::rmsnorm_bwd", mutates_args=())
 def rmsnorm_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, rstd: torch.Tensor, need_dx: bool,
                    need_n: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward(dy, x, scale, rstd, need_dx, need_n)
 
 
-@rmsnorm_bwd_op.register_fake
+@rmsnorm_bwd_op.op.register_fake
 def _(dy, x, scale, rstd, need_dx, need_n):
     return x.new_empty(x.shape if need_dx else (0,)), x.new_empty(x.shape if need_n else (0,))
 

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from . import ahead, pdl
+from .custom_op import custom_op
 
 try:
     import triton
@@ -371,13 +372,13 @@ def _launch(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float
     return out
 
 
-@torch.library.custom_op("hmtiny::topk_sample", mutates_args=())
+@custom_op("hmtiny::topk_sample", mutates_args=())
 def topk_sample_op(logits: torch.Tensor, bias: Optional[torch.Tensor], cfg_scale: float, temperature: float,
                    topk: int, noise: Optional[torch.Tensor]) -> torch.Tensor:
     return _launch(logits, bias, cfg_scale, temperature, topk, noise)
 
 
-@topk_sample_op.register_fake
+@topk_sample_op.op.register_fake
 def _(logits, bias, cfg_scale, temperature, topk, noise):
     B2 = logits.shape[0]
     return logits.new_empty(B2 // 2 if cfg_scale != 1.0 else B2, dtype=torch.int64)

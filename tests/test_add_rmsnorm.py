@@ -145,9 +145,9 @@ def test_kernel_on_cuda():
     weight = (1 + 0.5 * torch.randn(3072, device="cuda")).bfloat16()
     assert ar.usable(x, partials, weight) and ar.usable(x, None, weight)
     assert ar.add_rmsnorm(x, None, weight, EPS)[0] is x
-    torch.library.opcheck(ar.add_rmsnorm_op, (x, partials, weight, EPS))
-    torch.library.opcheck(ar.add_rmsnorm_op, (x, None, weight, EPS))
-    torch.library.opcheck(ar.rmsnorm_op, (x, weight, EPS))
+    torch.library.opcheck(ar.add_rmsnorm_op.op, (x, partials, weight, EPS))
+    torch.library.opcheck(ar.add_rmsnorm_op.op, (x, None, weight, EPS))
+    torch.library.opcheck(ar.rmsnorm_op.op, (x, weight, EPS))
 
     # inside a CUDA graph: replays see new inputs
     side = torch.cuda.Stream()

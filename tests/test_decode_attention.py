@@ -290,5 +290,5 @@ if __name__ == "__main__":  # the interpreter half of test_kernels_under_triton_
            "float32_flip": interpreter_results(torch.float32, flip=not da._FLIP),
            "repeat": interpreter_repeat(), "slices": interpreter_slices()}
     a = make(2, 2, 4, 2, 64, 37, 10, (0, 3), torch.float32, "cpu", torch.Generator().manual_seed(5))
-    res["opcheck"] = torch.library.opcheck(da.decode_attention_op, tuple(a.values()))
+    res["opcheck"] = torch.library.opcheck(da.decode_attention_op.op, tuple(a.values()))
     print(json.dumps(res))

@@ -284,9 +284,9 @@ def test_kernels_on_cuda():
     scale = (1 + 0.5 * torch.randn(3072, device="cuda")).bfloat16()
     dy = torch.randn_like(x)
     y, rstd = rn.rmsnorm_fwd_op(x.view(-1, 3072), scale, EPS)
-    torch.library.opcheck(rn.rmsnorm_fwd_op, (x.view(-1, 3072), scale, EPS))
+    torch.library.opcheck(rn.rmsnorm_fwd_op.op, (x.view(-1, 3072), scale, EPS))
     for need_dx, need_n in ((True, False), (False, True), (True, True)):
-        torch.library.opcheck(rn.rmsnorm_bwd_op, (dy.view(-1, 3072), x.view(-1, 3072), scale, rstd, need_dx, need_n))
+        torch.library.opcheck(rn.rmsnorm_bwd_op.op, (dy.view(-1, 3072), x.view(-1, 3072), scale, rstd, need_dx, need_n))
 
 
 @CUDA

@@ -74,23 +74,12 @@ def test_warm_triton_never_raises(monkeypatch):
     assert job.result() is None and job.error is None
 
 
-def test_warm_triton_imports_what_the_first_custom_op_call_would():
-    """torch.library.custom_op implementations import torch._dynamo on their first call (torch._disable_dynamo):
-    warm_triton imports it ahead, in a fresh process here so that nothing else has."""
+def test_warm_triton_leaves_torch_dynamo_alone():
+    """warm_triton runs beside the model load: it must not import torch._dynamo (~1.5 s of Python holding the GIL
+    the load needs), which nothing in sample.py's path needs (kernels/custom_op.py; tests/test_custom_op.py). In a
+    fresh process, so that nothing else has imported it."""
     import subprocess
     code = ("import sys\nfrom hmtiny import runtime\nassert 'torch._dynamo' not in sys.modules\n"
             "runtime.warm_triton()\nprint('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.split()[-1] == "True", (out.stdout, out.stderr[-2000:])
-
-
-def test_a_custom_op_call_imports_torch_dynamo():
-    """Why warm_triton imports torch._dynamo: the first call of one of our custom ops does (this torch's
-    custom_op wraps the implementation in torch._disable_dynamo). Fails if a torch stops doing so."""
-    import subprocess
-    code = ("import sys, torch\nfrom kernels import add_rmsnorm\nassert 'torch._dynamo' not in sys.modules\n"
-            "try:\n    torch.ops.hmtiny.rmsnorm(torch.randn(2, 8), torch.ones(8), 1e-5)\n"
-            "except Exception:\n    pass  # the CPU has no Triton driver: the import came before the launch\n"
-            "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.split()[-1] == "True", (out.stdout, out.stderr[-2000:])
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", (out.stdout, out.stderr[-2000:])
