@@ -211,9 +211,6 @@ def main():
                                 "traceback": traceback.format_exc()[-4000:]})
             print("FAILED", mode, e, flush=True)
             save()
-    if "graph" in sampled:
-        tile_table(res)
-        save()
     if "eager" in sampled:
         # same seed, same frames? bf16 rounding differs between eager and the graph's kernels, so a near-tie
         # can flip one draw and the songs diverge from there: report the length of the common prefix
@@ -240,6 +237,9 @@ def main():
                     print("FAILED int8", mode, e, traceback.format_exc()[-1500:], flush=True)
         except Exception as e:
             res["int8_error"] = f"{type(e).__name__}: {e}"[:2000]
+        save()
+    if any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
+        tile_table(res)  # every shape the graph engines planned, bf16 and (with --int8) int8
         save()
     if any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
         from kernels import gemv  # this card's picks (bf16 and int8), in the format of gemv.SHIPPED
