@@ -241,7 +241,6 @@ def main():
     if any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
         tile_table(res)  # every shape the graph engines planned, bf16 and (with --int8) int8
         save()
-    if any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
         from kernels import gemv  # this card's picks (bf16 and int8), in the format of gemv.SHIPPED
         (out_dir / "gemv_tiles.json").write_text(json.dumps(gemv.export_picks(), indent=0, sort_keys=True))
 
