@@ -139,6 +139,8 @@ def main():
     ap.add_argument("--int8", action="store_true", help="then quantise the stacks and time the int8 engine too")
     ap.add_argument("--int8-modes", default="graph")
     ap.add_argument("--gemv", action="store_true", help="first time each decode matmul shape: cuBLAS vs kernels.gemv")
+    ap.add_argument("--prefetch-mb", default="",
+                    help="comma list: each graph row again with HMTINY_L2_PREFETCH_MB set to each (0 = no prefetch)")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--topk", type=int, default=50)
     args = ap.parse_args()
@@ -164,6 +166,15 @@ def main():
     res["prompt_rows"] = int(prompt[0].shape[0])
 
     def run_engine(label, mode, frames):
+        if mode == "graph" and args.prefetch_mb:  # one row per L2 prefetch cap (kernels/prefetch.py)
+            from kernels import switches
+            for mb in args.prefetch_mb.split(","):
+                with switches.overridden(HMTINY_L2_PREFETCH_MB=mb):
+                    last = run_one(f"{label} pf={mb}MB", mode, frames)
+            return last
+        return run_one(label, mode, frames)
+
+    def run_one(label, mode, frames):
         eng = Engine(model, mode, share=True)  # as sample.py runs it: no second copy of the fused weights
         call = lambda seed: eng.generate([prompt], frames, cfg_scale=args.cfg, topk=args.topk,
                                          generator=torch.Generator(dev).manual_seed(seed), eos_check_every=64,

@@ -43,8 +43,9 @@ def resources(ptx: str, arch: int) -> dict:
     return found
 
 
-def compile_pick(key: str, tile: list, arch: int) -> dict:
-    """Compile the GEMV for one gemv_tiles.json entry (key: card|N|K|weight dtype|x dtype|partial|glu|...)."""
+def compile_pick(key: str, tile: list, arch: int, prefetch: bool = False) -> dict:
+    """Compile the GEMV for one gemv_tiles.json entry (key: card|N|K|weight dtype|x dtype|partial|glu|...);
+    prefetch: with the L2 prefetch of the next weight at the end of each program (kernels/prefetch.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,9 +57,9 @@ def compile_pick(key: str, tile: list, arch: int) -> dict:
     types = {"torch.int8": "i8", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
     x, w = types[xdt], types[wdt]
     consts = {"BLOCK_M": gemv.MAX_ROWS, "BLOCK_N": bn, "BLOCK_K": bk, "SCALED": w == "i8", "GLU": glu,
-              "REDUCE": sk > 1 and not partial, "PDL": True}
+              "REDUCE": sk > 1 and not partial, "PDL": True, "PF_SLOTS": 32 * nw if prefetch else 0}
     pointers = {"x_ptr": x, "w_ptr": w, "s_ptr": "fp32", "y_ptr": "fp32" if partial and sk > 1 else x,
-                "part_ptr": "fp32", "cnt_ptr": "i32"}
+                "part_ptr": "fp32", "cnt_ptr": "i32", "pf_ptr": w}
     kernel = gemv._gemv_kernel
     signature = {n: "constexpr" if n in consts else "*" + pointers[n] if n in pointers else "i32"
                  for n in kernel.arg_names}
@@ -68,8 +69,9 @@ def compile_pick(key: str, tile: list, arch: int) -> dict:
     stages = gemv._stages(bn * (2 if glu else 1), bk)
     compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": nw, "num_stages": stages})
+    ptx = compiled.asm["ptx"]
     return {"N": int(N), "K": int(K), "weights": w, "glu": glu, "partial": partial, "tile": tile, "stages": stages,
-            **resources(compiled.asm["ptx"], arch)}
+            "prefetches": ptx.count("cp.async.bulk.prefetch.L2"), **resources(ptx, arch)}
 
 
 def main(argv=None) -> int:
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--card", default="NVIDIA H100 80GB HBM3", help="the card's entries in kernels/gemv_tiles.json")
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: Hopper)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N entries (0: all)")
+    ap.add_argument("--prefetch", action="store_true", help="the kernel with its L2 prefetch of the next weight")
     a = ap.parse_args(argv)
     picks = [(k, v) for k, v in json.loads((REPO / "kernels" / "gemv_tiles.json").read_text()).items()
              if k.split("|")[0] == a.card]
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
     print("| N | K | weights | GLU | K slices to | tile (bn, bk, sk, warps) | stages | registers | spill bytes |")
     print("|---|---|---|---|---|---|---|---|---|")
     for key, tile in picks[:a.limit or None]:
-        r = compile_pick(key, tile, a.arch)
+        r = compile_pick(key, tile, a.arch, a.prefetch)
         print(f"| {r['N']} | {r['K']} | {r['weights']} | {r['glu']} | {'caller' if r['partial'] else 'kernel'} | "
               f"{tuple(r['tile'])} | {r['stages']} | {r['registers']} | {r['spill_stores'] + r['spill_loads']} |",
               flush=True)

@@ -126,11 +126,17 @@ class Fused(nn.Module):
         """A planned tile applies to x (the prompt's many rows take the general path)."""
         return self.tile is not None and x.numel() // x.shape[-1] <= gemv.MAX_ROWS
 
-    def forward(self, x):
+    def decode_weight(self) -> torch.Tensor | None:
+        """The one matrix a planned decode GEMV reads (the weights a GEMV before it may prefetch), else None."""
+        return self.gemv_weight()[0] if self.tile is not None else None
+
+    def forward(self, x, then=None):
+        """then: the next decode GEMV's weight, fetched into L2 as this one ends (kernels/prefetch.py)."""
         if self._tiled(x) and not self.tile_glu:
             w, scale = self.gemv_weight()
-            linear = gemv.linear_split if self.tile_split else gemv.linear_tiled
-            return linear(x, w, self.tile, scale)
+            if self.tile_split:
+                return gemv.linear_split(x, w, self.tile, scale)
+            return gemv.linear_tiled(x, w, self.tile, scale, then=then)
         if self.direct is not None:
             return gemv.linear(x, self.direct.weight)
         if self.weight is not None:
@@ -140,20 +146,20 @@ class Fused(nn.Module):
         outs = [p(x) for p in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
-    def partials(self, x):
+    def partials(self, x, then=None):
         """The output as K slices [sk, ..., N] for kernels.add_rmsnorm to add up (one slice unless a split tile was
-        planned)."""
+        planned). then: as in forward."""
         if self._tiled(x) and self.tile_split:
             w, scale = self.gemv_weight()
-            return gemv.partials(x, w, self.tile, scale)
-        return self(x)[None]
+            return gemv.partials(x, w, self.tile, scale, then)
+        return self(x, then)[None]
 
-    def swiglu(self, x):
+    def swiglu(self, x, then=None):
         """silu(gate) * up for this layer's [gate; up] outputs (SwiGLU's w1 | w3): with a `glu` tile one GEMV
-        forms the product in its epilogue, else torch ops."""
+        forms the product in its epilogue, else torch ops. then: as in forward."""
         if self._tiled(x) and self.tile_glu:
             w, scale = self.gemv_weight()
-            return gemv.linear_tiled(x, w, self.tile, scale, glu=True)
+            return gemv.linear_tiled(x, w, self.tile, scale, glu=True, then=then)
         g, u = self(x).chunk(2, -1)
         return F.silu(g) * u
 
@@ -180,21 +186,23 @@ class FastLayer(nn.Module):
         # may free it (model.drop_caches does not touch it)
         self.cache: KVCache | None = None
 
-    def forward(self, x, pending, slots, pos, start, rope, prompt: bool):
+    def forward(self, x, pending, slots, pos, start, rope, prompt: bool, then=None):
         """x [B,S,D] (the residual stream, still without `pending`: the previous layer's last matmul output as K
         slices [sk,B,S,D], or None) at positions pos [B,S] (rope: the stack's (cos, sin) table), written to cache
         slots [S] (consecutive). Row i of song b attends to cache slots start[b]..slots[i]. Returns the new
         (x, pending). A frame step's few rows: one kernel adds the slices + residual and normalises, one does RoPE
         + the cache write + attention, the GEMVs leave K slices (gate/up's ends in SwiGLU's silu(g) * u); a whole
-        prompt: the same operations in plain torch (decode_attention's reference: left-pad rows see themselves)."""
+        prompt: the same operations in plain torch (decode_attention's reference: left-pad rows see themselves).
+        then: the weight of the decode GEMV after this layer's last (each GEMV prefetches the next one's into L2)."""
         b = self.block
         x, n = add_rmsnorm(x, pending, b.sa_norm.scale, b.sa_norm.eps)
-        qkv = self.qkv(n) if prompt else self.qkv.partials(n)  # decode_attention adds the K slices
+        # decode_attention adds the K slices
+        qkv = self.qkv(n) if prompt else self.qkv.partials(n, self.wo.decode_weight())
         cache = self.cache
         attend = decode_attention_ref if prompt else decode_attention
         y = attend(qkv, cache.k, cache.v, rope, pos, slots, start, self.n_heads, self.n_kv)
-        x, n = add_rmsnorm(x, self.wo.partials(y), b.mlp_norm.scale, b.mlp_norm.eps)
-        return x, self.w2.partials(self.w13.swiglu(n))
+        x, n = add_rmsnorm(x, self.wo.partials(y, self.w13.decode_weight()), b.mlp_norm.scale, b.mlp_norm.eps)
+        return x, self.w2.partials(self.w13.swiglu(n, self.w2.decode_weight()), then)
 
 
 class FastStack(nn.Module):
@@ -208,12 +216,18 @@ class FastStack(nn.Module):
         for layer in self.layers:
             layer.cache = KVCache(batch, cfg.num_kv_heads, length, cfg.head_dim, dtype, device)
 
-    def forward(self, x, pos, slots, start, prompt: bool = False):
+    def first_weight(self) -> torch.Tensor | None:
+        """The first decode GEMV's weight (what the GEMV before this stack prefetches)."""
+        return self.layers[0].qkv.decode_weight() if len(self.layers) else None
+
+    def forward(self, x, pos, slots, start, prompt: bool = False, then=None):
         """x [B,S,D] at positions pos [B,S], written to consecutive cache slots [S]; row i of song b sees cache
-        slots start[b]..slots[i] -> normed output (see FastLayer.forward)."""
+        slots start[b]..slots[i] -> normed output (see FastLayer.forward). then: the weight of the decode GEMV that
+        follows the stack (the last layer's w2 prefetches it)."""
         pending = None
-        for layer in self.layers:
-            x, pending = layer(x, pending, slots, pos, start, self.stack.rope, prompt)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].qkv.decode_weight() if i + 1 < len(self.layers) else then
+            x, pending = layer(x, pending, slots, pos, start, self.stack.rope, prompt, nxt)
         return add_rmsnorm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]
 
 
@@ -304,10 +318,15 @@ class Engine:
             self.c0_w[: self.V].copy_(self.model.codebook0_head.weight)
             self.head_w[:, : self.V].copy_(self.model.audio_head.transpose(1, 2))
 
+    def _head_weight(self, i: int) -> torch.Tensor | None:
+        return (self.c0_w if i == 0 else self.head_w[i - 1]) if self.heads_fused else None
+
     def _head(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Logits of codebook i from h [B,D] (0: backbone state; 1..K-1: depth-decoder state)."""
+        """Logits of codebook i from h [B,D] (0: backbone state; 1..K-1: depth-decoder state). Its GEMV prefetches
+        the next one's weight: the projection before the decoder, or the backbone's first after the last codebook."""
         if self.heads_fused:
-            return gemv.linear(h, self.c0_w if i == 0 else self.head_w[i - 1])
+            then = self.backbone.first_weight() if i == self.K - 1 else self.projection.decode_weight()
+            return gemv.linear(h, self._head_weight(i), then)
         return self.model.codebook0_head(h) if i == 0 else self.model.audio_logits(i, h)
 
     # ------------------------------------------------------------ one frame
@@ -323,7 +342,8 @@ class Engine:
         dec_in = torch.stack([h, m.embed_audio(0, self._both(c)).to(h.dtype)], 1)
         for i in range(1, K):
             pos, slots = self.dec_steps[i - 1]
-            out = self.decoder(self.projection(dec_in), pos, slots, self.dec_start)
+            out = self.decoder(self.projection(dec_in, self.decoder.first_weight()), pos, slots, self.dec_start,
+                               then=self._head_weight(i))
             c = pick(i, self._head(i, out[:, -1]))
             codes.append(c)
             if i < K - 1:
@@ -356,7 +376,7 @@ class Engine:
         x = self.model.audio_embeddings(self._both(s["prev"]) + self.model.audio_offsets).sum(1, keepdim=True)
         slot = s["slot"]
         pos = (slot - self.pad)[:, None]  # [B2,1] each song's own position
-        h = self.backbone(x.to(self.dtype), pos, slot, self.pad)[:, -1]
+        h = self.backbone(x.to(self.dtype), pos, slot, self.pad, then=self._head_weight(0))[:, -1]
         self._record(self._frame_from_hidden(h, noise))
         slot.add_(1)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import ahead, pdl, switches
+from . import ahead, pdl, prefetch, switches
 from .counters import counters
 from .custom_op import custom_op
 from .timing import graph_time
@@ -70,10 +70,10 @@ if triton is not None:
         return (s * u.to(tl.float32)).to(u.dtype)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, M, K_PER_SPLIT, n_out, stride_xm, stride_wn,
-                     stride_ys, stride_ym, stride_ps, stride_pm,
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, pf_ptr, pf_bytes, M, K_PER_SPLIT, n_out,
+                     stride_xm, stride_wn, stride_ys, stride_ym, stride_ps, stride_pm,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                     GLU: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
+                     GLU: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr, PF_SLOTS: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,6 +101,9 @@ if triton is not None:
             acc += tl.dot(x, tl.trans(tl.load(w_ptrs + k).to(x.dtype)))
             if GLU:
                 acc_u += tl.dot(x, tl.trans(tl.load(w_ptrs + up + k).to(x.dtype)))
+        if PF_SLOTS > 0:  # its weights are read: its share of the next GEMV's into L2 (kernels/prefetch.py)
+            prefetch.l2_prefetch(pf_ptr, pf_bytes, pid_n + pid_k * tl.num_programs(0),
+                                 tl.num_programs(0) * tl.num_programs(1), PF_SLOTS)
         if SCALED:  # per-output-row scale of an int8 weight; linear, so each K slice may apply it
             acc *= tl.load(s_ptr + rn)[None, :]
             if GLU:
@@ -149,36 +152,40 @@ def _stages(bn: int, bk: int) -> int:
     return max(1, min(4, 200_000 // per_stage))
 
 
-def _run(x2, w, cfg, scale, glu, y, part, cnt, reduce):
+def _run(x2, w, cfg, scale, glu, y, part, cnt, reduce, then=None):
     bn, bk, sk, nw = cfg
     N, K = w.shape
     n_out = N // 2 if glu else N
-    ahead.launch(_gemv_kernel, (n_out // bn, sk), x2, w, w if scale is None else scale, y, part, cnt, x2.shape[0],
-                 K // sk, n_out, x2.stride(0), w.stride(0), y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
+    pf, pf_bytes = prefetch.target(x2, then)
+    ahead.launch(_gemv_kernel, (n_out // bn, sk), x2, w, w if scale is None else scale, y, part, cnt,
+                 w if pf is None else pf, pf_bytes, x2.shape[0], K // sk, n_out, x2.stride(0), w.stride(0),
+                 y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
                  part.stride(0) if reduce else 0, part.stride(-2) if reduce else 0,
                  BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, SCALED=scale is not None, GLU=glu, REDUCE=reduce,
-                 num_warps=nw, num_stages=_stages(bn * (2 if glu else 1), bk), zero=(y,), **pdl.launch_kwargs(x2))
+                 PF_SLOTS=32 * nw if pf is not None else 0, num_warps=nw,
+                 num_stages=_stages(bn * (2 if glu else 1), bk), zero=(y,), **pdl.launch_kwargs(x2))
 
 
-def _launch_partials(x2, w, cfg, scale=None):
-    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype)."""
+def _launch_partials(x2, w, cfg, scale=None, then=None):
+    """[sk, M, N]: the K slices' partial products (float32 when sk > 1, else already in x's dtype). then: the next
+    GEMV's weight, whose first bytes each program asks L2 to fetch when it is done (kernels/prefetch.py)."""
     sk = cfg[2]
     y = torch.empty(sk, x2.shape[0], w.shape[0], device=x2.device, dtype=x2.dtype if sk == 1 else torch.float32)
-    _run(x2, w, cfg, scale, False, y, y, y, reduce=False)
+    _run(x2, w, cfg, scale, False, y, y, y, reduce=False, then=then)
     return y
 
 
-def _launch(x2, w, cfg, scale=None, glu=False):
+def _launch(x2, w, cfg, scale=None, glu=False, then=None):
     """[M, N] in x's dtype, or with glu (W = [gate; up]) [M, N/2] = silu(x W_gate^T) * (x W_up^T). With K slices
-    the kernel adds them itself (its last program per row block): one launch."""
+    the kernel adds them itself (its last program per row block): one launch. then: as in `_launch_partials`."""
     M, N, sk = x2.shape[0], w.shape[0], cfg[2]
     n_out = N // 2 if glu else N
     y = torch.empty(M, n_out, device=x2.device, dtype=x2.dtype)
     if sk == 1:
-        _run(x2, w, cfg, scale, glu, y, y, y, reduce=False)
+        _run(x2, w, cfg, scale, glu, y, y, y, reduce=False, then=then)
     else:
         part = torch.empty(sk, M, N, device=x2.device, dtype=torch.float32)
-        _run(x2, w, cfg, scale, glu, y, part, counters(x2.device, n_out // cfg[0]), reduce=True)
+        _run(x2, w, cfg, scale, glu, y, part, counters(x2.device, n_out // cfg[0]), reduce=True, then=then)
     return y
 
 
@@ -338,38 +345,38 @@ def usable(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, 
 
 
 @custom_op("hmtiny::gemv", mutates_args=())
-def gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def gemv_op(x: torch.Tensor, w: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     cfg = _pick(x2, w)
-    y = gemv_ref(x2, w) if cfg is None else _launch(x2, w, cfg)
+    y = gemv_ref(x2, w) if cfg is None else _launch(x2, w, cfg, then=then)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
 @gemv_op.op.register_fake
-def _(x, w):
+def _(x, w, then=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 @custom_op("hmtiny::gemv_partials", mutates_args=())
 def partials_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-                nw: int) -> torch.Tensor:
-    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale)
+                nw: int, then: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch_partials(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, then)
 
 
 @partials_op.op.register_fake
-def _(x, w, scale, bn, bk, sk, nw):
+def _(x, w, scale, bn, bk, sk, nw, then=None):
     m = x.numel() // x.shape[-1]
     return x.new_empty(sk, m, w.shape[0], dtype=x.dtype if sk == 1 else torch.float32)
 
 
 @custom_op("hmtiny::gemv_tiled", mutates_args=())
 def tiled_op(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bn: int, bk: int, sk: int,
-             nw: int, glu: bool) -> torch.Tensor:
-    return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, glu)
+             nw: int, glu: bool, then: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(x.reshape(-1, x.shape[-1]).contiguous(), w, (bn, bk, sk, nw), scale, glu, then)
 
 
 @tiled_op.op.register_fake
-def _(x, w, scale, bn, bk, sk, nw, glu):
+def _(x, w, scale, bn, bk, sk, nw, glu, then=None):
     return x.new_empty(x.numel() // x.shape[-1], w.shape[0] // (2 if glu else 1))
 
 
@@ -384,10 +391,12 @@ def plan(x: torch.Tensor, w: torch.Tensor, split: bool = True, scale: torch.Tens
     return _pick(x.reshape(-1, x.shape[-1]).contiguous(), w, partial=split, scale=scale, glu=glu)
 
 
-def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None):
+def partials(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None,
+             then: torch.Tensor | None = None):
     """The K slices of F.linear(x, w) (w * scale[:, None] for int8 w) as [sk, ..., N] (float32 when sk > 1), for a
-    consumer that adds them up itself (kernels.add_rmsnorm). cfg from `plan` (not None)."""
-    y = partials_op(x, w, scale, *cfg)
+    consumer that adds them up itself (kernels.add_rmsnorm). cfg from `plan` (not None). then: the weight of the
+    GEMV that comes next, whose first bytes are fetched into L2 as this one ends (kernels/prefetch.py)."""
+    y = partials_op(x, w, scale, *cfg, then)
     return y.view(cfg[2], *x.shape[:-1], w.shape[0])
 
 
@@ -399,11 +408,12 @@ def linear_split(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tens
 
 
 def linear_tiled(x: torch.Tensor, w: torch.Tensor, cfg: tuple, scale: torch.Tensor | None = None,
-                 glu: bool = False):
+                 glu: bool = False, then: torch.Tensor | None = None):
     """F.linear(x, w) (w * scale[:, None] for int8 w) with a tile from `plan(..., split=False)`: one launch.
     glu: w is SwiGLU's [gate; up] (each N/2 rows) and the result is silu(x gate^T) * (x up^T), [..., N/2]: each
-    program takes the same rows of both halves, so the product is formed in its epilogue, never in memory."""
-    y = tiled_op(x, w, scale, *cfg, glu)
+    program takes the same rows of both halves, so the product is formed in its epilogue, never in memory.
+    then: as in `partials`."""
+    y = tiled_op(x, w, scale, *cfg, glu, then)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -413,6 +423,6 @@ def swiglu_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) without bias; the Triton GEMV when it applies."""
-    return gemv_op(x, w) if usable(x, w) else gemv_ref(x, w)
+def linear(x: torch.Tensor, w: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w) without bias; the Triton GEMV when it applies (then: as in `partials`)."""
+    return gemv_op(x, w, then) if usable(x, w) else gemv_ref(x, w)

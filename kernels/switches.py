@@ -15,6 +15,8 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
     HMTINY_INT8_TRITON=1         hmtiny.quant runs the int8 Triton kernels off CUDA too (tests, under the interpreter)
     HMTINY_INT8_OVERLAP=0        the LoRA group node dequantises int8 bases in line, not on a side stream beside the
                                  products (hmtiny/lora.py's _dense_weights)
+    HMTINY_L2_PREFETCH_MB=N      at most N MiB of the next weight a decode GEMV asks L2 to fetch (kernels/prefetch.py,
+                                 default 16; 0 = none)
     HMTINY_DEQUANT_TILE=BN,BK,W  kernels.int8_matmul.dequantize's tile (rows, columns, warps): an A/B switch for
                                  benchmarks
 """
@@ -56,6 +58,10 @@ def tile_cache_path() -> Path | None:
     if path:
         return Path(path)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hmtiny" / "gemv_tiles.json"
+
+
+def l2_prefetch_bytes() -> int:
+    return int(float(os.environ.get("HMTINY_L2_PREFETCH_MB") or 16) * 2**20)
 
 
 def int8_autotune() -> bool:

@@ -170,6 +170,41 @@ def test_kernel_on_cuda(monkeypatch):
         assert rel_err(out, gemv.swiglu_ref(x, gu)) < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_l2_prefetch_changes_no_result(monkeypatch):
+    """A GEMV that prefetches the next weight into L2 (kernels/prefetch.py) writes the same bits as one that does
+    not, for bf16 and int8 weights, split, whole and SwiGLU outputs; the cap bounds what is asked for."""
+    from kernels import prefetch
+    monkeypatch.setenv("HMTINY_TILE_CACHE", "0")
+    x = torch.randn(2, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 3072, device="cuda", dtype=torch.bfloat16) / 3072 ** 0.5
+    q = torch.randint(-127, 128, (2048, 3072), device="cuda", dtype=torch.int8)
+    scale = torch.rand(2048, device="cuda") / 100
+    nxt = torch.randint(-127, 128, (5000, 3072), device="cuda", dtype=torch.int8)  # 14.6 MiB
+    monkeypatch.setenv("HMTINY_L2_PREFETCH_MB", "4")
+    assert prefetch.supported(x) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert prefetch.target(x, nxt) == ((nxt, 4 * 2**20) if prefetch.supported(x) else (None, 0))
+    monkeypatch.setenv("HMTINY_L2_PREFETCH_MB", "64")
+    assert prefetch.target(x, nxt)[1] == (nxt.numel() if prefetch.supported(x) else 0)
+    cases = [lambda then: gemv.partials(x, w, (32, 128, 4, 4), None, then),
+             lambda then: gemv.linear_tiled(x, w, (32, 128, 1, 4), then=then),
+             lambda then: gemv.linear_tiled(x, w, (32, 128, 2, 4), then=then),
+             lambda then: gemv.partials(x, q, (64, 256, 6, 4), scale, then),
+             lambda then: gemv.linear_tiled(x, q, (64, 256, 2, 8), scale[:2048], glu=True, then=then),
+             lambda then: gemv.linear(x, w, then)]
+    for case in cases:
+        assert torch.equal(case(nxt), case(None))
+        assert torch.equal(case(w), case(None))  # a bf16 target
+
+
+def test_l2_prefetch_is_off_without_hopper():
+    """Off CUDA (and so under the interpreter, and on CPU CI) nothing is prefetched: the launch takes no target."""
+    from kernels import prefetch
+    x = torch.randn(2, 64)
+    assert not prefetch.supported(x) and prefetch.target(x, torch.zeros(64, 64)) == (None, 0)
+    assert prefetch.target(x, None) == (None, 0)
+
+
 if __name__ == "__main__":  # the interpreter half of test_kernel_under_triton_interpreter
     # fp16: Triton's CPU interpreter computes bf16 dot products wrongly (the GPU test covers bf16)
     errs = kernel_errors("cpu", torch.float16)
@@ -191,3 +226,20 @@ def test_resources_of_shipped_tiles_for_hopper():
     for key, tile in picks:
         r = kernel_resources.compile_pick(key, tile, 90)
         assert 0 < r["registers"] <= 255 and r["spill_stores"] == r["spill_loads"] == 0, (key, r)
+        assert r["prefetches"] == 0, r
+
+
+def test_prefetch_compiles_for_hopper():
+    """With an L2 prefetch target (kernels/prefetch.py) the GEMV's PTX holds the bulk prefetch, ptxas assembles it
+    for sm_90, and it costs no spill (what the engine launches on an H100; compiled here without a GPU)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kernel_resources
+    picks = [(k, v) for k, v in json.loads(gemv.SHIPPED.read_text()).items()
+             if k.startswith("NVIDIA H100") and "|torch.int8|" in k and "|True|False|" in k][:1]
+    picks += [(k, v) for k, v in json.loads(gemv.SHIPPED.read_text()).items()
+              if k.startswith("NVIDIA H100") and "|False|True|" in k][:1]  # a GLU tile
+    assert len(picks) == 2
+    for key, tile in picks:
+        r = kernel_resources.compile_pick(key, tile, 90, prefetch=True)
+        assert r["prefetches"] >= 1 and 0 < r["registers"] <= 255, (key, r)
+        assert r["spill_stores"] == r["spill_loads"] == 0, (key, r)
