@@ -141,6 +141,7 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="first time each decode matmul shape: cuBLAS vs kernels.gemv")
     ap.add_argument("--prefetch-mb", default="",
                     help="comma list: each graph row again with HMTINY_L2_PREFETCH_MB set to each (0 = no prefetch)")
+    ap.add_argument("--no-tiles", action="store_true", help="skip the per-shape tile table after the loops")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--topk", type=int, default=50)
     args = ap.parse_args()
@@ -249,7 +250,7 @@ def main():
         except Exception as e:
             res["int8_error"] = f"{type(e).__name__}: {e}"[:2000]
         save()
-    if any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
+    if not args.no_tiles and any(r.get("mode") == "graph" and "error" not in r for r in res["rows"]):
         tile_table(res)  # every shape the graph engines planned, bf16 and (with --int8) int8
         save()
         from kernels import gemv  # this card's picks (bf16 and int8), in the format of gemv.SHIPPED
