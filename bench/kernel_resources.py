@@ -57,8 +57,7 @@ def compile_pick(key: str, tile: list, arch: int, prefetch: bool = False) -> dic
     types = {"torch.int8": "i8", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
     x, w = types[xdt], types[wdt]
     consts = {"BLOCK_M": gemv.MAX_ROWS, "BLOCK_N": bn, "BLOCK_K": bk, "SCALED": w == "i8", "GLU": glu,
-              "REDUCE": sk > 1 and not partial, "PDL": True, "PF_SLOTS": 32 * nw if prefetch else 0,
-              "K_FIRST": True}
+              "REDUCE": sk > 1 and not partial, "PDL": True, "PF_SLOTS": 32 * nw if prefetch else 0}
     pointers = {"x_ptr": x, "w_ptr": w, "s_ptr": "fp32", "y_ptr": "fp32" if partial and sk > 1 else x,
                 "part_ptr": "fp32", "cnt_ptr": "i32", "pf_ptr": w}
     kernel = gemv._gemv_kernel

@@ -73,16 +73,8 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, cnt_ptr, pf_ptr, pf_bytes, M, K_PER_SPLIT, n_out,
                      stride_xm, stride_wn, stride_ys, stride_ym, stride_ps, stride_pm,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-                     GLU: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr, PF_SLOTS: tl.constexpr,
-                     K_FIRST: tl.constexpr):
-        # K_FIRST: the grid is (K slices, row blocks), so programs start row block by row block and the first
-        # wave reads one contiguous stretch of W from its start (what the GEMV before prefetched)
-        if K_FIRST:
-            pid_k, pid_n = tl.program_id(0), tl.program_id(1)
-            n_split = tl.num_programs(0)
-        else:
-            pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-            n_split = tl.num_programs(1)
+                     GLU: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr, PF_SLOTS: tl.constexpr):
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * K_PER_SPLIT + tl.arange(0, BLOCK_K)
@@ -110,7 +102,7 @@ if triton is not None:
             if GLU:
                 acc_u += tl.dot(x, tl.trans(tl.load(w_ptrs + up + k).to(x.dtype)))
         if PF_SLOTS > 0:  # its weights are read: its share of the next GEMV's into L2 (kernels/prefetch.py)
-            prefetch.l2_prefetch(pf_ptr, pf_bytes, tl.program_id(0) + tl.program_id(1) * tl.num_programs(0),
+            prefetch.l2_prefetch(pf_ptr, pf_bytes, pid_n + pid_k * tl.num_programs(0),
                                  tl.num_programs(0) * tl.num_programs(1), PF_SLOTS)
         if SCALED:  # per-output-row scale of an int8 weight; linear, so each K slice may apply it
             acc *= tl.load(s_ptr + rn)[None, :]
@@ -127,14 +119,14 @@ if triton is not None:
                 tl.store(part_ptr + pid_k * stride_ps + n_out + p_off, acc_u, mask=row_ok)
             tl.debug_barrier()  # every thread's stores before the release below (cumulative at gpu scope)
             ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if ticket == n_split - 1:
+            if ticket == tl.num_programs(1) - 1:
                 tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch
                 total = tl.load(part_ptr + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
-                for s in range(1, n_split):
+                for s in range(1, tl.num_programs(1)):
                     total += tl.load(part_ptr + s * stride_ps + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
                 if GLU:
                     total_u = tl.load(part_ptr + n_out + p_off, mask=row_ok, other=0.0, cache_modifier=".cg")
-                    for s in range(1, n_split):
+                    for s in range(1, tl.num_programs(1)):
                         total_u += tl.load(part_ptr + s * stride_ps + n_out + p_off, mask=row_ok, other=0.0,
                                            cache_modifier=".cg")
                     res = _swiglu(total.to(out_ty), total_u.to(out_ty))
@@ -165,14 +157,12 @@ def _run(x2, w, cfg, scale, glu, y, part, cnt, reduce, then=None):
     N, K = w.shape
     n_out = N // 2 if glu else N
     pf, pf_bytes = prefetch.target(x2, then)
-    k_first = switches.gemv_k_first()
-    grid = (sk, n_out // bn) if k_first else (n_out // bn, sk)
-    ahead.launch(_gemv_kernel, grid, x2, w, w if scale is None else scale, y, part, cnt,
+    ahead.launch(_gemv_kernel, (n_out // bn, sk), x2, w, w if scale is None else scale, y, part, cnt,
                  w if pf is None else pf, pf_bytes, x2.shape[0], K // sk, n_out, x2.stride(0), w.stride(0),
                  y.stride(0) if y.dim() == 3 else 0, y.stride(-2),
                  part.stride(0) if reduce else 0, part.stride(-2) if reduce else 0,
                  BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=bk, SCALED=scale is not None, GLU=glu, REDUCE=reduce,
-                 PF_SLOTS=32 * nw if pf is not None else 0, K_FIRST=k_first, num_warps=nw,
+                 PF_SLOTS=32 * nw if pf is not None else 0, num_warps=nw,
                  num_stages=_stages(bn * (2 if glu else 1), bk), zero=(y,), **pdl.launch_kwargs(x2))
 
 

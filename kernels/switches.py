@@ -16,9 +16,7 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
     HMTINY_INT8_OVERLAP=0        the LoRA group node dequantises int8 bases in line, not on a side stream beside the
                                  products (hmtiny/lora.py's _dense_weights)
     HMTINY_L2_PREFETCH_MB=N      at most N MiB of the next weight a decode GEMV asks L2 to fetch (kernels/prefetch.py,
-                                 default 16; 0 = none)
-    HMTINY_GEMV_K_FIRST=0        kernels.gemv's grid (row blocks, K slices) instead of (K slices, row blocks): an A/B
-                                 switch for bench_generate.py
+                                 default 8; 0 = none)
     HMTINY_DEQUANT_TILE=BN,BK,W  kernels.int8_matmul.dequantize's tile (rows, columns, warps): an A/B switch for
                                  benchmarks
 """
@@ -63,11 +61,7 @@ def tile_cache_path() -> Path | None:
 
 
 def l2_prefetch_bytes() -> int:
-    return int(float(os.environ.get("HMTINY_L2_PREFETCH_MB") or 16) * 2**20)
-
-
-def gemv_k_first() -> bool:
-    return _flag("HMTINY_GEMV_K_FIRST", True)
+    return int(float(os.environ.get("HMTINY_L2_PREFETCH_MB") or 8) * 2**20)
 
 
 def int8_autotune() -> bool:
