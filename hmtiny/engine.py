@@ -281,8 +281,6 @@ class Engine:
         self._graph = self._first_graph = None
         self._planned = False
         self._rng = None  # see generate
-        self._side = None  # CUDA: the stream the draws' noise is made on, beside the backbone (_noise_beside)
-        self._noise = None  # that noise's buffer, one per request shape
         # where a call's time went. Host seconds, every mode: build_s (this constructor: fusing weights), plan_s
         # (gemv tiles: timed, or read from the tile cache), capture_s (warm-up runs + CUDA graph captures, 0 once
         # captured), loop_s (the frames, from the first replay to the frames on the host), total_s (the call).
@@ -360,27 +358,8 @@ class Engine:
             return None
         # as wide as hmtiny.generate draws it (the padded heads' width), so that both draw the same numbers
         width = -(-self.V // 64) * 64
-        if self._noise is None or self._noise.shape != (self.K, self.Bs, width):
-            self._noise = torch.empty(self.K, self.Bs, width, device=self.device)
-        noise = self._noise.exponential_(generator=self.generator)  # in place: no allocation on a side stream
+        noise = torch.empty(self.K, self.Bs, width, device=self.device).exponential_(generator=self.generator)
         return noise if width == self.Vout else noise[..., : self.Vout]
-
-    def _noise_beside(self):
-        """The frame's noise (as `_draw_noise`), made on CUDA on a side stream while the backbone runs: torch's
-        exponential_ kernel takes ~70 us of an H100 frame, none of which the backbone needs to wait for. The
-        caller joins (`_join_noise`) before the first draw."""
-        if self.device.type != "cuda" or self.topk == 1:
-            return self._draw_noise()
-        main = torch.cuda.current_stream(self.device)
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        self._side.wait_stream(main)
-        with torch.cuda.stream(self._side):
-            return self._draw_noise()
-
-    def _join_noise(self):
-        if self._side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
 
     def _first_frame(self):
         """The prompt prefill (slots 0..P-1, each song at its own positions 0..n-1), then the first frame from the
@@ -388,19 +367,16 @@ class Engine:
         r = self.request
         x = self.model.embed_rows(r["tokens"], r["tmask"], r["muq"], r["uncond"], r["ref"]).to(self.dtype)
         pos = (r["rows"][None] - self.pad[:, None]).clamp(min=0)
-        noise = self._noise_beside()
         h = self.backbone(x, pos, r["rows"], self.pad, prompt=True)[:, -1]
-        self._join_noise()
-        self._record(self._frame_from_hidden(h, noise))
+        self._record(self._frame_from_hidden(h, self._draw_noise()))
 
     def _step(self):
         """Feed the previous frame at the next cache slot, produce the next frame; all state on the device."""
-        s, noise = self.state, self._noise_beside()
+        s, noise = self.state, self._draw_noise()
         x = self.model.audio_embeddings(self._both(s["prev"]) + self.model.audio_offsets).sum(1, keepdim=True)
         slot = s["slot"]
         pos = (slot - self.pad)[:, None]  # [B2,1] each song's own position
         h = self.backbone(x.to(self.dtype), pos, slot, self.pad, then=self._head_weight(0))[:, -1]
-        self._join_noise()
         self._record(self._frame_from_hidden(h, noise))
         slot.add_(1)
 
