@@ -8,7 +8,8 @@ the last bits, which can flip a near-tie):
 - q/k/v and gate/up weights are concatenated into one matrix each (one GEMV instead of three / two), the output
   heads padded to a multiple of 64 rows; on CUDA the few-row decode matmuls run through kernels.gemv (a Triton GEMV
   whose tile is timed per shape, bf16 or int8 weights), whose outputs may stay split along K, the slices summed by
-  the next kernel;
+  the next kernel; each GEMV, as it ends, asks L2 to fetch the first weights of the GEMV after it
+  (kernels/prefetch.py);
 - one kernel per layer does RoPE + the KV-cache write + attention over the valid slots (kernels.decode_attention),
   one adds the residual and normalises (kernels.add_rmsnorm), one per codebook does the guidance mix + allowed ids
   + top-k + the draw (kernels.topk_sample); on CPU/MPS each runs its plain-torch reference;
