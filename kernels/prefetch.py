@@ -10,7 +10,7 @@ only moves data into the cache.
 The amount is capped (`switches.l2_prefetch_bytes`, HMTINY_L2_PREFETCH_MB, 8 MiB by default): L2 holds 50 MB on an
 H100 and the running GEMV streams its own weights through it too, so fetching much more than the idle time can use
 evicts what was fetched before it is read. Measured on an H100 (bench/NOTES.md, session 18): 8 MiB made the int8
-decode loop 4.7% faster and bf16 1.3%; 16 MiB and more were slower than none.
+decode loop 4.7% faster and bf16 1.3%; at 16 and 32 MiB int8 gained +0.7% and -1.1%, and bf16 lost 3% and 6%.
 
 There is no plain-torch counterpart to compare with: off CUDA, on cards before Hopper and under Triton's interpreter
 nothing is prefetched, and the tests check that results are the same bits with and without it.
