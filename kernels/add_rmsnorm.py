@@ -59,8 +59,7 @@ if triton is not None:
         # no kernel of the step writes the weight, so it may be read while the previous kernel still runs
         w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
         if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl.wait(PDL)
         x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0)
         h = x
         if HAS_PARTIALS:

@@ -178,8 +178,7 @@ if triton is not None:
         t5 = n5 - (CHUNK - S)  # new key t at tile position n of chunk 0
         new5 = (t5 >= 0) & ((n5 * 0 + c) == 0)  # (scalar conditions enter masks as vectors: interpreter)
         if PDL:  # everything read below comes from earlier kernels (kernels/pdl.py)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl.wait(PDL)
         # round trip 1: everything that depends on nothing
         slot0 = tl.load(slots_ptr)
         start = tl.load(start_ptr + b)

@@ -88,8 +88,7 @@ if triton is not None:
         if GLU:
             wu = tl.load(w_ptrs + up)
         if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl.wait(PDL)
         x = tl.load(x_ptrs, mask=row_ok, other=0.0)
         # tensor cores on a 16-row tile: the spare rows cost nothing here; .to() is a no-op for bf16 weights and
         # exact for int8

@@ -2,22 +2,33 @@
 is still running, so its launch, its start-up and its loads of constant data (weights) overlap the previous
 kernel's tail instead of following it. A decode frame is hundreds of short kernels, so those gaps add up.
 
-Contract for a kernel launched with `launch_kwargs(...)` (it receives PDL=True):
+Contract for a kernel launched with `launch_kwargs(...)` (it receives PDL = 1 or 2):
 - before `tl.extra.cuda.gdc_wait()` it may only read data that no kernel of the step writes (weights, tables);
   it must not write anything;
-- after the wait (which returns once the previous kernel has finished and its writes are visible) it calls
-  `gdc_launch_dependents()`, so the next kernel may begin its own prologue. Calling it after the wait, not before,
-  keeps at most two kernels in flight: a kernel's pre-wait reads can only overlap the one kernel before it.
-Kernels launched without it (torch's, inductor's) simply wait for everything before them, as usual; a PDL kernel
-after one of them loses nothing. Weights changed between steps (the engine's refresh copies) are safe to read
-early as long as the copy is not the very kernel before the reader: when a kernel begins, the one two places
-before it has finished (it waited for it before releasing its dependents). `HMTINY_PDL=0` turns it off (for A/B timing).
+- it calls `wait(PDL)` (below): `gdc_wait()`, which returns once the previous kernel has finished and its writes are
+  visible, and `gdc_launch_dependents()`, which lets the next kernel begin its own prologue. By default the release
+  comes after the wait, so at most two kernels are in flight: a kernel's pre-wait reads can only overlap the one
+  kernel before it. `HMTINY_PDL_EARLY=1` releases before the wait (an A/B switch for the benchmarks, not yet timed
+  on a card): the next kernel may then start its prologue while the one before this is still running. That is still
+  safe: a kernel is launched only once every program of the one before it has started, so waiting programs never
+  hold the places that earlier kernels' programs need, and each kernel's post-wait part still runs after the
+  previous kernel has finished, hence after every earlier one (a kernel finishes only after its own wait).
+Kernels launched without it (torch's, inductor's) simply wait for everything before them, as usual, and release
+the next kernel only when they finish; a PDL kernel after one of them loses nothing. So weights changed between
+steps (the engine's refresh copies, torch kernels) are safe to read early: no kernel after a copy begins before
+the copy has finished. `HMTINY_PDL=0` turns PDL off (for A/B timing).
 """
 from __future__ import annotations
 
 import torch
 
 from . import switches
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 try:
     from triton.backends.nvidia.compiler import CUDAOptions
@@ -34,5 +45,20 @@ def enabled(t: torch.Tensor) -> bool:
 
 
 def launch_kwargs(t: torch.Tensor) -> dict:
-    """Extra launch arguments for a kernel with a `PDL: tl.constexpr` parameter."""
-    return {"PDL": True, "launch_pdl": True} if enabled(t) else {"PDL": False}
+    """Extra launch arguments for a kernel with a `PDL: tl.constexpr` parameter: 0 (no PDL), 1 (release the next
+    kernel after the wait) or 2 (before it, HMTINY_PDL_EARLY=1)."""
+    if not enabled(t):
+        return {"PDL": 0}
+    return {"PDL": 2 if switches.pdl_early() else 1, "launch_pdl": True}
+
+
+if triton is not None:
+    @triton.jit
+    def wait(PDL: tl.constexpr):
+        """A PDL kernel's wait for the kernel before it, and its release of the kernel after it (see the module
+        doc); call it under `if PDL:`."""
+        if PDL == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        if PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()

@@ -5,6 +5,8 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
                                  such code in a subprocess): kernels take the interpreter's tile sizes and exact
                                  rounding paths
     HMTINY_PDL=0                 launch without programmatic dependent launch (kernels/pdl.py)
+    HMTINY_PDL_EARLY=1           PDL kernels let the next kernel start before their own wait, not after it
+                                 (kernels/pdl.py; an A/B switch)
     HMTINY_COMPILE_AHEAD=0       the engine does not compile its step's Triton kernels side by side before its
                                  first capture (kernels/ahead.py): they compile one by one in the warm-up run
     HMTINY_GEMV_MAX_SPLIT=N      cap the K slices of kernels.gemv's timed tiles (default 4)
@@ -41,6 +43,10 @@ def interpreting() -> bool:
 
 def pdl_allowed() -> bool:
     return _flag("HMTINY_PDL", True)
+
+
+def pdl_early() -> bool:
+    return _flag("HMTINY_PDL_EARLY", False)
 
 
 def compile_ahead() -> bool:

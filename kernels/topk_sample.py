@@ -205,8 +205,7 @@ if triton is not None:
         """
         row = tl.program_id(0)
         if PDL:  # everything read here comes from earlier kernels (kernels/pdl.py)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            pdl.wait(PDL)
         MAIN: tl.constexpr = R * NT
         HAS_TAIL: tl.constexpr = TR > 0
         cols = tl.arange(0, NT)[None, :]
