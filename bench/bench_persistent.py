@@ -43,15 +43,23 @@ SHAPES = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 CONFIGS = [(16, 128, 1024, 4), (32, 128, 1024, 4), (16, 256, 1024, 8), (32, 256, 1024, 8)]
 
 if triton is not None:
+    SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of a barrier's count before it gives up (seconds on a GPU)
+
     @triton.jit
     def _grid_barrier(count_ptr, target):
-        """Every program arrives (count += 1), then waits until count >= target (= programs x barriers so far):
-        the count only grows during a launch, so one counter serves every barrier of it."""
+        """Every program arrives (count[0] += 1), then waits until count[0] >= target (= programs x barriers so
+        far): the count only grows during a launch, so one counter serves every barrier of it. A wait that spins
+        past SPIN_LIMIT gives up and adds 1 to count[1] (programs that were not all resident would otherwise hang
+        the GPU; the host reports it)."""
         tl.debug_barrier()  # the whole program's stores before its arrival (release, gpu scope)
         tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
         seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
+        spins = 0
+        while (seen < target) & (spins < SPIN_LIMIT):
             seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if seen < target:
+            tl.atomic_add(count_ptr + 1, 1)
         tl.debug_barrier()
 
     @triton.jit
@@ -192,7 +200,7 @@ def main():
     dev = "cuda"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = {"device": torch.cuda.get_device_name(), "sms": sms, "layers": args.layers}
-    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    count = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, barriers given up
 
     # 1. grid barriers: one program per SM (and two), ROUNDS barriers in one launch, minus an empty launch
     for per_sm in (1, 2):
@@ -202,6 +210,8 @@ def main():
         empty = _events_us(lambda: launch(1), 20)
         full = _events_us(lambda: launch(args.rounds), 5)
         res[f"barrier_us_{per_sm}_per_sm"] = (full - empty) / (args.rounds - 1)
+        if int(count[1]):
+            print(f"grid barrier, {per_sm} program(s) per SM: {int(count[1])} waits gave up", flush=True)
         print(f"grid barrier, {per_sm} program(s) per SM: {res[f'barrier_us_{per_sm}_per_sm']:.3f} us", flush=True)
 
     # 2. the four GEMVs x layers: persistent with barriers against today's launches
@@ -230,6 +240,10 @@ def main():
                 t = _events_us(lambda: run_chain(x, weights, count, progs, bn, bk, kc, pf, nw), 5)
             except Exception as e:
                 print(f"  persistent {label}: failed {e}", flush=True)
+                continue
+            if int(count[1]):
+                print(f"  persistent {label}: {int(count[1])} barrier waits gave up (programs not all resident)",
+                      flush=True)
                 continue
             ref = reference(x, weights)
             err = max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref))
