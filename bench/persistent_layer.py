@@ -1,0 +1,394 @@
+"""An experiment: one decode layer step (hmtiny.engine.FastLayer, one new row per song) as ONE persistent launch.
+
+Today a layer step is seven kernels chained with PDL (norm, q/k/v GEMV, attention, o GEMV, norm, gate/up GEMV,
+down GEMV), and on an H100 it costs ~60 us against 33 us of int8 weight bytes: every boundary costs a few us
+(bench/NOTES.md, session 18). Here one program per SM (or two) runs all of it, the phases separated by grid-wide
+barriers, each program asking L2 for its share of the next phase's first weights before it waits:
+
+  A  rows: h = x + sum(pending), n = RMSNorm(h) * g1          (programs 0..M-1, add_rmsnorm's arithmetic)
+  B  q/k/v GEMV of n, float32 K-chunk partials                 (items: BN rows x one K chunk)
+  C  attention over the cache in chunks of CHUNK slots          (items: song x kv head x chunk; the chunk holding the
+     new slot writes the new k/v to the cache and uses them from registers); partial (max, sum, acc) per q head
+  D  merge of the chunks, y = attention output                 (items: song x q head)
+  E  o GEMV of y, partials
+  F  rows: h2 = h + sum(o partials), n2 = RMSNorm(h2) * g2
+  G  gate/up GEMV of n2, whole K, silu(gate) * up              (items: BN rows of each)
+  H  down GEMV, partials: the next layer's `pending`
+
+Same contract as FastLayer.forward for a decode step: returns (h2, down partials [chunks, B, 1, D]). Not used by
+hmtiny: bench/bench_persistent.py first measures what a barrier costs on the card; this is the kernel to time
+against the engine's layer step if that number is small. `tests/test_persistent_layer.py` checks it against
+FastLayer's torch path under Triton's interpreter with one program (every barrier passes at once). Not yet run on a
+GPU.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import prefetch  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    SPIN_LIMIT = tl.constexpr(1 << 22)
+
+    @triton.jit
+    def _barrier(count_ptr, target):
+        """All programs arrive, then wait for count >= target (see bench_persistent._grid_barrier)."""
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (seen < target) & (spins < SPIN_LIMIT):
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if seen < target:
+            tl.atomic_add(count_ptr + 1, 1)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _norm_rows(x_ptr, p_ptr, SP: tl.constexpr, g_ptr, h_ptr, n_ptr, M, eps, pid, nprog,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Rows of h = x + sum of SP float32 slices (rounded as add_rmsnorm), n = RMSNorm(h) * g."""
+        cols = tl.arange(0, BLOCK_D)
+        ok = cols < D
+        g = tl.load(g_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        for row in range(pid, M, nprog):
+            x = tl.load(x_ptr + row * D + cols, mask=ok, other=0.0)
+            h = x
+            if SP > 0:
+                p = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for s in range(SP):
+                    p += tl.load(p_ptr + (s * M + row) * D + cols, mask=ok, other=0.0).to(tl.float32)
+                h = (x.to(tl.float32) + p.to(x.dtype).to(tl.float32)).to(x.dtype)
+            tl.store(h_ptr + row * D + cols, h, mask=ok)
+            hf = h.to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+            normed = (hf * rstd).to(x.dtype).to(tl.float32)
+            tl.store(n_ptr + row * D + cols, (normed * g).to(x.dtype), mask=ok)
+
+    @triton.jit
+    def _gemv_partials(x_ptr, w_ptr, s_ptr, out_ptr, M, pid, nprog, N: tl.constexpr, K: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, SCALED: tl.constexpr):
+        """out[kc, m, n] = sum over K chunk kc of x[m, k] w[n, k] (* s[n]): items (BN rows, one K chunk)."""
+        n_kc: tl.constexpr = K // KC
+        rm = tl.arange(0, 16)
+        row_ok = rm[:, None] < M
+        for item in range(pid, (N // BN) * n_kc, nprog):
+            rb, kc = item // n_kc, item % n_kc
+            rn = rb * BN + tl.arange(0, BN)
+            rk = kc * KC + tl.arange(0, BK)
+            acc = tl.zeros([16, BN], tl.float32)
+            for k in range(0, KC, BK):
+                x = tl.load(x_ptr + rm[:, None] * K + rk[None, :] + k, mask=row_ok, other=0.0)
+                w = tl.load(w_ptr + rn[:, None] * K + rk[None, :] + k)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            if SCALED:
+                acc *= tl.load(s_ptr + rn)[None, :]
+            tl.store(out_ptr + (kc * M + rm[:, None]) * N + rn[None, :], acc, mask=row_ok)
+
+    @triton.jit
+    def _swiglu_rows(x_ptr, w_ptr, s_ptr, out_ptr, M, pid, nprog, F: tl.constexpr, K: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, SCALED: tl.constexpr):
+        """out[m, n] = silu(x w_gate[n]) * (x w_up[n]) over the whole K, rounded as kernels.gemv's GLU epilogue
+        (w = [gate; up], F rows each): items of BN rows of both."""
+        rm = tl.arange(0, 16)
+        row_ok = rm[:, None] < M
+        rk = tl.arange(0, BK)
+        for item in range(pid, F // BN, nprog):
+            rn = item * BN + tl.arange(0, BN)
+            acc_g = tl.zeros([16, BN], tl.float32)
+            acc_u = tl.zeros([16, BN], tl.float32)
+            for k in range(0, K, BK):
+                x = tl.load(x_ptr + rm[:, None] * K + rk[None, :] + k, mask=row_ok, other=0.0)
+                wg = tl.load(w_ptr + rn[:, None] * K + rk[None, :] + k)
+                wu = tl.load(w_ptr + (F + rn[:, None]) * K + rk[None, :] + k)
+                acc_g += tl.dot(x, tl.trans(wg.to(x.dtype)))
+                acc_u += tl.dot(x, tl.trans(wu.to(x.dtype)))
+            if SCALED:
+                acc_g *= tl.load(s_ptr + rn)[None, :]
+                acc_u *= tl.load(s_ptr + F + rn)[None, :]
+            ty = out_ptr.dtype.element_ty
+            g = acc_g.to(ty).to(tl.float32)
+            s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
+            res = (s * acc_u.to(ty).to(tl.float32)).to(ty)
+            tl.store(out_ptr + rm[:, None] * F + rn[None, :], res, mask=row_ok)
+
+    @triton.jit
+    def _rope_half(ptr, cos, sin, d2, ty):
+        """A head's interleaved pairs at ptr (float32, already summed), rotated: (even, odd) halves, rounded to ty
+        as the torch reference (fp32 products, then one rounding)."""
+        x0 = tl.load(ptr + 2 * d2)
+        x1 = tl.load(ptr + 2 * d2 + 1)
+        return (x0 * cos - x1 * sin).to(ty), (x1 * cos + x0 * sin).to(ty)
+
+    @triton.jit
+    def _attend_chunks(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
+                       M, L, qk_scale, pid, nprog, NKC: tl.constexpr, H: tl.constexpr, KV: tl.constexpr,
+                       HD: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, G_P: tl.constexpr):
+        """Items (song b, kv head, chunk c of CHUNK slots): q/k/v summed from the NKC K chunks (rounded to the
+        cache dtype), RoPE at pos[b], the new k/v written at slot (by the chunk holding it), then the chunk's
+        partial softmax of its G query heads over slots start[b] <= j <= slot: (max, sum, acc) per head."""
+        G: tl.constexpr = H // KV
+        W: tl.constexpr = (H + 2 * KV) * HD
+        HALF: tl.constexpr = HD // 2
+        ty = k_ptr.dtype.element_ty
+        d2 = tl.arange(0, HALF)
+        dd = tl.arange(0, HD)
+        gq = tl.arange(0, G_P)
+        jn = tl.arange(0, CHUNK)
+        slot = tl.load(slots_ptr)
+        for item in range(pid, M * KV * NCH, nprog):
+            b = item // (KV * NCH)
+            kvh = (item // NCH) % KV
+            c = item % NCH
+            start = tl.load(start_ptr + b)
+            pos = tl.load(pos_ptr + b)
+            cos = tl.load(rope_ptr + (pos * HALF + d2) * 2)
+            sin = tl.load(rope_ptr + (pos * HALF + d2) * 2 + 1)
+            # the new k and v of this kv head: K chunks summed (fixed order), rounded, k rotated
+            kbase = b * W + (H + kvh) * HD
+            vbase = b * W + (H + KV + kvh) * HD
+            k0 = tl.zeros([HALF], tl.float32)
+            k1 = tl.zeros([HALF], tl.float32)
+            vn = tl.zeros([HD], tl.float32)
+            for s in range(NKC):
+                k0 += tl.load(qkv_ptr + s * M * W + kbase + 2 * d2)
+                k1 += tl.load(qkv_ptr + s * M * W + kbase + 2 * d2 + 1)
+                vn += tl.load(qkv_ptr + s * M * W + vbase + dd)
+            k0 = k0.to(ty).to(tl.float32)
+            k1 = k1.to(ty).to(tl.float32)
+            kr0 = (k0 * cos - k1 * sin).to(ty)
+            kr1 = (k1 * cos + k0 * sin).to(ty)
+            vn = vn.to(ty)
+            cache_row = (b * KV + kvh) * L
+            j = c * CHUNK + jn
+            if (slot >= c * CHUNK) & (slot < c * CHUNK + CHUNK):
+                tl.store(k_ptr + (cache_row + slot) * HD + 2 * d2, kr0)
+                tl.store(k_ptr + (cache_row + slot) * HD + 2 * d2 + 1, kr1)
+                tl.store(v_ptr + (cache_row + slot) * HD + dd, vn)
+            valid = (j >= start) & (j <= slot) & (j < L)
+            older = valid & (j != slot)
+            kc0 = tl.load(k_ptr + (cache_row + j[:, None]) * HD + 2 * d2[None, :], mask=older[:, None], other=0.0)
+            kc1 = tl.load(k_ptr + (cache_row + j[:, None]) * HD + 2 * d2[None, :] + 1, mask=older[:, None],
+                          other=0.0)
+            vc = tl.load(v_ptr + (cache_row + j[:, None]) * HD + dd[None, :], mask=older[:, None], other=0.0)
+            is_new = (j == slot)[:, None]
+            kc0 = tl.where(is_new, kr0[None, :], kc0)
+            kc1 = tl.where(is_new, kr1[None, :], kc1)
+            vc = tl.where(is_new, vn[None, :], vc)
+            # the G query heads of this kv head (rows of a G_P tile), summed, rounded, rotated
+            q_off = b * W + (kvh * G + gq[:, None]) * HD
+            q_ok = gq[:, None] < G
+            q0 = tl.zeros([G_P, HALF], tl.float32)
+            q1 = tl.zeros([G_P, HALF], tl.float32)
+            for s in range(NKC):
+                q0 += tl.load(qkv_ptr + s * M * W + q_off + 2 * d2[None, :], mask=q_ok, other=0.0)
+                q1 += tl.load(qkv_ptr + s * M * W + q_off + 2 * d2[None, :] + 1, mask=q_ok, other=0.0)
+            q0 = q0.to(ty).to(tl.float32)
+            q1 = q1.to(ty).to(tl.float32)
+            qr0 = (q0 * cos[None, :] - q1 * sin[None, :]).to(ty).to(tl.float32)
+            qr1 = (q1 * cos[None, :] + q0 * sin[None, :]).to(ty).to(tl.float32)
+            # scores [G_P, CHUNK] on the CUDA cores (few rows): q . k over the two halves
+            sc = tl.sum(qr0[:, None, :] * kc0.to(tl.float32)[None, :, :], 2)
+            sc += tl.sum(qr1[:, None, :] * kc1.to(tl.float32)[None, :, :], 2)
+            sc = tl.where(valid[None, :], sc * qk_scale, -1e30)
+            m = tl.max(sc, 1)
+            p = tl.where(valid[None, :], tl.exp2(sc - m[:, None]), 0.0)
+            lsum = tl.sum(p, 1)
+            acc = tl.sum(p[:, :, None] * vc.to(tl.float32)[None, :, :], 1)  # [G_P, HD]
+            part = ((b * H + kvh * G + gq) * NCH + c)
+            tl.store(pm_ptr + part, m, mask=gq < G)
+            tl.store(pl_ptr + part, lsum, mask=gq < G)
+            tl.store(pa_ptr + part[:, None] * HD + dd[None, :], acc, mask=q_ok)
+
+    @triton.jit
+    def _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H: tl.constexpr, HD: tl.constexpr,
+                      NCH: tl.constexpr, NCH_P: tl.constexpr):
+        """Items (song b, q head h): the chunks' partials combined, y[b, h] = sum w_c acc_c / sum w_c l_c."""
+        cc = tl.arange(0, NCH_P)
+        dd = tl.arange(0, HD)
+        for item in range(pid, M * H, nprog):
+            base = item * NCH
+            ok = cc < NCH
+            m = tl.load(pm_ptr + base + cc, mask=ok, other=-1e30)
+            lsum = tl.load(pl_ptr + base + cc, mask=ok, other=0.0)
+            mx = tl.max(m, 0)
+            w = tl.where(ok, tl.exp2(m - mx), 0.0)
+            acc = tl.load(pa_ptr + (base + cc[:, None]) * HD + dd[None, :], mask=ok[:, None], other=0.0)
+            y = tl.sum(w[:, None] * acc, 0) / tl.sum(w * lsum, 0)
+            tl.store(y_ptr + item * HD + dd, y.to(y_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _layer_kernel(x_ptr, pend_ptr, g1_ptr, g2_ptr, eps,
+                      wqkv, sqkv, wo, so, w13, s13, w2, s2,
+                      k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr,
+                      h1_ptr, n1_ptr, qkvp_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, op_ptr, h2_ptr, n2_ptr, g_ptr,
+                      out_ptr, count_ptr, M, L, qk_scale,
+                      D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, F: tl.constexpr,
+                      SP: tl.constexpr, BLOCK_D: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
+                      NCH: tl.constexpr, NCH_P: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      KC: tl.constexpr, SCALED: tl.constexpr, PF_BYTES: tl.constexpr, PF_SLOTS: tl.constexpr):
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        NQKV: tl.constexpr = (H + 2 * KV) * HD
+        _norm_rows(x_ptr, pend_ptr, SP, g1_ptr, h1_ptr, n1_ptr, M, eps, pid, nprog, D, BLOCK_D)
+        if PF_BYTES > 0:
+            prefetch.l2_prefetch(wqkv, PF_BYTES, pid, nprog, PF_SLOTS)
+        _barrier(count_ptr, nprog * 1)
+        _gemv_partials(n1_ptr, wqkv, sqkv, qkvp_ptr, M, pid, nprog, NQKV, D, BN, BK, KC, SCALED)
+        if PF_BYTES > 0:
+            prefetch.l2_prefetch(wo, PF_BYTES, pid, nprog, PF_SLOTS)
+        _barrier(count_ptr, nprog * 2)
+        _attend_chunks(qkvp_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
+                       M, L, qk_scale, pid, nprog, D // KC, H, KV, HD, CHUNK, NCH, G_P)
+        _barrier(count_ptr, nprog * 3)
+        _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, NCH, NCH_P)
+        _barrier(count_ptr, nprog * 4)
+        _gemv_partials(y_ptr, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, BK, KC, SCALED)
+        if PF_BYTES > 0:
+            prefetch.l2_prefetch(w13, PF_BYTES, pid, nprog, PF_SLOTS)
+        _barrier(count_ptr, nprog * 5)
+        _norm_rows(h1_ptr, op_ptr, (H * HD) // KC, g2_ptr, h2_ptr, n2_ptr, M, eps, pid, nprog, D, BLOCK_D)
+        _barrier(count_ptr, nprog * 6)
+        _swiglu_rows(n2_ptr, w13, s13, g_ptr, M, pid, nprog, F, D, BN, BK, SCALED)
+        if PF_BYTES > 0:
+            prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
+        _barrier(count_ptr, nprog * 7)
+        _gemv_partials(g_ptr, w2, s2, out_ptr, M, pid, nprog, D, F, BN, BK, KC, SCALED)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, count: torch.Tensor, bn=16, bk=128,
+               kc=1024, chunk=32, pf_bytes=0, num_warps=8):
+    """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch.
+    Returns (h2 [B, 1, D], down partials [D/kc... chunks, B, 1, D]) like FastLayer.forward. count: int32 [2],
+    zeroed here (arrivals, barrier waits given up). Compiled for sm_90 the defaults use no local memory
+    (tests/test_persistent_layer.py); 8 warps leave room for one program per SM."""
+    b = layer.block
+    B, S, D = x.shape
+    assert S == 1 and B <= 16, "one new row per song, at most 16 songs"
+    (wqkv, sqkv), (wo, so), (w13, s13), (w2, s2) = (f.gemv_weight() for f in (layer.qkv, layer.wo, layer.w13,
+                                                                               layer.w2))
+    scaled = sqkv is not None
+    H, KV = layer.n_heads, layer.n_kv
+    HD = wqkv.shape[0] // (H + 2 * KV)
+    F = w13.shape[0] // 2
+    cache = layer.cache
+    L = cache.k.shape[2]
+    for n, k in ((wqkv.shape[0], D), (D, H * HD), (D, F)):
+        assert n % bn == 0 and k % kc == 0 and kc % bk == 0, (n, k, bn, kc, bk)
+    assert F % bn == 0 and D % bk == 0
+    dev, dt = x.device, x.dtype
+    nch = -(-L // chunk)
+    empty = lambda *shape, dtype=dt: torch.empty(*shape, device=dev, dtype=dtype)
+    h1, n1, h2, n2 = empty(B, D), empty(B, D), empty(B, 1, D), empty(B, D)
+    qkvp = empty(D // kc, B, wqkv.shape[0], dtype=torch.float32)
+    pm, pl = empty(B * H * nch, dtype=torch.float32), empty(B * H * nch, dtype=torch.float32)
+    pa = empty(B * H * nch, HD, dtype=torch.float32)
+    y = empty(B, H * HD)
+    op = empty((H * HD) // kc, B, D, dtype=torch.float32)
+    g = empty(B, F)
+    out = empty(F // kc, B, 1, D, dtype=torch.float32)
+    pend = pending.reshape(-1, B, D) if pending is not None else x
+    count.zero_()
+    dummy = sqkv if scaled else wqkv
+    _layer_kernel[(programs,)](
+        x.reshape(B, D), pend, b.sa_norm.scale, b.mlp_norm.scale, b.sa_norm.eps,
+        wqkv, dummy, wo, so if scaled else wo, w13, s13 if scaled else w13, w2, s2 if scaled else w2,
+        cache.k, cache.v, rope, pos.reshape(B), slots, start,
+        h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, count, B, L, math.log2(math.e) / math.sqrt(HD),
+        D=D, H=H, KV=KV, HD=HD, F=F, SP=0 if pending is None else pend.shape[0], BLOCK_D=_pow2(D),
+        G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, BK=bk, KC=kc, SCALED=scaled,
+        PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1, num_warps=num_warps)
+    return h2, out
+
+
+def main():
+    """Full size on a GPU: the backbone's 28 int8 (or --bf16) layer steps as the engine runs them (FastLayer,
+    planned tiles, PDL, one CUDA graph) against 28 persistent launches, 2 songs (CFG), 576 cache slots; and one
+    layer's outputs compared. JSON to $OUT/persistent_layer.json."""
+    import argparse
+    import json
+    import os
+
+    from hmtiny.config import ModelConfig
+    from hmtiny.engine import Engine
+    from hmtiny.model import build_random
+    from kernels.timing import graph_time
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--slots", type=int, default=576)
+    args = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT", "."))
+    dev = "cuda"
+    model = build_random(ModelConfig.official_3b(), device=dev, dtype=torch.bfloat16)
+    if not args.bf16:
+        from hmtiny.quant import quantize_model
+        quantize_model(model)
+        torch.cuda.empty_cache()
+    eng = Engine(model, "graph", share=True)
+    B, L = 2, args.slots
+    eng._plan_tiles(rows=B)
+    eng.backbone.setup_cache(B, L, torch.bfloat16, dev)
+    layers = list(eng.backbone.layers)
+    for layer in layers:  # a filled cache: older slots hold keys/values
+        layer.cache.k.normal_()
+        layer.cache.v.normal_()
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(B, 1, 3072, device=dev, generator=g).to(torch.bfloat16)
+    pending = torch.randn(8, B, 1, 3072, device=dev, generator=g) * 0.05
+    start = torch.zeros(B, dtype=torch.long, device=dev)
+    slots = torch.tensor([L - 10], device=dev)
+    pos = (slots - start)[:, None]
+    rope = model.backbone.rope
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    res = {"device": torch.cuda.get_device_name(), "int8": not args.bf16, "slots": L, "rows": []}
+
+    with torch.no_grad():
+        ref = layers[0](x, pending, slots, pos, start, rope, prompt=False)
+        count = torch.zeros(2, dtype=torch.int32, device=dev)
+        got = layer_step(layers[0], x, pending, rope, pos, slots, start, sms, count)
+        torch.cuda.synchronize()
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+        res["check"] = {"h": rel(got[0], ref[0]), "down": rel(got[1].sum(0), ref[1].float().sum(0)),
+                        "gave_up": int(count[1])}
+        print("one layer against FastLayer:", res["check"], flush=True)
+        today = graph_time(lambda i: [layer(x, pending, slots, pos, start, rope, prompt=False) for layer in layers],
+                           3, warmup=1) * 1e6
+        res["today_us_per_layer"] = today / len(layers)
+        print(f"engine's layer step (7 kernels, PDL): {today / len(layers):.1f} us", flush=True)
+        counts = [torch.zeros(2, dtype=torch.int32, device=dev) for _ in layers]
+        for per_sm in (1,):
+            for pf in (0, 8 << 20):
+                for chunk in (32, 16):
+                    progs = sms * per_sm
+                    try:
+                        t = graph_time(lambda i: [layer_step(layer, x, pending, rope, pos, slots, start, progs, c,
+                                                             chunk=chunk, pf_bytes=pf)
+                                                  for layer, c in zip(layers, counts)], 3, warmup=1) * 1e6
+                    except Exception as e:
+                        print(f"persistent programs={progs} chunk={chunk} pf={pf >> 20} MiB: failed {e}", flush=True)
+                        continue
+                    gave_up = sum(int(c[1]) for c in counts)
+                    row = {"programs": progs, "chunk": chunk, "pf_mb": pf >> 20, "us_per_layer": t / len(layers),
+                           "gave_up": gave_up}
+                    res["rows"].append(row)
+                    print(f"persistent programs={progs} chunk={chunk} pf={pf >> 20} MiB: {t / len(layers):.1f} us "
+                          f"a layer (barrier waits given up: {gave_up})", flush=True)
+    (out_dir / "persistent_layer.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""bench/persistent_layer.py (an experiment, not used by hmtiny): its one-launch decode layer step against
+FastLayer's own decode step, under Triton's interpreter with one program (every grid barrier passes at once), bf16
+weights and int8 ones; and compiled for an H100 without a GPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+triton = pytest.importorskip("triton")
+
+CODE = r"""
+import dataclasses, json, sys, torch
+sys.path.insert(0, "bench")
+import persistent_layer as pl
+from hmtiny.engine import FastLayer
+from hmtiny.model import KVCache, build_random
+from hmtiny.tiny import tiny_model_config
+INT8 = sys.argv[1] == "int8"
+tiny = tiny_model_config(384)
+st = dataclasses.replace(tiny.backbone, num_layers=1, embed_dim=256, intermediate_dim=512, num_heads=4, num_kv_heads=2)
+cfg = dataclasses.replace(tiny, backbone=st, decoder=dataclasses.replace(st, num_layers=1))
+dt = torch.float16  # the interpreter's bf16 dot products are wrong; the GPU runs bf16
+model = build_random(cfg, device="cpu", dtype=dt, seed=2)
+if INT8:
+    from hmtiny.quant import quantize_model
+    quantize_model(model)
+B, L, P, HD, KV = 3, 40, 30, 64, 2
+g = torch.Generator().manual_seed(0)
+results = []
+for pending_slices in (0, 2):
+    layers = [FastLayer(model.backbone.layers[0], fuse=True) for _ in range(2)]
+    base_k = torch.randn(B, KV, L, HD, generator=g).to(dt)
+    base_v = torch.randn(B, KV, L, HD, generator=g).to(dt)
+    for layer in layers:
+        layer.cache = KVCache(B, KV, L, HD, dt, "cpu")
+        layer.cache.k.copy_(base_k)
+        layer.cache.v.copy_(base_v)
+    x = torch.randn(B, 1, 256, generator=g).to(dt)
+    pending = (torch.randn(pending_slices, B, 1, 256, generator=g) * 0.3) if pending_slices else None
+    start = torch.tensor([0, 3, 17])
+    slots = torch.tensor([P])
+    pos = (slots - start)[:, None]
+    rope = model.backbone.rope
+    torch.set_grad_enabled(False)
+    ref_h, ref_p = layers[0](x, pending, slots, pos, start, rope, prompt=False)
+    count = torch.zeros(2, dtype=torch.int32)
+    h, parts = pl.layer_step(layers[1], x, pending, rope, pos, slots, start, 1, count, bn=16, bk=32, kc=64, chunk=16)
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    results.append({"h": rel(h, ref_h), "down": rel(parts.sum(0), ref_p.float().sum(0)),
+                    "k": rel(layers[1].cache.k, layers[0].cache.k), "v": rel(layers[1].cache.v, layers[0].cache.v),
+                    "arrivals": int(count[0]), "gave_up": int(count[1])})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_layer_step_matches_fastlayer_under_interpreter(weights):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", CODE, weights], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for r in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert r["h"] < 1e-2 and r["down"] < 2e-2, r
+        assert r["k"] < 1e-3 and r["v"] < 1e-3, r  # the new slot written as the engine writes it
+        assert r["arrivals"] == 7 and r["gave_up"] == 0, r
+
+
+def test_layer_kernel_compiles_for_hopper():
+    """At the 3B backbone's sizes (int8, 8 pending slices, 576 slots) the kernel compiles and assembles for sm_90
+    with layer_step's defaults, using no local memory, with the L2 prefetch in it."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, str(REPO / "bench"))
+    import kernel_resources
+    import persistent_layer as pl
+    k = pl._layer_kernel
+    consts = {"D": 3072, "H": 24, "KV": 8, "HD": 128, "F": 8192, "SP": 8, "BLOCK_D": 4096, "G_P": 4, "CHUNK": 32,
+              "NCH": 19, "NCH_P": 32, "BN": 16, "BK": 128, "KC": 1024, "SCALED": True, "PF_BYTES": 8 << 20,
+              "PF_SLOTS": 128}
+    types = {"x_ptr": "*bf16", "pend_ptr": "*fp32", "g1_ptr": "*bf16", "g2_ptr": "*bf16", "eps": "fp32",
+             "k_ptr": "*bf16", "v_ptr": "*bf16", "rope_ptr": "*fp32", "pos_ptr": "*i64", "slots_ptr": "*i64",
+             "start_ptr": "*i64", "h1_ptr": "*bf16", "n1_ptr": "*bf16", "qkvp_ptr": "*fp32", "pm_ptr": "*fp32",
+             "pl_ptr": "*fp32", "pa_ptr": "*fp32", "y_ptr": "*bf16", "op_ptr": "*fp32", "h2_ptr": "*bf16",
+             "n2_ptr": "*bf16", "g_ptr": "*bf16", "out_ptr": "*fp32", "count_ptr": "*i32", "qk_scale": "fp32",
+             **{w: "*i8" for w in ("wqkv", "wo", "w13", "w2")}, **{s: "*fp32" for s in ("sqkv", "so", "s13", "s2")}}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in k.arg_names}
+    ptx = triton.compile(ASTSource(k, sig, consts), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 8}).asm["ptx"]  # layer_step's defaults: 8 warps, chunks of 32
+    used = kernel_resources.resources(ptx, 90)
+    assert 0 < used["registers"] <= 255 and used["spill_stores"] == used["spill_loads"] == 0, used
+    assert "cp.async.bulk.prefetch.L2" in ptx
