@@ -134,16 +134,20 @@ if triton is not None:
     @triton.jit
     def _attend_chunks(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
                        M, L, qk_scale, pid, nprog, NKC: tl.constexpr, H: tl.constexpr, KV: tl.constexpr,
-                       HD: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, G_P: tl.constexpr):
+                       HD: tl.constexpr, HD_P: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
+                       G_P: tl.constexpr):
         """Items (song b, kv head, chunk c of CHUNK slots): q/k/v summed from the NKC K chunks (rounded to the
         cache dtype), RoPE at pos[b], the new k/v written at slot (by the chunk holding it), then the chunk's
-        partial softmax of its G query heads over slots start[b] <= j <= slot: (max, sum, acc) per head."""
+        partial softmax of its G query heads over slots start[b] <= j <= slot: (max, sum, acc) per head. Head dims
+        that are not a power of two (the depth decoder's 384) are padded to HD_P and masked."""
         G: tl.constexpr = H // KV
         W: tl.constexpr = (H + 2 * KV) * HD
         HALF: tl.constexpr = HD // 2
         ty = k_ptr.dtype.element_ty
-        d2 = tl.arange(0, HALF)
-        dd = tl.arange(0, HD)
+        d2 = tl.arange(0, HD_P // 2)
+        dd = tl.arange(0, HD_P)
+        h_ok = d2 < HALF
+        d_ok = dd < HD
         gq = tl.arange(0, G_P)
         jn = tl.arange(0, CHUNK)
         slot = tl.load(slots_ptr)
@@ -153,18 +157,18 @@ if triton is not None:
             c = item % NCH
             start = tl.load(start_ptr + b)
             pos = tl.load(pos_ptr + b)
-            cos = tl.load(rope_ptr + (pos * HALF + d2) * 2)
-            sin = tl.load(rope_ptr + (pos * HALF + d2) * 2 + 1)
+            cos = tl.load(rope_ptr + (pos * HALF + d2) * 2, mask=h_ok, other=0.0)
+            sin = tl.load(rope_ptr + (pos * HALF + d2) * 2 + 1, mask=h_ok, other=0.0)
             # the new k and v of this kv head: K chunks summed (fixed order), rounded, k rotated
             kbase = b * W + (H + kvh) * HD
             vbase = b * W + (H + KV + kvh) * HD
-            k0 = tl.zeros([HALF], tl.float32)
-            k1 = tl.zeros([HALF], tl.float32)
-            vn = tl.zeros([HD], tl.float32)
+            k0 = tl.zeros([HD_P // 2], tl.float32)
+            k1 = tl.zeros([HD_P // 2], tl.float32)
+            vn = tl.zeros([HD_P], tl.float32)
             for s in range(NKC):
-                k0 += tl.load(qkv_ptr + s * M * W + kbase + 2 * d2)
-                k1 += tl.load(qkv_ptr + s * M * W + kbase + 2 * d2 + 1)
-                vn += tl.load(qkv_ptr + s * M * W + vbase + dd)
+                k0 += tl.load(qkv_ptr + s * M * W + kbase + 2 * d2, mask=h_ok, other=0.0)
+                k1 += tl.load(qkv_ptr + s * M * W + kbase + 2 * d2 + 1, mask=h_ok, other=0.0)
+                vn += tl.load(qkv_ptr + s * M * W + vbase + dd, mask=d_ok, other=0.0)
             k0 = k0.to(ty).to(tl.float32)
             k1 = k1.to(ty).to(tl.float32)
             kr0 = (k0 * cos - k1 * sin).to(ty)
@@ -173,15 +177,16 @@ if triton is not None:
             cache_row = (b * KV + kvh) * L
             j = c * CHUNK + jn
             if (slot >= c * CHUNK) & (slot < c * CHUNK + CHUNK):
-                tl.store(k_ptr + (cache_row + slot) * HD + 2 * d2, kr0)
-                tl.store(k_ptr + (cache_row + slot) * HD + 2 * d2 + 1, kr1)
-                tl.store(v_ptr + (cache_row + slot) * HD + dd, vn)
+                tl.store(k_ptr + (cache_row + slot) * HD + 2 * d2, kr0, mask=h_ok)
+                tl.store(k_ptr + (cache_row + slot) * HD + 2 * d2 + 1, kr1, mask=h_ok)
+                tl.store(v_ptr + (cache_row + slot) * HD + dd, vn, mask=d_ok)
             valid = (j >= start) & (j <= slot) & (j < L)
             older = valid & (j != slot)
-            kc0 = tl.load(k_ptr + (cache_row + j[:, None]) * HD + 2 * d2[None, :], mask=older[:, None], other=0.0)
-            kc1 = tl.load(k_ptr + (cache_row + j[:, None]) * HD + 2 * d2[None, :] + 1, mask=older[:, None],
-                          other=0.0)
-            vc = tl.load(v_ptr + (cache_row + j[:, None]) * HD + dd[None, :], mask=older[:, None], other=0.0)
+            kmask = older[:, None] & h_ok[None, :]
+            kc0 = tl.load(k_ptr + (cache_row + j[:, None]) * HD + 2 * d2[None, :], mask=kmask, other=0.0)
+            kc1 = tl.load(k_ptr + (cache_row + j[:, None]) * HD + 2 * d2[None, :] + 1, mask=kmask, other=0.0)
+            vc = tl.load(v_ptr + (cache_row + j[:, None]) * HD + dd[None, :], mask=older[:, None] & d_ok[None, :],
+                         other=0.0)
             is_new = (j == slot)[:, None]
             kc0 = tl.where(is_new, kr0[None, :], kc0)
             kc1 = tl.where(is_new, kr1[None, :], kc1)
@@ -189,11 +194,12 @@ if triton is not None:
             # the G query heads of this kv head (rows of a G_P tile), summed, rounded, rotated
             q_off = b * W + (kvh * G + gq[:, None]) * HD
             q_ok = gq[:, None] < G
-            q0 = tl.zeros([G_P, HALF], tl.float32)
-            q1 = tl.zeros([G_P, HALF], tl.float32)
+            q0 = tl.zeros([G_P, HD_P // 2], tl.float32)
+            q1 = tl.zeros([G_P, HD_P // 2], tl.float32)
             for s in range(NKC):
-                q0 += tl.load(qkv_ptr + s * M * W + q_off + 2 * d2[None, :], mask=q_ok, other=0.0)
-                q1 += tl.load(qkv_ptr + s * M * W + q_off + 2 * d2[None, :] + 1, mask=q_ok, other=0.0)
+                q0 += tl.load(qkv_ptr + s * M * W + q_off + 2 * d2[None, :], mask=q_ok & h_ok[None, :], other=0.0)
+                q1 += tl.load(qkv_ptr + s * M * W + q_off + 2 * d2[None, :] + 1, mask=q_ok & h_ok[None, :],
+                              other=0.0)
             q0 = q0.to(ty).to(tl.float32)
             q1 = q1.to(ty).to(tl.float32)
             qr0 = (q0 * cos[None, :] - q1 * sin[None, :]).to(ty).to(tl.float32)
@@ -209,14 +215,15 @@ if triton is not None:
             part = ((b * H + kvh * G + gq) * NCH + c)
             tl.store(pm_ptr + part, m, mask=gq < G)
             tl.store(pl_ptr + part, lsum, mask=gq < G)
-            tl.store(pa_ptr + part[:, None] * HD + dd[None, :], acc, mask=q_ok)
+            tl.store(pa_ptr + part[:, None] * HD + dd[None, :], acc, mask=q_ok & d_ok[None, :])
 
     @triton.jit
     def _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H: tl.constexpr, HD: tl.constexpr,
-                      NCH: tl.constexpr, NCH_P: tl.constexpr):
+                      HD_P: tl.constexpr, NCH: tl.constexpr, NCH_P: tl.constexpr):
         """Items (song b, q head h): the chunks' partials combined, y[b, h] = sum w_c acc_c / sum w_c l_c."""
         cc = tl.arange(0, NCH_P)
-        dd = tl.arange(0, HD)
+        dd = tl.arange(0, HD_P)
+        d_ok = dd < HD
         for item in range(pid, M * H, nprog):
             base = item * NCH
             ok = cc < NCH
@@ -224,9 +231,10 @@ if triton is not None:
             lsum = tl.load(pl_ptr + base + cc, mask=ok, other=0.0)
             mx = tl.max(m, 0)
             w = tl.where(ok, tl.exp2(m - mx), 0.0)
-            acc = tl.load(pa_ptr + (base + cc[:, None]) * HD + dd[None, :], mask=ok[:, None], other=0.0)
+            acc = tl.load(pa_ptr + (base + cc[:, None]) * HD + dd[None, :], mask=ok[:, None] & d_ok[None, :],
+                          other=0.0)
             y = tl.sum(w[:, None] * acc, 0) / tl.sum(w * lsum, 0)
-            tl.store(y_ptr + item * HD + dd, y.to(y_ptr.dtype.element_ty))
+            tl.store(y_ptr + item * HD + dd, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
     def _layer_kernel(x_ptr, pend_ptr, g1_ptr, g2_ptr, eps,
@@ -234,7 +242,8 @@ if triton is not None:
                       k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr,
                       h1_ptr, n1_ptr, qkvp_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, op_ptr, h2_ptr, n2_ptr, g_ptr,
                       out_ptr, count_ptr, M, L, qk_scale,
-                      D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, F: tl.constexpr,
+                      D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
+                      F: tl.constexpr,
                       SP: tl.constexpr, BLOCK_D: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
                       NCH: tl.constexpr, NCH_P: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       KC: tl.constexpr, SCALED: tl.constexpr, PF_BYTES: tl.constexpr, PF_SLOTS: tl.constexpr):
@@ -249,9 +258,9 @@ if triton is not None:
             prefetch.l2_prefetch(wo, PF_BYTES, pid, nprog, PF_SLOTS)
         _barrier(count_ptr, nprog * 2)
         _attend_chunks(qkvp_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
-                       M, L, qk_scale, pid, nprog, D // KC, H, KV, HD, CHUNK, NCH, G_P)
+                       M, L, qk_scale, pid, nprog, D // KC, H, KV, HD, HD_P, CHUNK, NCH, G_P)
         _barrier(count_ptr, nprog * 3)
-        _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, NCH, NCH_P)
+        _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, HD_P, NCH, NCH_P)
         _barrier(count_ptr, nprog * 4)
         _gemv_partials(y_ptr, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, BK, KC, SCALED)
         if PF_BYTES > 0:
@@ -291,6 +300,7 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, count:
         assert n % bn == 0 and k % kc == 0 and kc % bk == 0, (n, k, bn, kc, bk)
     assert F % bn == 0 and D % bk == 0
     dev, dt = x.device, x.dtype
+    chunk = min(chunk, _pow2(L))  # the depth decoder's cache is 8 slots
     nch = -(-L // chunk)
     empty = lambda *shape, dtype=dt: torch.empty(*shape, device=dev, dtype=dtype)
     h1, n1, h2, n2 = empty(B, D), empty(B, D), empty(B, 1, D), empty(B, D)
@@ -309,16 +319,17 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, count:
         wqkv, dummy, wo, so if scaled else wo, w13, s13 if scaled else w13, w2, s2 if scaled else w2,
         cache.k, cache.v, rope, pos.reshape(B), slots, start,
         h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, count, B, L, math.log2(math.e) / math.sqrt(HD),
-        D=D, H=H, KV=KV, HD=HD, F=F, SP=0 if pending is None else pend.shape[0], BLOCK_D=_pow2(D),
-        G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, BK=bk, KC=kc, SCALED=scaled,
-        PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1, num_warps=num_warps)
+        D=D, H=H, KV=KV, HD=HD, HD_P=max(32, _pow2(HD)), F=F, SP=0 if pending is None else pend.shape[0],
+        BLOCK_D=_pow2(D), G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, BK=bk, KC=kc,
+        SCALED=scaled, PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1, num_warps=num_warps)
     return h2, out
 
 
 def main():
-    """Full size on a GPU: the backbone's 28 int8 (or --bf16) layer steps as the engine runs them (FastLayer,
-    planned tiles, PDL, one CUDA graph) against 28 persistent launches, 2 songs (CFG), 576 cache slots; and one
-    layer's outputs compared. JSON to $OUT/persistent_layer.json."""
+    """Full size on a GPU, int8 (or --bf16) weights, 2 songs (CFG): the backbone's 28 layer steps (576 cache
+    slots) and the depth decoder's 3 (8 slots) as the engine runs them (FastLayer, planned tiles, PDL, one CUDA
+    graph) against as many persistent launches; and one layer's outputs compared. JSON to
+    $OUT/persistent_layer.json."""
     import argparse
     import json
     import os
@@ -339,54 +350,54 @@ def main():
         quantize_model(model)
         torch.cuda.empty_cache()
     eng = Engine(model, "graph", share=True)
-    B, L = 2, args.slots
+    B = 2
     eng._plan_tiles(rows=B)
-    eng.backbone.setup_cache(B, L, torch.bfloat16, dev)
-    layers = list(eng.backbone.layers)
-    for layer in layers:  # a filled cache: older slots hold keys/values
-        layer.cache.k.normal_()
-        layer.cache.v.normal_()
-    g = torch.Generator(dev).manual_seed(0)
-    x = torch.randn(B, 1, 3072, device=dev, generator=g).to(torch.bfloat16)
-    pending = torch.randn(8, B, 1, 3072, device=dev, generator=g) * 0.05
-    start = torch.zeros(B, dtype=torch.long, device=dev)
-    slots = torch.tensor([L - 10], device=dev)
-    pos = (slots - start)[:, None]
-    rope = model.backbone.rope
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    res = {"device": torch.cuda.get_device_name(), "int8": not args.bf16, "slots": L, "rows": []}
-
-    with torch.no_grad():
-        ref = layers[0](x, pending, slots, pos, start, rope, prompt=False)
-        count = torch.zeros(2, dtype=torch.int32, device=dev)
-        got = layer_step(layers[0], x, pending, rope, pos, slots, start, sms, count)
-        torch.cuda.synchronize()
-        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
-        res["check"] = {"h": rel(got[0], ref[0]), "down": rel(got[1].sum(0), ref[1].float().sum(0)),
-                        "gave_up": int(count[1])}
-        print("one layer against FastLayer:", res["check"], flush=True)
-        today = graph_time(lambda i: [layer(x, pending, slots, pos, start, rope, prompt=False) for layer in layers],
-                           3, warmup=1) * 1e6
-        res["today_us_per_layer"] = today / len(layers)
-        print(f"engine's layer step (7 kernels, PDL): {today / len(layers):.1f} us", flush=True)
-        counts = [torch.zeros(2, dtype=torch.int32, device=dev) for _ in layers]
-        for per_sm in (1,):
+    res = {"device": torch.cuda.get_device_name(), "int8": not args.bf16, "slots": args.slots, "stacks": {}}
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    # (stack, its rope table, cache slots, the new row's slot): the backbone mid-song, the depth decoder's 8 slots
+    for name, stack, rope, L, at in (("backbone", eng.backbone, model.backbone.rope, args.slots, args.slots - 10),
+                                     ("decoder", eng.decoder, model.decoder.rope, 8, 5)):
+        stack.setup_cache(B, L, torch.bfloat16, dev)
+        layers = list(stack.layers)
+        for layer in layers:  # a filled cache: older slots hold keys/values
+            layer.cache.k.normal_()
+            layer.cache.v.normal_()
+        g = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(B, 1, 3072, device=dev, generator=g).to(torch.bfloat16)
+        pending = torch.randn(8, B, 1, 3072, device=dev, generator=g) * 0.05
+        start = torch.zeros(B, dtype=torch.long, device=dev)
+        slots = torch.tensor([at], device=dev)
+        pos = (slots - start)[:, None]
+        row = res["stacks"][name] = {"layers": len(layers), "slots": L, "persistent": []}
+        with torch.no_grad():
+            ref = layers[0](x, pending, slots, pos, start, rope, prompt=False)
+            count = torch.zeros(2, dtype=torch.int32, device=dev)
+            got = layer_step(layers[0], x, pending, rope, pos, slots, start, sms, count)
+            torch.cuda.synchronize()
+            row["check"] = {"h": rel(got[0], ref[0]), "down": rel(got[1].sum(0), ref[1].float().sum(0)),
+                            "gave_up": int(count[1])}
+            print(f"{name}: one layer against FastLayer: {row['check']}", flush=True)
+            today = graph_time(lambda i: [layer(x, pending, slots, pos, start, rope, prompt=False)
+                                          for layer in layers], 3, warmup=1) * 1e6
+            row["today_us_per_layer"] = today / len(layers)
+            print(f"{name}: the engine's layer step (7 kernels, PDL): {today / len(layers):.1f} us", flush=True)
+            counts = [torch.zeros(2, dtype=torch.int32, device=dev) for _ in layers]
             for pf in (0, 8 << 20):
                 for chunk in (32, 16):
-                    progs = sms * per_sm
+                    label = f"{name}: persistent, {sms} programs, chunk {chunk}, prefetch {pf >> 20} MiB"
                     try:
-                        t = graph_time(lambda i: [layer_step(layer, x, pending, rope, pos, slots, start, progs, c,
+                        t = graph_time(lambda i: [layer_step(layer, x, pending, rope, pos, slots, start, sms, c,
                                                              chunk=chunk, pf_bytes=pf)
                                                   for layer, c in zip(layers, counts)], 3, warmup=1) * 1e6
                     except Exception as e:
-                        print(f"persistent programs={progs} chunk={chunk} pf={pf >> 20} MiB: failed {e}", flush=True)
+                        print(f"{label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
                     gave_up = sum(int(c[1]) for c in counts)
-                    row = {"programs": progs, "chunk": chunk, "pf_mb": pf >> 20, "us_per_layer": t / len(layers),
-                           "gave_up": gave_up}
-                    res["rows"].append(row)
-                    print(f"persistent programs={progs} chunk={chunk} pf={pf >> 20} MiB: {t / len(layers):.1f} us "
-                          f"a layer (barrier waits given up: {gave_up})", flush=True)
+                    row["persistent"].append({"chunk": chunk, "pf_mb": pf >> 20, "us_per_layer": t / len(layers),
+                                              "gave_up": gave_up})
+                    print(f"{label}: {t / len(layers):.1f} us a layer (barrier waits given up: {gave_up})",
+                          flush=True)
     (out_dir / "persistent_layer.json").write_text(json.dumps(res, indent=1))
 
 

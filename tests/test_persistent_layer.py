@@ -20,15 +20,17 @@ from hmtiny.engine import FastLayer
 from hmtiny.model import KVCache, build_random
 from hmtiny.tiny import tiny_model_config
 INT8 = sys.argv[1] == "int8"
+D = int(sys.argv[2])  # 256: head dim 64; 192: head dim 48, not a power of two (as the 3B depth decoder's 384)
 tiny = tiny_model_config(384)
-st = dataclasses.replace(tiny.backbone, num_layers=1, embed_dim=256, intermediate_dim=512, num_heads=4, num_kv_heads=2)
+st = dataclasses.replace(tiny.backbone, num_layers=1, embed_dim=D, intermediate_dim=2 * D, num_heads=4,
+                         num_kv_heads=2)
 cfg = dataclasses.replace(tiny, backbone=st, decoder=dataclasses.replace(st, num_layers=1))
 dt = torch.float16  # the interpreter's bf16 dot products are wrong; the GPU runs bf16
 model = build_random(cfg, device="cpu", dtype=dt, seed=2)
 if INT8:
     from hmtiny.quant import quantize_model
     quantize_model(model)
-B, L, P, HD, KV = 3, 40, 30, 64, 2
+B, L, P, HD, KV = 3, 40, 30, D // 4, 2
 g = torch.Generator().manual_seed(0)
 results = []
 for pending_slices in (0, 2):
@@ -39,8 +41,8 @@ for pending_slices in (0, 2):
         layer.cache = KVCache(B, KV, L, HD, dt, "cpu")
         layer.cache.k.copy_(base_k)
         layer.cache.v.copy_(base_v)
-    x = torch.randn(B, 1, 256, generator=g).to(dt)
-    pending = (torch.randn(pending_slices, B, 1, 256, generator=g) * 0.3) if pending_slices else None
+    x = torch.randn(B, 1, D, generator=g).to(dt)
+    pending = (torch.randn(pending_slices, B, 1, D, generator=g) * 0.3) if pending_slices else None
     start = torch.tensor([0, 3, 17])
     slots = torch.tensor([P])
     pos = (slots - start)[:, None]
@@ -57,11 +59,11 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
-def test_layer_step_matches_fastlayer_under_interpreter(weights):
+@pytest.mark.parametrize("weights,width", [("bf16", 256), ("int8", 256), ("bf16", 192)])
+def test_layer_step_matches_fastlayer_under_interpreter(weights, width):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", CODE, weights], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run([sys.executable, "-c", CODE, weights, str(width)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     for r in json.loads(out.stdout.strip().splitlines()[-1]):
         assert r["h"] < 1e-2 and r["down"] < 2e-2, r
@@ -69,18 +71,22 @@ def test_layer_step_matches_fastlayer_under_interpreter(weights):
         assert r["arrivals"] == 7 and r["gave_up"] == 0, r
 
 
-def test_layer_kernel_compiles_for_hopper():
-    """At the 3B backbone's sizes (int8, 8 pending slices, 576 slots) the kernel compiles and assembles for sm_90
-    with layer_step's defaults, using no local memory, with the L2 prefetch in it."""
+@pytest.mark.parametrize("stack", ["backbone", "decoder"])
+def test_layer_kernel_compiles_for_hopper(stack):
+    """At the 3B backbone's sizes (int8, 8 pending slices, 576 slots) and the depth decoder's (head dim 384, 8
+    slots) the kernel compiles and assembles for sm_90 with layer_step's defaults, using no local memory, with
+    the L2 prefetch in it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sys.path.insert(0, str(REPO / "bench"))
     import kernel_resources
     import persistent_layer as pl
     k = pl._layer_kernel
-    consts = {"D": 3072, "H": 24, "KV": 8, "HD": 128, "F": 8192, "SP": 8, "BLOCK_D": 4096, "G_P": 4, "CHUNK": 32,
-              "NCH": 19, "NCH_P": 32, "BN": 16, "BK": 128, "KC": 1024, "SCALED": True, "PF_BYTES": 8 << 20,
-              "PF_SLOTS": 128}
+    consts = {"D": 3072, "H": 24, "KV": 8, "HD": 128, "HD_P": 128, "F": 8192, "SP": 8, "BLOCK_D": 4096, "G_P": 4,
+              "CHUNK": 32, "NCH": 19, "NCH_P": 32, "BN": 16, "BK": 128, "KC": 1024, "SCALED": True, "PF_BYTES": 8 << 20,
+              "PF_SLOTS": 256}
+    if stack == "decoder":
+        consts.update(H=8, KV=4, HD=384, HD_P=512, G_P=2, CHUNK=8, NCH=1, NCH_P=1)  # chunk = the 8-slot cache
     types = {"x_ptr": "*bf16", "pend_ptr": "*fp32", "g1_ptr": "*bf16", "g2_ptr": "*bf16", "eps": "fp32",
              "k_ptr": "*bf16", "v_ptr": "*bf16", "rope_ptr": "*fp32", "pos_ptr": "*i64", "slots_ptr": "*i64",
              "start_ptr": "*i64", "h1_ptr": "*bf16", "n1_ptr": "*bf16", "qkvp_ptr": "*fp32", "pm_ptr": "*fp32",
