@@ -46,27 +46,33 @@ if triton is not None:
     SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of a barrier's count before it gives up (seconds on a GPU)
 
     @triton.jit
-    def _grid_barrier(count_ptr, target):
-        """Every program arrives (count[0] += 1), then waits until count[0] >= target (= programs x barriers so
-        far): the count only grows during a launch, so one counter serves every barrier of it. A wait that spins
-        past SPIN_LIMIT gives up and adds 1 to count[1] (programs that were not all resident would otherwise hang
-        the GPU; the host reports it)."""
-        tl.debug_barrier()  # the whole program's stores before its arrival (release, gpu scope)
-        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (seen < target) & (spins < SPIN_LIMIT):
-            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-            spins += 1
-        if seen < target:
-            tl.atomic_add(count_ptr + 1, 1)
+    def _grid_barrier(bar_ptr, nprog):
+        """All nprog programs wait here for each other. bar = [arrived, generation, waits given up], int32, zeroed
+        once when made: the last program to arrive sets `arrived` back to 0 and advances `generation`, which the
+        others wait to see change, so the same words serve every barrier of every launch (no reset between
+        launches, CUDA-graph friendly). A wait that polls SPIN_LIMIT times gives up and counts itself in bar[2]:
+        programs that are not all resident at once would otherwise hang the card."""
+        tl.debug_barrier()  # the whole program's stores before its arrival
+        gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")  # cannot advance before we arrive
+        arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == nprog - 1:
+            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+            tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
+        else:
+            seen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+            spins = 0
+            while (seen == gen) & (spins < SPIN_LIMIT):
+                seen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+                spins += 1
+            if seen == gen:
+                tl.atomic_add(bar_ptr + 2, 1)
         tl.debug_barrier()
 
     @triton.jit
-    def _barriers_kernel(count_ptr, ROUNDS: tl.constexpr):
+    def _barriers_kernel(bar_ptr, ROUNDS: tl.constexpr):
         n = tl.num_programs(0)
         for r in range(ROUNDS):
-            _grid_barrier(count_ptr, n * (r + 1))
+            _grid_barrier(bar_ptr, n)
 
     @triton.jit
     def _gemv_phase(x_ptr, stride_x, w_ptr, s_ptr, out_ptr, M, N, K, pid, nprog,
@@ -99,19 +105,18 @@ if triton is not None:
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         first0 = w0  # layer 0's q/k/v weights: what the last layer's last phase prefetches
         for layer in range(LAYERS):
-            base = layer * 4  # barriers passed before this layer
             _gemv_phase(x_ptr, stride_x, w0, s0 + layer * N0, o0, M, N0, K0, pid, nprog, BN, BK, KC)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w1, PF_BYTES, pid, nprog, PF_SLOTS)
-            _grid_barrier(count_ptr, nprog * (base + 1))
+            _grid_barrier(count_ptr, nprog)
             _gemv_phase(x_ptr, stride_x, w1, s1 + layer * N1, o1, M, N1, K1, pid, nprog, BN, BK, KC)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
-            _grid_barrier(count_ptr, nprog * (base + 2))
+            _grid_barrier(count_ptr, nprog)
             _gemv_phase(x_ptr, stride_x, w2, s2 + layer * N2, o2, M, N2, K2, pid, nprog, BN, BK, KC)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w3, PF_BYTES, pid, nprog, PF_SLOTS)
-            _grid_barrier(count_ptr, nprog * (base + 3))
+            _grid_barrier(count_ptr, nprog)
             _gemv_phase(x_ptr, stride_x, w3, s3 + layer * N3, o3, M, N3, K3, pid, nprog, BN, BK, KC)
             # the next layer's weights: pointers step on (64-bit pointer arithmetic, no int32 products)
             w0 += N0 * K0
@@ -120,7 +125,7 @@ if triton is not None:
             w3 += N3 * K3
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w0 if layer + 1 < LAYERS else first0, PF_BYTES, pid, nprog, PF_SLOTS)
-            _grid_barrier(count_ptr, nprog * (base + 4))
+            _grid_barrier(count_ptr, nprog)
 
 
 def make_weights(layers: int, shapes=SHAPES, device="cuda", seed=0):
@@ -131,12 +136,12 @@ def make_weights(layers: int, shapes=SHAPES, device="cuda", seed=0):
 
 
 def run_chain(x, weights, count, programs: int, bn=16, bk=256, kc=1024, pf_bytes=0, num_warps=4):
-    """One launch of the persistent chain; returns the four outputs [K/kc, M, N] (the last layer's)."""
+    """One launch of the persistent chain; returns the four outputs [K/kc, M, N] (the last layer's). count: the
+    barrier's three int32 words, zeroed once (see _grid_barrier)."""
     M = x.shape[0]
     layers = weights[0][0].shape[0]
     outs = [torch.empty(k // kc, M, n, device=x.device, dtype=torch.float32) for (w, _), (n, k) in
             zip(weights, [(w.shape[1], w.shape[2]) for w, _ in weights])]
-    count.zero_()
     dims = {}
     for i, (w, _) in enumerate(weights):
         dims[f"N{i}"], dims[f"K{i}"] = w.shape[1], w.shape[2]
@@ -200,18 +205,17 @@ def main():
     dev = "cuda"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = {"device": torch.cuda.get_device_name(), "sms": sms, "layers": args.layers}
-    count = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, barriers given up
+    count = torch.zeros(3, dtype=torch.int32, device=dev)  # the barrier's words (see _grid_barrier)
 
     # 1. grid barriers: one program per SM (and two), ROUNDS barriers in one launch, minus an empty launch
     for per_sm in (1, 2):
         def launch(rounds):
-            count.zero_()
             _barriers_kernel[(sms * per_sm,)](count, ROUNDS=rounds, num_warps=4)
         empty = _events_us(lambda: launch(1), 20)
         full = _events_us(lambda: launch(args.rounds), 5)
         res[f"barrier_us_{per_sm}_per_sm"] = (full - empty) / (args.rounds - 1)
-        if int(count[1]):
-            print(f"grid barrier, {per_sm} program(s) per SM: {int(count[1])} waits gave up", flush=True)
+        if int(count[2]):
+            print(f"grid barrier, {per_sm} program(s) per SM: {int(count[2])} waits gave up", flush=True)
         print(f"grid barrier, {per_sm} program(s) per SM: {res[f'barrier_us_{per_sm}_per_sm']:.3f} us", flush=True)
 
     # 2. the four GEMVs x layers: persistent with barriers against today's launches
@@ -241,8 +245,8 @@ def main():
             except Exception as e:
                 print(f"  persistent {label}: failed {e}", flush=True)
                 continue
-            if int(count[1]):
-                print(f"  persistent {label}: {int(count[1])} barrier waits gave up (programs not all resident)",
+            if int(count[2]):
+                print(f"  persistent {label}: {int(count[2])} barrier waits gave up (programs not all resident)",
                       flush=True)
                 continue
             ref = reference(x, weights)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_persistent import _grid_barrier  # noqa: E402
 from kernels import prefetch  # noqa: E402
 
 try:
@@ -39,22 +40,6 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    SPIN_LIMIT = tl.constexpr(1 << 22)
-
-    @triton.jit
-    def _barrier(count_ptr, target):
-        """All programs arrive, then wait for count >= target (see bench_persistent._grid_barrier)."""
-        tl.debug_barrier()
-        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (seen < target) & (spins < SPIN_LIMIT):
-            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-            spins += 1
-        if seen < target:
-            tl.atomic_add(count_ptr + 1, 1)
-        tl.debug_barrier()
-
     @triton.jit
     def _norm_rows(x_ptr, p_ptr, SP: tl.constexpr, g_ptr, h_ptr, n_ptr, M, eps, pid, nprog,
                    D: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -241,7 +226,7 @@ if triton is not None:
                       wqkv, sqkv, wo, so, w13, s13, w2, s2,
                       k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr,
                       h1_ptr, n1_ptr, qkvp_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, op_ptr, h2_ptr, n2_ptr, g_ptr,
-                      out_ptr, count_ptr, M, L, qk_scale,
+                      out_ptr, bar_ptr, M, L, qk_scale,
                       D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
                       F: tl.constexpr,
                       SP: tl.constexpr, BLOCK_D: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
@@ -252,26 +237,26 @@ if triton is not None:
         _norm_rows(x_ptr, pend_ptr, SP, g1_ptr, h1_ptr, n1_ptr, M, eps, pid, nprog, D, BLOCK_D)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(wqkv, PF_BYTES, pid, nprog, PF_SLOTS)
-        _barrier(count_ptr, nprog * 1)
+        _grid_barrier(bar_ptr, nprog)
         _gemv_partials(n1_ptr, wqkv, sqkv, qkvp_ptr, M, pid, nprog, NQKV, D, BN, BK, KC, SCALED)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(wo, PF_BYTES, pid, nprog, PF_SLOTS)
-        _barrier(count_ptr, nprog * 2)
+        _grid_barrier(bar_ptr, nprog)
         _attend_chunks(qkvp_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
                        M, L, qk_scale, pid, nprog, D // KC, H, KV, HD, HD_P, CHUNK, NCH, G_P)
-        _barrier(count_ptr, nprog * 3)
+        _grid_barrier(bar_ptr, nprog)
         _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, HD_P, NCH, NCH_P)
-        _barrier(count_ptr, nprog * 4)
+        _grid_barrier(bar_ptr, nprog)
         _gemv_partials(y_ptr, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, BK, KC, SCALED)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(w13, PF_BYTES, pid, nprog, PF_SLOTS)
-        _barrier(count_ptr, nprog * 5)
+        _grid_barrier(bar_ptr, nprog)
         _norm_rows(h1_ptr, op_ptr, (H * HD) // KC, g2_ptr, h2_ptr, n2_ptr, M, eps, pid, nprog, D, BLOCK_D)
-        _barrier(count_ptr, nprog * 6)
+        _grid_barrier(bar_ptr, nprog)
         _swiglu_rows(n2_ptr, w13, s13, g_ptr, M, pid, nprog, F, D, BN, BK, SCALED)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
-        _barrier(count_ptr, nprog * 7)
+        _grid_barrier(bar_ptr, nprog)
         _gemv_partials(g_ptr, w2, s2, out_ptr, M, pid, nprog, D, F, BN, BK, KC, SCALED)
 
 
@@ -279,12 +264,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, count: torch.Tensor, bn=16, bk=128,
+def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: torch.Tensor, bn=16, bk=128,
                kc=1024, chunk=32, pf_bytes=0, num_warps=8):
-    """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch.
-    Returns (h2 [B, 1, D], down partials [D/kc... chunks, B, 1, D]) like FastLayer.forward. count: int32 [2],
-    zeroed here (arrivals, barrier waits given up). Compiled for sm_90 the defaults use no local memory
-    (tests/test_persistent_layer.py); 8 warps leave room for one program per SM."""
+    """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch. Returns (h2
+    [B, 1, D], down partials [F/kc chunks, B, 1, D]) like FastLayer.forward. bar: the grid barrier's three int32
+    words, zeroed once when made (bench_persistent._grid_barrier; bar[2] counts waits given up). Compiled for
+    sm_90 the defaults use no local memory (tests/test_persistent_layer.py); 8 warps leave room for one program
+    per SM."""
     b = layer.block
     B, S, D = x.shape
     assert S == 1 and B <= 16, "one new row per song, at most 16 songs"
@@ -312,13 +298,12 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, count:
     g = empty(B, F)
     out = empty(F // kc, B, 1, D, dtype=torch.float32)
     pend = pending.reshape(-1, B, D) if pending is not None else x
-    count.zero_()
     dummy = sqkv if scaled else wqkv
     _layer_kernel[(programs,)](
         x.reshape(B, D), pend, b.sa_norm.scale, b.mlp_norm.scale, b.sa_norm.eps,
         wqkv, dummy, wo, so if scaled else wo, w13, s13 if scaled else w13, w2, s2 if scaled else w2,
         cache.k, cache.v, rope, pos.reshape(B), slots, start,
-        h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, count, B, L, math.log2(math.e) / math.sqrt(HD),
+        h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, bar, B, L, math.log2(math.e) / math.sqrt(HD),
         D=D, H=H, KV=KV, HD=HD, HD_P=max(32, _pow2(HD)), F=F, SP=0 if pending is None else pend.shape[0],
         BLOCK_D=_pow2(D), G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, BK=bk, KC=kc,
         SCALED=scaled, PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1, num_warps=num_warps)
@@ -372,28 +357,28 @@ def main():
         row = res["stacks"][name] = {"layers": len(layers), "slots": L, "persistent": []}
         with torch.no_grad():
             ref = layers[0](x, pending, slots, pos, start, rope, prompt=False)
-            count = torch.zeros(2, dtype=torch.int32, device=dev)
-            got = layer_step(layers[0], x, pending, rope, pos, slots, start, sms, count)
+            bar = torch.zeros(3, dtype=torch.int32, device=dev)
+            got = layer_step(layers[0], x, pending, rope, pos, slots, start, sms, bar)
             torch.cuda.synchronize()
             row["check"] = {"h": rel(got[0], ref[0]), "down": rel(got[1].sum(0), ref[1].float().sum(0)),
-                            "gave_up": int(count[1])}
+                            "gave_up": int(bar[2])}
             print(f"{name}: one layer against FastLayer: {row['check']}", flush=True)
             today = graph_time(lambda i: [layer(x, pending, slots, pos, start, rope, prompt=False)
                                           for layer in layers], 3, warmup=1) * 1e6
             row["today_us_per_layer"] = today / len(layers)
             print(f"{name}: the engine's layer step (7 kernels, PDL): {today / len(layers):.1f} us", flush=True)
-            counts = [torch.zeros(2, dtype=torch.int32, device=dev) for _ in layers]
+            bars = [torch.zeros(3, dtype=torch.int32, device=dev) for _ in layers]
             for pf in (0, 8 << 20):
                 for chunk in (32, 16):
                     label = f"{name}: persistent, {sms} programs, chunk {chunk}, prefetch {pf >> 20} MiB"
                     try:
                         t = graph_time(lambda i: [layer_step(layer, x, pending, rope, pos, slots, start, sms, c,
                                                              chunk=chunk, pf_bytes=pf)
-                                                  for layer, c in zip(layers, counts)], 3, warmup=1) * 1e6
+                                                  for layer, c in zip(layers, bars)], 3, warmup=1) * 1e6
                     except Exception as e:
                         print(f"{label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
                         continue
-                    gave_up = sum(int(c[1]) for c in counts)
+                    gave_up = sum(int(c[2]) for c in bars)
                     row["persistent"].append({"chunk": chunk, "pf_mb": pf >> 20, "us_per_layer": t / len(layers),
                                               "gave_up": gave_up})
                     print(f"{label}: {t / len(layers):.1f} us a layer (barrier waits given up: {gave_up})",

@@ -22,18 +22,20 @@ import bench_persistent as bp
 shapes = [(48, 192), (32, 128), (64, 128), (32, 320)]  # K chunks of 64: 3, 2, 2, 5
 w = bp.make_weights(2, shapes, device="cpu", seed=1)
 x = torch.randn(2, 320, dtype=torch.float16)
-count = torch.zeros(2, dtype=torch.int32)
+count = torch.zeros(3, dtype=torch.int32)
 outs = bp.run_chain(x, w, count, 1, bn=16, bk=32, kc=64)
+outs = bp.run_chain(x, w, count, 1, bn=16, bk=32, kc=64)  # a second launch on the same barrier words
 ref = bp.reference(x, w, kc=64)
 print(json.dumps({"err": max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref)),
-                  "barriers": int(count[0]), "gave_up": int(count[1])}))
+                  "arrived": int(count[0]), "generation": int(count[1]), "gave_up": int(count[2])}))
 """
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["err"] < 1e-2, res
-    assert res["barriers"] == 2 * 4 and res["gave_up"] == 0  # layers x phases: one arrival each
+    # two launches x 2 layers x 4 phases: every barrier completed, its arrivals set back to 0
+    assert res["generation"] == 2 * 2 * 4 and res["arrived"] == 0 and res["gave_up"] == 0, res
 
 
 def test_barrier_and_chain_compile_for_hopper():
@@ -45,7 +47,7 @@ def test_barrier_and_chain_compile_for_hopper():
     sys.path.insert(0, str(REPO / "bench"))
     import kernel_resources
     target = GPUTarget("cuda", 90, 32)
-    ptx = triton.compile(ASTSource(bp._barriers_kernel, {"count_ptr": "*i32", "ROUNDS": "constexpr"},
+    ptx = triton.compile(ASTSource(bp._barriers_kernel, {"bar_ptr": "*i32", "ROUNDS": "constexpr"},
                                    {"ROUNDS": 4}), target=target).asm["ptx"]
     assert "atom" in ptx
     k = bp._chain_kernel
