@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import prefetch, switches  # noqa: E402
+from kernels.layer_step import _grid_barrier  # noqa: E402
 
 try:
     import triton
@@ -43,31 +44,6 @@ SHAPES = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 CONFIGS = [(16, 128, 1024, 4), (32, 128, 1024, 4), (16, 256, 1024, 8), (32, 256, 1024, 8)]
 
 if triton is not None:
-    SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of a barrier's count before it gives up (seconds on a GPU)
-
-    @triton.jit
-    def _grid_barrier(bar_ptr, nprog):
-        """All nprog programs wait here for each other. bar = [arrived, generation, waits given up], int32, zeroed
-        once when made: the last program to arrive sets `arrived` back to 0 and advances `generation`, which the
-        others wait to see change, so the same words serve every barrier of every launch (no reset between
-        launches, CUDA-graph friendly). A wait that polls SPIN_LIMIT times gives up and counts itself in bar[2]:
-        programs that are not all resident at once would otherwise hang the card."""
-        tl.debug_barrier()  # the whole program's stores before its arrival
-        gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")  # cannot advance before we arrive
-        arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == nprog - 1:
-            tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
-        else:
-            seen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
-            spins = 0
-            while (seen == gen) & (spins < SPIN_LIMIT):
-                seen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
-                spins += 1
-            if seen == gen:
-                tl.atomic_add(bar_ptr + 2, 1)
-        tl.debug_barrier()
-
     @triton.jit
     def _barriers_kernel(bar_ptr, ROUNDS: tl.constexpr):
         n = tl.num_programs(0)

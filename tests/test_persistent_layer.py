@@ -1,6 +1,6 @@
-"""bench/persistent_layer.py (an experiment, not used by hmtiny): its one-launch decode layer step against
-FastLayer's own decode step, under Triton's interpreter with one program (every grid barrier passes at once), bf16
-weights and int8 ones; and compiled for an H100 without a GPU."""
+"""kernels/layer_step.py (an experiment, HMTINY_LAYER_KERNEL=1): its one-launch decode layer step against FastLayer's
+own decode step, under Triton's interpreter with one program (every grid barrier passes at once), bf16 weights and
+int8 ones; through the engine's stack; and compiled for an H100 without a GPU."""
 import json
 import os
 import subprocess
@@ -14,8 +14,7 @@ triton = pytest.importorskip("triton")
 
 CODE = r"""
 import dataclasses, json, sys, torch
-sys.path.insert(0, "bench")
-import persistent_layer as pl
+from kernels import layer_step as pl
 from hmtiny.engine import FastLayer
 from hmtiny.model import KVCache, build_random
 from hmtiny.tiny import tiny_model_config
@@ -80,7 +79,7 @@ def test_layer_kernel_compiles_for_hopper(stack):
     from triton.compiler import ASTSource
     sys.path.insert(0, str(REPO / "bench"))
     import kernel_resources
-    import persistent_layer as pl
+    from kernels import layer_step as pl
     k = pl._layer_kernel
     consts = {"D": 3072, "H": 24, "KV": 8, "HD": 128, "HD_P": 128, "F": 8192, "SP": 8, "BLOCK_D": 4096, "G_P": 4,
               "CHUNK": 32, "NCH": 19, "NCH_P": 32, "BN": 16, "BK": 128, "KC": 1024, "SCALED": True, "PF_BYTES": 8 << 20,
@@ -99,3 +98,45 @@ def test_layer_kernel_compiles_for_hopper(stack):
     used = kernel_resources.resources(ptx, 90)
     assert 0 < used["registers"] <= 255 and used["spill_stores"] == used["spill_loads"] == 0, used
     assert "cp.async.bulk.prefetch.L2" in ptx
+
+
+STACK = r"""
+import dataclasses, json, os, torch
+from kernels import layer_step
+from hmtiny.engine import Engine
+from hmtiny.model import build_random
+from hmtiny.tiny import tiny_model_config
+torch.set_grad_enabled(False)
+tiny = tiny_model_config(384)
+st = dataclasses.replace(tiny.backbone, num_layers=2, embed_dim=128, intermediate_dim=256, num_heads=4,
+                         num_kv_heads=2)
+cfg = dataclasses.replace(tiny, backbone=st, decoder=dataclasses.replace(st, num_layers=1))
+model = build_random(cfg, device="cpu", dtype=torch.float16, seed=3)
+B, P = 2, 12
+g = torch.Generator().manual_seed(1)
+x = torch.randn(B, P + 1, 128, generator=g).to(torch.float16)
+start = torch.tensor([0, 4])
+pos = (torch.arange(P + 1)[None] - start[:, None]).clamp(min=0)
+calls = []
+run = layer_step.run
+layer_step.run = lambda *a: calls.append(1) or run(*a)
+outs = []
+for on in ("0", "1"):
+    os.environ["HMTINY_LAYER_KERNEL"] = on
+    eng = Engine(model)
+    eng.backbone.setup_cache(B, 16, torch.float16, "cpu")
+    eng.backbone(x[:, :P], pos[:, :P], torch.arange(P), start, prompt=True)
+    outs.append(eng.backbone(x[:, P:], pos[:, P:], torch.tensor([P]), start).float())
+print(json.dumps({"rel": float((outs[1] - outs[0]).norm() / outs[0].norm()), "calls": len(calls)}))
+"""
+
+
+def test_engine_stack_runs_the_layer_kernel_when_asked():
+    """HMTINY_LAYER_KERNEL=1: the engine's decode step of a stack goes through layer_step for every layer (the
+    prompt does not) and gives what the seven-kernel path gives."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", STACK], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["calls"] == 2 and res["rel"] < 1e-2, res
