@@ -140,3 +140,52 @@ def test_engine_stack_runs_the_layer_kernel_when_asked():
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["calls"] == 2 and res["rel"] < 1e-2, res
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA only")
+def test_layer_step_on_cuda_matches_fastlayer():
+    """On a GPU, one program per SM and real grid barriers: the layer kernel against FastLayer's seven kernels,
+    bf16 and int8 weights, twice on the same barrier words, no barrier wait given up."""
+    import dataclasses
+
+    import torch
+
+    from hmtiny.engine import FastLayer
+    from hmtiny.model import KVCache, build_random
+    from hmtiny.quant import quantize_model
+    from hmtiny.tiny import tiny_model_config
+    from kernels import layer_step
+    tiny = tiny_model_config(384)
+    st = dataclasses.replace(tiny.backbone, num_layers=1, embed_dim=1024, intermediate_dim=2048, num_heads=8,
+                             num_kv_heads=4)
+    cfg = dataclasses.replace(tiny, backbone=st, decoder=dataclasses.replace(st, num_layers=1))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for int8 in (False, True):
+        model = build_random(cfg, device="cuda", dtype=torch.bfloat16, seed=4)
+        if int8:
+            quantize_model(model)
+        B, L, P, HD, KV = 2, 200, 150, 128, 4
+        g = torch.Generator("cuda").manual_seed(0)
+        layers = [FastLayer(model.backbone.layers[0], fuse=True) for _ in range(2)]
+        base_k = torch.randn(B, KV, L, HD, device="cuda", generator=g).to(torch.bfloat16)
+        base_v = torch.randn(B, KV, L, HD, device="cuda", generator=g).to(torch.bfloat16)
+        for layer in layers:
+            layer.cache = KVCache(B, KV, L, HD, torch.bfloat16, "cuda")
+            layer.cache.k.copy_(base_k)
+            layer.cache.v.copy_(base_v)
+        x = torch.randn(B, 1, 1024, device="cuda", generator=g).to(torch.bfloat16)
+        pending = torch.randn(4, B, 1, 1024, device="cuda", generator=g) * 0.1
+        start = torch.tensor([0, 9], device="cuda")
+        slots = torch.tensor([P], device="cuda")
+        pos = (slots - start)[:, None]
+        rope = model.backbone.rope
+        bar = torch.zeros(3, dtype=torch.int32, device="cuda")
+        with torch.no_grad():
+            ref_h, ref_p = layers[0](x, pending, slots, pos, start, rope, prompt=False)
+            for _ in range(2):
+                h, parts = layer_step.layer_step(layers[1], x, pending, rope, pos, slots, start, sms, bar)
+        torch.cuda.synchronize()
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+        assert rel(h, ref_h) < 1e-2 and rel(parts.sum(0), ref_p.float().sum(0)) < 3e-2, (int8, rel(h, ref_h))
+        assert rel(layers[1].cache.k, layers[0].cache.k) < 1e-3
+        assert int(bar[0]) == 0 and int(bar[1]) == 2 * 7 and int(bar[2]) == 0, bar.tolist()
