@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import prefetch, switches  # noqa: E402
-from kernels.layer_step import _grid_barrier  # noqa: E402
+from kernels.layer_step import _gemv_partials, _grid_barrier  # noqa: E402
 
 try:
     import triton
@@ -51,26 +51,6 @@ if triton is not None:
             _grid_barrier(bar_ptr, n)
 
     @triton.jit
-    def _gemv_phase(x_ptr, stride_x, w_ptr, s_ptr, out_ptr, M, N, K, pid, nprog,
-                    BN: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
-        """out[kc, m, n] = sum over K chunk kc of x[m, k] * w[n, k] * s[n]: items (BN rows, one K chunk of KC),
-        program pid takes items pid, pid + nprog, ..."""
-        n_kc = K // KC
-        rm = tl.arange(0, 16)
-        row_ok = rm[:, None] < M
-        for item in range(pid, (N // BN) * n_kc, nprog):
-            rb, kc = item // n_kc, item % n_kc
-            rn = rb * BN + tl.arange(0, BN)
-            rk = kc * KC + tl.arange(0, BK)
-            acc = tl.zeros([16, BN], tl.float32)
-            for k in range(0, KC, BK):
-                x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :] + k, mask=row_ok, other=0.0)
-                w = tl.load(w_ptr + rn[:, None] * K + rk[None, :] + k)
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-            acc *= tl.load(s_ptr + rn)[None, :]
-            tl.store(out_ptr + kc * M * N + rm[:, None] * N + rn[None, :], acc, mask=row_ok)
-
-    @triton.jit
     def _chain_kernel(x_ptr, stride_x, w0, s0, w1, s1, w2, s2, w3, s3, o0, o1, o2, o3, count_ptr, M, LAYERS,
                       N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr,
                       N2: tl.constexpr, K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr,
@@ -81,19 +61,19 @@ if triton is not None:
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         first0 = w0  # layer 0's q/k/v weights: what the last layer's last phase prefetches
         for layer in range(LAYERS):
-            _gemv_phase(x_ptr, stride_x, w0, s0 + layer * N0, o0, M, N0, K0, pid, nprog, BN, BK, KC)
+            _gemv_partials(x_ptr, stride_x, w0, s0 + layer * N0, o0, M, pid, nprog, N0, K0, BN, BK, KC, True)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w1, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
-            _gemv_phase(x_ptr, stride_x, w1, s1 + layer * N1, o1, M, N1, K1, pid, nprog, BN, BK, KC)
+            _gemv_partials(x_ptr, stride_x, w1, s1 + layer * N1, o1, M, pid, nprog, N1, K1, BN, BK, KC, True)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
-            _gemv_phase(x_ptr, stride_x, w2, s2 + layer * N2, o2, M, N2, K2, pid, nprog, BN, BK, KC)
+            _gemv_partials(x_ptr, stride_x, w2, s2 + layer * N2, o2, M, pid, nprog, N2, K2, BN, BK, KC, True)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w3, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
-            _gemv_phase(x_ptr, stride_x, w3, s3 + layer * N3, o3, M, N3, K3, pid, nprog, BN, BK, KC)
+            _gemv_partials(x_ptr, stride_x, w3, s3 + layer * N3, o3, M, pid, nprog, N3, K3, BN, BK, KC, True)
             # the next layer's weights: pointers step on (64-bit pointer arithmetic, no int32 products)
             w0 += N0 * K0
             w1 += N1 * K1

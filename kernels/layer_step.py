@@ -84,9 +84,10 @@ if triton is not None:
             tl.store(n_ptr + row * D + cols, (normed * g).to(x.dtype), mask=ok)
 
     @triton.jit
-    def _gemv_partials(x_ptr, w_ptr, s_ptr, out_ptr, M, pid, nprog, N: tl.constexpr, K: tl.constexpr,
+    def _gemv_partials(x_ptr, stride_x, w_ptr, s_ptr, out_ptr, M, pid, nprog, N: tl.constexpr, K: tl.constexpr,
                        BN: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, SCALED: tl.constexpr):
-        """out[kc, m, n] = sum over K chunk kc of x[m, k] w[n, k] (* s[n]): items (BN rows, one K chunk)."""
+        """out[kc, m, n] = sum over K chunk kc of x[m, k] w[n, k] (* s[n]): items (BN rows, one K chunk), program
+        pid taking items pid, pid + nprog, ... (x's rows stride_x apart)."""
         n_kc: tl.constexpr = K // KC
         rm = tl.arange(0, 16)
         row_ok = rm[:, None] < M
@@ -96,7 +97,7 @@ if triton is not None:
             rk = kc * KC + tl.arange(0, BK)
             acc = tl.zeros([16, BN], tl.float32)
             for k in range(0, KC, BK):
-                x = tl.load(x_ptr + rm[:, None] * K + rk[None, :] + k, mask=row_ok, other=0.0)
+                x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :] + k, mask=row_ok, other=0.0)
                 w = tl.load(w_ptr + rn[:, None] * K + rk[None, :] + k)
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
             if SCALED:
@@ -252,7 +253,7 @@ if triton is not None:
         if PF_BYTES > 0:
             prefetch.l2_prefetch(wqkv, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
-        _gemv_partials(n1_ptr, wqkv, sqkv, qkvp_ptr, M, pid, nprog, NQKV, D, BN, BK, KC, SCALED)
+        _gemv_partials(n1_ptr, D, wqkv, sqkv, qkvp_ptr, M, pid, nprog, NQKV, D, BN, BK, KC, SCALED)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(wo, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
@@ -261,7 +262,7 @@ if triton is not None:
         _grid_barrier(bar_ptr, nprog)
         _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, HD_P, NCH, NCH_P)
         _grid_barrier(bar_ptr, nprog)
-        _gemv_partials(y_ptr, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, BK, KC, SCALED)
+        _gemv_partials(y_ptr, H * HD, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, BK, KC, SCALED)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(w13, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
@@ -271,7 +272,7 @@ if triton is not None:
         if PF_BYTES > 0:
             prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
-        _gemv_partials(g_ptr, w2, s2, out_ptr, M, pid, nprog, D, F, BN, BK, KC, SCALED)
+        _gemv_partials(g_ptr, F, w2, s2, out_ptr, M, pid, nprog, D, F, BN, BK, KC, SCALED)
 
 
 def _pow2(n: int) -> int:
