@@ -283,7 +283,7 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: t
                kc=1024, chunk=32, pf_bytes=0, num_warps=8):
     """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch. Returns (h2
     [B, 1, D], down partials [F/kc chunks, B, 1, D]) like FastLayer.forward. bar: the grid barrier's three int32
-    words, zeroed once when made (bench_persistent._grid_barrier; bar[2] counts waits given up). Compiled for
+    words, zeroed once when made (`_grid_barrier`; bar[2] counts waits given up). Compiled for
     sm_90 the defaults use no local memory (tests/test_persistent_layer.py); 8 warps leave room for one program
     per SM."""
     b = layer.block
