@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_generate import copy_bandwidth  # noqa: E402
 from kernels import prefetch, switches  # noqa: E402
 from kernels.layer_step import _gemv_partials, _grid_barrier  # noqa: E402
 
@@ -37,7 +38,6 @@ try:
 except ImportError:
     triton = None
 
-ROWS = 16  # tensor-core tile rows; the real rows (2 with CFG) are masked
 # the backbone's decode GEMVs of one layer: (N, K)
 SHAPES = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 # (rows an item, K step, K chunk an item, warps) tried; compiled for sm_90 none spills (tests/test_persistent_bench.py)
@@ -130,12 +130,6 @@ def _events_us(fn, reps):
     return start.elapsed_time(end) * 1e3 / reps
 
 
-def _copy_tbps(dev, nbytes=2**30) -> float:
-    """Device-to-device copy, read + write bytes per second (TB/s): the memory's practical bandwidth."""
-    block = torch.empty(nbytes, dtype=torch.int8, device=dev)
-    return 2 * nbytes / _events_us(lambda: block.clone(), 5) / 1e6
-
-
 def today_chain_us(x, weights, reps=5):
     """The same GEMVs as the engine runs them now: kernels.gemv partials with its picked tiles, PDL, one graph."""
     from kernels import gemv
@@ -178,7 +172,7 @@ def main():
     weights = make_weights(args.layers)
     x = torch.randn(2, 8192, device=dev, dtype=torch.bfloat16)  # each phase reads its first K columns
     nbytes = sum(w.numel() for w, _ in weights)
-    copy_tbps = _copy_tbps(dev)
+    copy_tbps = copy_bandwidth() / 1e12
     res["bytes"] = nbytes
     res["floor_us"] = nbytes / (copy_tbps * 1e6)
     print(f"{args.layers} layers, {nbytes / 1e9:.2f} GB of int8 weights; floor {res['floor_us']:.0f} us "

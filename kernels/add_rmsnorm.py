@@ -50,6 +50,20 @@ def add_rmsnorm_ref(x: torch.Tensor, partials: Optional[torch.Tensor], weight: t
 
 if triton is not None:
     @triton.jit
+    def residual(x, p):
+        """h = x + p, rounded as the reference: the float32 slice sum p rounded to x's dtype, then torch's add
+        (float32 math rounded once)."""
+        return (x.to(tl.float32) + p.to(x.dtype).to(tl.float32)).to(x.dtype)
+
+    @triton.jit
+    def normed_times(h, w, D, eps):
+        """RMSNorm(h) * w in float32 (w float32), rounded as the reference: type_as(h) rounds before the weight
+        multiplies. Padding lanes of h must be 0: they add nothing to the sum of squares."""
+        hf = h.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+        return (hf * rstd).to(h.dtype).to(tl.float32) * w
+
+    @triton.jit
     def _add_rmsnorm_kernel(x_ptr, p_ptr, w_ptr, h_ptr, n_ptr, D, S, stride_x, stride_ps, stride_pr, eps,
                             BLOCK_D: tl.constexpr, HAS_PARTIALS: tl.constexpr, STORE_H: tl.constexpr,
                             PDL: tl.constexpr):
@@ -66,14 +80,10 @@ if triton is not None:
             p = tl.zeros([BLOCK_D], dtype=tl.float32)
             for s in range(S):  # a fixed order: deterministic, and torch's own for a few slices
                 p += tl.load(p_ptr + s * stride_ps + row * stride_pr + cols, mask=in_row, other=0.0).to(tl.float32)
-            # .to(x.dtype) of the sum, then torch's add: float32 math rounded once
-            h = (x.to(tl.float32) + p.to(x.dtype).to(tl.float32)).to(x.dtype)
+            h = residual(x, p)
         if STORE_H:
             tl.store(h_ptr + row * D + cols, h, mask=in_row)
-        hf = h.to(tl.float32)  # padding lanes are 0: they add nothing to the sum of squares
-        rstd = tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
-        normed = (hf * rstd).to(x.dtype).to(tl.float32)  # type_as(x) rounds before the weight multiplies
-        tl.store(n_ptr + row * D + cols, (normed * w).to(n_ptr.dtype.element_ty), mask=in_row)
+        tl.store(n_ptr + row * D + cols, normed_times(h, w, D, eps).to(n_ptr.dtype.element_ty), mask=in_row)
 
 
 def _num_warps(block_d: int) -> int:

@@ -37,6 +37,9 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from .add_rmsnorm import normed_times, residual  # the norm's rounding, as kernels.add_rmsnorm's
+    from .gemv import _swiglu  # SwiGLU's rounding, as kernels.gemv's epilogue
+
     SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of a barrier's count before it gives up (seconds on a GPU)
 
     @triton.jit
@@ -76,12 +79,9 @@ if triton is not None:
                 p = tl.zeros([BLOCK_D], dtype=tl.float32)
                 for s in range(SP):
                     p += tl.load(p_ptr + (s * M + row) * D + cols, mask=ok, other=0.0).to(tl.float32)
-                h = (x.to(tl.float32) + p.to(x.dtype).to(tl.float32)).to(x.dtype)
+                h = residual(x, p)
             tl.store(h_ptr + row * D + cols, h, mask=ok)
-            hf = h.to(tl.float32)
-            rstd = tl.math.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
-            normed = (hf * rstd).to(x.dtype).to(tl.float32)
-            tl.store(n_ptr + row * D + cols, (normed * g).to(x.dtype), mask=ok)
+            tl.store(n_ptr + row * D + cols, normed_times(h, g, D, eps).to(x.dtype), mask=ok)
 
     @triton.jit
     def _gemv_partials(x_ptr, stride_x, w_ptr, s_ptr, out_ptr, M, pid, nprog, N: tl.constexpr, K: tl.constexpr,
@@ -126,10 +126,7 @@ if triton is not None:
                 acc_g *= tl.load(s_ptr + rn)[None, :]
                 acc_u *= tl.load(s_ptr + F + rn)[None, :]
             ty = out_ptr.dtype.element_ty
-            g = acc_g.to(ty).to(tl.float32)
-            s = (g * tl.sigmoid(g)).to(ty).to(tl.float32)
-            res = (s * acc_u.to(ty).to(tl.float32)).to(ty)
-            tl.store(out_ptr + rm[:, None] * F + rn[None, :], res, mask=row_ok)
+            tl.store(out_ptr + rm[:, None] * F + rn[None, :], _swiglu(acc_g.to(ty), acc_u.to(ty)), mask=row_ok)
 
     @triton.jit
     def _attend_chunks(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
@@ -279,13 +276,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: torch.Tensor, bn=16, bk=128,
-               kc=1024, chunk=32, pf_bytes=0, num_warps=8):
+def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: torch.Tensor, bn=16, bk=None,
+               kc=None, chunk=32, pf_bytes=0, num_warps=8):
     """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch. Returns (h2
     [B, 1, D], down partials [F/kc chunks, B, 1, D]) like FastLayer.forward. bar: the grid barrier's three int32
     words, zeroed once when made (`_grid_barrier`; bar[2] counts waits given up). Compiled for
     sm_90 the defaults use no local memory (tests/test_persistent_layer.py); 8 warps leave room for one program
-    per SM."""
+    per SM. kc (the GEMVs' K chunk) defaults to the largest `_kc` that fits, bk (their K step) to min(128, kc)."""
     b = layer.block
     B, S, D = x.shape
     assert S == 1 and B <= 16, "one new row per song, at most 16 songs"
@@ -297,6 +294,8 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: t
     F = w13.shape[0] // 2
     cache = layer.cache
     L = cache.k.shape[2]
+    kc = kc or _kc(D, H * HD, F)
+    bk = bk or min(128, kc)
     for n, k in ((wqkv.shape[0], D), (D, H * HD), (D, F)):
         assert n % bn == 0 and k % kc == 0 and kc % bk == 0, (n, k, bn, kc, bk)
     assert F % bn == 0 and D % bk == 0
@@ -313,10 +312,9 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: t
     g = empty(B, F)
     out = empty(F // kc, B, 1, D, dtype=torch.float32)
     pend = pending.reshape(-1, B, D).contiguous() if pending is not None else x
-    dummy = sqkv if scaled else wqkv
     _layer_kernel[(programs,)](
         x.reshape(B, D).contiguous(), pend, b.sa_norm.scale, b.mlp_norm.scale, b.sa_norm.eps,
-        wqkv, dummy, wo, so if scaled else wo, w13, s13 if scaled else w13, w2, s2 if scaled else w2,
+        wqkv, sqkv if scaled else wqkv, wo, so if scaled else wo, w13, s13 if scaled else w13, w2, s2 if scaled else w2,
         cache.k, cache.v, rope.contiguous(), pos.reshape(B).contiguous(), slots.contiguous(), start.contiguous(),
         h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, bar, B, L, math.log2(math.e) / math.sqrt(HD),
         D=D, H=H, KV=KV, HD=HD, HD_P=max(32, _pow2(HD)), F=F, SP=0 if pending is None else pend.shape[0],
@@ -362,11 +360,6 @@ def usable(layer, x: torch.Tensor, pending) -> bool:
 def run(layer, x, pending, rope, pos, slots, start):
     """FastLayer.forward's decode step through the kernel (see `usable`): one program per SM (one under the
     interpreter), the layer's barrier words `layer.bar` (made with its cache), the L2 prefetch as the GEMVs'."""
-    H, KV = layer.n_heads, layer.n_kv
-    wqkv = layer.qkv.gemv_weight()[0]
-    hd = wqkv.shape[0] // (H + 2 * KV)
-    kc = _kc(x.shape[-1], H * hd, layer.w13.gemv_weight()[0].shape[0] // 2)
     programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     pf = switches.l2_prefetch_bytes() // 16 * 16 if prefetch.supported(x) else 0
-    return layer_step(layer, x, pending, rope, pos, slots, start, programs, layer.bar, bk=min(128, kc), kc=kc,
-                      pf_bytes=pf)
+    return layer_step(layer, x, pending, rope, pos, slots, start, programs, layer.bar, pf_bytes=pf)

@@ -27,17 +27,17 @@ try:
 except ImportError:
     triton = None
 
-# the smallest chunk one prefetch instruction asks for (bytes): fewer, larger requests for the copy engine
-MIN_CHUNK = 4096
-
 if triton is not None:
+    # the smallest chunk one prefetch instruction asks for (bytes): fewer, larger requests for the copy engine
+    MIN_CHUNK = tl.constexpr(4096)
+
     @triton.jit
     def l2_prefetch(base_ptr, nbytes, pid, nprog, SLOTS: tl.constexpr):
         """Program `pid` of `nprog` asks L2 to fetch its share of bytes [0, nbytes) from base_ptr, in up to SLOTS
         chunks of at least MIN_CHUNK bytes (SLOTS = one per thread: no thread repeats another's request). nbytes
         and the base address are multiples of 16, as the instruction needs."""
         share = tl.cdiv(tl.cdiv(nbytes, nprog), 16) * 16
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(share, SLOTS), 16) * 16, 4096)
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(share, SLOTS), 16) * 16, MIN_CHUNK)
         end = tl.minimum((pid + 1) * share, nbytes)
         off = pid * share + tl.arange(0, SLOTS) * chunk
         size = tl.minimum(chunk, end - off)  # <= 0: nothing left for this thread
