@@ -25,7 +25,7 @@ from bench.bench_generate import synthetic_prompt  # noqa: E402
 from hmtiny.config import ModelConfig  # noqa: E402
 from hmtiny.engine import Engine  # noqa: E402
 from hmtiny.model import build_random  # noqa: E402
-from kernels import gemv, pdl  # noqa: E402
+from kernels import gemv  # noqa: E402
 
 
 def groups(eng):
@@ -36,9 +36,7 @@ def groups(eng):
             for f in (layer.qkv, layer.wo, layer.w13, layer.w2):
                 if f.tile is None:
                     continue
-                w, scale = f.gemv_weight()
-                x_dtype = eng.dtype
-                key = (w.shape[0], w.shape[1], w.dtype, x_dtype, f.tile_split, f.tile_glu, pdl.enabled(w))
+                key = gemv.pick_key(f.gemv_weight()[0], eng.dtype, f.tile_split, f.tile_glu)
                 out.setdefault(key, []).append(f)
     return out
 

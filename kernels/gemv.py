@@ -299,11 +299,17 @@ def export_picks() -> dict:
     return {_names[k]: list(t) for k, t in _best.items() if t is not None and k in _names}
 
 
+def pick_key(w: torch.Tensor, x_dtype: torch.dtype, partial: bool, glu: bool) -> tuple:
+    """What a tile pick is kept under (in `_best`, and with the card in the cache files' names): the weight's shape
+    and dtype, the activations' dtype, the kind (K slices summed by the caller, SwiGLU epilogue) and PDL."""
+    return w.shape[0], w.shape[1], w.dtype, x_dtype, partial, glu, pdl.enabled(w)
+
+
 def _pick(x2, w, partial: bool = False, scale=None, glu: bool = False):
     """The fastest candidate tile, timed once per (N, K, dtypes, kind) on this machine (outside any graph capture)
     and remembered in memory and in `cache_file` (SHIPPED gives picks for known cards). partial: the caller sums
     the K slices itself (fused into its next kernel), so a split's sum is not timed. glu: see `linear_tiled`."""
-    key = (w.shape[0], w.shape[1], w.dtype, x2.dtype, partial, glu, pdl.enabled(x2))
+    key = pick_key(w, x2.dtype, partial, glu)
     if key in _best:
         return _best[key]
     fits = [c for c in _candidates(w.shape[1], partial) if _fits(c, w.shape[0], w.shape[1], glu)]
