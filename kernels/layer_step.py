@@ -38,6 +38,7 @@ except ImportError:
 
 if triton is not None:
     from .add_rmsnorm import normed_times, residual  # the norm's rounding, as kernels.add_rmsnorm's
+    from .decode_attention import _mul_rn  # RoPE's products rounded apart, as kernels.decode_attention's
     from .gemv import _swiglu  # SwiGLU's rounding, as kernels.gemv's epilogue
 
     SPIN_LIMIT = tl.constexpr(1 << 22)  # polls of a barrier's count before it gives up (seconds on a GPU)
@@ -132,7 +133,7 @@ if triton is not None:
     def _attend_chunks(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
                        M, L, qk_scale, pid, nprog, NKC: tl.constexpr, H: tl.constexpr, KV: tl.constexpr,
                        HD: tl.constexpr, HD_P: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr,
-                       G_P: tl.constexpr):
+                       G_P: tl.constexpr, EXACT: tl.constexpr):
         """Items (song b, kv head, chunk c of CHUNK slots): q/k/v summed from the NKC K chunks (rounded to the
         cache dtype), RoPE at pos[b], the new k/v written at slot (by the chunk holding it), then the chunk's
         partial softmax of its G query heads over slots start[b] <= j <= slot: (max, sum, acc) per head. Head dims
@@ -168,8 +169,8 @@ if triton is not None:
                 vn += tl.load(qkv_ptr + s * M * W + vbase + dd, mask=d_ok, other=0.0)
             k0 = k0.to(ty).to(tl.float32)
             k1 = k1.to(ty).to(tl.float32)
-            kr0 = (k0 * cos - k1 * sin).to(ty)
-            kr1 = (k1 * cos + k0 * sin).to(ty)
+            kr0 = (_mul_rn(k0, cos, EXACT) - _mul_rn(k1, sin, EXACT)).to(ty)  # no FMA: the reference rounds each
+            kr1 = (_mul_rn(k1, cos, EXACT) + _mul_rn(k0, sin, EXACT)).to(ty)
             vn = vn.to(ty)
             cache_row = (b * KV + kvh) * L
             j = c * CHUNK + jn
@@ -199,8 +200,8 @@ if triton is not None:
                               other=0.0)
             q0 = q0.to(ty).to(tl.float32)
             q1 = q1.to(ty).to(tl.float32)
-            qr0 = (q0 * cos[None, :] - q1 * sin[None, :]).to(ty).to(tl.float32)
-            qr1 = (q1 * cos[None, :] + q0 * sin[None, :]).to(ty).to(tl.float32)
+            qr0 = (_mul_rn(q0, cos[None, :], EXACT) - _mul_rn(q1, sin[None, :], EXACT)).to(ty).to(tl.float32)
+            qr1 = (_mul_rn(q1, cos[None, :], EXACT) + _mul_rn(q0, sin[None, :], EXACT)).to(ty).to(tl.float32)
             # scores [G_P, CHUNK] on the CUDA cores (few rows): q . k over the two halves
             sc = tl.sum(qr0[:, None, :] * kc0.to(tl.float32)[None, :, :], 2)
             sc += tl.sum(qr1[:, None, :] * kc1.to(tl.float32)[None, :, :], 2)
@@ -243,7 +244,8 @@ if triton is not None:
                       F: tl.constexpr,
                       SP: tl.constexpr, BLOCK_D: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
                       NCH: tl.constexpr, NCH_P: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      KC: tl.constexpr, SCALED: tl.constexpr, PF_BYTES: tl.constexpr, PF_SLOTS: tl.constexpr):
+                      KC: tl.constexpr, SCALED: tl.constexpr, PF_BYTES: tl.constexpr, PF_SLOTS: tl.constexpr,
+                      EXACT: tl.constexpr):
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         NQKV: tl.constexpr = (H + 2 * KV) * HD
         _norm_rows(x_ptr, pend_ptr, SP, g1_ptr, h1_ptr, n1_ptr, M, eps, pid, nprog, D, BLOCK_D)
@@ -255,7 +257,7 @@ if triton is not None:
             prefetch.l2_prefetch(wo, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
         _attend_chunks(qkvp_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
-                       M, L, qk_scale, pid, nprog, D // KC, H, KV, HD, HD_P, CHUNK, NCH, G_P)
+                       M, L, qk_scale, pid, nprog, D // KC, H, KV, HD, HD_P, CHUNK, NCH, G_P, EXACT)
         _grid_barrier(bar_ptr, nprog)
         _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, HD_P, NCH, NCH_P)
         _grid_barrier(bar_ptr, nprog)
@@ -319,7 +321,8 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: t
         h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, bar, B, L, math.log2(math.e) / math.sqrt(HD),
         D=D, H=H, KV=KV, HD=HD, HD_P=max(32, _pow2(HD)), F=F, SP=0 if pending is None else pend.shape[0],
         BLOCK_D=_pow2(D), G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, BK=bk, KC=kc,
-        SCALED=scaled, PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1, num_warps=num_warps)
+        SCALED=scaled, PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1,
+        EXACT=not switches.interpreting(), num_warps=num_warps)
     return h2, out
 
 
