@@ -74,22 +74,22 @@ def main():
             row["today_us_per_layer"] = today / len(layers)
             print(f"{name}: the engine's layer step (7 kernels, PDL): {today / len(layers):.1f} us", flush=True)
             bars = [torch.zeros(3, dtype=torch.int32, device=dev) for _ in layers]
-            # (bn, bk, chunk, prefetch): the defaults, then one change at a time (tiles that compile for sm_90
-            # without spilling at 8 warps: bn 64, bk 1024 or 4 warps spill)
-            variants = [(16, None, 32, 8 << 20), (16, None, 32, 0), (16, None, 16, 8 << 20), (32, None, 32, 8 << 20),
-                        (32, 256, 32, 8 << 20), (16, 512, 32, 8 << 20), (32, 512, 32, 8 << 20)]
-            for bn, bk, chunk, pf in variants if name == "backbone" else variants[:2]:
-                label = f"{name}: persistent, {sms} programs, bn {bn}, bk {bk or 'default'}, chunk {chunk}, " \
+            # (bn, kc, chunk, prefetch): the defaults, then one change at a time (tiles that compile for sm_90
+            # without spilling at 8 warps)
+            variants = [(16, None, 32, 8 << 20), (16, None, 32, 0), (16, None, 16, 8 << 20), (16, 512, 32, 8 << 20),
+                        (32, 512, 32, 8 << 20)]
+            for bn, kc, chunk, pf in variants if name == "backbone" else variants[:2]:
+                label = f"{name}: persistent, {sms} programs, bn {bn}, kc {kc or 'default'}, chunk {chunk}, " \
                         f"prefetch {pf >> 20} MiB"
                 try:
                     t = graph_time(lambda i: [layer_step(layer, x, pending, rope, pos, slots, start, sms, c,
-                                                         bn=bn, bk=bk, chunk=chunk, pf_bytes=pf)
+                                                         bn=bn, kc=kc, chunk=chunk, pf_bytes=pf)
                                               for layer, c in zip(layers, bars)], 3, warmup=1) * 1e6
                 except Exception as e:
                     print(f"{label}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
                 gave_up = sum(int(c[2]) for c in bars)
-                row["persistent"].append({"bn": bn, "bk": bk, "chunk": chunk, "pf_mb": pf >> 20,
+                row["persistent"].append({"bn": bn, "kc": kc, "chunk": chunk, "pf_mb": pf >> 20,
                                           "us_per_layer": t / len(layers), "gave_up": gave_up})
                 print(f"{label}: {t / len(layers):.1f} us a layer (barrier waits given up: {gave_up})", flush=True)
     (out_dir / "persistent_layer.json").write_text(json.dumps(res, indent=1))

@@ -85,49 +85,95 @@ if triton is not None:
             tl.store(n_ptr + row * D + cols, normed_times(h, g, D, eps).to(x.dtype), mask=ok)
 
     @triton.jit
-    def _gemv_partials(x_ptr, stride_x, w_ptr, s_ptr, out_ptr, M, pid, nprog, N: tl.constexpr, K: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, SCALED: tl.constexpr):
-        """out[kc, m, n] = sum over K chunk kc of x[m, k] w[n, k] (* s[n]): items (BN rows, one K chunk), program
-        pid taking items pid, pid + nprog, ... (x's rows stride_x apart)."""
-        n_kc: tl.constexpr = K // KC
-        rm = tl.arange(0, 16)
-        row_ok = rm[:, None] < M
-        for item in range(pid, (N // BN) * n_kc, nprog):
-            rb, kc = item // n_kc, item % n_kc
-            rn = rb * BN + tl.arange(0, BN)
-            rk = kc * KC + tl.arange(0, BK)
-            acc = tl.zeros([16, BN], tl.float32)
-            for k in range(0, KC, BK):
-                x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :] + k, mask=row_ok, other=0.0)
-                w = tl.load(w_ptr + rn[:, None] * K + rk[None, :] + k)
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-            if SCALED:
-                acc *= tl.load(s_ptr + rn)[None, :]
-            tl.store(out_ptr + (kc * M + rm[:, None]) * N + rn[None, :], acc, mask=row_ok)
+    def _tile(w_ptr, row0, col0, ok, K: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, WKIND: tl.constexpr):
+        """The weight tile w[row0 : row0+BN, col0 : col0+KC] (rows K elements apart), zeros where not ok (past the
+        last item), as 32-bit words [BN, KC / PER] (w_ptr: the weight viewed as int32, WKIND: what its elements
+        are, see _row_dot). Triton would give each int8 element a register of its own: four times the registers,
+        with two tiles live (see _gemv_partials)."""
+        PER: tl.constexpr = 4 if WKIND == 0 else 2
+        rn = row0 + tl.arange(0, BN)
+        rk = col0 // PER + tl.arange(0, KC // PER)
+        return tl.load(w_ptr + rn[:, None] * (K // PER) + rk[None, :], mask=(rn[:, None] >= 0) & ok, other=0)
 
     @triton.jit
-    def _swiglu_rows(x_ptr, w_ptr, s_ptr, out_ptr, M, pid, nprog, F: tl.constexpr, K: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SCALED: tl.constexpr):
+    def _row_dot(w, WKIND: tl.constexpr, x_ptr, m, stride_x, col0, KC: tl.constexpr):
+        """A _tile's words w times activation row m's columns col0 .. col0+KC: [BN] float32, on the CUDA cores (a
+        handful of rows: a tensor-core dot would pad them to 16). WKIND: 0 int8 (4 a word), 1 bf16, 2 fp16 (2 a
+        word); element j of a word pairs with column PER i + j (little-endian)."""
+        PER: tl.constexpr = 4 if WKIND == 0 else 2
+        cols = x_ptr + m * stride_x + col0 + PER * tl.arange(0, KC // PER)
+        acc = tl.zeros(w.shape, tl.float32)
+        for j in tl.static_range(PER):
+            if WKIND == 0:  # sign-extend byte j
+                v = ((w << (24 - 8 * j)) >> 24).to(tl.float32)
+            else:  # half j, its bits
+                half = ((w >> (16 * j)) & 0xFFFF).to(tl.int16)
+                v = half.to(tl.bfloat16 if WKIND == 1 else tl.float16, bitcast=True).to(tl.float32)
+            acc += v * tl.load(cols + j).to(tl.float32)[None, :]
+        return tl.sum(acc, 1)
+
+    @triton.jit
+    def _gemv_partials(x_ptr, stride_x, w_ptr, s_ptr, out_ptr, M: tl.constexpr, pid, nprog, N: tl.constexpr,
+                       K: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, SCALED: tl.constexpr,
+                       WKIND: tl.constexpr):
+        """out[kc, m, n] = sum over K chunk kc of x[m, k] w[n, k] (* s[n]): items (BN rows, one K chunk), program
+        pid taking items pid, pid + nprog, ... (x's rows stride_x apart). One program per SM has no other programs
+        to hide its loads behind, so it loads its next item's tile before it works on this one (two tiles in
+        registers: ~2 x BN x KC bytes in flight per SM)."""
+        n_kc: tl.constexpr = K // KC
+        n_items: tl.constexpr = (N // BN) * n_kc
+        w = _tile(w_ptr, (pid // n_kc) * BN, (pid % n_kc) * KC, pid < n_items, K, BN, KC, WKIND)
+        for item in range(pid, n_items, nprog):
+            nxt = item + nprog
+            w_next = _tile(w_ptr, (nxt // n_kc) * BN, (nxt % n_kc) * KC, nxt < n_items, K, BN, KC, WKIND)
+            rn = (item // n_kc) * BN + tl.arange(0, BN)
+            kc = item % n_kc
+            for m in tl.static_range(M):
+                r = _row_dot(w, WKIND, x_ptr, m, stride_x, kc * KC, KC)
+                if SCALED:
+                    r *= tl.load(s_ptr + rn)
+                tl.store(out_ptr + (kc * M + m) * N + rn, r)
+            w = w_next
+
+    @triton.jit
+    def _swiglu_rows(x_ptr, w_ptr, s_ptr, out_ptr, M: tl.constexpr, pid, nprog, F: tl.constexpr, K: tl.constexpr,
+                     BN: tl.constexpr, KC: tl.constexpr, SCALED: tl.constexpr, WKIND: tl.constexpr):
         """out[m, n] = silu(x w_gate[n]) * (x w_up[n]) over the whole K, rounded as kernels.gemv's GLU epilogue
-        (w = [gate; up], F rows each): items of BN rows of both."""
-        rm = tl.arange(0, 16)
-        row_ok = rm[:, None] < M
-        rk = tl.arange(0, BK)
-        for item in range(pid, F // BN, nprog):
-            rn = item * BN + tl.arange(0, BN)
-            acc_g = tl.zeros([16, BN], tl.float32)
-            acc_u = tl.zeros([16, BN], tl.float32)
-            for k in range(0, K, BK):
-                x = tl.load(x_ptr + rm[:, None] * K + rk[None, :] + k, mask=row_ok, other=0.0)
-                wg = tl.load(w_ptr + rn[:, None] * K + rk[None, :] + k)
-                wu = tl.load(w_ptr + (F + rn[:, None]) * K + rk[None, :] + k)
-                acc_g += tl.dot(x, tl.trans(wg.to(x.dtype)))
-                acc_u += tl.dot(x, tl.trans(wu.to(x.dtype)))
-            if SCALED:
-                acc_g *= tl.load(s_ptr + rn)[None, :]
-                acc_u *= tl.load(s_ptr + F + rn)[None, :]
-            ty = out_ptr.dtype.element_ty
-            tl.store(out_ptr + rm[:, None] * F + rn[None, :], _swiglu(acc_g.to(ty), acc_u.to(ty)), mask=row_ok)
+        (w = [gate; up], F rows each): items of BN rows of both, each in K chunks of KC, the next chunk's tiles
+        loaded before this one's are used (as _gemv_partials)."""
+        n_kc: tl.constexpr = K // KC
+        MP: tl.constexpr = 1 if M == 1 else (2 if M == 2 else (4 if M <= 4 else (8 if M <= 8 else 16)))
+        rows = tl.arange(0, MP)
+        n_mine = tl.cdiv(F // BN - pid, nprog)  # this program's items: pid, pid + nprog, ...
+        wg = _tile(w_ptr, pid * BN, 0, n_mine > 0, K, BN, KC, WKIND)
+        wu = _tile(w_ptr, F + pid * BN, 0, n_mine > 0, K, BN, KC, WKIND)
+        acc_g = tl.zeros([MP, BN], tl.float32)
+        acc_u = tl.zeros([MP, BN], tl.float32)
+        for t in range(0, n_mine * n_kc):
+            item = pid + (t // n_kc) * nprog
+            kc = t % n_kc
+            nxt = t + 1
+            row_n = (pid + (nxt // n_kc) * nprog) * BN
+            more = nxt < n_mine * n_kc
+            wg_next = _tile(w_ptr, row_n, (nxt % n_kc) * KC, more, K, BN, KC, WKIND)
+            wu_next = _tile(w_ptr, F + row_n, (nxt % n_kc) * KC, more, K, BN, KC, WKIND)
+            for m in tl.static_range(M):
+                rg = _row_dot(wg, WKIND, x_ptr, m, K, kc * KC, KC)
+                ru = _row_dot(wu, WKIND, x_ptr, m, K, kc * KC, KC)
+                acc_g = tl.where(rows[:, None] == m, acc_g + rg[None, :], acc_g)
+                acc_u = tl.where(rows[:, None] == m, acc_u + ru[None, :], acc_u)
+            if kc == n_kc - 1:
+                rn = item * BN + tl.arange(0, BN)
+                if SCALED:
+                    acc_g *= tl.load(s_ptr + rn)[None, :]
+                    acc_u *= tl.load(s_ptr + F + rn)[None, :]
+                ty = out_ptr.dtype.element_ty
+                tl.store(out_ptr + rows[:, None] * F + rn[None, :], _swiglu(acc_g.to(ty), acc_u.to(ty)),
+                         mask=rows[:, None] < M)
+                acc_g = tl.zeros([MP, BN], tl.float32)
+                acc_u = tl.zeros([MP, BN], tl.float32)
+            wg = wg_next
+            wu = wu_next
 
     @triton.jit
     def _attend_chunks(qkv_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr, pm_ptr, pl_ptr, pa_ptr,
@@ -239,20 +285,20 @@ if triton is not None:
                       wqkv, sqkv, wo, so, w13, s13, w2, s2,
                       k_ptr, v_ptr, rope_ptr, pos_ptr, slots_ptr, start_ptr,
                       h1_ptr, n1_ptr, qkvp_ptr, pm_ptr, pl_ptr, pa_ptr, y_ptr, op_ptr, h2_ptr, n2_ptr, g_ptr,
-                      out_ptr, bar_ptr, M, L, qk_scale,
+                      out_ptr, bar_ptr, M: tl.constexpr, L, qk_scale,
                       D: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, HD_P: tl.constexpr,
                       F: tl.constexpr,
                       SP: tl.constexpr, BLOCK_D: tl.constexpr, G_P: tl.constexpr, CHUNK: tl.constexpr,
-                      NCH: tl.constexpr, NCH_P: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      KC: tl.constexpr, SCALED: tl.constexpr, PF_BYTES: tl.constexpr, PF_SLOTS: tl.constexpr,
-                      EXACT: tl.constexpr):
+                      NCH: tl.constexpr, NCH_P: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
+                      SCALED: tl.constexpr, WKIND: tl.constexpr, PF_BYTES: tl.constexpr,
+                      PF_SLOTS: tl.constexpr, EXACT: tl.constexpr):
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         NQKV: tl.constexpr = (H + 2 * KV) * HD
         _norm_rows(x_ptr, pend_ptr, SP, g1_ptr, h1_ptr, n1_ptr, M, eps, pid, nprog, D, BLOCK_D)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(wqkv, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
-        _gemv_partials(n1_ptr, D, wqkv, sqkv, qkvp_ptr, M, pid, nprog, NQKV, D, BN, BK, KC, SCALED)
+        _gemv_partials(n1_ptr, D, wqkv, sqkv, qkvp_ptr, M, pid, nprog, NQKV, D, BN, KC, SCALED, WKIND)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(wo, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
@@ -261,33 +307,34 @@ if triton is not None:
         _grid_barrier(bar_ptr, nprog)
         _merge_chunks(pm_ptr, pl_ptr, pa_ptr, y_ptr, M, pid, nprog, H, HD, HD_P, NCH, NCH_P)
         _grid_barrier(bar_ptr, nprog)
-        _gemv_partials(y_ptr, H * HD, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, BK, KC, SCALED)
+        _gemv_partials(y_ptr, H * HD, wo, so, op_ptr, M, pid, nprog, D, H * HD, BN, KC, SCALED, WKIND)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(w13, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
         _norm_rows(h1_ptr, op_ptr, (H * HD) // KC, g2_ptr, h2_ptr, n2_ptr, M, eps, pid, nprog, D, BLOCK_D)
         _grid_barrier(bar_ptr, nprog)
-        _swiglu_rows(n2_ptr, w13, s13, g_ptr, M, pid, nprog, F, D, BN, BK, SCALED)
+        _swiglu_rows(n2_ptr, w13, s13, g_ptr, M, pid, nprog, F, D, BN, KC, SCALED, WKIND)
         if PF_BYTES > 0:
             prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
         _grid_barrier(bar_ptr, nprog)
-        _gemv_partials(g_ptr, F, w2, s2, out_ptr, M, pid, nprog, D, F, BN, BK, KC, SCALED)
+        _gemv_partials(g_ptr, F, w2, s2, out_ptr, M, pid, nprog, D, F, BN, KC, SCALED, WKIND)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: torch.Tensor, bn=16, bk=None,
-               kc=None, chunk=32, pf_bytes=0, num_warps=8):
+def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: torch.Tensor, bn=16, kc=None,
+               chunk=32, pf_bytes=0, num_warps=8):
     """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch. Returns (h2
     [B, 1, D], down partials [F/kc chunks, B, 1, D]) like FastLayer.forward. bar: the grid barrier's three int32
     words, zeroed once when made (`_grid_barrier`; bar[2] counts waits given up). Compiled for
     sm_90 the defaults use no local memory (tests/test_persistent_layer.py); 8 warps leave room for one program
-    per SM. kc (the GEMVs' K chunk) defaults to the largest `_kc` that fits, bk (their K step) to min(128, kc)."""
+    per SM. kc (the GEMVs' K chunk, a weight tile being bn x kc) defaults to the largest `_kc` that fits. The
+    song count B is compiled in (the GEMVs unroll over its rows)."""
     b = layer.block
     B, S, D = x.shape
-    assert S == 1 and B <= 16, "one new row per song, at most 16 songs"
+    assert S == 1 and B <= 16, "one new row per song, at most 16 songs (usable() takes 4)"
     (wqkv, sqkv), (wo, so), (w13, s13), (w2, s2) = (f.gemv_weight() for f in (layer.qkv, layer.wo, layer.w13,
                                                                                layer.w2))
     scaled = sqkv is not None
@@ -297,10 +344,9 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: t
     cache = layer.cache
     L = cache.k.shape[2]
     kc = kc or _kc(D, H * HD, F)
-    bk = bk or min(128, kc)
     for n, k in ((wqkv.shape[0], D), (D, H * HD), (D, F)):
-        assert n % bn == 0 and k % kc == 0 and kc % bk == 0, (n, k, bn, kc, bk)
-    assert F % bn == 0 and D % bk == 0
+        assert n % bn == 0 and k % kc == 0, (n, k, bn, kc)
+    assert F % bn == 0 and kc & (kc - 1) == 0
     dev, dt = x.device, x.dtype
     chunk = min(chunk, _pow2(L))  # the depth decoder's cache is 8 slots
     nch = -(-L // chunk)
@@ -316,16 +362,23 @@ def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: t
     pend = pending.reshape(-1, B, D).contiguous() if pending is not None else x
     _layer_kernel[(programs,)](
         x.reshape(B, D).contiguous(), pend, b.sa_norm.scale, b.mlp_norm.scale, b.sa_norm.eps,
-        wqkv, sqkv if scaled else wqkv, wo, so if scaled else wo, w13, s13 if scaled else w13, w2, s2 if scaled else w2,
+        *[t for w, sc in ((wqkv, sqkv), (wo, so), (w13, s13), (w2, s2)) for t in (words(w), sc if scaled else w)],
         cache.k, cache.v, rope.contiguous(), pos.reshape(B).contiguous(), slots.contiguous(), start.contiguous(),
         h1, n1, qkvp, pm, pl, pa, y, op, h2, n2, g, out, bar, B, L, math.log2(math.e) / math.sqrt(HD),
         D=D, H=H, KV=KV, HD=HD, HD_P=max(32, _pow2(HD)), F=F, SP=0 if pending is None else pend.shape[0],
-        BLOCK_D=_pow2(D), G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, BK=bk, KC=kc,
-        SCALED=scaled, PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1,
+        BLOCK_D=_pow2(D), G_P=_pow2(H // KV), CHUNK=chunk, NCH=nch, NCH_P=_pow2(nch), BN=bn, KC=kc,
+        SCALED=scaled, WKIND=WKINDS[wqkv.dtype], PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1,
         EXACT=not switches.interpreting(), num_warps=num_warps)
     return h2, out
 
 
+WKINDS = {torch.int8: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's WKIND of a weight dtype
+
+
+def words(w: torch.Tensor) -> torch.Tensor:
+    """A weight as the int32 words the GEMV phases load (`_tile`): Triton knows an int32 argument is 16-byte
+    aligned and loads it 16 bytes at a time, which it does not for a pointer cast inside the kernel."""
+    return w.view(torch.int32)
 
 
 def _kc(*widths: int) -> int | None:
@@ -338,15 +391,17 @@ def enabled() -> bool:
 
 
 def usable(layer, x: torch.Tensor, pending) -> bool:
-    """The kernel can run this decode step: Triton on CUDA (or its interpreter), one new row per song, at most 16
-    songs, the engine's fused q/k/v and gate/up with plain bf16/fp16 or per-row int8 weights, widths the tiles
-    divide."""
-    if triton is None or x.dim() != 3 or x.shape[1] != 1 or x.shape[0] > 16 or layer.cache is None or layer.bar is None:
+    """The kernel can run this decode step: Triton on CUDA (or its interpreter), one new row per song, at most 4
+    rows (its GEMVs work on the CUDA cores, row by row: more rows are the tensor-core GEMVs' work), the engine's
+    fused q/k/v and gate/up with plain bf16/fp16 or per-row int8 weights of one dtype, widths the tiles divide."""
+    if triton is None or x.dim() != 3 or x.shape[1] != 1 or x.shape[0] > 4 or layer.cache is None or layer.bar is None:
         return False
     if not (x.is_cuda or switches.interpreting()) or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     ws = [f.gemv_weight() for f in (layer.qkv, layer.wo, layer.w13, layer.w2)]
-    if any(w is None for w in ws) or len({w[1] is None for w in ws}) != 1:
+    if any(w is None for w in ws) or len({w[1] is None for w in ws}) != 1 or len({w[0].dtype for w in ws}) != 1:
+        return False
+    if ws[0][0].dtype not in WKINDS or not all(w[0].is_contiguous() for w in ws):
         return False
     (wqkv, _), (wo, _), (w13, _), (w2, _) = ws
     D = x.shape[-1]
