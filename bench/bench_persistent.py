@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_generate import copy_bandwidth  # noqa: E402
 from kernels import prefetch, switches  # noqa: E402
-from kernels.layer_step import _gemv_partials, _grid_barrier  # noqa: E402
+from kernels.layer_step import _gemv_partials, _grid_barrier, words  # noqa: E402
 
 try:
     import triton
@@ -41,7 +41,7 @@ except ImportError:
 # the backbone's decode GEMVs of one layer: (N, K)
 SHAPES = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 # (rows an item, K step, K chunk an item, warps) tried; compiled for sm_90 none spills (tests/test_persistent_bench.py)
-CONFIGS = [(16, 128, 1024, 4), (32, 128, 1024, 4), (16, 256, 1024, 8), (32, 256, 1024, 8)]
+CONFIGS = [(16, 512, 8), (32, 512, 8), (32, 1024, 8)]  # (bn, kc, warps); ptxas spills (16, 1024, 8) here
 
 if triton is not None:
     @triton.jit
@@ -51,34 +51,36 @@ if triton is not None:
             _grid_barrier(bar_ptr, n)
 
     @triton.jit
-    def _chain_kernel(x_ptr, stride_x, w0, s0, w1, s1, w2, s2, w3, s3, o0, o1, o2, o3, count_ptr, M, LAYERS,
+    def _chain_kernel(x_ptr, stride_x, w0, s0, w1, s1, w2, s2, w3, s3, o0, o1, o2, o3, count_ptr, M: tl.constexpr,
+                      LAYERS,
                       N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr,
                       N2: tl.constexpr, K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr, PF_BYTES: tl.constexpr,
+                      BN: tl.constexpr, KC: tl.constexpr, PF_BYTES: tl.constexpr,
                       PF_SLOTS: tl.constexpr):
         """LAYERS x the four GEMV phases, a grid barrier after each; before each barrier every program asks L2
-        for its share of the next phase's first PF_BYTES (0: none). Layer l's weights: w_i + l * N_i * K_i."""
+        for its share of the next phase's first PF_BYTES (0: none). Weights as int32 words (layer_step.words): layer
+        l's are w_i + l * N_i * K_i / 4."""
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         first0 = w0  # layer 0's q/k/v weights: what the last layer's last phase prefetches
         for layer in range(LAYERS):
-            _gemv_partials(x_ptr, stride_x, w0, s0 + layer * N0, o0, M, pid, nprog, N0, K0, BN, BK, KC, True)
+            _gemv_partials(x_ptr, stride_x, w0, s0 + layer * N0, o0, M, pid, nprog, N0, K0, BN, KC, True, 0)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w1, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
-            _gemv_partials(x_ptr, stride_x, w1, s1 + layer * N1, o1, M, pid, nprog, N1, K1, BN, BK, KC, True)
+            _gemv_partials(x_ptr, stride_x, w1, s1 + layer * N1, o1, M, pid, nprog, N1, K1, BN, KC, True, 0)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w2, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
-            _gemv_partials(x_ptr, stride_x, w2, s2 + layer * N2, o2, M, pid, nprog, N2, K2, BN, BK, KC, True)
+            _gemv_partials(x_ptr, stride_x, w2, s2 + layer * N2, o2, M, pid, nprog, N2, K2, BN, KC, True, 0)
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w3, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
-            _gemv_partials(x_ptr, stride_x, w3, s3 + layer * N3, o3, M, pid, nprog, N3, K3, BN, BK, KC, True)
+            _gemv_partials(x_ptr, stride_x, w3, s3 + layer * N3, o3, M, pid, nprog, N3, K3, BN, KC, True, 0)
             # the next layer's weights: pointers step on (64-bit pointer arithmetic, no int32 products)
-            w0 += N0 * K0
-            w1 += N1 * K1
-            w2 += N2 * K2
-            w3 += N3 * K3
+            w0 += N0 * K0 // 4
+            w1 += N1 * K1 // 4
+            w2 += N2 * K2 // 4
+            w3 += N3 * K3 // 4
             if PF_BYTES > 0:
                 prefetch.l2_prefetch(w0 if layer + 1 < LAYERS else first0, PF_BYTES, pid, nprog, PF_SLOTS)
             _grid_barrier(count_ptr, nprog)
@@ -91,7 +93,7 @@ def make_weights(layers: int, shapes=SHAPES, device="cuda", seed=0):
              torch.rand(layers, n, device=device, generator=g) / 100) for n, k in shapes]
 
 
-def run_chain(x, weights, count, programs: int, bn=16, bk=256, kc=1024, pf_bytes=0, num_warps=4):
+def run_chain(x, weights, count, programs: int, bn=16, kc=1024, pf_bytes=0, num_warps=8):
     """One launch of the persistent chain; returns the four outputs [K/kc, M, N] (the last layer's). count: the
     barrier's three int32 words, zeroed once (see _grid_barrier)."""
     M = x.shape[0]
@@ -101,8 +103,8 @@ def run_chain(x, weights, count, programs: int, bn=16, bk=256, kc=1024, pf_bytes
     dims = {}
     for i, (w, _) in enumerate(weights):
         dims[f"N{i}"], dims[f"K{i}"] = w.shape[1], w.shape[2]
-    args = [a for w, s in weights for a in (w, s)]
-    _chain_kernel[(programs,)](x, x.stride(0), *args, *outs, count, M, layers, **dims, BN=bn, BK=bk, KC=kc,
+    args = [a for w, s in weights for a in (words(w), s)]
+    _chain_kernel[(programs,)](x, x.stride(0), *args, *outs, count, M, layers, **dims, BN=bn, KC=kc,
                                PF_BYTES=pf_bytes, PF_SLOTS=32 * num_warps if pf_bytes else 1, num_warps=num_warps)
     return outs
 
@@ -186,12 +188,12 @@ def main():
         pf = int(float(mb) * 2**20) // 16 * 16
         # every program must be resident at once (they wait for each other): 1 or 2 a SM, which these tiles'
         # registers and shared memory allow
-        for (bn, bk, kc, nw), per_sm in [(c, p) for c in CONFIGS for p in (1, 2)]:
+        for (bn, kc, nw), per_sm in [(c, p) for c in CONFIGS for p in (1, 2)]:
             progs = sms * per_sm
-            label = f"bn={bn} bk={bk} kc={kc} warps={nw} programs={progs} pf={mb} MiB"
+            label = f"bn={bn} kc={kc} warps={nw} programs={progs} pf={mb} MiB"
             try:
-                outs = run_chain(x, weights, count, progs, bn, bk, kc, pf, nw)
-                t = _events_us(lambda: run_chain(x, weights, count, progs, bn, bk, kc, pf, nw), 5)
+                outs = run_chain(x, weights, count, progs, bn, kc, pf, nw)
+                t = _events_us(lambda: run_chain(x, weights, count, progs, bn, kc, pf, nw), 5)
             except Exception as e:
                 print(f"  persistent {label}: failed {e}", flush=True)
                 continue
@@ -201,7 +203,7 @@ def main():
                 continue
             ref = reference(x, weights)
             err = max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref))
-            row = {"bn": bn, "bk": bk, "kc": kc, "warps": nw, "programs": progs, "pf_mb": float(mb), "us": t,
+            row = {"bn": bn, "kc": kc, "warps": nw, "programs": progs, "pf_mb": float(mb), "us": t,
                    "us_per_layer": t / args.layers, "TBps": nbytes / t / 1e6, "max_rel_err": err}
             res["persistent"].append(row)
             print(f"  persistent {label}: {t:.0f} us = {t / args.layers:.1f} us a layer, {row['TBps']:.2f} TB/s "

@@ -23,8 +23,8 @@ shapes = [(48, 192), (32, 128), (64, 128), (32, 320)]  # K chunks of 64: 3, 2, 2
 w = bp.make_weights(2, shapes, device="cpu", seed=1)
 x = torch.randn(2, 320, dtype=torch.float16)
 count = torch.zeros(3, dtype=torch.int32)
-outs = bp.run_chain(x, w, count, 1, bn=16, bk=32, kc=64)
-outs = bp.run_chain(x, w, count, 1, bn=16, bk=32, kc=64)  # a second launch on the same barrier words
+outs = bp.run_chain(x, w, count, 1, bn=16, kc=64)
+outs = bp.run_chain(x, w, count, 1, bn=16, kc=64)  # a second launch on the same barrier words
 ref = bp.reference(x, w, kc=64)
 print(json.dumps({"err": max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref)),
                   "arrived": int(count[0]), "generation": int(count[1]), "gave_up": int(count[2])}))
@@ -51,14 +51,15 @@ def test_barrier_and_chain_compile_for_hopper():
                                    {"ROUNDS": 4}), target=target).asm["ptx"]
     assert "atom" in ptx
     k = bp._chain_kernel
-    types = {"x_ptr": "*bf16", "count_ptr": "*i32", **{f"w{i}": "*i8" for i in range(4)},
+    types = {"x_ptr": "*bf16", "count_ptr": "*i32", **{f"w{i}": "*i32" for i in range(4)},
              **{f"s{i}": "*fp32" for i in range(4)}, **{f"o{i}": "*fp32" for i in range(4)}}
-    for bn, bk, kc, nw in bp.CONFIGS[:: len(bp.CONFIGS) - 1]:  # the first and the last
+    for bn, kc, nw in bp.CONFIGS[:: len(bp.CONFIGS) - 1]:  # the first and the last
         consts = {**{f"N{i}": n for i, (n, _) in enumerate(bp.SHAPES)},
                   **{f"K{i}": depth for i, (_, depth) in enumerate(bp.SHAPES)},
-                  "BN": bn, "BK": bk, "KC": kc, "PF_BYTES": 8 << 20, "PF_SLOTS": 32 * nw}
+                  "BN": bn, "KC": kc, "PF_BYTES": 8 << 20, "PF_SLOTS": 32 * nw, "M": 2}
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in k.arg_names}
-        ptx = triton.compile(ASTSource(k, sig, consts), target=target, options={"num_warps": nw}).asm["ptx"]
+        attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in k.arg_names if sig[n].startswith("*")}
+        ptx = triton.compile(ASTSource(k, sig, consts, attrs), target=target, options={"num_warps": nw}).asm["ptx"]
         assert "cp.async.bulk.prefetch.L2" in ptx and "atom" in ptx
         used = kernel_resources.resources(ptx, 90)
         assert 0 < used["registers"] <= 255 and used["spill_stores"] == used["spill_loads"] == 0, used
