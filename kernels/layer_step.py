@@ -16,6 +16,10 @@ gate/up GEMV, down GEMV); on an H100 one costs ~60 us against 33 us of int8 weig
   G  gate/up GEMV of n2, whole K, silu(gate) * up              (items: BN rows of each)
   H  down GEMV, partials: the next layer's `pending`
 
+The GEMV phases run on the CUDA cores (1-4 rows: a tensor-core dot pads them to 16) and, with no other program on
+its SM to hide its loads behind, each program loads its next weight tile (BN x KC, 16 KB for int8) before it works
+on the current one; weights come in as int32 views (`words`) so the loads are 16 bytes wide.
+
 Same contract as FastLayer.forward for a decode step: returns (h2, down partials [chunks, B, 1, D]). Its reference
 is FastLayer's own path: `tests/test_persistent_layer.py` compares them under Triton's interpreter with one program
 (every barrier passes at once), bf16 and int8 weights, head dims that are and are not a power of two, and compiles
