@@ -33,6 +33,7 @@ import math
 import torch
 
 from . import prefetch, switches
+from .decode_attention import _pow2
 
 try:
     import triton
@@ -132,10 +133,12 @@ if triton is not None:
             w_next = _tile(w_ptr, (nxt // n_kc) * BN, (nxt % n_kc) * KC, nxt < n_items, K, BN, KC, WKIND)
             rn = (item // n_kc) * BN + tl.arange(0, BN)
             kc = item % n_kc
+            if SCALED:
+                scale = tl.load(s_ptr + rn)  # once an item, for all its rows
             for m in tl.static_range(M):
                 r = _row_dot(w, WKIND, x_ptr, m, stride_x, kc * KC, KC)
                 if SCALED:
-                    r *= tl.load(s_ptr + rn)
+                    r *= scale
                 tl.store(out_ptr + (kc * M + m) * N + rn, r)
             w = w_next
 
@@ -324,10 +327,6 @@ if triton is not None:
         _gemv_partials(g_ptr, F, w2, s2, out_ptr, M, pid, nprog, D, F, BN, KC, SCALED, WKIND)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def layer_step(layer, x, pending, rope, pos, slots, start, programs: int, bar: torch.Tensor, bn=16, kc=None,
                chunk=32, pf_bytes=0, num_warps=8):
     """FastLayer `layer`'s decode step for x [B, 1, D] (pending: [sp, B, 1, D] slices or None), one launch. Returns (h2
@@ -386,7 +385,7 @@ def words(w: torch.Tensor) -> torch.Tensor:
 
 
 def _kc(*widths: int) -> int | None:
-    """The K chunk of every GEMV phase: the largest of 1024 .. 32 that divides each K (and 16 each output)."""
+    """The K chunk of every GEMV phase: the largest power of two from 1024 down to 32 that divides each K."""
     return next((kc for kc in (1024, 512, 256, 128, 64, 32) if all(w % kc == 0 for w in widths)), None)
 
 
