@@ -92,6 +92,9 @@ def main():
                 continue
             rows.append((t, tile))
             print(f"  {key[:2]} split={key[4]} glu={key[5]} x{len(fused)} {tile}: {t:.1f} us/frame", flush=True)
+        if not rows:  # every trial failed: keep the tile it had
+            print(f"  {key[:2]}: no tile ran, keeping {current}", flush=True)
+            continue
         best = winners[key] = min(rows)[1]
         for f in fused:
             f.tile = best

@@ -70,6 +70,7 @@ import math
 import torch
 
 from . import switches
+from .decode_attention import _pow2
 
 try:
     import triton
@@ -216,10 +217,6 @@ if triton is not None:
             tl.store(dk_row[:, None] + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_mask)
             dq = tl.sum(ds[:, None, :] * kst[None, :, :], axis=2) * c  # [R, BLOCK_D]; why: NO_DOT
             tl.store(dq_row[:, None] + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_mask)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def plan(group: int, S: int, D: int, backward: bool, block_d: int | None = None,
