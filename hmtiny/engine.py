@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import ahead, gemv, layer_step, switches
+from kernels import ahead, gemv, switches
 from kernels.add_rmsnorm import add_rmsnorm
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.topk_sample import sample as sample_kernel
@@ -186,7 +186,6 @@ class FastLayer(nn.Module):
         # the engine's own KV cache (not the model's): a captured graph writes here, so nothing outside the engine
         # may free it (model.drop_caches does not touch it)
         self.cache: KVCache | None = None
-        self.bar = None  # kernels/layer_step.py's grid-barrier words (HMTINY_LAYER_KERNEL=1), made with the cache
 
     def forward(self, x, pending, slots, pos, start, rope, prompt: bool, then=None):
         """x [B,S,D] (the residual stream, still without `pending`: the previous layer's last matmul output as K
@@ -217,7 +216,6 @@ class FastStack(nn.Module):
         cfg = self.stack.cfg
         for layer in self.layers:
             layer.cache = KVCache(batch, cfg.num_kv_heads, length, cfg.head_dim, dtype, device)
-            layer.bar = torch.zeros(3, dtype=torch.int32, device=device)
 
     def first_weight(self) -> torch.Tensor | None:
         """The first decode GEMV's weight (what the GEMV before this stack prefetches)."""
@@ -228,11 +226,7 @@ class FastStack(nn.Module):
         slots start[b]..slots[i] -> normed output (see FastLayer.forward). then: the weight of the decode GEMV that
         follows the stack (the last layer's w2 prefetches it)."""
         pending = None
-        one_launch = not prompt and layer_step.enabled()  # an experiment (kernels/layer_step.py)
         for i, layer in enumerate(self.layers):
-            if one_launch and layer_step.usable(layer, x, pending):
-                x, pending = layer_step.run(layer, x, pending, self.stack.rope, pos, slots, start)
-                continue
             nxt = self.layers[i + 1].qkv.decode_weight() if i + 1 < len(self.layers) else then
             x, pending = layer(x, pending, slots, pos, start, self.stack.rope, prompt, nxt)
         return add_rmsnorm(x, pending, self.stack.norm.scale, self.stack.norm.eps)[1]

@@ -8,11 +8,12 @@ Contract for a kernel launched with `launch_kwargs(...)` (it receives PDL = 1 or
 - it calls `wait(PDL)` (below): `gdc_wait()`, which returns once the previous kernel has finished and its writes are
   visible, and `gdc_launch_dependents()`, which lets the next kernel begin its own prologue. By default the release
   comes after the wait, so at most two kernels are in flight: a kernel's pre-wait reads can only overlap the one
-  kernel before it. `HMTINY_PDL_EARLY=1` releases before the wait (an A/B switch for the benchmarks, not yet timed
-  on a card): the next kernel may then start its prologue while the one before this is still running. That is still
-  safe: a kernel is launched only once every program of the one before it has started, so waiting programs never
-  hold the places that earlier kernels' programs need, and each kernel's post-wait part still runs after the
-  previous kernel has finished, hence after every earlier one (a kernel finishes only after its own wait).
+  kernel before it. `HMTINY_PDL_EARLY=1` releases before the wait (an A/B switch; on an H100 it made the decode
+  frame ~1.5% slower, bf16 and int8, bench/NOTES.md session 20, so it stays off): the next kernel may then start its
+  prologue while the one before this is still running. That is still safe: a kernel is launched only once every
+  program of the one before it has started, so waiting programs never hold the places that earlier kernels' programs
+  need, and each kernel's post-wait part still runs after the previous kernel has finished, hence after every
+  earlier one (a kernel finishes only after its own wait).
 Kernels launched without it (torch's, inductor's) simply wait for everything before them, as usual, and release
 the next kernel only when they finish; a PDL kernel after one of them loses nothing. So weights changed between
 steps (the engine's refresh copies, torch kernels) are safe to read early: no kernel after a copy begins before

@@ -6,9 +6,7 @@ one in a running process (a test, a benchmark's A/B run) takes effect on the nex
                                  rounding paths
     HMTINY_PDL=0                 launch without programmatic dependent launch (kernels/pdl.py)
     HMTINY_PDL_EARLY=1           PDL kernels let the next kernel start before their own wait, not after it
-                                 (kernels/pdl.py; an A/B switch)
-    HMTINY_LAYER_KERNEL=1        the engine runs each one-row decode layer step as one persistent launch
-                                 (kernels/layer_step.py; an experiment, not yet run on a GPU)
+                                 (kernels/pdl.py; an A/B switch, slower on an H100)
     HMTINY_COMPILE_AHEAD=0       the engine does not compile its step's Triton kernels side by side before its
                                  first capture (kernels/ahead.py): they compile one by one in the warm-up run
     HMTINY_GEMV_MAX_SPLIT=N      cap the K slices of kernels.gemv's timed tiles (default 4)
@@ -49,10 +47,6 @@ def pdl_allowed() -> bool:
 
 def pdl_early() -> bool:
     return _flag("HMTINY_PDL_EARLY", False)
-
-
-def layer_kernel() -> bool:
-    return _flag("HMTINY_LAYER_KERNEL", False)
 
 
 def compile_ahead() -> bool:
